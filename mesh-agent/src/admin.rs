@@ -1,0 +1,16 @@
+//! The admin API: JSON over HTTP/1.1 on a unix socket that only the owner
+//! may open. `meshctl` is its client; nothing else is needed to drive a node.
+
+mod client;
+mod server;
+mod views;
+
+pub use client::{AdminClientError, get};
+pub use server::{AdminServerError, serve};
+pub use views::{BackendView, ServiceView, ServicesResponse, StatusResponse};
+
+/// Where the agent listens unless told otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/mesh/admin.sock";
+
+pub const PATH_STATUS: &str = "/v1/status";
+pub const PATH_SERVICES: &str = "/v1/services";

@@ -1,0 +1,292 @@
+//! The agent's main loop: load the data path, apply the configuration, serve
+//! the admin API, and reload on SIGHUP or when the file changes.
+
+use std::{
+    path::{Path, PathBuf},
+    sync::{Arc, Mutex, MutexGuard},
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use mesh_common::ConfigValue;
+use tokio::signal::unix::{SignalKind, signal};
+use tracing::{error, info, warn};
+
+use crate::{
+    admin::{self, BackendView, ServiceView, ServicesResponse, StatusResponse},
+    bpf::{self, BpfError, Datapath, Maps, PinLayout},
+    config::{self, ConfigError},
+    reconcile::{Capacity, ReconcileError, Reconciler, service_key},
+    state::DesiredState,
+};
+
+/// Default mark of the agent's own sockets ("MESH"); the programs skip them.
+pub const DEFAULT_SOCKET_MARK: u32 = 0x4d45_5348;
+
+#[derive(Clone, Debug)]
+pub struct AgentOptions {
+    pub config: PathBuf,
+    /// The cgroup whose sockets are balanced; the whole cgroup v2 tree when unset.
+    pub cgroup: Option<PathBuf>,
+    pub bpffs: PathBuf,
+    pub admin_socket: PathBuf,
+    pub watch_interval: Duration,
+    pub socket_mark: u32,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum AgentError {
+    #[error("{0}")]
+    Config(#[from] ConfigError),
+    #[error("{0}")]
+    Bpf(#[from] BpfError),
+    #[error("{0}")]
+    Mount(#[from] bpf::MountError),
+    #[error("{0}")]
+    Reconcile(#[from] ReconcileError),
+    #[error("{0}")]
+    Admin(#[from] admin::AdminServerError),
+    #[error("writing MESH_CONFIG failed: {0}")]
+    ConfigMap(#[source] aya::maps::MapError),
+    #[error("cannot install signal handler: {0}")]
+    Signal(#[source] std::io::Error),
+}
+
+/// State shared between the reload loop and the admin API.
+pub struct Shared {
+    inner: Mutex<Inner>,
+    meta: Meta,
+}
+
+struct Inner {
+    desired: DesiredState,
+    reconciler: Reconciler,
+    maps: Maps,
+    reloads: ReloadStatus,
+}
+
+struct Meta {
+    config_path: String,
+    cgroup: String,
+    bpffs: String,
+    programs: Vec<String>,
+}
+
+#[derive(Default)]
+struct ReloadStatus {
+    generation: u64,
+    ok: u64,
+    failed: u64,
+    last_error: Option<String>,
+    last_unix_ms: u64,
+}
+
+impl Shared {
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // A panic while holding the lock cannot leave maps half written (the
+        // reconciler undoes its own writes), so the data is still usable.
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn status(&self) -> StatusResponse {
+        let inner = self.lock();
+        StatusResponse {
+            ready: inner.reloads.generation > 0,
+            version: env!("CARGO_PKG_VERSION").to_owned(),
+            config_path: self.meta.config_path.clone(),
+            config_generation: inner.reloads.generation,
+            reloads_ok: inner.reloads.ok,
+            reloads_failed: inner.reloads.failed,
+            last_reload_error: inner.reloads.last_error.clone(),
+            last_reload_unix_ms: inner.reloads.last_unix_ms,
+            cgroup: self.meta.cgroup.clone(),
+            bpffs: self.meta.bpffs.clone(),
+            programs: self.meta.programs.clone(),
+            services: inner.desired.services.len(),
+        }
+    }
+
+    pub fn services(&self) -> ServicesResponse {
+        let inner = self.lock();
+        let services = inner
+            .desired
+            .services
+            .iter()
+            .map(|svc| {
+                let programmed = inner.reconciler.service(&service_key(svc));
+                let stats = programmed
+                    .map(|p| inner.maps.service_stats(p.id))
+                    .unwrap_or_default();
+                let backends = svc
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let id = programmed.and_then(|p| p.backends.get(&(b.address, b.port)));
+                        BackendView {
+                            address: b.address,
+                            port: b.port,
+                            weight: b.weight,
+                            slots: match (programmed, id) {
+                                (Some(p), Some(id)) => {
+                                    p.slots.iter().filter(|s| *s == id).count() as u32
+                                }
+                                _ => 0,
+                            },
+                            connections: id.map_or(0, |&id| inner.maps.backend_connections(id)),
+                        }
+                    })
+                    .collect();
+                ServiceView {
+                    name: svc.name.clone(),
+                    vip: svc.vip,
+                    port: svc.port,
+                    protocol: svc.protocol.to_string(),
+                    algorithm: svc.algorithm.to_string(),
+                    connections: stats.connections,
+                    no_backend: stats.no_backend,
+                    backends,
+                }
+            })
+            .collect();
+        ServicesResponse { services }
+    }
+
+    /// Applies a new desired state, or records why it was refused.
+    fn apply(&self, desired: Result<DesiredState, ConfigError>) {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        let result = desired.map_err(AgentError::from).and_then(|desired| {
+            let report = inner
+                .reconciler
+                .apply(&desired, &mut inner.maps)
+                .map_err(AgentError::from)?;
+            inner.desired = desired;
+            Ok(report)
+        });
+        let status = &mut inner.reloads;
+        status.last_unix_ms = unix_ms();
+        match result {
+            Ok(report) => {
+                status.generation += 1;
+                status.ok += 1;
+                status.last_error = None;
+                info!(
+                    generation = status.generation,
+                    changed = report.services_changed,
+                    removed = report.services_removed,
+                    backends_added = report.backends_added,
+                    backends_removed = report.backends_removed,
+                    "configuration applied"
+                );
+                if report.cleanup_failures > 0 {
+                    warn!(
+                        count = report.cleanup_failures,
+                        "some stale map entries could not be deleted; retrying on the next reload"
+                    );
+                }
+            }
+            Err(e) => {
+                status.failed += 1;
+                status.last_error = Some(e.to_string());
+                error!("reload refused, still serving generation {}: {e}", status.generation);
+            }
+        }
+    }
+}
+
+/// Runs the agent until SIGTERM or SIGINT. Programs and maps stay pinned
+/// when it returns, so traffic keeps flowing until the next agent starts;
+/// `mesh-agent cleanup` removes them.
+pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
+    // A bad file at start is fatal: there is no earlier state to keep serving.
+    let desired = config::load_file(&opts.config)?;
+    let cgroup = match &opts.cgroup {
+        Some(path) => path.clone(),
+        None => bpf::cgroup2_mount()?,
+    };
+    let pins = PinLayout::new(&opts.bpffs);
+    let Datapath {
+        ebpf,
+        mut maps,
+        attached,
+    } = Datapath::load(&pins, &cgroup)?;
+    let agent_config = ConfigValue {
+        agent_mark: opts.socket_mark,
+        flags: 0,
+    };
+    maps.config
+        .set(0, agent_config, 0)
+        .map_err(AgentError::ConfigMap)?;
+    let mut reconciler = Reconciler::recover(Capacity::default(), &mut maps);
+    reconciler.apply(&desired, &mut maps)?;
+    info!(
+        cgroup = %cgroup.display(),
+        bpffs = %opts.bpffs.display(),
+        services = desired.services.len(),
+        "data path attached"
+    );
+    let shared = Arc::new(Shared {
+        inner: Mutex::new(Inner {
+            desired,
+            reconciler,
+            maps,
+            reloads: ReloadStatus {
+                generation: 1,
+                ok: 1,
+                last_unix_ms: unix_ms(),
+                ..Default::default()
+            },
+        }),
+        meta: Meta {
+            config_path: opts.config.display().to_string(),
+            cgroup: cgroup.display().to_string(),
+            bpffs: opts.bpffs.display().to_string(),
+            programs: attached.iter().map(|p| p.to_string()).collect(),
+        },
+    });
+    let admin_task = admin::serve(&opts.admin_socket, shared.clone()).await?;
+    info!(socket = %opts.admin_socket.display(), "ready");
+
+    watch(&opts.config, opts.watch_interval, &shared).await?;
+
+    admin_task.abort();
+    let _ = std::fs::remove_file(&opts.admin_socket);
+    drop(ebpf);
+    info!("stopped; programs stay attached through their pins (mesh-agent cleanup removes them)");
+    Ok(())
+}
+
+/// Reloads on SIGHUP and whenever the file's content changes (which also
+/// catches the symlink swap Kubernetes does for ConfigMaps); returns on
+/// SIGTERM or SIGINT.
+async fn watch(path: &Path, interval: Duration, shared: &Shared) -> Result<(), AgentError> {
+    let mut hangup = signal(SignalKind::hangup()).map_err(AgentError::Signal)?;
+    let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
+    let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
+    let mut ticker = tokio::time::interval(interval);
+    let mut last_seen = std::fs::read(path).ok();
+    loop {
+        tokio::select! {
+            _ = hangup.recv() => {
+                info!("SIGHUP: reloading {}", path.display());
+                last_seen = std::fs::read(path).ok();
+                shared.apply(config::load_file(path));
+            }
+            _ = ticker.tick() => {
+                let current = std::fs::read(path).ok();
+                if current != last_seen {
+                    info!("{} changed: reloading", path.display());
+                    last_seen = current;
+                    shared.apply(config::load_file(path));
+                }
+            }
+            _ = terminate.recv() => return Ok(()),
+            _ = interrupt.recv() => return Ok(()),
+        }
+    }
+}
+
+fn unix_ms() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as u64)
+}

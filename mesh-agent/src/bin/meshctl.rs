@@ -1,0 +1,3 @@
+fn main() -> std::process::ExitCode {
+    mesh_agent::cli::main()
+}

@@ -1,0 +1,193 @@
+//! Loading, attaching and pinning the kernel programs, and typed access to
+//! their maps.
+//!
+//! Everything lives under one bpffs directory (default `/sys/fs/bpf/mesh`):
+//! `v<schema>/maps/<MAP>` and `v<schema>/links/<program>`. Pinned links keep
+//! the programs attached while no agent runs, and pinned maps keep their
+//! contents, so a restarted agent picks up where the last one stopped.
+
+mod maps;
+mod mounts;
+
+use std::{
+    fs::File,
+    io,
+    path::{Path, PathBuf},
+};
+
+use aya::{
+    Ebpf, EbpfLoader,
+    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+};
+use mesh_common::{SCHEMA_VERSION, program_names};
+
+pub use maps::{Maps, MapsError};
+pub use mounts::{MountError, cgroup2_mount, ensure_bpffs};
+
+/// The kernel object built from `mesh-ebpf` by build.rs.
+static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
+
+/// The programs the agent attaches, by name in the object.
+pub const PROGRAMS: [&str; 2] = [program_names::CONNECT4, program_names::GETPEERNAME4];
+
+#[derive(Debug, thiserror::Error)]
+pub enum BpfError {
+    #[error("cannot prepare bpffs directory {path}: {source}")]
+    PinDir { path: PathBuf, source: io::Error },
+    #[error(transparent)]
+    Mount(#[from] MountError),
+    #[error("loading the kernel object failed: {0}")]
+    Load(#[source] aya::EbpfError),
+    #[error("program {name} is missing from the kernel object")]
+    MissingProgram { name: &'static str },
+    #[error("program {name}: {source}")]
+    Program {
+        name: &'static str,
+        #[source]
+        source: aya::programs::ProgramError,
+    },
+    #[error("cannot open cgroup {path}: {source} (is it a directory on the cgroup v2 mount?)")]
+    Cgroup { path: PathBuf, source: io::Error },
+    #[error("cannot pin link of {name} at {path}: {reason}")]
+    PinLink {
+        name: &'static str,
+        path: PathBuf,
+        reason: String,
+    },
+    #[error(transparent)]
+    Maps(#[from] MapsError),
+}
+
+/// Where one agent's pins live.
+#[derive(Clone, Debug)]
+pub struct PinLayout {
+    root: PathBuf,
+}
+
+impl PinLayout {
+    pub fn new(root: impl Into<PathBuf>) -> Self {
+        Self { root: root.into() }
+    }
+
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    pub fn versioned(&self) -> PathBuf {
+        self.root.join(format!("v{SCHEMA_VERSION}"))
+    }
+
+    pub fn maps_dir(&self) -> PathBuf {
+        self.versioned().join("maps")
+    }
+
+    pub fn links_dir(&self) -> PathBuf {
+        self.versioned().join("links")
+    }
+
+    /// Removes every pin: programs detach once their link pins are gone, maps
+    /// are freed once no program holds them.
+    pub fn remove_all(&self) -> io::Result<bool> {
+        match std::fs::remove_dir_all(&self.root) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(e),
+        }
+    }
+}
+
+/// The loaded, attached data path of this node.
+pub struct Datapath {
+    /// Holds the programs' file descriptors for the agent's lifetime.
+    pub ebpf: Ebpf,
+    pub maps: Maps,
+    pub attached: Vec<&'static str>,
+}
+
+impl Datapath {
+    /// Loads the programs, reusing maps pinned by an earlier agent, attaches
+    /// them to `cgroup` and pins their links. An earlier agent's links are
+    /// replaced only after the new ones are attached, so no connect is ever
+    /// missed in between.
+    pub fn load(pins: &PinLayout, cgroup: &Path) -> Result<Self, BpfError> {
+        ensure_bpffs(pins.root())?;
+        for dir in [pins.maps_dir(), pins.links_dir()] {
+            std::fs::create_dir_all(&dir).map_err(|source| BpfError::PinDir { path: dir, source })?;
+        }
+        let mut ebpf = EbpfLoader::new()
+            .default_map_pin_directory(pins.maps_dir())
+            .load(KERNEL_OBJECT)
+            .map_err(BpfError::Load)?;
+        let cgroup_file = File::open(cgroup).map_err(|source| BpfError::Cgroup {
+            path: cgroup.to_owned(),
+            source,
+        })?;
+        let mut attached = Vec::new();
+        for name in PROGRAMS {
+            attach_and_pin(&mut ebpf, name, &cgroup_file, &pins.links_dir())?;
+            attached.push(name);
+        }
+        let maps = Maps::take_from(&mut ebpf)?;
+        Ok(Self {
+            ebpf,
+            maps,
+            attached,
+        })
+    }
+}
+
+fn attach_and_pin(
+    ebpf: &mut Ebpf,
+    name: &'static str,
+    cgroup: &File,
+    links_dir: &Path,
+) -> Result<(), BpfError> {
+    let program_error = |source| BpfError::Program { name, source };
+    let program: &mut CgroupSockAddr = ebpf
+        .program_mut(name)
+        .ok_or(BpfError::MissingProgram { name })?
+        .try_into()
+        .map_err(program_error)?;
+    program.load().map_err(program_error)?;
+    // A bpf_link (kernel >= 5.7) always attaches in multi mode and takes no
+    // flags: a new agent's program runs beside the old one until the old link
+    // is released. Running both briefly is harmless: the second sees a
+    // backend address, not a VIP.
+    let link_id = program
+        .attach(cgroup, CgroupAttachMode::Single)
+        .map_err(program_error)?;
+    let link: FdLink = program
+        .take_link(link_id)
+        .map_err(program_error)?
+        .try_into()
+        .map_err(|e: aya::programs::links::LinkError| BpfError::PinLink {
+            name,
+            path: links_dir.to_owned(),
+            reason: error_chain(&e),
+        })?;
+    // Pin under a temporary name, then rename over the old pin: the old link
+    // is detached only when its last reference (the old pin) goes.
+    let final_path = links_dir.join(name);
+    // bpffs refuses names containing '.', hence the suffix.
+    let staging = links_dir.join(format!("{name}_new"));
+    let _ = std::fs::remove_file(&staging);
+    let pin_error = |reason: String| BpfError::PinLink {
+        name,
+        path: final_path.clone(),
+        reason,
+    };
+    link.pin(&staging).map_err(|e| pin_error(error_chain(&e)))?;
+    std::fs::rename(&staging, &final_path).map_err(|e| pin_error(e.to_string()))?;
+    Ok(())
+}
+
+/// aya's errors keep the errno in their source; show it.
+fn error_chain(e: &dyn std::error::Error) -> String {
+    let mut text = e.to_string();
+    let mut source = e.source();
+    while let Some(cause) = source {
+        text = format!("{text}: {cause}");
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,143 @@
+//! meshctl: shows and changes what this node's agent does. It talks only to
+//! the agent's admin API.
+//!
+//! Exit codes: 0 success, 1 the command failed, 2 bad usage, 3 no agent
+//! answered on the admin socket.
+
+mod table;
+
+use std::{path::PathBuf, process::ExitCode};
+
+use clap::{Parser, Subcommand, ValueEnum};
+
+use crate::admin::{self, AdminClientError, ServicesResponse, StatusResponse};
+use table::Table;
+
+#[derive(Parser, Debug)]
+#[command(name = "meshctl", version, about = "Show and change what mesh does on this node")]
+struct Cli {
+    /// The agent's admin socket.
+    #[arg(long, global = true, env = "MESH_ADMIN_SOCKET", default_value = admin::DEFAULT_SOCKET)]
+    admin_socket: PathBuf,
+    /// Output format.
+    #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
+    output: Output,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum Output {
+    Table,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// The agent: readiness, configuration, reloads, attached programs.
+    Status,
+    /// Services with their backends, weights and the kernel's connection counts.
+    Services,
+}
+
+const EXIT_FAILED: u8 = 1;
+const EXIT_UNREACHABLE: u8 = 3;
+
+/// Entry point of the `meshctl` binary.
+pub fn main() -> ExitCode {
+    let cli = Cli::parse();
+    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start runtime: {e}");
+            return ExitCode::from(EXIT_FAILED);
+        }
+    };
+    match runtime.block_on(execute(&cli)) {
+        Ok(text) => {
+            print!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::from(if e.is_unreachable() { EXIT_UNREACHABLE } else { EXIT_FAILED })
+        }
+    }
+}
+
+async fn execute(cli: &Cli) -> Result<String, AdminClientError> {
+    let socket = &cli.admin_socket;
+    match cli.command {
+        Command::Status => {
+            let status: StatusResponse = admin::get(socket, admin::PATH_STATUS).await?;
+            render(cli.output, &status, render_status)
+        }
+        Command::Services => {
+            let services: ServicesResponse = admin::get(socket, admin::PATH_SERVICES).await?;
+            render(cli.output, &services, render_services)
+        }
+    }
+}
+
+fn render<T: serde::Serialize>(
+    output: Output,
+    value: &T,
+    table: fn(&T) -> String,
+) -> Result<String, AdminClientError> {
+    Ok(match output {
+        Output::Json => serde_json::to_string_pretty(value)? + "\n",
+        Output::Table => table(value),
+    })
+}
+
+fn render_status(s: &StatusResponse) -> String {
+    let mut t = Table::new(["FIELD", "VALUE"]);
+    t.row(["ready", &s.ready.to_string()]);
+    t.row(["version", &s.version]);
+    t.row(["config", &s.config_path]);
+    t.row(["config generation", &s.config_generation.to_string()]);
+    t.row(["reloads ok / failed", &format!("{} / {}", s.reloads_ok, s.reloads_failed)]);
+    t.row([
+        "last reload error",
+        s.last_reload_error.as_deref().unwrap_or("-"),
+    ]);
+    t.row(["cgroup", &s.cgroup]);
+    t.row(["bpffs", &s.bpffs]);
+    t.row(["programs", &s.programs.join(", ")]);
+    t.row(["services", &s.services.to_string()]);
+    t.render()
+}
+
+fn render_services(r: &ServicesResponse) -> String {
+    let mut t = Table::new([
+        "SERVICE", "FRONTEND", "ALGORITHM", "BACKEND", "WEIGHT", "SHARE", "CONNECTIONS",
+    ]);
+    for svc in &r.services {
+        let frontend = format!("{}:{}/{}", svc.vip, svc.port, svc.protocol);
+        if svc.backends.is_empty() {
+            t.row([&svc.name, &frontend, &svc.algorithm, "(none: connects refused)", "-", "-", "-"]);
+        }
+        let total_weight: u64 = svc.backends.iter().map(|b| u64::from(b.weight)).sum();
+        for (i, b) in svc.backends.iter().enumerate() {
+            let share = if total_weight == 0 {
+                "-".to_owned()
+            } else {
+                format!("{:.1}%", 100.0 * f64::from(b.weight) / total_weight as f64)
+            };
+            let first = i == 0;
+            t.row([
+                if first { svc.name.as_str() } else { "" },
+                if first { frontend.as_str() } else { "" },
+                if first { svc.algorithm.as_str() } else { "" },
+                &format!("{}:{}", b.address, b.port),
+                &b.weight.to_string(),
+                &share,
+                &b.connections.to_string(),
+            ]);
+        }
+        if svc.no_backend > 0 {
+            t.row(["", "", "", "(refused: no backend)", "-", "-", &svc.no_backend.to_string()]);
+        }
+    }
+    t.render()
+}

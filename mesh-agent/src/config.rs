@@ -1,0 +1,742 @@
+//! The config-file source: a YAML file turned into a `DesiredState`.
+//!
+//! Two steps: `raw` mirrors the file with serde (unknown fields rejected,
+//! spans kept), then `validate` checks it and builds the model, pointing every
+//! problem at the line and column it came from.
+
+mod error;
+mod raw;
+
+use std::collections::HashMap;
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+
+use serde_saphyr::{Location, MessageFormatter, Spanned};
+
+pub use self::error::{ConfigError, Problem};
+use self::raw::{Int, RawBackend, RawConfig, RawService};
+use crate::state::{Algorithm, Backend, DesiredState, Protocol, Service};
+
+/// Accepted spellings; the error for anything else lists them.
+const PROTOCOLS: &[(&str, Protocol)] = &[("tcp", Protocol::Tcp)];
+const ALGORITHMS: &[(&str, Algorithm)] = &[("weighted", Algorithm::Weighted)];
+
+pub fn load_file(path: &Path) -> Result<DesiredState, ConfigError> {
+    let origin = path.display().to_string();
+    match std::fs::read_to_string(path) {
+        Ok(text) => parse_str(&text, &origin),
+        Err(source) => Err(ConfigError::Read {
+            file: origin,
+            source,
+        }),
+    }
+}
+
+/// `origin` names the text in messages, usually its file name.
+pub fn parse_str(text: &str, origin: &str) -> Result<DesiredState, ConfigError> {
+    let invalid = |(location, problem): (Location, Problem)| ConfigError::Invalid {
+        file: origin.to_owned(),
+        at: (location.line() > 0).then(|| (location.line() as usize, location.column() as usize)),
+        problem: Box::new(problem),
+    };
+    let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| invalid(yaml_problem(&e)))?;
+    validate(raw).map_err(invalid)
+}
+
+/// A problem and where it is.
+type Check<T> = Result<T, (Location, Problem)>;
+
+fn yaml_problem(err: &serde_saphyr::Error) -> (Location, Problem) {
+    let location = err.location().unwrap_or(Location::UNKNOWN);
+    // Classify by the underlying error, but keep the outer location: for an
+    // alias, that is where it is used.
+    let mut err = err.without_snippet();
+    while let serde_saphyr::Error::AliasError { error, .. } = err {
+        err = error.without_snippet();
+    }
+    let problem = match err {
+        serde_saphyr::Error::SerdeUnknownField {
+            field, expected, ..
+        } => Problem::UnknownField {
+            field: field.escape_debug().to_string(),
+            known: expected.join(", "),
+        },
+        serde_saphyr::Error::DuplicateMappingKey { key: Some(key), .. } => Problem::DuplicateKey {
+            key: key.escape_debug().to_string(),
+        },
+        // Syntax and type errors: the parser's own words (they omit the
+        // location, which we print in front).
+        _ => Problem::Yaml {
+            message: serde_saphyr::DefaultMessageFormatter
+                .format_message(err)
+                .escape_debug()
+                .to_string(),
+        },
+    };
+    (location, problem)
+}
+
+fn validate(raw: RawConfig) -> Check<DesiredState> {
+    let mut services: Vec<Service> = Vec::new();
+    // Where each name was first seen and which service owns each frontend,
+    // so a clash can name the earlier one.
+    let mut names: HashMap<String, Location> = HashMap::new();
+    let mut frontends: HashMap<(SocketAddr, Protocol), String> = HashMap::new();
+    for raw_service in raw.services.unwrap_or_default() {
+        let (service, name_at, vip_at) = service(raw_service)?;
+        if let Some(first) = names.get(&service.name) {
+            return Err((
+                name_at,
+                Problem::DuplicateName {
+                    name: service.name,
+                    first_line: first.line() as usize,
+                },
+            ));
+        }
+        let frontend = (service.frontend(), service.protocol);
+        if let Some(first) = frontends.get(&frontend) {
+            return Err((
+                vip_at,
+                Problem::DuplicateFrontend {
+                    frontend: format!("{}/{}", frontend.0, frontend.1),
+                    service: service.name,
+                    first: first.clone(),
+                },
+            ));
+        }
+        names.insert(service.name.clone(), name_at);
+        frontends.insert(frontend, service.name.clone());
+        services.push(service);
+    }
+    services.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(DesiredState { services })
+}
+
+/// One service, with where its name and VIP are for the cross-service checks.
+fn service(raw: Spanned<RawService>) -> Check<(Service, Location, Location)> {
+    let at = raw.referenced;
+    let raw = raw.value;
+    let name = required(raw.name, at, "a service", "name")?;
+    if !valid_name(&name.value) {
+        return Err((
+            name.referenced,
+            Problem::BadName {
+                name: name.value.escape_debug().to_string(),
+            },
+        ));
+    }
+    let what = format!("service '{}'", name.value);
+    let vip = required(raw.vip, at, &what, "vip")?;
+    let vip_address = ipv4(&vip, "vip", "VIPs")?;
+    let port = port(required(raw.port, at, &what, "port")?)?;
+    let protocol = one_of(raw.protocol, PROTOCOLS, Protocol::Tcp, |value, accepted| {
+        Problem::UnknownProtocol { value, accepted }
+    })?;
+    let algorithm = one_of(
+        raw.algorithm,
+        ALGORITHMS,
+        Algorithm::Weighted,
+        |value, accepted| Problem::UnknownAlgorithm { value, accepted },
+    )?;
+    let raw_backends = required(raw.backends, at, &what, "backends")?;
+    let own_frontend = SocketAddr::new(vip_address, port);
+
+    let mut backends = Vec::new();
+    let mut seen: HashMap<SocketAddr, Location> = HashMap::new();
+    for raw_backend in raw_backends.value {
+        let (backend, address_at) = backend(raw_backend, &name.value)?;
+        let address = backend.socket_addr();
+        if address == own_frontend {
+            return Err((
+                address_at,
+                Problem::BackendLoop {
+                    service: name.value,
+                    backend: address,
+                },
+            ));
+        }
+        if let Some(first) = seen.insert(address, address_at) {
+            return Err((
+                address_at,
+                Problem::DuplicateBackend {
+                    service: name.value,
+                    backend: address,
+                    first_line: first.line() as usize,
+                },
+            ));
+        }
+        backends.push(backend);
+    }
+    // An empty service refuses its connections; make sure that was meant.
+    if backends.is_empty() && !raw.allow_empty.unwrap_or(false) {
+        return Err((
+            raw_backends.referenced,
+            Problem::NoBackends {
+                service: name.value,
+            },
+        ));
+    }
+    if !backends.is_empty() && backends.iter().all(|b| b.weight == 0) {
+        return Err((
+            raw_backends.referenced,
+            Problem::AllWeightsZero {
+                service: name.value,
+            },
+        ));
+    }
+
+    let service = Service {
+        name: name.value,
+        vip: vip_address,
+        port,
+        protocol,
+        algorithm,
+        backends,
+    };
+    Ok((service, name.referenced, vip.referenced))
+}
+
+/// One backend, with where its address is for the per-service checks.
+fn backend(raw: Spanned<RawBackend>, service: &str) -> Check<(Backend, Location)> {
+    let at = raw.referenced;
+    let raw = raw.value;
+    let what = format!("a backend of service '{service}'");
+    let address = required(raw.address, at, &what, "address")?;
+    let backend = Backend {
+        address: ipv4(&address, "address", "backend addresses")?,
+        port: port(required(raw.port, at, &what, "port")?)?,
+        weight: match raw.weight {
+            Some(weight) => self::weight(weight)?,
+            None => 1,
+        },
+    };
+    Ok((backend, address.referenced))
+}
+
+/// `what` names the mapping (for the message), `at` is where it starts.
+fn required<T>(
+    value: Option<Spanned<T>>,
+    at: Location,
+    what: &str,
+    field: &'static str,
+) -> Check<Spanned<T>> {
+    value.ok_or_else(|| {
+        (
+            at,
+            Problem::Missing {
+                what: what.to_owned(),
+                field,
+            },
+        )
+    })
+}
+
+/// DNS-label-like, so names can later double as Kubernetes service names.
+fn valid_name(name: &str) -> bool {
+    let bytes = name.as_bytes();
+    let alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
+    (1..=63).contains(&bytes.len())
+        && bytes.first().is_some_and(alnum)
+        && bytes.last().is_some_and(alnum)
+        && bytes.iter().all(|b| alnum(b) || *b == b'-' || *b == b'.')
+}
+
+/// The kernel program is IPv4-only for now, so IPv6 is refused here.
+fn ipv4(text: &Spanned<String>, field: &'static str, what: &'static str) -> Check<IpAddr> {
+    match text.value.parse::<IpAddr>() {
+        Ok(address @ IpAddr::V4(_)) => Ok(address),
+        Ok(IpAddr::V6(_)) => Err((text.referenced, Problem::Ipv6 { what })),
+        Err(_) => Err((
+            text.referenced,
+            Problem::BadIp {
+                field,
+                text: quote(&text.value),
+            },
+        )),
+    }
+}
+
+fn port(value: Spanned<Int>) -> Check<u16> {
+    let problem = match value.value {
+        Int::Value(0) => Problem::PortZero,
+        Int::Value(n) => match u16::try_from(n) {
+            Ok(port) => return Ok(port),
+            Err(_) => Problem::PortOutOfRange { value: n },
+        },
+        Int::Other(got) => Problem::NotAnInteger {
+            field: "port",
+            got,
+            range: "a port from 1 to 65535",
+        },
+    };
+    Err((value.referenced, problem))
+}
+
+fn weight(value: Spanned<Int>) -> Check<u32> {
+    let problem = match value.value {
+        Int::Value(n) if n < 0 => Problem::NegativeWeight { value: n },
+        Int::Value(n) => match u16::try_from(n) {
+            Ok(weight) => return Ok(weight.into()),
+            Err(_) => Problem::WeightTooLarge { value: n },
+        },
+        Int::Other(got) => Problem::NotAnInteger {
+            field: "weight",
+            got,
+            range: "a weight from 0 to 65535",
+        },
+    };
+    Err((value.referenced, problem))
+}
+
+/// An optional keyword field: `default` when absent, else one of `accepted`.
+fn one_of<T: Copy>(
+    value: Option<Spanned<String>>,
+    accepted: &[(&str, T)],
+    default: T,
+    problem: impl FnOnce(String, String) -> Problem,
+) -> Check<T> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    match accepted.iter().find(|(word, _)| *word == value.value) {
+        Some((_, parsed)) => Ok(*parsed),
+        None => {
+            let words: Vec<&str> = accepted.iter().map(|(word, _)| *word).collect();
+            Err((
+                value.referenced,
+                problem(quote(&value.value), words.join(", ")),
+            ))
+        }
+    }
+}
+
+/// User text for a message: quoted and kept on one line.
+fn quote(text: &str) -> String {
+    format!("'{}'", text.escape_debug())
+}
+
+#[cfg(test)]
+mod tests {
+    use std::net::Ipv4Addr;
+
+    use super::*;
+
+    /// A valid one-service file; tests swap single lines of it.
+    /// Line 2 `name` value at column 11, line 3 `vip` at 10, line 4 `port`
+    /// at 11, line 6 backend `address` at 18, line 7 its `port` at 15.
+    const BASE: &str = "\
+services:
+  - name: web
+    vip: 127.10.0.1
+    port: 80
+    backends:
+      - address: 127.0.0.1
+        port: 18081
+";
+
+    fn with(from: &str, to: &str) -> String {
+        assert!(BASE.contains(from), "{from:?} is not in BASE");
+        BASE.replacen(from, to, 1)
+    }
+
+    /// Asserts the error's message and position, and that it reads as
+    /// `t.yaml:LINE:COL: ...` on one line.
+    #[track_caller]
+    fn check(yaml: &str, needle: &str, line: usize, column: usize) {
+        let err = parse_str(yaml, "t.yaml").expect_err("config should be rejected");
+        let message = err.to_string();
+        assert!(message.contains(needle), "{message:?} lacks {needle:?}");
+        assert_eq!(err.location(), Some((line, column)), "{message}");
+        assert!(
+            message.starts_with(&format!("t.yaml:{line}:{column}: ")),
+            "{message}"
+        );
+        assert!(!message.contains('\n'), "{message:?}");
+    }
+
+    fn ip(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
+        IpAddr::V4(Ipv4Addr::new(a, b, c, d))
+    }
+
+    #[test]
+    fn example_file_parses() {
+        let state = parse_str(include_str!("../../examples/mesh.yaml"), "mesh.yaml").unwrap();
+        let backend = |port, weight| Backend {
+            address: ip(127, 0, 0, 1),
+            port,
+            weight,
+        };
+        let web = Service {
+            name: "web".into(),
+            vip: ip(127, 10, 0, 1),
+            port: 80,
+            protocol: Protocol::Tcp,
+            algorithm: Algorithm::Weighted,
+            backends: vec![backend(18081, 1), backend(18082, 2), backend(18083, 7)],
+        };
+        assert_eq!(
+            state,
+            DesiredState {
+                services: vec![web]
+            }
+        );
+    }
+
+    #[test]
+    fn defaults_order_and_weight_zero() {
+        let yaml = "\
+services:
+  - name: web
+    vip: 127.10.0.2
+    port: 80
+    backends:
+      - address: 127.0.0.1
+        port: 1
+        weight: 0
+      - address: 127.0.0.1
+        port: 2
+  - name: api
+    vip: 127.10.0.1
+    port: 80
+    backends:
+      - address: 127.0.0.1
+        port: 3
+";
+        let state = parse_str(yaml, "t.yaml").unwrap();
+        let names: Vec<_> = state.services.iter().map(|s| s.name.as_str()).collect();
+        assert_eq!(names, ["api", "web"]);
+        let web = &state.services[1];
+        assert_eq!(
+            (web.protocol, web.algorithm),
+            (Protocol::Tcp, Algorithm::Weighted)
+        );
+        let weights: Vec<_> = web.backends.iter().map(|b| (b.port, b.weight)).collect();
+        assert_eq!(weights, [(1, 0), (2, 1)]);
+    }
+
+    #[test]
+    fn no_services_is_valid() {
+        for yaml in ["", "services:\n", "services: []\n", "# nothing yet\n"] {
+            assert_eq!(parse_str(yaml, "t.yaml").unwrap(), DesiredState::default());
+        }
+    }
+
+    #[test]
+    fn unreadable_file() {
+        let err = load_file(Path::new("/nonexistent/mesh.yaml")).unwrap_err();
+        assert!(
+            err.to_string()
+                .starts_with("/nonexistent/mesh.yaml: cannot read: "),
+            "{err}"
+        );
+        assert_eq!(err.location(), None);
+    }
+
+    // 1
+    #[test]
+    fn bad_yaml_syntax() {
+        check(&with("name: web", "name: 'web"), "unclosed quote", 2, 11);
+        check(&with("name: web", "name: [web"), "fix the YAML here", 2, 11);
+    }
+
+    // 2
+    #[test]
+    fn unknown_fields() {
+        check(
+            &with("    port: 80\n", "    port: 80\n    colour: red\n"),
+            "unknown field `colour`; remove it or fix its spelling (known fields here: name, vip, \
+             port, protocol, algorithm, allow_empty, backends)",
+            5,
+            5,
+        );
+        check(
+            &with(
+                "        port: 18081\n",
+                "        port: 18081\n        wieght: 2\n",
+            ),
+            "unknown field `wieght`; remove it or fix its spelling (known fields here: address, \
+             port, weight)",
+            8,
+            9,
+        );
+        check(
+            &format!("{BASE}version: 2\n"),
+            "unknown field `version`; remove it or fix its spelling (known fields here: services)",
+            8,
+            1,
+        );
+    }
+
+    #[test]
+    fn duplicate_key() {
+        check(
+            &with("    port: 80\n", "    port: 80\n    port: 81\n"),
+            "`port` is set twice in the same mapping",
+            5,
+            5,
+        );
+    }
+
+    // 3
+    #[test]
+    fn bad_ip_addresses() {
+        check(
+            &with("127.10.0.1", "127.10.0.300"),
+            "vip '127.10.0.300' is not an IP address; write an IPv4 address",
+            3,
+            10,
+        );
+        check(
+            &with("127.0.0.1", "localhost"),
+            "address 'localhost' is not an IP address",
+            6,
+            18,
+        );
+    }
+
+    #[test]
+    fn ipv6_is_refused_for_now() {
+        check(
+            &with("127.10.0.1", "fd00::1"),
+            "IPv6 VIPs are not supported yet (coming with dual-stack)",
+            3,
+            10,
+        );
+        check(
+            &with("127.0.0.1", "fd00::2"),
+            "IPv6 backend addresses are not supported yet (coming with dual-stack)",
+            6,
+            18,
+        );
+    }
+
+    // 4
+    #[test]
+    fn bad_ports() {
+        check(
+            &with("port: 80", "port: 0"),
+            "port 0 is not a usable port",
+            4,
+            11,
+        );
+        check(
+            &with("port: 80", "port: 65536"),
+            "port 65536 is out of range; use a port from 1 to 65535",
+            4,
+            11,
+        );
+        check(
+            &with("port: 80", "port: http"),
+            "port must be a whole number, got 'http'",
+            4,
+            11,
+        );
+        check(
+            &with("port: 18081", "port: 0"),
+            "port 0 is not a usable port",
+            7,
+            15,
+        );
+        check(
+            &with("port: 18081", "port: 99999999999999999999999"),
+            "is out of range",
+            7,
+            15,
+        );
+    }
+
+    // 5
+    #[test]
+    fn duplicate_frontend() {
+        let second = BASE.replace("services:\n", "").replace("web", "www");
+        check(
+            &format!("{BASE}{second}"),
+            "service 'www' uses 127.10.0.1:80/tcp, which service 'web' already uses; give one \
+             of them another VIP or port",
+            9,
+            10,
+        );
+        // Same VIP on another port is a different service.
+        let other_port = format!("{BASE}{}", second.replace("port: 80", "port: 81"));
+        assert_eq!(parse_str(&other_port, "t.yaml").unwrap().services.len(), 2);
+    }
+
+    // 6
+    #[test]
+    fn duplicate_name() {
+        let second = BASE
+            .replace("services:\n", "")
+            .replace("port: 80", "port: 81");
+        check(
+            &format!("{BASE}{second}"),
+            "service name 'web' is already used on line 2; give each service its own name",
+            8,
+            11,
+        );
+    }
+
+    #[test]
+    fn bad_names() {
+        let rule = "use 1 to 63 lowercase letters, digits, '-' or '.'";
+        check(&with("name: web", "name: Web"), rule, 2, 11);
+        check(&with("name: web", "name: web-"), rule, 2, 11);
+        check(
+            &with("name: web", "name: ''"),
+            "service name '' is not valid",
+            2,
+            11,
+        );
+        check(
+            &with("name: web", &format!("name: {}", "a".repeat(64))),
+            "like a DNS label",
+            2,
+            11,
+        );
+        let longest = with("name: web", &format!("name: {}", "a".repeat(63)));
+        assert!(parse_str(&longest, "t.yaml").is_ok());
+        assert!(parse_str(&with("name: web", "name: web.v2-a"), "t.yaml").is_ok());
+    }
+
+    // 7
+    #[test]
+    fn bad_weights() {
+        let weighted = |w: &str| {
+            with(
+                "port: 18081\n",
+                &format!("port: 18081\n        weight: {w}\n"),
+            )
+        };
+        check(
+            &weighted("-1"),
+            "weight -1 is negative; use a weight from 0 to 65535",
+            8,
+            17,
+        );
+        check(
+            &weighted("65536"),
+            "weight 65536 is above the maximum 65535",
+            8,
+            17,
+        );
+        check(
+            &weighted("1.5"),
+            "weight must be a whole number, got 1.5",
+            8,
+            17,
+        );
+        let max = parse_str(&weighted("65535"), "t.yaml").unwrap();
+        assert_eq!(max.services[0].backends[0].weight, 65535);
+    }
+
+    // 8
+    #[test]
+    fn all_weights_zero() {
+        check(
+            &with("port: 18081\n", "port: 18081\n        weight: 0\n"),
+            "every backend of service 'web' has weight 0; at least one backend needs a weight above 0",
+            6,
+            7,
+        );
+    }
+
+    // 9
+    #[test]
+    fn empty_backends() {
+        let empty = BASE.replace(
+            "\n      - address: 127.0.0.1\n        port: 18081\n",
+            " []\n",
+        );
+        check(
+            &empty,
+            "service 'web' has no backends; list at least one, or set `allow_empty: true` to \
+             keep the VIP and refuse its connections at once",
+            5,
+            15,
+        );
+        let allowed = empty.replace("    backends:", "    allow_empty: true\n    backends:");
+        let state = parse_str(&allowed, "t.yaml").unwrap();
+        assert!(state.services[0].backends.is_empty());
+    }
+
+    // 10
+    #[test]
+    fn unknown_protocol_and_algorithm() {
+        check(
+            &with("    port: 80\n", "    port: 80\n    protocol: udp\n"),
+            "unknown protocol 'udp'; accepted: tcp",
+            5,
+            15,
+        );
+        check(
+            &with(
+                "    port: 80\n",
+                "    port: 80\n    algorithm: round-robin\n",
+            ),
+            "unknown algorithm 'round-robin'; accepted: weighted",
+            5,
+            16,
+        );
+    }
+
+    // 11
+    #[test]
+    fn duplicate_backend() {
+        check(
+            &format!("{BASE}      - address: 127.0.0.1\n        port: 18081\n        weight: 3\n"),
+            "backend 127.0.0.1:18081 is listed twice in service 'web' (first on line 6)",
+            8,
+            18,
+        );
+    }
+
+    // 12
+    #[test]
+    fn missing_fields() {
+        check(
+            &with("  - name: web\n", "  -\n"),
+            "a service has no `name`; add it",
+            3,
+            5,
+        );
+        check(
+            &with("    vip: 127.10.0.1\n", ""),
+            "service 'web' has no `vip`",
+            2,
+            5,
+        );
+        check(
+            &with("    port: 80\n", ""),
+            "service 'web' has no `port`",
+            2,
+            5,
+        );
+        let no_backends = BASE.replace(
+            "    backends:\n      - address: 127.0.0.1\n        port: 18081\n",
+            "",
+        );
+        check(&no_backends, "service 'web' has no `backends`", 2, 5);
+        check(
+            &with("      - address: 127.0.0.1\n        port", "      - port"),
+            "a backend of service 'web' has no `address`",
+            6,
+            9,
+        );
+        check(
+            &with("\n        port: 18081", " "),
+            "a backend of service 'web' has no `port`",
+            6,
+            9,
+        );
+    }
+
+    // 13
+    #[test]
+    fn backend_loop() {
+        check(
+            &format!("{BASE}      - address: 127.10.0.1\n        port: 80\n"),
+            "backend 127.10.0.1:80 is the VIP and port of service 'web' itself",
+            8,
+            18,
+        );
+    }
+}

@@ -1,0 +1,120 @@
+//! What can be wrong with a config file, worded for the person who wrote it:
+//! what is wrong, then what to do.
+
+use std::net::SocketAddr;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("{file}: cannot read: {source}")]
+    Read {
+        file: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{file}{}: {problem}", position(.at))]
+    Invalid {
+        file: String,
+        /// 1-based line and column; `None` only when the YAML parser had none.
+        at: Option<(usize, usize)>,
+        /// Boxed to keep `Result<_, ConfigError>` small.
+        problem: Box<Problem>,
+    },
+}
+
+impl ConfigError {
+    /// The 1-based line and column the error points at, if any.
+    pub fn location(&self) -> Option<(usize, usize)> {
+        match self {
+            ConfigError::Read { .. } => None,
+            ConfigError::Invalid { at, .. } => *at,
+        }
+    }
+}
+
+fn position(at: &Option<(usize, usize)>) -> String {
+    at.map(|(line, column)| format!(":{line}:{column}"))
+        .unwrap_or_default()
+}
+
+/// One problem in the file. User-written text in here is already escaped to a
+/// single line.
+#[derive(Debug, thiserror::Error)]
+pub enum Problem {
+    #[error("{message}; fix the YAML here (the expected layout is in examples/mesh.yaml)")]
+    Yaml { message: String },
+    #[error("unknown field `{field}`; remove it or fix its spelling (known fields here: {known})")]
+    UnknownField { field: String, known: String },
+    #[error("`{key}` is set twice in the same mapping; keep only one")]
+    DuplicateKey { key: String },
+    #[error("{what} has no `{field}`; add it (see examples/mesh.yaml)")]
+    Missing { what: String, field: &'static str },
+    #[error(
+        "service name '{name}' is not valid; use 1 to 63 lowercase letters, digits, '-' or '.', \
+         starting and ending with a letter or digit (like a DNS label)"
+    )]
+    BadName { name: String },
+    #[error(
+        "service name '{name}' is already used on line {first_line}; give each service its own name"
+    )]
+    DuplicateName { name: String, first_line: usize },
+    #[error("{field} {text} is not an IP address; write an IPv4 address such as 127.10.0.1")]
+    BadIp { field: &'static str, text: String },
+    #[error("IPv6 {what} are not supported yet (coming with dual-stack); use an IPv4 address")]
+    Ipv6 { what: &'static str },
+    #[error("port 0 is not a usable port; use a port from 1 to 65535")]
+    PortZero,
+    #[error("port {value} is out of range; use a port from 1 to 65535")]
+    PortOutOfRange { value: i128 },
+    #[error("{field} must be a whole number, got {got}; use {range}")]
+    NotAnInteger {
+        field: &'static str,
+        got: String,
+        range: &'static str,
+    },
+    #[error("weight {value} is negative; use a weight from 0 to 65535 (0 = gets no traffic)")]
+    NegativeWeight { value: i128 },
+    #[error(
+        "weight {value} is above the maximum 65535; scale the weights down (only their ratios matter)"
+    )]
+    WeightTooLarge { value: i128 },
+    #[error("unknown protocol {value}; accepted: {accepted}")]
+    UnknownProtocol { value: String, accepted: String },
+    #[error("unknown algorithm {value}; accepted: {accepted}")]
+    UnknownAlgorithm { value: String, accepted: String },
+    #[error(
+        "service '{service}' uses {frontend}, which service '{first}' already uses; \
+         give one of them another VIP or port"
+    )]
+    DuplicateFrontend {
+        service: String,
+        frontend: String,
+        first: String,
+    },
+    #[error(
+        "service '{service}' has no backends; list at least one, or set `allow_empty: true` \
+         to keep the VIP and refuse its connections at once"
+    )]
+    NoBackends { service: String },
+    #[error(
+        "every backend of service '{service}' has weight 0; at least one backend needs a \
+         weight above 0 (to serve nothing, remove them and set `allow_empty: true`)"
+    )]
+    AllWeightsZero { service: String },
+    #[error(
+        "backend {backend} is listed twice in service '{service}' (first on line {first_line}); \
+         remove one, or raise its weight instead"
+    )]
+    DuplicateBackend {
+        service: String,
+        backend: SocketAddr,
+        first_line: usize,
+    },
+    #[error(
+        "backend {backend} is the VIP and port of service '{service}' itself, so connections \
+         would loop; point it at a real server"
+    )]
+    BackendLoop {
+        service: String,
+        backend: SocketAddr,
+    },
+}

@@ -1,0 +1,15 @@
+//! mesh's node agent: fills the kernel's service maps from a desired state,
+//! serves the admin API, and the `meshctl` CLI that talks to it.
+//!
+//! Data flows one way: `config` (a source) → `state` (the model) →
+//! `reconcile` (map writes) → the kernel (`bpf`); kernel counters →
+//! `admin` → `cli`.
+
+pub mod admin;
+pub mod agent;
+pub mod bpf;
+pub mod cli;
+pub mod config;
+pub mod reconcile;
+pub mod slots;
+pub mod state;

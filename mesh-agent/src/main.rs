@@ -1,0 +1,157 @@
+//! `mesh-agent`: the per-node daemon.
+
+use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode, time::Duration};
+
+use anyhow::Context as _;
+use clap::{Parser, Subcommand, ValueEnum};
+use mesh_agent::{admin, agent, bpf::PinLayout, config};
+
+#[derive(Parser, Debug)]
+#[command(name = "mesh-agent", version, about = "mesh's node agent: in-kernel service load balancing")]
+struct Cli {
+    /// Log format: text for people, json for log pipelines.
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Copy, Clone, Debug, ValueEnum)]
+enum LogFormat {
+    Text,
+    Json,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Attach the programs and keep the kernel's maps in step with the config.
+    Run {
+        /// The YAML configuration (see examples/mesh.yaml).
+        #[arg(long, env = "MESH_CONFIG")]
+        config: PathBuf,
+        /// Cgroup whose sockets are balanced [default: the root of the cgroup v2 tree].
+        #[arg(long)]
+        cgroup: Option<PathBuf>,
+        /// bpffs directory for pinned maps and links.
+        #[arg(long, default_value = "/sys/fs/bpf/mesh")]
+        bpffs: PathBuf,
+        /// Unix socket of the admin API (owner-only).
+        #[arg(long, env = "MESH_ADMIN_SOCKET", default_value = admin::DEFAULT_SOCKET)]
+        admin_socket: PathBuf,
+        /// How often the config file is checked for changes, in milliseconds.
+        #[arg(long, default_value_t = 1000)]
+        watch_interval_ms: u64,
+        /// SO_MARK of the agent's own sockets, which the programs never touch.
+        #[arg(long, default_value_t = agent::DEFAULT_SOCKET_MARK, value_parser = parse_u32)]
+        socket_mark: u32,
+    },
+    /// Validate a configuration file and exit.
+    Check {
+        #[arg(long)]
+        config: PathBuf,
+    },
+    /// Detach the programs and remove every pinned map and link.
+    Cleanup {
+        #[arg(long, default_value = "/sys/fs/bpf/mesh")]
+        bpffs: PathBuf,
+    },
+}
+
+fn parse_u32(s: &str) -> Result<u32, String> {
+    let parsed = match s.strip_prefix("0x") {
+        Some(hex) => u32::from_str_radix(hex, 16),
+        None => s.parse(),
+    };
+    parsed.map_err(|e| format!("{s}: {e}"))
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    init_logging(cli.log_format);
+    match execute(cli.command) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", report(&e));
+            ExitCode::FAILURE
+        }
+    }
+}
+
+/// The error and its causes on one line, skipping causes whose text the
+/// message before already includes (typed errors quote their source).
+fn report(e: &anyhow::Error) -> String {
+    let mut out = String::new();
+    for cause in e.chain() {
+        let text = cause.to_string();
+        if out.contains(&text) {
+            continue;
+        }
+        if !out.is_empty() {
+            out.push_str(": ");
+        }
+        out.push_str(&text);
+    }
+    out
+}
+
+fn execute(command: Command) -> anyhow::Result<()> {
+    match command {
+        Command::Run {
+            config,
+            cgroup,
+            bpffs,
+            admin_socket,
+            watch_interval_ms,
+            socket_mark,
+        } => {
+            let opts = agent::AgentOptions {
+                config,
+                cgroup,
+                bpffs,
+                admin_socket,
+                watch_interval: Duration::from_millis(watch_interval_ms.max(10)),
+                socket_mark,
+            };
+            let runtime = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+                .context("cannot start the async runtime")?;
+            Ok(runtime.block_on(agent::run(opts))?)
+        }
+        Command::Check { config } => {
+            let desired = config::load_file(&config)?;
+            println!(
+                "{}: ok ({} services)",
+                config.display(),
+                desired.services.len()
+            );
+            Ok(())
+        }
+        Command::Cleanup { bpffs } => {
+            let layout = PinLayout::new(&bpffs);
+            let removed = layout
+                .remove_all()
+                .with_context(|| format!("cannot remove {}", bpffs.display()))?;
+            if removed {
+                println!("removed {} (programs detached, maps released)", bpffs.display());
+            } else {
+                println!("nothing pinned at {}", bpffs.display());
+            }
+            Ok(())
+        }
+    }
+}
+
+fn init_logging(format: LogFormat) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("MESH_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder.init(),
+        LogFormat::Json => builder.json().init(),
+    }
+}
