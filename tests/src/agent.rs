@@ -1,0 +1,409 @@
+//! `mesh-agent` as a child process, driven like a user would: a config
+//! file, flags, signals, and `meshctl` over the admin socket.
+
+use std::fs::File;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, ExitStatus, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, anyhow, bail};
+use serde_json::Value;
+
+use crate::{TestCgroup, require_bin_in, run_with_timeout};
+
+const START_TIMEOUT: Duration = Duration::from_secs(20);
+const MESHCTL_TIMEOUT: Duration = Duration::from_secs(10);
+const POLL: Duration = Duration::from_millis(100);
+
+pub struct Agent {
+    child: Child,
+    /// Our own temp dir: config, admin socket, log.
+    dir: PathBuf,
+    config: PathBuf,
+    admin_socket: PathBuf,
+    bpffs: PathBuf,
+    agent_bin: PathBuf,
+    meshctl_bin: PathBuf,
+}
+
+impl Agent {
+    /// Starts the agent for `cgroup` and waits (≤ 20 s) until
+    /// `meshctl status` answers.
+    pub fn start(config_yaml: &str, cgroup: &TestCgroup) -> Result<Agent> {
+        Self::start_from(&crate::bin_dir()?, config_yaml, cgroup)
+    }
+
+    fn start_from(bin_dir: &Path, config_yaml: &str, cgroup: &TestCgroup) -> Result<Agent> {
+        let mut agent = Self::spawn(bin_dir, config_yaml, cgroup)?;
+        let deadline = Instant::now() + START_TIMEOUT;
+        loop {
+            if let Some(status) = agent.child.try_wait()? {
+                bail!(
+                    "mesh-agent exited during startup ({status}); log:\n{}",
+                    agent.log()
+                );
+            }
+            let last = match agent.meshctl(&["status", "-o", "json"]) {
+                Ok(out) if out.status.success() => return Ok(agent),
+                Ok(out) => String::from_utf8_lossy(&out.stderr).trim().to_string(),
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() >= deadline {
+                // `agent` drops on return: killed and cleaned up.
+                bail!(
+                    "mesh-agent not ready within {START_TIMEOUT:?} (last meshctl error: {last}); log:\n{}",
+                    agent.log()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+
+    /// Starts the agent with a config that must be rejected; waits (≤ 20 s)
+    /// for it to exit and returns its exit code (128+signal if killed) and log.
+    pub fn start_expect_failure(config_yaml: &str, cgroup: &TestCgroup) -> Result<(i32, String)> {
+        Self::start_expect_failure_from(&crate::bin_dir()?, config_yaml, cgroup)
+    }
+
+    fn start_expect_failure_from(
+        bin_dir: &Path,
+        config_yaml: &str,
+        cgroup: &TestCgroup,
+    ) -> Result<(i32, String)> {
+        let mut agent = Self::spawn(bin_dir, config_yaml, cgroup)?;
+        let status = agent.wait_exit(START_TIMEOUT)?.ok_or_else(|| {
+            anyhow!(
+                "mesh-agent still running after {START_TIMEOUT:?}; log:\n{}",
+                agent.log()
+            )
+        })?;
+        let code = status.code().unwrap_or_else(|| {
+            use std::os::unix::process::ExitStatusExt;
+            128 + status.signal().unwrap_or(0)
+        });
+        Ok((code, agent.log()))
+    }
+
+    fn spawn(bin_dir: &Path, config_yaml: &str, cgroup: &TestCgroup) -> Result<Agent> {
+        let agent_bin = require_bin_in(bin_dir, "mesh-agent")?;
+        let meshctl_bin = require_bin_in(bin_dir, "meshctl")?;
+        let (pid, n) = (std::process::id(), crate::next_id());
+        let dir = std::env::temp_dir().join(format!("mesh-test-agent-{pid}-{n}"));
+        // A leftover from an earlier process with the same PID is stale.
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
+        let config = dir.join("mesh.yaml");
+        let admin_socket = dir.join("admin.sock");
+        let bpffs = PathBuf::from(format!("/sys/fs/bpf/mesh-test-{pid}-{n}"));
+        let log_path = dir.join("agent.log");
+        let setup = || -> Result<Child> {
+            std::fs::write(&config, config_yaml)?;
+            let log = File::create(&log_path)?;
+            Command::new(&agent_bin)
+                .arg("run")
+                .arg("--config")
+                .arg(&config)
+                .arg("--cgroup")
+                .arg(cgroup.path())
+                .arg("--bpffs")
+                .arg(&bpffs)
+                .arg("--admin-socket")
+                .arg(&admin_socket)
+                .args(["--watch-interval-ms", "100"])
+                .stdin(Stdio::null())
+                .stdout(log.try_clone()?)
+                .stderr(log)
+                .spawn()
+                .with_context(|| format!("spawning {}", agent_bin.display()))
+        };
+        match setup() {
+            Ok(child) => Ok(Agent {
+                child,
+                dir,
+                config,
+                admin_socket,
+                bpffs,
+                agent_bin,
+                meshctl_bin,
+            }),
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dir);
+                Err(e)
+            }
+        }
+    }
+
+    pub fn config_path(&self) -> &Path {
+        &self.config
+    }
+
+    pub fn admin_socket(&self) -> &Path {
+        &self.admin_socket
+    }
+
+    pub fn bpffs(&self) -> &Path {
+        &self.bpffs
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// The agent's stdout and stderr so far.
+    pub fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("agent.log")).unwrap_or_default()
+    }
+
+    /// Replaces the config file atomically (write a temp file, rename), so
+    /// the agent's watcher never reads a half-written file.
+    pub fn write_config(&self, yaml: &str) -> Result<()> {
+        let tmp = self.dir.join(".mesh.yaml.tmp");
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, &self.config)?;
+        Ok(())
+    }
+
+    pub fn sighup(&self) -> Result<()> {
+        self.signal(libc::SIGHUP)
+    }
+
+    /// Signals the agent, only while it is still our unreaped child (so its
+    /// PID cannot have been reused).
+    fn signal(&self, sig: i32) -> Result<()> {
+        // SAFETY: plain syscall on our own child's PID.
+        if unsafe { libc::kill(self.child.id() as i32, sig) } != 0 {
+            return Err(std::io::Error::last_os_error()).context("signalling mesh-agent");
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` for the agent to exit; None if it is still running.
+    pub fn wait_exit(&mut self, timeout: Duration) -> Result<Option<ExitStatus>> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            if let Some(s) = self.child.try_wait()? {
+                return Ok(Some(s));
+            }
+            if Instant::now() >= deadline {
+                return Ok(None);
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    /// `meshctl --admin-socket <sock> <args...>`, bounded to 10 s.
+    pub fn meshctl(&self, args: &[&str]) -> Result<Output> {
+        run_with_timeout(
+            Command::new(&self.meshctl_bin)
+                .arg("--admin-socket")
+                .arg(&self.admin_socket)
+                .args(args),
+            MESHCTL_TIMEOUT,
+        )
+    }
+
+    /// `meshctl ... -o json`, parsed; fails with meshctl's stderr on a non-zero exit.
+    pub fn meshctl_json(&self, args: &[&str]) -> Result<Value> {
+        let mut all = args.to_vec();
+        all.extend(["-o", "json"]);
+        let out = self.meshctl(&all)?;
+        if !out.status.success() {
+            bail!(
+                "meshctl {} failed ({}): {}",
+                all.join(" "),
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout).with_context(|| {
+            format!(
+                "meshctl {}: not JSON: {}",
+                all.join(" "),
+                String::from_utf8_lossy(&out.stdout)
+            )
+        })
+    }
+
+    pub fn status(&self) -> Result<Value> {
+        self.meshctl_json(&["status"])
+    }
+
+    /// Polls status until `config_generation` ≥ `min`; returns that status.
+    pub fn wait_for_generation(&self, min: u64, timeout: Duration) -> Result<Value> {
+        self.wait_for_counter("config_generation", min, timeout)
+    }
+
+    /// Polls status until `reloads_failed` ≥ `min`; returns that status.
+    pub fn wait_for_reload_failures(&self, min: u64, timeout: Duration) -> Result<Value> {
+        self.wait_for_counter("reloads_failed", min, timeout)
+    }
+
+    fn wait_for_counter(&self, field: &str, min: u64, timeout: Duration) -> Result<Value> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let last = match self.status() {
+                Ok(s) if s[field].as_u64().is_some_and(|v| v >= min) => return Ok(s),
+                Ok(s) => s.to_string(),
+                Err(e) => format!("{e:#}"),
+            };
+            if Instant::now() >= deadline {
+                bail!(
+                    "{field} did not reach {min} within {timeout:?}; last status: {last}; log:\n{}",
+                    self.log()
+                );
+            }
+            std::thread::sleep(POLL);
+        }
+    }
+}
+
+impl Drop for Agent {
+    fn drop(&mut self) {
+        // SIGTERM, ≤ 3 s grace, then SIGKILL; only if not already reaped.
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.signal(libc::SIGTERM);
+            if !matches!(self.wait_exit(Duration::from_secs(3)), Ok(Some(_))) {
+                let _ = self.child.kill();
+                let _ = self.child.wait();
+            }
+        }
+        // The agent's own cleanup detaches programs and unpins maps.
+        let cleanup = run_with_timeout(
+            Command::new(&self.agent_bin)
+                .arg("cleanup")
+                .arg("--bpffs")
+                .arg(&self.bpffs),
+            Duration::from_secs(10),
+        );
+        match cleanup {
+            Ok(out) if !out.status.success() => eprintln!(
+                "mesh-tests: mesh-agent cleanup --bpffs {} failed: {}",
+                self.bpffs.display(),
+                String::from_utf8_lossy(&out.stderr).trim()
+            ),
+            Err(e) => eprintln!("mesh-tests: {e:#}"),
+            Ok(_) => {}
+        }
+        if self.bpffs.exists()
+            && let Err(e) = std::fs::remove_dir_all(&self.bpffs)
+        {
+            eprintln!("mesh-tests: removing {}: {e}", self.bpffs.display());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    //! The harness against stand-in shell scripts with the real binaries'
+    //! command lines, so it is checked before (and apart from) the agent.
+    use super::*;
+    use std::os::unix::fs::PermissionsExt;
+
+    // Stand-in agent: `run` checks its flags, makes the bpffs root and a
+    // "ready" file beside the socket, counts SIGHUPs as generations, fails
+    // on a config containing "bad"; `cleanup` leaves a marker beside itself
+    // (bpffs holds no regular files).
+    const FAKE_AGENT: &str = r#"#!/bin/sh
+cmd=$1; shift
+while [ $# -gt 0 ]; do
+  case $1 in
+    --config) cfg=$2;; --cgroup) cg=$2;; --bpffs) bpffs=$2;;
+    --admin-socket) sock=$2;; --watch-interval-ms) ;; *) echo "bad flag $1" >&2; exit 64;;
+  esac; shift 2
+done
+if [ "$cmd" = cleanup ]; then touch "$(dirname "$0")/cleaned-$(basename "$bpffs")"; exit 0; fi
+[ -d "$cg" ] || { echo "no cgroup $cg" >&2; exit 65; }
+if grep -q bad "$cfg"; then echo "error: $cfg:1: bad config" >&2; exit 3; fi
+mkdir -p "$bpffs/v1"
+gen=1; echo $gen > "$sock.gen"
+trap 'gen=$((gen+1)); echo $gen > "$sock.gen"' HUP
+trap 'echo stopping >&2; exit 0' TERM
+echo started >&2
+while :; do sleep 0.05; done
+"#;
+    const FAKE_MESHCTL: &str = r#"#!/bin/sh
+[ "$1" = --admin-socket ] || exit 64
+sock=$2
+[ -f "$sock.gen" ] || { echo "connect $sock: no such file" >&2; exit 1; }
+echo "{\"config_generation\": $(cat "$sock.gen"), \"reloads_failed\": 0, \"args\": \"$3 $4 $5\"}"
+"#;
+
+    /// The stand-ins' directory, removed on every path.
+    struct FakeBins(PathBuf);
+    impl Drop for FakeBins {
+        fn drop(&mut self) {
+            let _ = std::fs::remove_dir_all(&self.0);
+        }
+    }
+
+    fn fake_bins() -> FakeBins {
+        let dir = std::env::temp_dir().join(format!(
+            "mesh-test-fakebin-{}-{}",
+            std::process::id(),
+            crate::next_id()
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        for (name, body) in [("mesh-agent", FAKE_AGENT), ("meshctl", FAKE_MESHCTL)] {
+            let p = dir.join(name);
+            std::fs::write(&p, body).unwrap();
+            std::fs::set_permissions(&p, std::fs::Permissions::from_mode(0o755)).unwrap();
+        }
+        FakeBins(dir)
+    }
+
+    #[test]
+    fn lifecycle_with_stand_in_binaries() {
+        let fake = fake_bins();
+        let bins = &fake.0;
+        let cg = TestCgroup::new("unit-agent").unwrap();
+        let agent = Agent::start_from(bins, "services: []\n", &cg).unwrap();
+        assert_eq!(
+            std::fs::read_to_string(agent.config_path()).unwrap(),
+            "services: []\n"
+        );
+        assert!(agent.bpffs().join("v1").is_dir());
+        let status = agent.status().unwrap();
+        assert_eq!(status["config_generation"], 1);
+        assert_eq!(status["args"], "status -o json");
+
+        agent.write_config("services: [x]\n").unwrap();
+        assert_eq!(
+            std::fs::read_to_string(agent.config_path()).unwrap(),
+            "services: [x]\n"
+        );
+        agent.sighup().unwrap();
+        agent
+            .wait_for_generation(2, Duration::from_secs(5))
+            .unwrap();
+        agent
+            .wait_for_reload_failures(0, Duration::from_secs(1))
+            .unwrap();
+        let err = agent
+            .wait_for_generation(9, Duration::from_millis(300))
+            .unwrap_err();
+        assert!(format!("{err:#}").contains("did not reach 9"), "{err:#}");
+        assert!(agent.log().contains("started"));
+
+        let (pid, bpffs, sock) = (
+            agent.pid(),
+            agent.bpffs().to_path_buf(),
+            agent.admin_socket().to_path_buf(),
+        );
+        drop(agent);
+        assert!(!Path::new(&format!("/proc/{pid}")).exists(), "agent reaped");
+        assert!(!bpffs.exists(), "bpffs root removed");
+        assert!(!sock.parent().unwrap().exists(), "temp dir removed");
+        let marker = bins.join(format!("cleaned-{}", bpffs.file_name().unwrap().display()));
+        assert!(marker.exists(), "mesh-agent cleanup ran");
+
+        let (code, log) = Agent::start_expect_failure_from(bins, "bad: 1\n", &cg).unwrap();
+        assert_eq!(code, 3);
+        assert!(log.contains("bad config"), "{log}");
+
+        let missing = Agent::start_from(Path::new("/nonexistent"), "", &cg)
+            .err()
+            .unwrap();
+        assert!(format!("{missing:#}").contains("cargo build --workspace --bins"));
+    }
+}

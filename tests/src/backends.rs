@@ -1,0 +1,140 @@
+//! Loopback TCP backends that answer every connection with their id.
+
+use std::io::Write;
+use std::net::{Ipv4Addr, SocketAddr, TcpListener};
+use std::os::fd::AsRawFd;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::thread::JoinHandle;
+
+use anyhow::{Context, Result, bail};
+
+/// A server on a loopback address that, per connection, writes `"<id>\n"`
+/// and closes first (so TIME_WAIT stays on the server side and clients can
+/// make many connections without running out of ports).
+pub struct TestBackend {
+    addr: SocketAddr,
+    id: u32,
+    accepted: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// A backend on a chosen loopback address, e.g. a VIP like 127.10.0.5:8080
+/// to show that sockets the mesh does not touch reach the VIP itself.
+pub fn listener_on(addr: SocketAddr, id: u32) -> Result<TestBackend> {
+    if !addr.ip().is_loopback() {
+        bail!("test backends listen on loopback only, not {addr}");
+    }
+    let listener = TcpListener::bind(addr).with_context(|| format!("binding {addr}"))?;
+    let addr = listener.local_addr()?;
+    let accepted = Arc::new(AtomicU64::new(0));
+    let stop = Arc::new(AtomicBool::new(false));
+    let thread = std::thread::Builder::new()
+        .name(format!("backend-{id}"))
+        .spawn({
+            let (accepted, stop) = (accepted.clone(), stop.clone());
+            move || serve(listener, id, &accepted, &stop)
+        })?;
+    Ok(TestBackend {
+        addr,
+        id,
+        accepted,
+        stop,
+        thread: Some(thread),
+    })
+}
+
+fn serve(listener: TcpListener, id: u32, accepted: &AtomicU64, stop: &AtomicBool) {
+    let line = format!("{id}\n");
+    let mut pfd = libc::pollfd {
+        fd: listener.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    while !stop.load(Ordering::Relaxed) {
+        // Wait for a connection at most 50 ms so Drop is noticed without
+        // needing a connection to ourselves to unblock accept().
+        // SAFETY: one valid pollfd for the listener we own.
+        let n = unsafe { libc::poll(&mut pfd, 1, 50) };
+        if n <= 0 {
+            continue;
+        }
+        if let Ok((mut conn, _)) = listener.accept() {
+            let _ = conn.write_all(line.as_bytes());
+            accepted.fetch_add(1, Ordering::Relaxed);
+            // `conn` drops here: the server closes first.
+        }
+    }
+}
+
+impl TestBackend {
+    /// A backend on 127.0.0.1 on an ephemeral port.
+    pub fn new(id: u32) -> Result<Self> {
+        listener_on(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), id)
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    pub fn id(&self) -> u32 {
+        self.id
+    }
+
+    /// Connections accepted (and answered) so far.
+    pub fn accepted(&self) -> u64 {
+        self.accepted.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for TestBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::TcpStream;
+
+    fn fetch(addr: SocketAddr) -> String {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).unwrap();
+        buf
+    }
+
+    #[test]
+    fn serves_its_id_and_counts() {
+        let b = TestBackend::new(7).unwrap();
+        assert!(b.addr().ip().is_loopback() && b.port() != 0);
+        for _ in 0..3 {
+            assert_eq!(fetch(b.addr()), "7\n");
+        }
+        assert_eq!(b.accepted(), 3);
+        let addr = b.addr();
+        drop(b);
+        assert!(
+            TcpStream::connect(addr).is_err(),
+            "listener closed after drop"
+        );
+    }
+
+    #[test]
+    fn specific_loopback_address() {
+        let b = listener_on("127.10.0.5:0".parse().unwrap(), 42).unwrap();
+        assert_eq!(b.addr().ip().to_string(), "127.10.0.5");
+        assert_eq!(fetch(b.addr()), "42\n");
+        assert!(listener_on("10.0.0.1:80".parse().unwrap(), 1).is_err());
+    }
+}

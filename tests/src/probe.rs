@@ -1,0 +1,222 @@
+//! The probe client: `mesh-probe connect` runs inside a test cgroup (so the
+//! mesh's cgroup programs see its connect()s) and reports what its sockets saw.
+//! The connect loop lives here so it can be unit-tested in process; the
+//! binary (src/bin/probe.rs) only parses arguments and prints the JSON.
+
+use std::collections::BTreeMap;
+use std::io::{self, Read};
+use std::net::{SocketAddr, TcpStream};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde::{Deserialize, Serialize};
+
+use crate::TestCgroup;
+
+/// At most this many per-attempt durations are reported.
+pub const MAX_CONNECT_NS: usize = 1000;
+
+/// What `mesh-probe connect` prints: one JSON object.
+#[derive(Debug, Default, Clone, Serialize, Deserialize)]
+pub struct ProbeResult {
+    /// Attempts that connected and read an id line.
+    pub ok: u64,
+    /// Failed attempts by errno name ("ECONNREFUSED", "EPERM", "ETIMEDOUT",
+    /// "errno <n>"); a failure after connecting is prefixed "read "; attempts
+    /// skipped because the overall deadline passed count as "DEADLINE".
+    pub errors: BTreeMap<String, u64>,
+    /// Id lines read from servers (see `TestBackend`), by id.
+    pub ids: BTreeMap<String, u64>,
+    /// getpeername() of each connected socket, "ip:port".
+    pub peers: BTreeMap<String, u64>,
+    /// Duration of connect() per attempt, in order, first 1000 only.
+    pub connect_ns: Vec<u64>,
+}
+
+impl ProbeResult {
+    /// Count for one backend id (0 if never seen).
+    pub fn id_count(&self, id: u32) -> u64 {
+        self.ids.get(&id.to_string()).copied().unwrap_or(0)
+    }
+
+    /// Total failed attempts.
+    pub fn error_count(&self) -> u64 {
+        self.errors.values().sum()
+    }
+}
+
+/// errno name for the error kinds tests assert on.
+pub fn errno_name(e: &io::Error) -> String {
+    match e.raw_os_error() {
+        Some(libc::ECONNREFUSED) => "ECONNREFUSED".into(),
+        Some(libc::EHOSTUNREACH) => "EHOSTUNREACH".into(),
+        Some(libc::EPERM) => "EPERM".into(),
+        Some(libc::ETIMEDOUT) | Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => "ETIMEDOUT".into(),
+        Some(n) => format!("errno {n}"),
+        None if matches!(
+            e.kind(),
+            io::ErrorKind::TimedOut | io::ErrorKind::WouldBlock
+        ) =>
+        {
+            "ETIMEDOUT".into()
+        }
+        None => format!("{:?}", e.kind()),
+    }
+}
+
+/// `count` sequential connections to `target`, each bounded by `timeout`
+/// for connect and again for reading the id; the whole run by `total`.
+pub fn connect_loop(
+    target: SocketAddr,
+    count: u32,
+    timeout: Duration,
+    total: Duration,
+) -> ProbeResult {
+    let mut r = ProbeResult::default();
+    let deadline = Instant::now() + total;
+    for i in 0..count {
+        if Instant::now() >= deadline {
+            *r.errors.entry("DEADLINE".into()).or_default() += u64::from(count - i);
+            break;
+        }
+        let start = Instant::now();
+        let conn = TcpStream::connect_timeout(&target, timeout);
+        if r.connect_ns.len() < MAX_CONNECT_NS {
+            r.connect_ns.push(start.elapsed().as_nanos() as u64);
+        }
+        let mut stream = match conn {
+            Ok(s) => s,
+            Err(e) => {
+                *r.errors.entry(errno_name(&e)).or_default() += 1;
+                continue;
+            }
+        };
+        if let Ok(peer) = stream.peer_addr() {
+            *r.peers.entry(peer.to_string()).or_default() += 1;
+        }
+        match read_id(&mut stream, timeout) {
+            Ok(id) => {
+                r.ok += 1;
+                *r.ids.entry(id).or_default() += 1;
+            }
+            Err(e) => {
+                *r.errors
+                    .entry(format!("read {}", errno_name(&e)))
+                    .or_default() += 1
+            }
+        }
+    }
+    r
+}
+
+/// Reads the server's line up to its close (bounded: 64 bytes, `timeout`).
+fn read_id(stream: &mut TcpStream, timeout: Duration) -> io::Result<String> {
+    stream.set_read_timeout(Some(timeout))?;
+    let mut buf = Vec::new();
+    stream.take(64).read_to_end(&mut buf)?;
+    Ok(String::from_utf8_lossy(&buf).trim().to_string())
+}
+
+/// Runs `mesh-probe connect` inside `cgroup` with a 2 s per-attempt timeout.
+pub fn run_probe(cgroup: &TestCgroup, target: SocketAddr, count: u32) -> Result<ProbeResult> {
+    run_probe_with(cgroup, target, count, 2000)
+}
+
+/// [`run_probe`] with a chosen per-attempt timeout in milliseconds.
+pub fn run_probe_with(
+    cgroup: &TestCgroup,
+    target: SocketAddr,
+    count: u32,
+    timeout_ms: u64,
+) -> Result<ProbeResult> {
+    let probe = crate::require_bin("mesh-probe")?;
+    let mut cmd = cgroup.command(&probe);
+    cmd.args(["connect", "--target", &target.to_string()])
+        .args([
+            "--count",
+            &count.to_string(),
+            "--timeout-ms",
+            &timeout_ms.to_string(),
+        ]);
+    // The probe bounds itself (see total_budget); this is a backstop.
+    let limit = total_budget(count, timeout_ms) + Duration::from_secs(10);
+    let out = crate::run_with_timeout(&mut cmd, limit)?;
+    if !out.status.success() {
+        bail!(
+            "mesh-probe failed ({}): {}",
+            out.status,
+            String::from_utf8_lossy(&out.stderr).trim()
+        );
+    }
+    serde_json::from_slice(&out.stdout).with_context(|| {
+        format!(
+            "parsing mesh-probe output: {}",
+            String::from_utf8_lossy(&out.stdout)
+        )
+    })
+}
+
+/// Overall time budget for a probe run: two timeouts per attempt, at most 120 s.
+pub fn total_budget(count: u32, timeout_ms: u64) -> Duration {
+    Duration::from_millis((u64::from(count) * 2 * timeout_ms).min(120_000))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::TestBackend;
+    use std::net::TcpListener;
+
+    #[test]
+    fn loop_against_backend() {
+        let b = TestBackend::new(3).unwrap();
+        let r = connect_loop(b.addr(), 5, Duration::from_secs(2), Duration::from_secs(20));
+        assert_eq!(r.ok, 5, "{r:?}");
+        assert_eq!(r.id_count(3), 5);
+        assert_eq!(r.peers.get(&b.addr().to_string()), Some(&5));
+        assert_eq!(r.connect_ns.len(), 5);
+        assert_eq!(r.error_count(), 0);
+    }
+
+    #[test]
+    fn refused_is_named() {
+        // A port that was just free: nothing listens there now.
+        let port = TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+        let target = SocketAddr::from(([127, 0, 0, 1], port));
+        let r = connect_loop(target, 3, Duration::from_secs(2), Duration::from_secs(20));
+        assert_eq!(r.ok, 0);
+        assert_eq!(r.errors.get("ECONNREFUSED"), Some(&3), "{r:?}");
+    }
+
+    #[test]
+    fn deadline_counts_skipped() {
+        let b = TestBackend::new(1).unwrap();
+        let r = connect_loop(b.addr(), 4, Duration::from_secs(1), Duration::ZERO);
+        assert_eq!(r.errors.get("DEADLINE"), Some(&4));
+    }
+
+    #[test]
+    fn json_round_trip() {
+        let json = r#"{"ok":2,"errors":{"EPERM":1},"ids":{"1":2},"peers":{"127.0.0.1:9":2},"connect_ns":[1,2,3]}"#;
+        let r: ProbeResult = serde_json::from_str(json).unwrap();
+        assert_eq!((r.ok, r.id_count(1), r.error_count()), (2, 2, 1));
+    }
+
+    /// The real binary, inside a cgroup (needs `cargo build -p mesh-tests --bins`).
+    #[test]
+    fn binary_in_cgroup() {
+        if crate::require_bin("mesh-probe").is_err() {
+            eprintln!("skipping: mesh-probe not built");
+            return;
+        }
+        let cg = TestCgroup::new("unit-probe").unwrap();
+        let b = TestBackend::new(9).unwrap();
+        let r = run_probe(&cg, b.addr(), 10).unwrap();
+        assert_eq!((r.ok, r.id_count(9)), (10, 10), "{r:?}");
+        assert_eq!(b.accepted(), 10);
+    }
+}
