@@ -13,7 +13,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, BackendView, ServiceView, ServicesResponse, StatusResponse},
-    bpf::{self, BpfError, Datapath, Maps, PinLayout},
+    bpf::{self, BpfError, Datapath, MapSizes, Maps, PinLayout},
     config::{self, ConfigError},
     reconcile::{Capacity, ReconcileError, Reconciler, service_key},
     state::DesiredState,
@@ -31,6 +31,7 @@ pub struct AgentOptions {
     pub admin_socket: PathBuf,
     pub watch_interval: Duration,
     pub socket_mark: u32,
+    pub map_sizes: MapSizes,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -208,7 +209,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         ebpf,
         mut maps,
         attached,
-    } = Datapath::load(&pins, &cgroup)?;
+    } = Datapath::load(&pins, &cgroup, opts.map_sizes)?;
     let agent_config = ConfigValue {
         agent_mark: opts.socket_mark,
         flags: 0,
@@ -216,7 +217,16 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     maps.config
         .set(0, agent_config, 0)
         .map_err(AgentError::ConfigMap)?;
-    let mut reconciler = Reconciler::recover(Capacity::default(), &mut maps);
+    let capacity = Capacity::of(&maps);
+    if (capacity.services, capacity.backends, capacity.slots)
+        != (opts.map_sizes.services, opts.map_sizes.backends, opts.map_sizes.slots)
+    {
+        warn!(
+            ?capacity,
+            "pinned maps from an earlier agent keep their sizes; new sizes apply after `mesh-agent cleanup`"
+        );
+    }
+    let mut reconciler = Reconciler::recover(capacity, &mut maps);
     reconciler.apply(&desired, &mut maps)?;
     info!(
         cgroup = %cgroup.display(),

@@ -19,7 +19,7 @@ use aya::{
     Ebpf, EbpfLoader,
     programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
 };
-use mesh_common::{SCHEMA_VERSION, program_names};
+use mesh_common::{SCHEMA_VERSION, limits, map_names, program_names};
 
 pub use maps::{Maps, MapsError};
 pub use mounts::{MountError, cgroup2_mount, ensure_bpffs};
@@ -96,6 +96,25 @@ impl PinLayout {
     }
 }
 
+/// How many entries the maps are created with. Maps that an earlier agent
+/// pinned keep the size they were created with.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct MapSizes {
+    pub services: u32,
+    pub backends: u32,
+    pub slots: u32,
+}
+
+impl Default for MapSizes {
+    fn default() -> Self {
+        Self {
+            services: limits::MAX_SERVICES,
+            backends: limits::MAX_BACKENDS,
+            slots: limits::MAX_SLOTS,
+        }
+    }
+}
+
 /// The loaded, attached data path of this node.
 pub struct Datapath {
     /// Holds the programs' file descriptors for the agent's lifetime.
@@ -109,13 +128,19 @@ impl Datapath {
     /// them to `cgroup` and pins their links. An earlier agent's links are
     /// replaced only after the new ones are attached, so no connect is ever
     /// missed in between.
-    pub fn load(pins: &PinLayout, cgroup: &Path) -> Result<Self, BpfError> {
+    pub fn load(pins: &PinLayout, cgroup: &Path, sizes: MapSizes) -> Result<Self, BpfError> {
         ensure_bpffs(pins.root())?;
         for dir in [pins.maps_dir(), pins.links_dir()] {
             std::fs::create_dir_all(&dir).map_err(|source| BpfError::PinDir { path: dir, source })?;
         }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins.maps_dir())
+            .map_max_entries(map_names::SERVICES, sizes.services)
+            // Ids index the per-CPU stats arrays, so they share the sizes.
+            .map_max_entries(map_names::SERVICE_STATS, sizes.services)
+            .map_max_entries(map_names::BACKENDS, sizes.backends)
+            .map_max_entries(map_names::BACKEND_STATS, sizes.backends)
+            .map_max_entries(map_names::SLOTS, sizes.slots)
             .load(KERNEL_OBJECT)
             .map_err(BpfError::Load)?;
         let cgroup_file = File::open(cgroup).map_err(|source| BpfError::Cgroup {

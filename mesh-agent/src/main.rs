@@ -4,7 +4,11 @@ use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode, time::Duration}
 
 use anyhow::Context as _;
 use clap::{Parser, Subcommand, ValueEnum};
-use mesh_agent::{admin, agent, bpf::PinLayout, config};
+use mesh_agent::{
+    admin, agent,
+    bpf::{MapSizes, PinLayout},
+    config,
+};
 
 #[derive(Parser, Debug)]
 #[command(name = "mesh-agent", version, about = "mesh's node agent: in-kernel service load balancing")]
@@ -44,6 +48,15 @@ enum Command {
         /// SO_MARK of the agent's own sockets, which the programs never touch.
         #[arg(long, default_value_t = agent::DEFAULT_SOCKET_MARK, value_parser = parse_u32)]
         socket_mark: u32,
+        /// Capacity of the service map.
+        #[arg(long, default_value_t = MapSizes::default().services)]
+        max_services: u32,
+        /// Capacity of the backend map.
+        #[arg(long, default_value_t = MapSizes::default().backends)]
+        max_backends: u32,
+        /// Capacity of the slot map (all services' selection tables).
+        #[arg(long, default_value_t = MapSizes::default().slots)]
+        max_slots: u32,
     },
     /// Validate a configuration file and exit.
     Check {
@@ -103,6 +116,9 @@ fn execute(command: Command) -> anyhow::Result<()> {
             admin_socket,
             watch_interval_ms,
             socket_mark,
+            max_services,
+            max_backends,
+            max_slots,
         } => {
             let opts = agent::AgentOptions {
                 config,
@@ -111,6 +127,11 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 admin_socket,
                 watch_interval: Duration::from_millis(watch_interval_ms.max(10)),
                 socket_mark,
+                map_sizes: MapSizes {
+                    services: max_services,
+                    backends: max_backends,
+                    slots: max_slots,
+                },
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -28,13 +28,13 @@ use crate::state::{DesiredState, Protocol, Service};
 #[derive(Debug, thiserror::Error)]
 pub enum ReconcileError {
     #[error(
-        "map {map} is full: this configuration needs {needed} entries and the map holds {capacity}; {hint}"
+        "map {map} is too small: this configuration needs {needed} entries and the map holds {capacity}; {}; the previous state is still serving",
+        raise_hint(map)
     )]
     MapFull {
         map: &'static str,
         needed: usize,
         capacity: u32,
-        hint: &'static str,
     },
     #[error("cannot size per-CPU counters: {0}")]
     PerCpu(#[source] std::io::Error),
@@ -56,13 +56,28 @@ pub struct Capacity {
     pub slots_per_service: u32,
 }
 
-impl Default for Capacity {
-    fn default() -> Self {
+impl Capacity {
+    /// The capacity of the maps as the kernel created them.
+    pub fn of(maps: &Maps) -> Self {
+        use aya::maps::IterableMap as _;
+        let max = |data: &aya::maps::MapData| data.info().map_or(0, |i| i.max_entries());
         Self {
-            services: limits::MAX_SERVICES,
-            backends: limits::MAX_BACKENDS,
-            slots: limits::MAX_SLOTS,
+            // Ids index the stats arrays, so the smaller of each pair counts.
+            services: max(maps.services.map()).min(maps.service_stats.len()),
+            backends: max(maps.backends.map()).min(maps.backend_stats.len()),
+            slots: max(maps.slots.map()),
             slots_per_service: limits::MAX_SLOTS_PER_SERVICE,
+        }
+    }
+}
+
+/// What to change when a map is too small.
+fn raise_hint(map: &str) -> &'static str {
+    match map {
+        m if m == map_names::SERVICES => "raise --max-services or remove services",
+        m if m == map_names::BACKENDS => "raise --max-backends or remove backends",
+        _ => {
+            "raise --max-slots or lower the weights (a service takes sum(weights)/gcd slots, up to 16384, twice while it is updated)"
         }
     }
 }
@@ -428,11 +443,8 @@ fn full(map: &'static str, capacity: u32) -> ReconcileError {
         map,
         needed: capacity as usize + 1,
         capacity,
-        hint: HINT,
     }
 }
-
-const HINT: &str = "remove services or backends from the configuration";
 
 fn check_capacity(map: &'static str, needed: usize, capacity: u32) -> Result<(), ReconcileError> {
     if needed > capacity as usize {
@@ -440,7 +452,6 @@ fn check_capacity(map: &'static str, needed: usize, capacity: u32) -> Result<(),
             map,
             needed,
             capacity,
-            hint: HINT,
         });
     }
     Ok(())

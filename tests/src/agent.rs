@@ -30,11 +30,21 @@ impl Agent {
     /// Starts the agent for `cgroup` and waits (≤ 20 s) until
     /// `meshctl status` answers.
     pub fn start(config_yaml: &str, cgroup: &TestCgroup) -> Result<Agent> {
-        Self::start_from(&crate::bin_dir()?, config_yaml, cgroup)
+        Self::start_with(config_yaml, cgroup, &[])
     }
 
-    fn start_from(bin_dir: &Path, config_yaml: &str, cgroup: &TestCgroup) -> Result<Agent> {
-        let mut agent = Self::spawn(bin_dir, config_yaml, cgroup)?;
+    /// Like `start`, with extra `mesh-agent run` flags.
+    pub fn start_with(config_yaml: &str, cgroup: &TestCgroup, extra: &[&str]) -> Result<Agent> {
+        Self::start_from(&crate::bin_dir()?, config_yaml, cgroup, extra)
+    }
+
+    fn start_from(
+        bin_dir: &Path,
+        config_yaml: &str,
+        cgroup: &TestCgroup,
+        extra: &[&str],
+    ) -> Result<Agent> {
+        let mut agent = Self::spawn(bin_dir, config_yaml, cgroup, extra)?;
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
             if let Some(status) = agent.child.try_wait()? {
@@ -62,15 +72,25 @@ impl Agent {
     /// Starts the agent with a config that must be rejected; waits (≤ 20 s)
     /// for it to exit and returns its exit code (128+signal if killed) and log.
     pub fn start_expect_failure(config_yaml: &str, cgroup: &TestCgroup) -> Result<(i32, String)> {
-        Self::start_expect_failure_from(&crate::bin_dir()?, config_yaml, cgroup)
+        Self::start_expect_failure_with(config_yaml, cgroup, &[])
+    }
+
+    /// Like `start_expect_failure`, with extra `mesh-agent run` flags.
+    pub fn start_expect_failure_with(
+        config_yaml: &str,
+        cgroup: &TestCgroup,
+        extra: &[&str],
+    ) -> Result<(i32, String)> {
+        Self::start_expect_failure_from(&crate::bin_dir()?, config_yaml, cgroup, extra)
     }
 
     fn start_expect_failure_from(
         bin_dir: &Path,
         config_yaml: &str,
         cgroup: &TestCgroup,
+        extra: &[&str],
     ) -> Result<(i32, String)> {
-        let mut agent = Self::spawn(bin_dir, config_yaml, cgroup)?;
+        let mut agent = Self::spawn(bin_dir, config_yaml, cgroup, extra)?;
         let status = agent.wait_exit(START_TIMEOUT)?.ok_or_else(|| {
             anyhow!(
                 "mesh-agent still running after {START_TIMEOUT:?}; log:\n{}",
@@ -84,7 +104,12 @@ impl Agent {
         Ok((code, agent.log()))
     }
 
-    fn spawn(bin_dir: &Path, config_yaml: &str, cgroup: &TestCgroup) -> Result<Agent> {
+    fn spawn(
+        bin_dir: &Path,
+        config_yaml: &str,
+        cgroup: &TestCgroup,
+        extra: &[&str],
+    ) -> Result<Agent> {
         let agent_bin = require_bin_in(bin_dir, "mesh-agent")?;
         let meshctl_bin = require_bin_in(bin_dir, "meshctl")?;
         let (pid, n) = (std::process::id(), crate::next_id());
@@ -110,6 +135,7 @@ impl Agent {
                 .arg("--admin-socket")
                 .arg(&admin_socket)
                 .args(["--watch-interval-ms", "100"])
+                .args(extra)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
@@ -357,7 +383,7 @@ echo "{\"config_generation\": $(cat "$sock.gen"), \"reloads_failed\": 0, \"args\
         let fake = fake_bins();
         let bins = &fake.0;
         let cg = TestCgroup::new("unit-agent").unwrap();
-        let agent = Agent::start_from(bins, "services: []\n", &cg).unwrap();
+        let agent = Agent::start_from(bins, "services: []\n", &cg, &[]).unwrap();
         assert_eq!(
             std::fs::read_to_string(agent.config_path()).unwrap(),
             "services: []\n"
@@ -397,11 +423,11 @@ echo "{\"config_generation\": $(cat "$sock.gen"), \"reloads_failed\": 0, \"args\
         let marker = bins.join(format!("cleaned-{}", bpffs.file_name().unwrap().display()));
         assert!(marker.exists(), "mesh-agent cleanup ran");
 
-        let (code, log) = Agent::start_expect_failure_from(bins, "bad: 1\n", &cg).unwrap();
+        let (code, log) = Agent::start_expect_failure_from(bins, "bad: 1\n", &cg, &[]).unwrap();
         assert_eq!(code, 3);
         assert!(log.contains("bad config"), "{log}");
 
-        let missing = Agent::start_from(Path::new("/nonexistent"), "", &cg)
+        let missing = Agent::start_from(Path::new("/nonexistent"), "", &cg, &[])
             .err()
             .unwrap();
         assert!(format!("{missing:#}").contains("cargo build --workspace --bins"));

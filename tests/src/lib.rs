@@ -18,7 +18,7 @@ pub use agent::Agent;
 pub use backends::{TestBackend, listener_on};
 pub use cgroup::{TestCgroup, cgroup2_mount};
 pub use netns::TestNetns;
-pub use probe::{ProbeResult, run_probe, run_probe_with};
+pub use probe::{ProbeResult, run_probe, run_probe_marked, run_probe_with};
 pub use stats::{chi_square, chi_square_p_value};
 
 use std::io::Read;

@@ -71,6 +71,7 @@ pub fn connect_loop(
     count: u32,
     timeout: Duration,
     total: Duration,
+    mark: Option<u32>,
 ) -> ProbeResult {
     let mut r = ProbeResult::default();
     let deadline = Instant::now() + total;
@@ -80,7 +81,7 @@ pub fn connect_loop(
             break;
         }
         let start = Instant::now();
-        let conn = TcpStream::connect_timeout(&target, timeout);
+        let conn = connect(target, timeout, mark);
         if r.connect_ns.len() < MAX_CONNECT_NS {
             r.connect_ns.push(start.elapsed().as_nanos() as u64);
         }
@@ -109,6 +110,21 @@ pub fn connect_loop(
     r
 }
 
+/// A TCP connect, with `SO_MARK` set first when asked (as the agent marks
+/// its own sockets).
+fn connect(target: SocketAddr, timeout: Duration, mark: Option<u32>) -> io::Result<TcpStream> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(target),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    if let Some(mark) = mark {
+        socket.set_mark(mark)?;
+    }
+    socket.connect_timeout(&target.into(), timeout)?;
+    Ok(socket.into())
+}
+
 /// Reads the server's line up to its close (bounded: 64 bytes, `timeout`).
 fn read_id(stream: &mut TcpStream, timeout: Duration) -> io::Result<String> {
     stream.set_read_timeout(Some(timeout))?;
@@ -129,6 +145,26 @@ pub fn run_probe_with(
     count: u32,
     timeout_ms: u64,
 ) -> Result<ProbeResult> {
+    run_probe_args(cgroup, target, count, timeout_ms, &[])
+}
+
+/// [`run_probe`] from sockets carrying `SO_MARK` = `mark`.
+pub fn run_probe_marked(
+    cgroup: &TestCgroup,
+    target: SocketAddr,
+    count: u32,
+    mark: u32,
+) -> Result<ProbeResult> {
+    run_probe_args(cgroup, target, count, 2000, &["--mark", &mark.to_string()])
+}
+
+fn run_probe_args(
+    cgroup: &TestCgroup,
+    target: SocketAddr,
+    count: u32,
+    timeout_ms: u64,
+    extra: &[&str],
+) -> Result<ProbeResult> {
     let probe = crate::require_bin("mesh-probe")?;
     let mut cmd = cgroup.command(&probe);
     cmd.args(["connect", "--target", &target.to_string()])
@@ -137,7 +173,8 @@ pub fn run_probe_with(
             &count.to_string(),
             "--timeout-ms",
             &timeout_ms.to_string(),
-        ]);
+        ])
+        .args(extra);
     // The probe bounds itself (see total_budget); this is a backstop.
     let limit = total_budget(count, timeout_ms) + Duration::from_secs(10);
     let out = crate::run_with_timeout(&mut cmd, limit)?;
@@ -170,7 +207,7 @@ mod tests {
     #[test]
     fn loop_against_backend() {
         let b = TestBackend::new(3).unwrap();
-        let r = connect_loop(b.addr(), 5, Duration::from_secs(2), Duration::from_secs(20));
+        let r = connect_loop(b.addr(), 5, Duration::from_secs(2), Duration::from_secs(20), None);
         assert_eq!(r.ok, 5, "{r:?}");
         assert_eq!(r.id_count(3), 5);
         assert_eq!(r.peers.get(&b.addr().to_string()), Some(&5));
@@ -187,7 +224,7 @@ mod tests {
             .unwrap()
             .port();
         let target = SocketAddr::from(([127, 0, 0, 1], port));
-        let r = connect_loop(target, 3, Duration::from_secs(2), Duration::from_secs(20));
+        let r = connect_loop(target, 3, Duration::from_secs(2), Duration::from_secs(20), None);
         assert_eq!(r.ok, 0);
         assert_eq!(r.errors.get("ECONNREFUSED"), Some(&3), "{r:?}");
     }
@@ -195,7 +232,7 @@ mod tests {
     #[test]
     fn deadline_counts_skipped() {
         let b = TestBackend::new(1).unwrap();
-        let r = connect_loop(b.addr(), 4, Duration::from_secs(1), Duration::ZERO);
+        let r = connect_loop(b.addr(), 4, Duration::from_secs(1), Duration::ZERO, None);
         assert_eq!(r.errors.get("DEADLINE"), Some(&4));
     }
 

@@ -7,6 +7,7 @@ use std::{net::SocketAddr, time::Duration};
 use anyhow::Result;
 use mesh_tests::{
     Agent, TestBackend, TestCgroup, chi_square, chi_square_p_value, listener_on, run_probe,
+    run_probe_marked,
 };
 use serde_json::Value;
 
@@ -218,5 +219,27 @@ fn a_bad_config_at_start_exits_non_zero_naming_file_line_and_column() -> Result<
     let (code, stderr) = Agent::start_expect_failure(yaml, &cgroup)?;
     assert_ne!(code, 0);
     assert!(stderr.contains(":4:11: port 0"), "stderr: {stderr}");
+    Ok(())
+}
+
+#[test]
+fn sockets_carrying_the_agent_mark_are_untouched() -> Result<()> {
+    let backend = TestBackend::new(1)?;
+    let vip = vip(7);
+    let on_vip = listener_on(vip, 99)?;
+    let cgroup = TestCgroup::new("mark")?;
+    let mark: u32 = 0x0042_0042;
+    let _agent = Agent::start_with(
+        &config(vip, &[(&backend, 1)]),
+        &cgroup,
+        &["--socket-mark", &mark.to_string()],
+    )?;
+
+    assert_eq!(run_probe(&cgroup, vip, 10)?.id_count(1), 10);
+    let marked = run_probe_marked(&cgroup, vip, 10, mark)?;
+    assert_eq!(marked.id_count(99), 10, "marked sockets reach the VIP itself: {marked:?}");
+    let other_mark = run_probe_marked(&cgroup, vip, 10, mark + 1)?;
+    assert_eq!(other_mark.id_count(1), 10, "{other_mark:?}");
+    assert_eq!(on_vip.accepted(), 10);
     Ok(())
 }

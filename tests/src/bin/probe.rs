@@ -1,6 +1,6 @@
 //! mesh-probe: a client the end-to-end tests run inside a test cgroup.
 //!
-//! mesh-probe connect --target IP:PORT --count N [--timeout-ms T]
+//! mesh-probe connect --target IP:PORT --count N [--timeout-ms T] [--mark M]
 //!
 //! Non-loopback targets are refused unless the probe runs in a network
 //! namespace other than the host's. Prints one JSON object (mesh_tests::ProbeResult) on stdout.
@@ -11,7 +11,8 @@ use std::time::Duration;
 
 use mesh_tests::probe::{connect_loop, total_budget};
 
-const USAGE: &str = "usage: mesh-probe connect --target IP:PORT --count N [--timeout-ms T]";
+const USAGE: &str =
+    "usage: mesh-probe connect --target IP:PORT --count N [--timeout-ms T] [--mark M]";
 
 fn main() -> ExitCode {
     match run() {
@@ -29,6 +30,7 @@ fn run() -> Result<(), String> {
         return Err("expected subcommand `connect`".into());
     }
     let (mut target, mut count, mut timeout_ms) = (None::<SocketAddr>, None::<u32>, 2000u64);
+    let mut mark = None::<u32>;
     while let Some(flag) = args.next() {
         let value = args.next().ok_or(format!("{flag} needs a value"))?;
         let bad = |e: &dyn std::fmt::Display| format!("{flag} {value}: {e}");
@@ -36,6 +38,7 @@ fn run() -> Result<(), String> {
             "--target" => target = Some(value.parse().map_err(|e| bad(&e))?),
             "--count" => count = Some(value.parse().map_err(|e| bad(&e))?),
             "--timeout-ms" => timeout_ms = value.parse().map_err(|e| bad(&e))?,
+            "--mark" => mark = Some(value.parse().map_err(|e| bad(&e))?),
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -55,6 +58,7 @@ fn run() -> Result<(), String> {
         count,
         Duration::from_millis(timeout_ms),
         total_budget(count, timeout_ms),
+        mark,
     );
     println!(
         "{}",
