@@ -188,7 +188,10 @@ impl Shared {
             Err(e) => {
                 status.failed += 1;
                 status.last_error = Some(e.to_string());
-                error!("reload refused, still serving generation {}: {e}", status.generation);
+                error!(
+                    "reload refused, still serving generation {}: {e}",
+                    status.generation
+                );
             }
         }
     }
@@ -219,7 +222,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         .map_err(AgentError::ConfigMap)?;
     let capacity = Capacity::of(&maps);
     if (capacity.services, capacity.backends, capacity.slots)
-        != (opts.map_sizes.services, opts.map_sizes.backends, opts.map_sizes.slots)
+        != (
+            opts.map_sizes.services,
+            opts.map_sizes.backends,
+            opts.map_sizes.slots,
+        )
     {
         warn!(
             ?capacity,

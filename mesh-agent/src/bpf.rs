@@ -131,7 +131,8 @@ impl Datapath {
     pub fn load(pins: &PinLayout, cgroup: &Path, sizes: MapSizes) -> Result<Self, BpfError> {
         ensure_bpffs(pins.root())?;
         for dir in [pins.maps_dir(), pins.links_dir()] {
-            std::fs::create_dir_all(&dir).map_err(|source| BpfError::PinDir { path: dir, source })?;
+            std::fs::create_dir_all(&dir)
+                .map_err(|source| BpfError::PinDir { path: dir, source })?;
         }
         let mut ebpf = EbpfLoader::new()
             .default_map_pin_directory(pins.maps_dir())

@@ -14,7 +14,11 @@ use crate::admin::{self, AdminClientError, ServicesResponse, StatusResponse};
 use table::Table;
 
 #[derive(Parser, Debug)]
-#[command(name = "meshctl", version, about = "Show and change what mesh does on this node")]
+#[command(
+    name = "meshctl",
+    version,
+    about = "Show and change what mesh does on this node"
+)]
 struct Cli {
     /// The agent's admin socket.
     #[arg(long, global = true, env = "MESH_ADMIN_SOCKET", default_value = admin::DEFAULT_SOCKET)]
@@ -46,7 +50,10 @@ const EXIT_UNREACHABLE: u8 = 3;
 /// Entry point of the `meshctl` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
-    let runtime = match tokio::runtime::Builder::new_current_thread().enable_all().build() {
+    let runtime = match tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()
+    {
         Ok(rt) => rt,
         Err(e) => {
             eprintln!("error: cannot start runtime: {e}");
@@ -60,7 +67,11 @@ pub fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(if e.is_unreachable() { EXIT_UNREACHABLE } else { EXIT_FAILED })
+            ExitCode::from(if e.is_unreachable() {
+                EXIT_UNREACHABLE
+            } else {
+                EXIT_FAILED
+            })
         }
     }
 }
@@ -96,7 +107,10 @@ fn render_status(s: &StatusResponse) -> String {
     t.row(["version", &s.version]);
     t.row(["config", &s.config_path]);
     t.row(["config generation", &s.config_generation.to_string()]);
-    t.row(["reloads ok / failed", &format!("{} / {}", s.reloads_ok, s.reloads_failed)]);
+    t.row([
+        "reloads ok / failed",
+        &format!("{} / {}", s.reloads_ok, s.reloads_failed),
+    ]);
     t.row([
         "last reload error",
         s.last_reload_error.as_deref().unwrap_or("-"),
@@ -110,12 +124,26 @@ fn render_status(s: &StatusResponse) -> String {
 
 fn render_services(r: &ServicesResponse) -> String {
     let mut t = Table::new([
-        "SERVICE", "FRONTEND", "ALGORITHM", "BACKEND", "WEIGHT", "SHARE", "CONNECTIONS",
+        "SERVICE",
+        "FRONTEND",
+        "ALGORITHM",
+        "BACKEND",
+        "WEIGHT",
+        "SHARE",
+        "CONNECTIONS",
     ]);
     for svc in &r.services {
         let frontend = format!("{}:{}/{}", svc.vip, svc.port, svc.protocol);
         if svc.backends.is_empty() {
-            t.row([&svc.name, &frontend, &svc.algorithm, "(none: connects refused)", "-", "-", "-"]);
+            t.row([
+                &svc.name,
+                &frontend,
+                &svc.algorithm,
+                "(none: connects refused)",
+                "-",
+                "-",
+                "-",
+            ]);
         }
         let total_weight: u64 = svc.backends.iter().map(|b| u64::from(b.weight)).sum();
         for (i, b) in svc.backends.iter().enumerate() {
@@ -136,7 +164,15 @@ fn render_services(r: &ServicesResponse) -> String {
             ]);
         }
         if svc.no_backend > 0 {
-            t.row(["", "", "", "(refused: no backend)", "-", "-", &svc.no_backend.to_string()]);
+            t.row([
+                "",
+                "",
+                "",
+                "(refused: no backend)",
+                "-",
+                "-",
+                &svc.no_backend.to_string(),
+            ]);
         }
     }
     t.render()

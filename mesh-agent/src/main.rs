@@ -11,7 +11,11 @@ use mesh_agent::{
 };
 
 #[derive(Parser, Debug)]
-#[command(name = "mesh-agent", version, about = "mesh's node agent: in-kernel service load balancing")]
+#[command(
+    name = "mesh-agent",
+    version,
+    about = "mesh's node agent: in-kernel service load balancing"
+)]
 struct Cli {
     /// Log format: text for people, json for log pipelines.
     #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
@@ -155,7 +159,10 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 .remove_all()
                 .with_context(|| format!("cannot remove {}", bpffs.display()))?;
             if removed {
-                println!("removed {} (programs detached, maps released)", bpffs.display());
+                println!(
+                    "removed {} (programs detached, maps released)",
+                    bpffs.display()
+                );
             } else {
                 println!("nothing pinned at {}", bpffs.display());
             }

@@ -137,8 +137,10 @@ impl Reconciler {
             maps.services.iter().filter_map(Result::ok).collect();
         let mut slots_by_service: BTreeMap<(u32, u32), BTreeMap<u32, BackendId>> = BTreeMap::new();
         let mut stale_slots = Vec::new();
-        let generations: BTreeMap<u32, u32> =
-            live.iter().map(|(_, v)| (v.service_id, v.generation)).collect();
+        let generations: BTreeMap<u32, u32> = live
+            .iter()
+            .map(|(_, v)| (v.service_id, v.generation))
+            .collect();
         for (key, backend) in maps.slots.iter().filter_map(Result::ok) {
             if generations.get(&key.service_id) == Some(&key.generation) {
                 slots_by_service
@@ -157,7 +159,13 @@ impl Reconciler {
                 backends_by_service
                     .entry(value.service_id)
                     .or_default()
-                    .insert((ip_from_words(value.family, value.addr), u16::from_be(value.port)), id);
+                    .insert(
+                        (
+                            ip_from_words(value.family, value.addr),
+                            u16::from_be(value.port),
+                        ),
+                        id,
+                    );
             } else {
                 orphans.push(id);
             }
@@ -175,7 +183,9 @@ impl Reconciler {
                     id: value.service_id,
                     generation: value.generation,
                     slots,
-                    backends: backends_by_service.remove(&value.service_id).unwrap_or_default(),
+                    backends: backends_by_service
+                        .remove(&value.service_id)
+                        .unwrap_or_default(),
                 },
             );
         }
@@ -214,22 +224,28 @@ impl Reconciler {
     }
 
     fn plan(&self, desired: &DesiredState) -> Result<Plan, ReconcileError> {
-        let mut ids = IdAllocator::new(
-            self.services.values().map(|s| s.id),
-            self.capacity.services,
-        );
+        let mut ids =
+            IdAllocator::new(self.services.values().map(|s| s.id), self.capacity.services);
         let mut backend_ids = IdAllocator::new(
-            self.services.values().flat_map(|s| s.backends.values().copied()),
+            self.services
+                .values()
+                .flat_map(|s| s.backends.values().copied()),
             self.capacity.backends,
         );
         let mut plan = Plan::default();
-        check_capacity(map_names::SERVICES, desired.services.len(), self.capacity.services)?;
+        check_capacity(
+            map_names::SERVICES,
+            desired.services.len(),
+            self.capacity.services,
+        )?;
         for svc in &desired.services {
             let key = service_key(svc);
             let old = self.services.get(&key);
             let id = match old {
                 Some(old) => old.id,
-                None => ids.allocate().ok_or(full(map_names::SERVICES, self.capacity.services))?,
+                None => ids
+                    .allocate()
+                    .ok_or(full(map_names::SERVICES, self.capacity.services))?,
             };
             let mut backends = BTreeMap::new();
             let mut slot_backends = Vec::with_capacity(svc.backends.len());
@@ -250,11 +266,10 @@ impl Reconciler {
                 slot_backends.push(backend_id);
             }
             let weights: Vec<u32> = svc.backends.iter().map(|b| b.weight).collect();
-            let slots: Vec<BackendId> =
-                weighted_table(&weights, self.capacity.slots_per_service)
-                    .into_iter()
-                    .map(|i| slot_backends[i as usize])
-                    .collect();
+            let slots: Vec<BackendId> = weighted_table(&weights, self.capacity.slots_per_service)
+                .into_iter()
+                .map(|i| slot_backends[i as usize])
+                .collect();
             let generation = match old {
                 Some(old) if old.slots == slots => old.generation,
                 Some(old) => {
@@ -284,7 +299,11 @@ impl Reconciler {
             .iter()
             .map(|k| plan.services[k].slots.len())
             .sum();
-        check_capacity(map_names::SLOTS, live_slots + new_slots, self.capacity.slots)?;
+        check_capacity(
+            map_names::SLOTS,
+            live_slots + new_slots,
+            self.capacity.slots,
+        )?;
         plan.report.services_changed = plan.changed.len();
         plan.report.backends_added = plan.new_backends.len();
         Ok(plan)
@@ -386,8 +405,10 @@ fn cleanup(
             failures += 1;
         }
     };
-    let live_backends: BTreeSet<BackendId> =
-        new.values().flat_map(|s| s.backends.values().copied()).collect();
+    let live_backends: BTreeSet<BackendId> = new
+        .values()
+        .flat_map(|s| s.backends.values().copied())
+        .collect();
     for (key, svc) in old {
         let current = new.get(key);
         if current.is_none() {

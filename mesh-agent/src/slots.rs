@@ -41,7 +41,13 @@ pub fn slot_counts(weights: &[u32], max_slots: u32) -> Vec<u32> {
 fn apportion(shares: &[u64], total: u64, slots: u64) -> Vec<u32> {
     let mut counts: Vec<u64> = shares
         .iter()
-        .map(|&s| if s == 0 { 0 } else { (s * slots / total).max(1) })
+        .map(|&s| {
+            if s == 0 {
+                0
+            } else {
+                (s * slots / total).max(1)
+            }
+        })
         .collect();
     let mut assigned: u64 = counts.iter().sum();
     // Hand out what is left by largest remainder.
@@ -56,7 +62,10 @@ fn apportion(shares: &[u64], total: u64, slots: u64) -> Vec<u32> {
     }
     // The one-slot floor may overshoot: take back from the largest holders.
     while assigned > slots {
-        let Some(i) = (0..counts.len()).filter(|&i| counts[i] > 1).max_by_key(|&i| counts[i]) else {
+        let Some(i) = (0..counts.len())
+            .filter(|&i| counts[i] > 1)
+            .max_by_key(|&i| counts[i])
+        else {
             break;
         };
         counts[i] -= 1;

@@ -3,7 +3,9 @@
 use aya_ebpf::helpers::bpf_get_prandom_u32;
 use mesh_common::{BackendValue, ServiceKey, ServiceValue, SlotKey};
 
-use crate::maps::{MESH_BACKENDS, MESH_BE_STATS, MESH_CONFIG, MESH_SERVICES, MESH_SLOTS, MESH_SVC_STATS};
+use crate::maps::{
+    MESH_BACKENDS, MESH_BE_STATS, MESH_CONFIG, MESH_SERVICES, MESH_SLOTS, MESH_SVC_STATS,
+};
 
 /// What the program decided for one connect.
 pub enum Decision {
@@ -40,10 +42,10 @@ pub fn select_backend(svc: &ServiceValue) -> Decision {
         generation: svc.generation,
         slot,
     };
-    let Some(backend_id) = (unsafe { MESH_SLOTS.get(&slot_key).copied() }) else {
+    let Some(backend_id) = (unsafe { MESH_SLOTS.get(slot_key).copied() }) else {
         return Decision::NoBackend;
     };
-    match unsafe { MESH_BACKENDS.get(&backend_id).copied() } {
+    match unsafe { MESH_BACKENDS.get(backend_id).copied() } {
         Some(backend) => {
             count_backend_connection(backend_id);
             Decision::Forward(backend)

@@ -1,7 +1,9 @@
 //! `cgroup/connect4`: turns a connect to a service VIP into a connect to one
 //! of its backends, before any packet exists.
 
-use aya_ebpf::{helpers::generated::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    helpers::generated::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext,
+};
 use mesh_common::{ECONNREFUSED, FAMILY_V4, OrigDstValue, PROTO_TCP, ServiceKey};
 
 use crate::{
@@ -54,7 +56,7 @@ fn try_connect4(ctx: &SockAddrContext) -> i32 {
                 family: FAMILY_V4,
                 _pad: [0; 3],
             };
-            let _ = MESH_ORIG_DST.insert(&sock_addr::socket_cookie(ctx), &orig, 0);
+            let _ = MESH_ORIG_DST.insert(sock_addr::socket_cookie(ctx), orig, 0);
             ALLOW
         }
     }

@@ -15,11 +15,12 @@ pub fn mesh_getpeername4(ctx: SockAddrContext) -> i32 {
 #[inline(always)]
 fn try_getpeername4(ctx: &SockAddrContext) {
     let cookie = sock_addr::socket_cookie(ctx);
-    let Some(orig) = (unsafe { MESH_ORIG_DST.get(&cookie).copied() }) else {
+    let Some(orig) = (unsafe { MESH_ORIG_DST.get(cookie).copied() }) else {
         return;
     };
     // Only undo our own rewrite: the socket may have been reused since.
-    if sock_addr::user_ip4(ctx) == orig.backend[0] && sock_addr::user_port(ctx) == orig.backend_port {
+    if sock_addr::user_ip4(ctx) == orig.backend[0] && sock_addr::user_port(ctx) == orig.backend_port
+    {
         sock_addr::set_user_ip4(ctx, orig.vip[0]);
         sock_addr::set_user_port(ctx, orig.vip_port);
     }

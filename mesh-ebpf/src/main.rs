@@ -33,5 +33,7 @@ static LICENSE: [u8; 4] = *b"GPL\0";
 
 #[cfg(not(target_arch = "bpf"))]
 fn main() {
-    eprintln!("mesh-ebpf is built for the BPF target by mesh-agent/build.rs; it does not run on the host");
+    eprintln!(
+        "mesh-ebpf is built for the BPF target by mesh-agent/build.rs; it does not run on the host"
+    );
 }

@@ -28,12 +28,10 @@ pub static MESH_ORIG_DST: LruHashMap<u64, OrigDstValue> =
     LruHashMap::pinned(limits::MAX_TRACKED_SOCKETS, 0);
 
 #[map(name = "MESH_BE_STATS")]
-pub static MESH_BE_STATS: PerCpuArray<BackendStats> =
-    PerCpuArray::pinned(limits::MAX_BACKENDS, 0);
+pub static MESH_BE_STATS: PerCpuArray<BackendStats> = PerCpuArray::pinned(limits::MAX_BACKENDS, 0);
 
 #[map(name = "MESH_SVC_STATS")]
-pub static MESH_SVC_STATS: PerCpuArray<ServiceStats> =
-    PerCpuArray::pinned(limits::MAX_SERVICES, 0);
+pub static MESH_SVC_STATS: PerCpuArray<ServiceStats> = PerCpuArray::pinned(limits::MAX_SERVICES, 0);
 
 #[map(name = "MESH_CONFIG")]
 pub static MESH_CONFIG: Array<ConfigValue> = Array::pinned(1, 0);

@@ -207,7 +207,13 @@ mod tests {
     #[test]
     fn loop_against_backend() {
         let b = TestBackend::new(3).unwrap();
-        let r = connect_loop(b.addr(), 5, Duration::from_secs(2), Duration::from_secs(20), None);
+        let r = connect_loop(
+            b.addr(),
+            5,
+            Duration::from_secs(2),
+            Duration::from_secs(20),
+            None,
+        );
         assert_eq!(r.ok, 5, "{r:?}");
         assert_eq!(r.id_count(3), 5);
         assert_eq!(r.peers.get(&b.addr().to_string()), Some(&5));
@@ -224,7 +230,13 @@ mod tests {
             .unwrap()
             .port();
         let target = SocketAddr::from(([127, 0, 0, 1], port));
-        let r = connect_loop(target, 3, Duration::from_secs(2), Duration::from_secs(20), None);
+        let r = connect_loop(
+            target,
+            3,
+            Duration::from_secs(2),
+            Duration::from_secs(20),
+            None,
+        );
         assert_eq!(r.ok, 0);
         assert_eq!(r.errors.get("ECONNREFUSED"), Some(&3), "{r:?}");
     }

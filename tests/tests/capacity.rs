@@ -42,7 +42,10 @@ fn more_services_than_the_map_holds_is_refused_at_start_naming_the_map() -> Resu
     let (code, log) = Agent::start_expect_failure_with(&yaml, &cgroup, &["--max-services", "2"])?;
     assert_ne!(code, 0);
     assert!(log.contains("MESH_SERVICES is too small"), "{log}");
-    assert!(log.contains("needs 3 entries") && log.contains("--max-services"), "{log}");
+    assert!(
+        log.contains("needs 3 entries") && log.contains("--max-services"),
+        "{log}"
+    );
     Ok(())
 }
 
@@ -67,12 +70,19 @@ fn a_reload_that_does_not_fit_is_refused_and_the_previous_state_serves() -> Resu
     agent.sighup()?;
     let status = agent.wait_for_reload_failures(1, Duration::from_secs(10))?;
     let error = status["last_reload_error"].as_str().unwrap_or_default();
-    assert!(error.contains("MESH_SLOTS") && error.contains("--max-slots"), "{error}");
+    assert!(
+        error.contains("MESH_SLOTS") && error.contains("--max-slots"),
+        "{error}"
+    );
     assert_eq!(status["config_generation"], Value::from(1u64));
 
     let after = run_probe(&cgroup, vip, 40)?;
     assert_eq!(after.id_count(1) + after.id_count(2), 40, "{after:?}");
-    assert_eq!(c.accepted(), 0, "the refused backend never got a connection");
+    assert_eq!(
+        c.accepted(),
+        0,
+        "the refused backend never got a connection"
+    );
     let services = agent.meshctl_json(&["services"])?;
     assert_eq!(
         services["services"][0]["backends"].as_array().map(Vec::len),

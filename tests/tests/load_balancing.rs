@@ -57,7 +57,11 @@ fn kernel_counts(agent: &Agent) -> Result<Vec<(String, u64)>> {
 
 #[test]
 fn weighted_split_follows_the_weights_and_meshctl_reports_the_kernel_counts() -> Result<()> {
-    let backends = [TestBackend::new(1)?, TestBackend::new(2)?, TestBackend::new(3)?];
+    let backends = [
+        TestBackend::new(1)?,
+        TestBackend::new(2)?,
+        TestBackend::new(3)?,
+    ];
     let cgroup = TestCgroup::new("weighted")?;
     let vip = vip(1);
     let weights = [1u32, 2, 7];
@@ -70,7 +74,10 @@ fn weighted_split_follows_the_weights_and_meshctl_reports_the_kernel_counts() ->
     let observed: Vec<u64> = (1..=3).map(|id| result.id_count(id)).collect();
     let stat = chi_square(&observed, &weights.map(f64::from));
     let p = chi_square_p_value(stat, 2);
-    assert!(p > 0.001, "split {observed:?} is not 1:2:7 (chi2 {stat:.2}, p {p:.5})");
+    assert!(
+        p > 0.001,
+        "split {observed:?} is not 1:2:7 (chi2 {stat:.2}, p {p:.5})"
+    );
 
     // The kernel's own counters agree with what the clients saw.
     let counts = kernel_counts(&agent)?;
@@ -186,11 +193,18 @@ fn a_broken_reload_is_refused_and_the_last_good_config_keeps_serving() -> Result
         let status = agent.wait_for_reload_failures(i as u64 + 1, WAIT)?;
         let error = status["last_reload_error"].as_str().unwrap_or_default();
         let file = agent.config_path().display().to_string();
-        assert!(error.starts_with(&format!("{file}:")), "error names the file: {error}");
+        assert!(
+            error.starts_with(&format!("{file}:")),
+            "error names the file: {error}"
+        );
         assert_eq!(status["config_generation"], Value::from(1u64), "{status}");
 
         let result = run_probe(&cgroup, vip, 20)?;
-        assert_eq!(result.id_count(1), 20, "old config still serves: {result:?}");
+        assert_eq!(
+            result.id_count(1),
+            20,
+            "old config still serves: {result:?}"
+        );
     }
     assert_eq!(b.accepted(), 0);
     Ok(())
@@ -207,7 +221,11 @@ fn sockets_outside_the_attached_cgroup_are_untouched() -> Result<()> {
 
     assert_eq!(run_probe(&attached, vip, 20)?.id_count(1), 20);
     let outside = run_probe(&other, vip, 20)?;
-    assert_eq!(outside.id_count(99), 20, "a sibling cgroup reaches the VIP itself: {outside:?}");
+    assert_eq!(
+        outside.id_count(99),
+        20,
+        "a sibling cgroup reaches the VIP itself: {outside:?}"
+    );
     assert_eq!(on_vip.accepted(), 20);
     Ok(())
 }
@@ -237,7 +255,11 @@ fn sockets_carrying_the_agent_mark_are_untouched() -> Result<()> {
 
     assert_eq!(run_probe(&cgroup, vip, 10)?.id_count(1), 10);
     let marked = run_probe_marked(&cgroup, vip, 10, mark)?;
-    assert_eq!(marked.id_count(99), 10, "marked sockets reach the VIP itself: {marked:?}");
+    assert_eq!(
+        marked.id_count(99),
+        10,
+        "marked sockets reach the VIP itself: {marked:?}"
+    );
     let other_mark = run_probe_marked(&cgroup, vip, 10, mark + 1)?;
     assert_eq!(other_mark.id_count(1), 10, "{other_mark:?}");
     assert_eq!(on_vip.accepted(), 10);

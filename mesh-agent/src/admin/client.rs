@@ -36,13 +36,15 @@ impl AdminClientError {
 
 /// GETs `path` from the agent and decodes the JSON answer.
 pub async fn get<T: DeserializeOwned>(socket: &Path, path: &str) -> Result<T, AdminClientError> {
-    let stream = UnixStream::connect(socket)
-        .await
-        .map_err(|source| AdminClientError::Unreachable {
-            socket: socket.display().to_string(),
-            source,
-        })?;
-    let (mut sender, connection) = hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
+    let stream =
+        UnixStream::connect(socket)
+            .await
+            .map_err(|source| AdminClientError::Unreachable {
+                socket: socket.display().to_string(),
+                source,
+            })?;
+    let (mut sender, connection) =
+        hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
     let request = Request::get(path)
         .header("host", "mesh-agent")

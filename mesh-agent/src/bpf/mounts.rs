@@ -66,7 +66,9 @@ pub fn ensure_bpffs(pin_root: &Path) -> Result<(), MountError> {
         source,
     };
     if !pin_root.starts_with(target) {
-        return Err(fail(io::Error::other("the pin root is outside /sys/fs/bpf")));
+        return Err(fail(io::Error::other(
+            "the pin root is outside /sys/fs/bpf",
+        )));
     }
     let c = |s: &str| CString::new(s).expect("no NUL in literal");
     let (source, dir, fstype) = (c("bpf"), c("/sys/fs/bpf"), c("bpf"));

@@ -1,0 +1,59 @@
+//! `cargo xtask …`: everything a person runs to set up, build, test, lint and
+//! demo mesh. Each subcommand lives in its own module.
+
+mod demo;
+mod lint;
+mod setup;
+mod test;
+mod util;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+#[derive(Parser)]
+#[command(
+    name = "xtask",
+    bin_name = "cargo xtask",
+    about = "Set up, test, lint and demo mesh"
+)]
+struct Cli {
+    #[command(subcommand)]
+    cmd: Cmd,
+}
+
+#[derive(Subcommand)]
+enum Cmd {
+    /// Install what building and testing need; skips what is there.
+    Setup,
+    /// Set up, build, and run every test with cargo-nextest (needs root).
+    Test(test::TestArgs),
+    /// cargo fmt --check, clippy on the workspace, clippy on the eBPF crate.
+    Lint,
+    /// Apply cargo fmt to the whole workspace.
+    Fmt,
+    /// Run the agent on examples/mesh.yaml and send connections through it (needs root).
+    Demo(demo::DemoArgs),
+    /// The demo's client, run by `demo` inside the demo cgroup.
+    #[command(hide = true)]
+    DemoClient(demo::ClientArgs),
+}
+
+fn main() -> ExitCode {
+    let result = match Cli::parse().cmd {
+        Cmd::Setup => setup::run(),
+        Cmd::Test(args) => test::run(args),
+        Cmd::Lint => lint::run(),
+        Cmd::Fmt => lint::fmt(),
+        Cmd::Demo(args) => demo::run(args),
+        Cmd::DemoClient(args) => demo::client(args),
+    };
+    // Errors here are for people: the message and its causes, no backtrace.
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {e:#}");
+            ExitCode::FAILURE
+        }
+    }
+}

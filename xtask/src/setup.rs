@@ -1,0 +1,167 @@
+//! `cargo xtask setup`: installs what a fresh Debian machine lacks to build
+//! and test mesh. Every check is cheap and runs without root, so a second run
+//! finishes in a fraction of a second.
+
+use std::process::Command;
+use std::time::Instant;
+
+use anyhow::{Result, bail};
+
+use crate::util::{self, step};
+
+const APT_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "iproute2"];
+const BPF_LINKER_VERSION: &str = "0.13.0";
+
+pub fn run() -> Result<()> {
+    let start = Instant::now();
+    nightly()?;
+    // LLVM first: bpf-linker links against it.
+    apt_packages()?;
+    bpf_linker()?;
+    nextest()?;
+    step(format!("setup: done in {:.2?}", start.elapsed()));
+    Ok(())
+}
+
+/// The eBPF crate builds with nightly and `-Z build-std=core`, hence rust-src.
+fn nightly() -> Result<()> {
+    if util::on_path("rustup").is_none() {
+        bail!("rustup is not on PATH; install it from https://rustup.rs, then run setup again");
+    }
+    let mut list = Command::new("rustup");
+    list.args(["component", "list", "--toolchain", "nightly", "--installed"]);
+    let Some(components) = util::probe(&mut list) else {
+        step("setup: rustup toolchain nightly ... missing, installing");
+        util::run(Command::new("rustup").args([
+            "toolchain",
+            "install",
+            "nightly",
+            "--profile",
+            "minimal",
+            "--component",
+            "rust-src",
+            // `cargo xtask lint` runs nightly clippy on the eBPF crate.
+            "--component",
+            "clippy",
+        ]))?;
+        return Ok(());
+    };
+    step("setup: rustup toolchain nightly ... already installed");
+    // Listed as `rust-src` (no target suffix); accept either form.
+    if components
+        .lines()
+        .any(|c| c == "rust-src" || c.starts_with("rust-src-"))
+    {
+        step("setup: nightly rust-src ... already installed");
+    } else {
+        step("setup: nightly rust-src ... missing, installing");
+        util::run(Command::new("rustup").args([
+            "component",
+            "add",
+            "rust-src",
+            "--toolchain",
+            "nightly",
+        ]))?;
+    }
+    Ok(())
+}
+
+fn apt_packages() -> Result<()> {
+    // One dpkg-query for all packages; it prints the known ones and exits
+    // non-zero if any is unknown, so read stdout regardless of the status.
+    let out = Command::new("dpkg-query")
+        .args(["-W", "-f=${Package} ${Status}\n"])
+        .args(APT_PACKAGES)
+        .output();
+    let out = match out {
+        Ok(out) => String::from_utf8_lossy(&out.stdout).into_owned(),
+        Err(e) => bail!("could not run dpkg-query ({e}); setup expects Debian/Ubuntu"),
+    };
+    let missing = missing_packages(&out);
+    for pkg in APT_PACKAGES.iter().filter(|p| !missing.contains(p)) {
+        step(format!("setup: {pkg} ... already installed"));
+    }
+    if missing.is_empty() {
+        return Ok(());
+    }
+    let list = missing.join(" ");
+    if !util::is_root() {
+        bail!(
+            "missing Debian packages: {list}. Installing them needs root; run\n    \
+             sudo apt-get update && sudo DEBIAN_FRONTEND=noninteractive apt-get install -y {list}\n\
+             then `cargo xtask setup` again"
+        );
+    }
+    step(format!("setup: installing {list}"));
+    util::run(Command::new("apt-get").arg("update"))?;
+    util::run(
+        Command::new("apt-get")
+            .env("DEBIAN_FRONTEND", "noninteractive")
+            .args(["install", "-y"])
+            .args(&missing),
+    )
+}
+
+/// The packages dpkg does not list as "install ok installed" (a removed
+/// package can linger as "deinstall ok config-files").
+fn missing_packages(dpkg_output: &str) -> Vec<&'static str> {
+    APT_PACKAGES
+        .iter()
+        .copied()
+        .filter(|pkg| {
+            !dpkg_output.lines().any(|l| {
+                l.strip_prefix(pkg)
+                    .and_then(|rest| rest.strip_prefix(' '))
+                    .is_some_and(|status| status == "install ok installed")
+            })
+        })
+        .collect()
+}
+
+/// bpf-linker must be built against the same LLVM major as nightly rustc.
+fn bpf_linker() -> Result<()> {
+    let version = util::probe(Command::new("bpf-linker").arg("--version"));
+    if version
+        .as_deref()
+        .is_some_and(|v| v.contains(BPF_LINKER_VERSION))
+    {
+        step(format!(
+            "setup: bpf-linker {BPF_LINKER_VERSION} ... already installed"
+        ));
+        return Ok(());
+    }
+    step(format!(
+        "installing bpf-linker {BPF_LINKER_VERSION} (takes ~2 min; found: {})",
+        version.as_deref().map_or("none", str::trim)
+    ));
+    util::run(
+        util::cargo()
+            .env("LLVM_PREFIX", "/usr/lib/llvm-22")
+            .args(["install", "bpf-linker", "--version", BPF_LINKER_VERSION])
+            .args(["--locked", "--no-default-features", "--features", "llvm-22"]),
+    )
+}
+
+fn nextest() -> Result<()> {
+    if let Some(path) = util::on_path("cargo-nextest") {
+        step(format!(
+            "setup: cargo-nextest ... already installed ({})",
+            path.display()
+        ));
+        return Ok(());
+    }
+    step("installing cargo-nextest (takes a few minutes)");
+    util::run(util::cargo().args(["install", "cargo-nextest", "--locked"]))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_dpkg_status() {
+        let out = "llvm-22-dev install ok installed\n\
+                   libpolly-22-dev deinstall ok config-files\n";
+        assert_eq!(missing_packages(out), ["libpolly-22-dev", "iproute2"]);
+    }
+}
