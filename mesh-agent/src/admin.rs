@@ -7,10 +7,14 @@ mod views;
 
 pub use client::{AdminClientError, get};
 pub use server::{AdminServerError, serve};
-pub use views::{BackendView, ServiceView, ServicesResponse, StatusResponse};
+pub use views::{
+    BackendView, EventView, EventsResponse, ServiceView, ServicesResponse, StatusResponse,
+};
 
 /// Where the agent listens unless told otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/mesh/admin.sock";
 
 pub const PATH_STATUS: &str = "/v1/status";
 pub const PATH_SERVICES: &str = "/v1/services";
+/// Recent decisions; query `service=NAME` and `limit=N` filter them.
+pub const PATH_EVENTS: &str = "/v1/events";

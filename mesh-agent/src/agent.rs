@@ -2,20 +2,22 @@
 //! the admin API, and reload on SIGHUP or when the file changes.
 
 use std::{
+    collections::VecDeque,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, SystemTime, UNIX_EPOCH},
 };
 
-use mesh_common::ConfigValue;
+use mesh_common::{CONFIG_EVENTS, ConfigValue, Event};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
 use crate::{
-    admin::{self, BackendView, ServiceView, ServicesResponse, StatusResponse},
+    admin::{self, BackendView, EventsResponse, ServiceView, ServicesResponse, StatusResponse},
     bpf::{self, BpfError, Datapath, MapSizes, Maps, PinLayout},
     config::{self, ConfigError},
-    reconcile::{Capacity, ReconcileError, Reconciler, service_key},
+    events,
+    reconcile::{Capacity, ReconcileError, Reconciler, service_keys},
     state::DesiredState,
 };
 
@@ -32,6 +34,8 @@ pub struct AgentOptions {
     pub watch_interval: Duration,
     pub socket_mark: u32,
     pub map_sizes: MapSizes,
+    /// Whether the kernel reports every decision on the event ring buffer.
+    pub events: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -50,6 +54,10 @@ pub enum AgentError {
     ConfigMap(#[source] aya::maps::MapError),
     #[error("cannot install signal handler: {0}")]
     Signal(#[source] std::io::Error),
+    #[error("cannot read this network namespace's cookie: {0}")]
+    NetnsCookie(#[source] std::io::Error),
+    #[error("cannot watch the event ring buffer: {0}")]
+    Events(#[source] std::io::Error),
 }
 
 /// State shared between the reload loop and the admin API.
@@ -63,7 +71,12 @@ struct Inner {
     reconciler: Reconciler,
     maps: Maps,
     reloads: ReloadStatus,
+    /// The newest decision events, oldest first.
+    events: VecDeque<Event>,
 }
+
+/// How many decision events the agent keeps for `meshctl events`.
+const EVENTS_KEPT: usize = 4096;
 
 struct Meta {
     config_path: String,
@@ -113,42 +126,87 @@ impl Shared {
             .services
             .iter()
             .map(|svc| {
-                let programmed = inner.reconciler.service(&service_key(svc));
-                let stats = programmed
-                    .map(|p| inner.maps.service_stats(p.id))
-                    .unwrap_or_default();
-                let backends = svc
-                    .backends
-                    .iter()
-                    .map(|b| {
-                        let id = programmed.and_then(|p| p.backends.get(&(b.address, b.port)));
-                        BackendView {
-                            address: b.address,
-                            port: b.port,
-                            weight: b.weight,
-                            slots: match (programmed, id) {
-                                (Some(p), Some(id)) => {
-                                    p.slots.iter().filter(|s| *s == id).count() as u32
-                                }
-                                _ => 0,
-                            },
-                            connections: id.map_or(0, |&id| inner.maps.backend_connections(id)),
-                        }
-                    })
+                // A `both` service has one kernel entry per protocol.
+                let programmed: Vec<_> = service_keys(svc)
+                    .filter_map(|key| inner.reconciler.service(&key))
                     .collect();
-                ServiceView {
+                let mut view = ServiceView {
                     name: svc.name.clone(),
                     vip: svc.vip,
                     port: svc.port,
                     protocol: svc.protocol.to_string(),
                     algorithm: svc.algorithm.to_string(),
-                    connections: stats.connections,
-                    no_backend: stats.no_backend,
-                    backends,
+                    affinity_timeout_s: svc.affinity_timeout_s,
+                    connections: 0,
+                    udp_flows: 0,
+                    no_backend: 0,
+                    denied: 0,
+                    backends: Vec::new(),
+                };
+                for p in &programmed {
+                    let stats = inner.maps.service_stats(p.id());
+                    view.connections += stats.connections;
+                    view.udp_flows += stats.udp_flows;
+                    view.no_backend += stats.no_backend;
+                    view.denied += stats.denied;
                 }
+                view.backends = svc
+                    .backends
+                    .iter()
+                    .map(|b| {
+                        let mut backend = BackendView {
+                            address: b.address,
+                            port: b.port,
+                            weight: b.weight,
+                            state: b.state.to_string(),
+                            slots: 0,
+                            connections: 0,
+                            udp_flows: 0,
+                            active: 0,
+                        };
+                        for p in &programmed {
+                            let Some(&id) = p.backends.get(&(b.address, b.port)) else {
+                                continue;
+                            };
+                            let stats = inner.maps.backend_stats(id);
+                            backend.slots += p.slots.iter().filter(|&&s| s == id).count() as u32;
+                            backend.connections += stats.connections;
+                            backend.udp_flows += stats.udp_flows;
+                            backend.active += inner.maps.backend_active(id);
+                        }
+                        backend
+                    })
+                    .collect();
+                view
             })
             .collect();
         ServicesResponse { services }
+    }
+
+    /// The newest `limit` decisions, of one service if named.
+    pub fn events(&self, service: Option<&str>, limit: usize) -> EventsResponse {
+        let inner = self.lock();
+        let names = events::Names::new(&inner.reconciler);
+        let mut views: Vec<_> = inner
+            .events
+            .iter()
+            .rev()
+            .map(|e| names.view(e))
+            .filter(|v| service.is_none_or(|s| v.service == s))
+            .take(limit)
+            .collect();
+        views.reverse();
+        EventsResponse { events: views }
+    }
+
+    fn record_events(&self, batch: Vec<Event>) {
+        let mut inner = self.lock();
+        for event in batch {
+            if inner.events.len() == EVENTS_KEPT {
+                inner.events.pop_front();
+            }
+            inner.events.push_back(event);
+        }
     }
 
     /// Applies a new desired state, or records why it was refused.
@@ -211,11 +269,13 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let Datapath {
         ebpf,
         mut maps,
+        events: ring,
         attached,
     } = Datapath::load(&pins, &cgroup, opts.map_sizes)?;
     let agent_config = ConfigValue {
         agent_mark: opts.socket_mark,
-        flags: 0,
+        flags: if opts.events { CONFIG_EVENTS } else { 0 },
+        host_netns_cookie: events::own_netns_cookie().map_err(AgentError::NetnsCookie)?,
     };
     maps.config
         .set(0, agent_config, 0)
@@ -252,6 +312,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                 last_unix_ms: unix_ms(),
                 ..Default::default()
             },
+            events: VecDeque::with_capacity(EVENTS_KEPT),
         }),
         meta: Meta {
             config_path: opts.config.display().to_string(),
@@ -260,12 +321,23 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             programs: attached.iter().map(|p| p.to_string()).collect(),
         },
     });
+    let events_task = {
+        let shared = shared.clone();
+        let reader = events::Reader::new(ring).map_err(AgentError::Events)?;
+        tokio::spawn(async move {
+            let mut reader = reader;
+            while let Ok(batch) = reader.next_batch().await {
+                shared.record_events(batch);
+            }
+        })
+    };
     let admin_task = admin::serve(&opts.admin_socket, shared.clone()).await?;
     info!(socket = %opts.admin_socket.display(), "ready");
 
     watch(&opts.config, opts.watch_interval, &shared).await?;
 
     admin_task.abort();
+    events_task.abort();
     let _ = std::fs::remove_file(&opts.admin_socket);
     drop(ebpf);
     info!("stopped; programs stay attached through their pins (mesh-agent cleanup removes them)");

@@ -17,7 +17,8 @@ use std::{
 
 use aya::{
     Ebpf, EbpfLoader,
-    programs::{CgroupAttachMode, CgroupSockAddr, links::FdLink},
+    maps::{MapData, RingBuf},
+    programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
 };
 use mesh_common::{SCHEMA_VERSION, limits, map_names, program_names};
 
@@ -27,8 +28,18 @@ pub use mounts::{MountError, cgroup2_mount, ensure_bpffs};
 /// The kernel object built from `mesh-ebpf` by build.rs.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
 
-/// The programs the agent attaches, by name in the object.
-pub const PROGRAMS: [&str; 2] = [program_names::CONNECT4, program_names::GETPEERNAME4];
+/// The programs the agent attaches to the cgroup, by name in the object.
+pub const PROGRAMS: [&str; 9] = [
+    program_names::CONNECT4,
+    program_names::CONNECT6,
+    program_names::SENDMSG4,
+    program_names::SENDMSG6,
+    program_names::RECVMSG4,
+    program_names::RECVMSG6,
+    program_names::GETPEERNAME4,
+    program_names::GETPEERNAME6,
+    program_names::SOCKOPS,
+];
 
 #[derive(Debug, thiserror::Error)]
 pub enum BpfError {
@@ -120,6 +131,8 @@ pub struct Datapath {
     /// Holds the programs' file descriptors for the agent's lifetime.
     pub ebpf: Ebpf,
     pub maps: Maps,
+    /// Decision events from the kernel.
+    pub events: RingBuf<MapData>,
     pub attached: Vec<&'static str>,
 }
 
@@ -141,6 +154,7 @@ impl Datapath {
             .map_max_entries(map_names::SERVICE_STATS, sizes.services)
             .map_max_entries(map_names::BACKENDS, sizes.backends)
             .map_max_entries(map_names::BACKEND_STATS, sizes.backends)
+            .map_max_entries(map_names::ACTIVE, sizes.backends)
             .map_max_entries(map_names::SLOTS, sizes.slots)
             .load(KERNEL_OBJECT)
             .map_err(BpfError::Load)?;
@@ -154,9 +168,20 @@ impl Datapath {
             attached.push(name);
         }
         let maps = Maps::take_from(&mut ebpf)?;
+        let events = ebpf
+            .take_map(map_names::EVENTS)
+            .ok_or(MapsError::Missing {
+                name: map_names::EVENTS,
+            })?
+            .try_into()
+            .map_err(|source| MapsError::Layout {
+                name: map_names::EVENTS,
+                source,
+            })?;
         Ok(Self {
             ebpf,
             maps,
+            events,
             attached,
         })
     }
@@ -169,28 +194,35 @@ fn attach_and_pin(
     links_dir: &Path,
 ) -> Result<(), BpfError> {
     let program_error = |source| BpfError::Program { name, source };
-    let program: &mut CgroupSockAddr = ebpf
+    let link_error = |e: aya::programs::links::LinkError| BpfError::PinLink {
+        name,
+        path: links_dir.to_owned(),
+        reason: error_chain(&e),
+    };
+    let program = ebpf
         .program_mut(name)
-        .ok_or(BpfError::MissingProgram { name })?
-        .try_into()
-        .map_err(program_error)?;
-    program.load().map_err(program_error)?;
+        .ok_or(BpfError::MissingProgram { name })?;
     // A bpf_link (kernel >= 5.7) always attaches in multi mode and takes no
     // flags: a new agent's program runs beside the old one until the old link
     // is released. Running both briefly is harmless: the second sees a
-    // backend address, not a VIP.
-    let link_id = program
-        .attach(cgroup, CgroupAttachMode::Single)
-        .map_err(program_error)?;
-    let link: FdLink = program
-        .take_link(link_id)
-        .map_err(program_error)?
-        .try_into()
-        .map_err(|e: aya::programs::links::LinkError| BpfError::PinLink {
-            name,
-            path: links_dir.to_owned(),
-            reason: error_chain(&e),
-        })?;
+    // backend address, not a VIP, and a socket already counted.
+    let link: FdLink = if name == program_names::SOCKOPS {
+        let program: &mut SockOps = program.try_into().map_err(program_error)?;
+        program.load().map_err(program_error)?;
+        let id = program
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(program_error)?;
+        let link = program.take_link(id).map_err(program_error)?;
+        link.try_into().map_err(link_error)?
+    } else {
+        let program: &mut CgroupSockAddr = program.try_into().map_err(program_error)?;
+        program.load().map_err(program_error)?;
+        let id = program
+            .attach(cgroup, CgroupAttachMode::Single)
+            .map_err(program_error)?;
+        let link = program.take_link(id).map_err(program_error)?;
+        link.try_into().map_err(link_error)?
+    };
     // Pin under a temporary name, then rename over the old pin: the old link
     // is detached only when its last reference (the old pin) goes.
     let final_path = links_dir.join(name);

@@ -7,19 +7,37 @@
 mod error;
 mod raw;
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use serde_saphyr::{Location, MessageFormatter, Spanned};
 
 pub use self::error::{ConfigError, Problem};
-use self::raw::{Int, RawBackend, RawConfig, RawService};
-use crate::state::{Algorithm, Backend, DesiredState, Protocol, Service};
+use self::raw::{Int, RawBackend, RawConfig, RawPolicy, RawService, RawWorkload};
+use crate::state::{
+    Algorithm, Backend, BackendState, DesiredState, Policy, Protocol, Service, Workload,
+};
 
 /// Accepted spellings; the error for anything else lists them.
-const PROTOCOLS: &[(&str, Protocol)] = &[("tcp", Protocol::Tcp)];
-const ALGORITHMS: &[(&str, Algorithm)] = &[("weighted", Algorithm::Weighted)];
+const PROTOCOLS: &[(&str, Protocol)] = &[
+    ("tcp", Protocol::Tcp),
+    ("udp", Protocol::Udp),
+    ("both", Protocol::Both),
+];
+const ALGORITHMS: &[(&str, Algorithm)] = &[
+    ("weighted", Algorithm::Weighted),
+    ("maglev", Algorithm::Maglev),
+    ("least-conn", Algorithm::LeastConn),
+];
+const BACKEND_STATES: &[(&str, BackendState)] = &[
+    ("active", BackendState::Active),
+    ("draining", BackendState::Draining),
+];
+const POLICY_DEFAULTS: &[(&str, bool)] = &[("allow", false), ("deny", true)];
+
+/// Kubernetes' default session affinity timeout (3 hours).
+pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
 
 pub fn load_file(path: &Path) -> Result<DesiredState, ConfigError> {
     let origin = path.display().to_string();
@@ -77,13 +95,15 @@ fn yaml_problem(err: &serde_saphyr::Error) -> (Location, Problem) {
 }
 
 fn validate(raw: RawConfig) -> Check<DesiredState> {
+    let workloads = workloads(raw.workloads.unwrap_or_default())?;
+    let identities: HashSet<&str> = workloads.iter().map(|w| w.identity.as_str()).collect();
     let mut services: Vec<Service> = Vec::new();
     // Where each name was first seen and which service owns each frontend,
     // so a clash can name the earlier one.
     let mut names: HashMap<String, Location> = HashMap::new();
-    let mut frontends: HashMap<(SocketAddr, Protocol), String> = HashMap::new();
+    let mut frontends: HashMap<(SocketAddr, u8), String> = HashMap::new();
     for raw_service in raw.services.unwrap_or_default() {
-        let (service, name_at, vip_at) = service(raw_service)?;
+        let (service, name_at, vip_at) = service(raw_service, &identities)?;
         if let Some(first) = names.get(&service.name) {
             return Err((
                 name_at,
@@ -93,41 +113,90 @@ fn validate(raw: RawConfig) -> Check<DesiredState> {
                 },
             ));
         }
-        let frontend = (service.frontend(), service.protocol);
-        if let Some(first) = frontends.get(&frontend) {
-            return Err((
-                vip_at,
-                Problem::DuplicateFrontend {
-                    frontend: format!("{}/{}", frontend.0, frontend.1),
-                    service: service.name,
-                    first: first.clone(),
-                },
-            ));
+        // `both` clashes with a tcp or a udp service on the same VIP:port.
+        for &proto in service.protocol.ip_protocols() {
+            if let Some(first) = frontends.get(&(service.frontend(), proto)) {
+                return Err((
+                    vip_at,
+                    Problem::DuplicateFrontend {
+                        frontend: format!("{}/{}", service.frontend(), service.protocol),
+                        service: service.name,
+                        first: first.clone(),
+                    },
+                ));
+            }
         }
         names.insert(service.name.clone(), name_at);
-        frontends.insert(frontend, service.name.clone());
+        for &proto in service.protocol.ip_protocols() {
+            frontends.insert((service.frontend(), proto), service.name.clone());
+        }
         services.push(service);
     }
     services.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(DesiredState { services })
+    Ok(DesiredState {
+        services,
+        workloads,
+    })
+}
+
+fn workloads(raw: Vec<Spanned<RawWorkload>>) -> Check<Vec<Workload>> {
+    let mut workloads = Vec::new();
+    let mut names: HashMap<String, Location> = HashMap::new();
+    for raw in raw {
+        let at = raw.referenced;
+        let raw = raw.value;
+        let name = required(raw.name, at, "a workload", "name")?;
+        valid_name(&name, "workload name")?;
+        if let Some(first) = names.insert(name.value.clone(), name.referenced) {
+            return Err((
+                name.referenced,
+                Problem::DuplicateWorkload {
+                    name: name.value,
+                    first_line: first.line() as usize,
+                },
+            ));
+        }
+        let what = format!("workload '{}'", name.value);
+        let cgroup = required(raw.cgroup, at, &what, "cgroup")?;
+        let path = PathBuf::from(&cgroup.value);
+        if !path.is_absolute() {
+            return Err((
+                cgroup.referenced,
+                Problem::RelativeCgroup {
+                    name: name.value,
+                    path: quote(&cgroup.value),
+                },
+            ));
+        }
+        let identity = match raw.identity {
+            Some(identity) => {
+                valid_name(&identity, "identity")?;
+                identity.value
+            }
+            None => name.value.clone(),
+        };
+        workloads.push(Workload {
+            name: name.value,
+            cgroup: path,
+            identity,
+        });
+    }
+    workloads.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(workloads)
 }
 
 /// One service, with where its name and VIP are for the cross-service checks.
-fn service(raw: Spanned<RawService>) -> Check<(Service, Location, Location)> {
+fn service(
+    raw: Spanned<RawService>,
+    identities: &HashSet<&str>,
+) -> Check<(Service, Location, Location)> {
     let at = raw.referenced;
     let raw = raw.value;
     let name = required(raw.name, at, "a service", "name")?;
-    if !valid_name(&name.value) {
-        return Err((
-            name.referenced,
-            Problem::BadName {
-                name: name.value.escape_debug().to_string(),
-            },
-        ));
-    }
+    valid_name(&name, "service name")?;
     let what = format!("service '{}'", name.value);
     let vip = required(raw.vip, at, &what, "vip")?;
-    let vip_address = ipv4(&vip, "vip", "VIPs")?;
+    let vip_address = ip(&vip, "vip")?;
     let port = port(required(raw.port, at, &what, "port")?)?;
     let protocol = one_of(raw.protocol, PROTOCOLS, Protocol::Tcp, |value, accepted| {
         Problem::UnknownProtocol { value, accepted }
@@ -138,6 +207,11 @@ fn service(raw: Spanned<RawService>) -> Check<(Service, Location, Location)> {
         Algorithm::Weighted,
         |value, accepted| Problem::UnknownAlgorithm { value, accepted },
     )?;
+    let affinity_timeout_s = affinity(raw.affinity, raw.affinity_timeout_seconds, &name.value)?;
+    let policy = match raw.policy {
+        Some(policy) => self::policy(policy.value, &name.value, identities)?,
+        None => Policy::default(),
+    };
     let raw_backends = required(raw.backends, at, &what, "backends")?;
     let own_frontend = SocketAddr::new(vip_address, port);
 
@@ -146,6 +220,18 @@ fn service(raw: Spanned<RawService>) -> Check<(Service, Location, Location)> {
     for raw_backend in raw_backends.value {
         let (backend, address_at) = backend(raw_backend, &name.value)?;
         let address = backend.socket_addr();
+        if address.is_ipv4() != own_frontend.is_ipv4() {
+            let family = |a: &SocketAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
+            return Err((
+                address_at,
+                Problem::FamilyMismatch {
+                    service: name.value,
+                    backend: address,
+                    backend_family: family(&address),
+                    vip_family: family(&own_frontend),
+                },
+            ));
+        }
         if address == own_frontend {
             return Err((
                 address_at,
@@ -191,9 +277,82 @@ fn service(raw: Spanned<RawService>) -> Check<(Service, Location, Location)> {
         port,
         protocol,
         algorithm,
+        affinity_timeout_s,
+        policy,
         backends,
     };
     Ok((service, name.referenced, vip.referenced))
+}
+
+/// `affinity: true` with an optional `affinity_timeout_seconds`.
+fn affinity(
+    enabled: Option<bool>,
+    timeout: Option<Spanned<Int>>,
+    service: &str,
+) -> Check<Option<u32>> {
+    let enabled = enabled.unwrap_or(false);
+    let Some(timeout) = timeout else {
+        return Ok(enabled.then_some(DEFAULT_AFFINITY_TIMEOUT_S));
+    };
+    if !enabled {
+        return Err((
+            timeout.referenced,
+            Problem::TimeoutWithoutAffinity {
+                service: service.to_owned(),
+            },
+        ));
+    }
+    match timeout.value {
+        Int::Value(n @ 1..=86_400) => Ok(Some(n as u32)),
+        Int::Value(n) => Err((
+            timeout.referenced,
+            Problem::AffinityTimeout {
+                value: n.to_string(),
+            },
+        )),
+        Int::Other(got) => Err((timeout.referenced, Problem::AffinityTimeout { value: got })),
+    }
+}
+
+fn policy(raw: RawPolicy, service: &str, identities: &HashSet<&str>) -> Check<Policy> {
+    let default_deny = one_of(raw.default, POLICY_DEFAULTS, false, |value, accepted| {
+        Problem::UnknownPolicyDefault { value, accepted }
+    })?;
+    let known = |list: Option<Vec<Spanned<String>>>| -> Check<Vec<Spanned<String>>> {
+        let list = list.unwrap_or_default();
+        for identity in &list {
+            if !identities.contains(identity.value.as_str()) {
+                return Err((
+                    identity.referenced,
+                    Problem::UnknownIdentity {
+                        service: service.to_owned(),
+                        identity: identity.value.escape_debug().to_string(),
+                    },
+                ));
+            }
+        }
+        Ok(list)
+    };
+    let allow = known(raw.allow)?;
+    let deny = known(raw.deny)?;
+    if let Some(both) = deny
+        .iter()
+        .find(|d| allow.iter().any(|a| a.value == d.value))
+    {
+        return Err((
+            both.referenced,
+            Problem::AllowedAndDenied {
+                service: service.to_owned(),
+                identity: both.value.clone(),
+            },
+        ));
+    }
+    let names = |list: Vec<Spanned<String>>| list.into_iter().map(|s| s.value).collect();
+    Ok(Policy {
+        default_deny,
+        allow: names(allow),
+        deny: names(deny),
+    })
 }
 
 /// One backend, with where its address is for the per-service checks.
@@ -203,12 +362,18 @@ fn backend(raw: Spanned<RawBackend>, service: &str) -> Check<(Backend, Location)
     let what = format!("a backend of service '{service}'");
     let address = required(raw.address, at, &what, "address")?;
     let backend = Backend {
-        address: ipv4(&address, "address", "backend addresses")?,
+        address: ip(&address, "address")?,
         port: port(required(raw.port, at, &what, "port")?)?,
         weight: match raw.weight {
             Some(weight) => self::weight(weight)?,
             None => 1,
         },
+        state: one_of(
+            raw.state,
+            BACKEND_STATES,
+            BackendState::Active,
+            |value, accepted| Problem::UnknownState { value, accepted },
+        )?,
     };
     Ok((backend, address.referenced))
 }
@@ -231,21 +396,29 @@ fn required<T>(
     })
 }
 
-/// DNS-label-like, so names can later double as Kubernetes service names.
-fn valid_name(name: &str) -> bool {
-    let bytes = name.as_bytes();
+/// DNS-label-like, so names can later double as Kubernetes names.
+fn valid_name(name: &Spanned<String>, what: &'static str) -> Check<()> {
+    let bytes = name.value.as_bytes();
     let alnum = |b: &u8| b.is_ascii_lowercase() || b.is_ascii_digit();
-    (1..=63).contains(&bytes.len())
+    let valid = (1..=63).contains(&bytes.len())
         && bytes.first().is_some_and(alnum)
         && bytes.last().is_some_and(alnum)
-        && bytes.iter().all(|b| alnum(b) || *b == b'-' || *b == b'.')
+        && bytes.iter().all(|b| alnum(b) || *b == b'-' || *b == b'.');
+    if valid {
+        return Ok(());
+    }
+    Err((
+        name.referenced,
+        Problem::BadName {
+            what,
+            name: name.value.escape_debug().to_string(),
+        },
+    ))
 }
 
-/// The kernel program is IPv4-only for now, so IPv6 is refused here.
-fn ipv4(text: &Spanned<String>, field: &'static str, what: &'static str) -> Check<IpAddr> {
+fn ip(text: &Spanned<String>, field: &'static str) -> Check<IpAddr> {
     match text.value.parse::<IpAddr>() {
-        Ok(address @ IpAddr::V4(_)) => Ok(address),
-        Ok(IpAddr::V6(_)) => Err((text.referenced, Problem::Ipv6 { what })),
+        Ok(address) => Ok(address),
         Err(_) => Err((
             text.referenced,
             Problem::BadIp {
@@ -365,6 +538,7 @@ services:
             address: ip(127, 0, 0, 1),
             port,
             weight,
+            state: BackendState::Active,
         };
         let web = Service {
             name: "web".into(),
@@ -372,12 +546,15 @@ services:
             port: 80,
             protocol: Protocol::Tcp,
             algorithm: Algorithm::Weighted,
+            affinity_timeout_s: None,
+            policy: Policy::default(),
             backends: vec![backend(18081, 1), backend(18082, 2), backend(18083, 7)],
         };
         assert_eq!(
             state,
             DesiredState {
-                services: vec![web]
+                services: vec![web],
+                workloads: vec![],
             }
         );
     }
@@ -445,7 +622,8 @@ services:
         check(
             &with("    port: 80\n", "    port: 80\n    colour: red\n"),
             "unknown field `colour`; remove it or fix its spelling (known fields here: name, vip, \
-             port, protocol, algorithm, allow_empty, backends)",
+             port, protocol, algorithm, allow_empty, affinity, affinity_timeout_seconds, policy, \
+             backends)",
             5,
             5,
         );
@@ -455,13 +633,13 @@ services:
                 "        port: 18081\n        wieght: 2\n",
             ),
             "unknown field `wieght`; remove it or fix its spelling (known fields here: address, \
-             port, weight)",
+             port, weight, state)",
             8,
             9,
         );
         check(
             &format!("{BASE}version: 2\n"),
-            "unknown field `version`; remove it or fix its spelling (known fields here: services)",
+            "unknown field `version`; remove it or fix its spelling (known fields here: services, workloads)",
             8,
             1,
         );
@@ -482,7 +660,7 @@ services:
     fn bad_ip_addresses() {
         check(
             &with("127.10.0.1", "127.10.0.300"),
-            "vip '127.10.0.300' is not an IP address; write an IPv4 address",
+            "vip '127.10.0.300' is not an IP address; write an address such as",
             3,
             10,
         );
@@ -495,16 +673,10 @@ services:
     }
 
     #[test]
-    fn ipv6_is_refused_for_now() {
-        check(
-            &with("127.10.0.1", "fd00::1"),
-            "IPv6 VIPs are not supported yet (coming with dual-stack)",
-            3,
-            10,
-        );
+    fn backends_share_the_vip_family() {
         check(
             &with("127.0.0.1", "fd00::2"),
-            "IPv6 backend addresses are not supported yet (coming with dual-stack)",
+            "backend [fd00::2]:18081 of service 'web' is IPv6 but the VIP is IPv4",
             6,
             18,
         );
@@ -662,8 +834,8 @@ services:
     #[test]
     fn unknown_protocol_and_algorithm() {
         check(
-            &with("    port: 80\n", "    port: 80\n    protocol: udp\n"),
-            "unknown protocol 'udp'; accepted: tcp",
+            &with("    port: 80\n", "    port: 80\n    protocol: sctp\n"),
+            "unknown protocol 'sctp'; accepted: tcp, udp, both",
             5,
             15,
         );
@@ -672,7 +844,7 @@ services:
                 "    port: 80\n",
                 "    port: 80\n    algorithm: round-robin\n",
             ),
-            "unknown algorithm 'round-robin'; accepted: weighted",
+            "unknown algorithm 'round-robin'; accepted: weighted, maglev, least-conn",
             5,
             16,
         );
@@ -737,6 +909,134 @@ services:
             "backend 127.10.0.1:80 is the VIP and port of service 'web' itself",
             8,
             18,
+        );
+    }
+
+    #[test]
+    fn every_feature_parses_into_the_model() {
+        let yaml = "\
+workloads:
+  - name: frontend
+    cgroup: /sys/fs/cgroup/pods/frontend
+  - name: batch
+    cgroup: /sys/fs/cgroup/pods/batch
+    identity: jobs
+services:
+  - name: dns
+    vip: fd00::10
+    port: 53
+    protocol: both
+    algorithm: maglev
+    affinity: true
+    affinity_timeout_seconds: 60
+    policy:
+      default: deny
+      allow: [frontend]
+      deny: [jobs]
+    backends:
+      - {address: 'fd00::1', port: 5353, state: draining}
+      - {address: 'fd00::2', port: 5353, weight: 3}
+";
+        let state = parse_str(yaml, "t.yaml").unwrap();
+        let dns = &state.services[0];
+        assert_eq!(dns.vip, "fd00::10".parse::<IpAddr>().unwrap());
+        assert_eq!(dns.protocol, Protocol::Both);
+        assert_eq!(dns.algorithm, Algorithm::Maglev);
+        assert_eq!(dns.affinity_timeout_s, Some(60));
+        assert_eq!(
+            dns.policy,
+            Policy {
+                default_deny: true,
+                allow: vec!["frontend".into()],
+                deny: vec!["jobs".into()],
+            }
+        );
+        assert_eq!(dns.backends[0].state, BackendState::Draining);
+        assert_eq!(dns.backends[0].effective_weight(), 0);
+        assert_eq!(dns.backends[1].weight, 3);
+        let identities: Vec<&str> = state.workloads.iter().map(|w| w.identity.as_str()).collect();
+        assert_eq!(identities, ["jobs", "frontend"], "sorted by workload name");
+    }
+
+    #[test]
+    fn affinity_defaults_to_three_hours() {
+        let state = parse_str(&with("    backends:", "    affinity: true\n    backends:"), "t.yaml").unwrap();
+        assert_eq!(state.services[0].affinity_timeout_s, Some(DEFAULT_AFFINITY_TIMEOUT_S));
+    }
+
+    #[test]
+    fn bad_affinity_settings() {
+        check(
+            &with("    backends:", "    affinity_timeout_seconds: 5\n    backends:"),
+            "sets affinity_timeout_seconds without `affinity: true`",
+            5,
+            31,
+        );
+        check(
+            &with("    backends:", "    affinity: true\n    affinity_timeout_seconds: 0\n    backends:"),
+            "affinity_timeout_seconds 0 is out of range",
+            6,
+            31,
+        );
+    }
+
+    #[test]
+    fn unknown_backend_state() {
+        check(
+            &with("        port: 18081", "        port: 18081\n        state: paused"),
+            "unknown backend state 'paused'; accepted: active, draining",
+            8,
+            16,
+        );
+    }
+
+    #[test]
+    fn both_clashes_with_tcp_on_the_same_frontend() {
+        let yaml = format!(
+            "{BASE}  - name: dns\n    vip: 127.10.0.1\n    port: 80\n    protocol: both\n    backends:\n      - address: 127.0.0.1\n        port: 9\n"
+        );
+        check(&yaml, "127.10.0.1:80/both, which service 'web' already uses", 9, 10);
+    }
+
+    #[test]
+    fn policy_problems() {
+        let workload = "workloads:\n  - name: frontend\n    cgroup: /sys/fs/cgroup/frontend\n";
+        let policy = |body: &str| {
+            format!("{workload}{}", with("    backends:", &format!("    policy:\n{body}    backends:")))
+        };
+        check(
+            &policy("      allow: [frontnd]\n"),
+            "identity 'frontnd' in the policy of service 'web' is not the identity of any workload",
+            9,
+            15,
+        );
+        check(
+            &policy("      allow: [frontend]\n      deny: [frontend]\n"),
+            "identity 'frontend' is both allowed and denied",
+            10,
+            14,
+        );
+        check(
+            &policy("      default: maybe\n"),
+            "unknown policy default 'maybe'; accepted: allow, deny",
+            9,
+            16,
+        );
+    }
+
+    #[test]
+    fn workload_problems() {
+        check(
+            &format!("workloads:\n  - name: a\n    cgroup: pods/a\n{BASE}"),
+            "workload 'a': cgroup 'pods/a' is not an absolute path",
+            3,
+            13,
+        );
+        check(
+            &format!("workloads:\n  - {{name: a, cgroup: /a}}\n  - {{name: a, cgroup: /b}}\n{BASE}"),
+            "workload name 'a' is already used on line 2",
+            3,
+            12,
         );
     }
 }

@@ -30,6 +30,12 @@ enum LogFormat {
     Json,
 }
 
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum Switch {
+    On,
+    Off,
+}
+
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Attach the programs and keep the kernel's maps in step with the config.
@@ -61,6 +67,9 @@ enum Command {
         /// Capacity of the slot map (all services' selection tables).
         #[arg(long, default_value_t = MapSizes::default().slots)]
         max_slots: u32,
+        /// Report every balancing decision on the kernel's event ring buffer.
+        #[arg(long, value_enum, default_value_t = Switch::On)]
+        events: Switch,
     },
     /// Validate a configuration file and exit.
     Check {
@@ -123,6 +132,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             max_services,
             max_backends,
             max_slots,
+            events,
         } => {
             let opts = agent::AgentOptions {
                 config,
@@ -136,6 +146,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
                     backends: max_backends,
                     slots: max_slots,
                 },
+                events: events == Switch::On,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -18,6 +18,30 @@ pub fn weighted_table(weights: &[u32], max_slots: u32) -> Vec<u32> {
         .collect()
 }
 
+/// Lays out a table of `counts` (owner, slots) keeping every slot that can
+/// stay with its previous owner where it was: when the table size is
+/// unchanged, a weight change moves only the slots that must move.
+pub fn stable_layout(previous: &[u32], counts: &[(u32, u32)]) -> Vec<u32> {
+    let size: usize = counts.iter().map(|&(_, c)| c as usize).sum();
+    let mut remaining: std::collections::BTreeMap<u32, u32> = counts.iter().copied().collect();
+    let mut table: Vec<Option<u32>> = vec![None; size];
+    if previous.len() == size {
+        for (slot, owner) in previous.iter().enumerate() {
+            if let Some(left) = remaining.get_mut(owner).filter(|left| **left > 0) {
+                *left -= 1;
+                table[slot] = Some(*owner);
+            }
+        }
+    }
+    let mut refill = counts
+        .iter()
+        .flat_map(|&(owner, _)| std::iter::repeat_n(owner, remaining[&owner] as usize));
+    table
+        .into_iter()
+        .map(|slot| slot.or_else(|| refill.next()).expect("sizes match"))
+        .collect()
+}
+
 /// How many slots each backend gets.
 pub fn slot_counts(weights: &[u32], max_slots: u32) -> Vec<u32> {
     let divisor = weights.iter().copied().filter(|&w| w > 0).fold(0, gcd);
@@ -51,7 +75,10 @@ fn apportion(shares: &[u64], total: u64, slots: u64) -> Vec<u32> {
         .collect();
     let mut assigned: u64 = counts.iter().sum();
     // Hand out what is left by largest remainder.
-    let mut by_remainder: Vec<usize> = (0..shares.len()).filter(|&i| shares[i] > 0).collect();
+    // A share raised to its one-slot floor already has more than its quota.
+    let mut by_remainder: Vec<usize> = (0..shares.len())
+        .filter(|&i| shares[i] * slots / total > 0)
+        .collect();
     by_remainder.sort_by_key(|&i| std::cmp::Reverse((shares[i] * slots) % total));
     for &i in by_remainder.iter().cycle().take(shares.len() * 2) {
         if assigned >= slots {
@@ -120,8 +147,73 @@ mod tests {
     }
 
     #[test]
+    fn stable_layout_moves_only_what_must_move() {
+        let before = stable_layout(&[], &[(1, 2), (2, 2), (3, 4)]);
+        assert_eq!(before, vec![1, 1, 2, 2, 3, 3, 3, 3]);
+        let after = stable_layout(&before, &[(1, 3), (2, 2), (3, 3)]);
+        let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count();
+        assert_eq!(moved, 1, "{after:?}");
+        assert_eq!(after.iter().filter(|&&o| o == 1).count(), 3);
+    }
+
+    #[test]
     fn the_table_grows_to_give_every_backend_a_slot() {
         let counts = slot_counts(&[1, 1_000_000, 1], 2);
         assert_eq!(counts, vec![1, 1, 1]);
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Every backend's share is within one slot of its exact share.
+        #[test]
+        fn weights_are_honoured_within_one_slot(
+            weights in proptest::collection::vec(0u32..=65_535, 1..40),
+            max in 16u32..=16_384,
+        ) {
+            let counts = slot_counts(&weights, max);
+            let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+            let size: u32 = counts.iter().sum();
+            if total == 0.0 {
+                prop_assert_eq!(size, 0);
+                return Ok(());
+            }
+            for (w, c) in weights.iter().zip(&counts) {
+                let ideal = f64::from(*w) / total * f64::from(size);
+                prop_assert!((f64::from(*c) - ideal).abs() <= 1.0 + 1e-9, "{weights:?} -> {counts:?}");
+                prop_assert!(*w == 0 || *c >= 1);
+            }
+        }
+
+        /// With an unchanged table size, the slots that change owner are
+        /// exactly those an owner had to give up.
+        #[test]
+        fn weight_changes_move_the_minimum(
+            old in proptest::collection::vec(1u32..50, 2..10),
+            delta in proptest::collection::vec(-20i32..20, 2..10),
+        ) {
+            let owners: Vec<u32> = (0..old.len() as u32).collect();
+            let before_counts: Vec<(u32, u32)> = owners.iter().copied().zip(old.iter().copied()).collect();
+            let size: u32 = old.iter().sum();
+            // New counts with the same total: shift slots between owners.
+            let mut new = old.clone();
+            for (i, d) in delta.iter().enumerate().take(new.len() - 1) {
+                let moved = (*d).clamp(-(new[i] as i32), new[new.len() - 1] as i32);
+                new[i] = (new[i] as i32 + moved) as u32;
+                let last = new.len() - 1;
+                new[last] = (new[last] as i32 - moved) as u32;
+            }
+            prop_assert_eq!(new.iter().sum::<u32>(), size);
+            let after_counts: Vec<(u32, u32)> = owners.iter().copied().zip(new.iter().copied()).collect();
+            let before = stable_layout(&[], &before_counts);
+            let after = stable_layout(&before, &after_counts);
+            let moved = before.iter().zip(&after).filter(|(a, b)| a != b).count() as u32;
+            let minimum: u32 = old.iter().zip(&new).map(|(o, n)| o.saturating_sub(*n)).sum();
+            prop_assert_eq!(moved, minimum);
+        }
     }
 }

@@ -4,6 +4,7 @@
 
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
+use std::path::PathBuf;
 
 use serde::Serialize;
 
@@ -12,6 +13,8 @@ use serde::Serialize;
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
 pub struct DesiredState {
     pub services: Vec<Service>,
+    /// Which cgroups hold which identity, for L4 policy.
+    pub workloads: Vec<Workload>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -21,6 +24,10 @@ pub struct Service {
     pub port: u16,
     pub protocol: Protocol,
     pub algorithm: Algorithm,
+    /// Session affinity: a client keeps its backend for this many seconds
+    /// after its last connect.
+    pub affinity_timeout_s: Option<u32>,
+    pub policy: Policy,
     /// May be empty only when the source allows it: connects then fail fast.
     pub backends: Vec<Backend>,
 }
@@ -37,24 +44,69 @@ pub struct Backend {
     pub port: u16,
     /// Relative share of new connections; zero means none.
     pub weight: u32,
+    pub state: BackendState,
 }
 
 impl Backend {
     pub fn socket_addr(&self) -> SocketAddr {
         SocketAddr::new(self.address, self.port)
     }
+
+    /// The weight the selection table gets: draining backends take no new
+    /// connections.
+    pub fn effective_weight(&self) -> u32 {
+        match self.state {
+            BackendState::Active => self.weight,
+            BackendState::Draining => 0,
+        }
+    }
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
 #[serde(rename_all = "lowercase")]
+pub enum BackendState {
+    Active,
+    /// No new connections; established ones continue.
+    Draining,
+}
+
+impl fmt::Display for BackendState {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            BackendState::Active => "active",
+            BackendState::Draining => "draining",
+        })
+    }
+}
+
+/// Which transport protocols a service answers on its VIP and port.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
 pub enum Protocol {
     Tcp,
+    Udp,
+    /// TCP and UDP on the same VIP and port (DNS, for example).
+    Both,
+}
+
+impl Protocol {
+    /// The IP protocol numbers the kernel keys services by.
+    pub fn ip_protocols(self) -> &'static [u8] {
+        use mesh_common::{PROTO_TCP, PROTO_UDP};
+        match self {
+            Protocol::Tcp => &[PROTO_TCP],
+            Protocol::Udp => &[PROTO_UDP],
+            Protocol::Both => &[PROTO_TCP, PROTO_UDP],
+        }
+    }
 }
 
 impl fmt::Display for Protocol {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Protocol::Tcp => "tcp",
+            Protocol::Udp => "udp",
+            Protocol::Both => "both",
         })
     }
 }
@@ -64,12 +116,43 @@ impl fmt::Display for Protocol {
 pub enum Algorithm {
     /// Weighted random over a slot table.
     Weighted,
+    /// Maglev consistent hashing of the client: one client keeps one backend
+    /// across backend changes, with minimal disruption.
+    Maglev,
+    /// Power of two choices over live connection counts.
+    LeastConn,
 }
 
 impl fmt::Display for Algorithm {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             Algorithm::Weighted => "weighted",
+            Algorithm::Maglev => "maglev",
+            Algorithm::LeastConn => "least-conn",
         })
     }
+}
+
+/// L4 authorization of a service: who may connect.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Policy {
+    /// Deny identities that are not explicitly allowed.
+    pub default_deny: bool,
+    pub allow: Vec<String>,
+    pub deny: Vec<String>,
+}
+
+impl Policy {
+    /// True when the kernel must look up the client's identity at all.
+    pub fn is_active(&self) -> bool {
+        self.default_deny || !self.allow.is_empty() || !self.deny.is_empty()
+    }
+}
+
+/// A group of processes (a cgroup and everything below it) with an identity.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Workload {
+    pub name: String,
+    pub cgroup: PathBuf,
+    pub identity: String,
 }

@@ -16,38 +16,50 @@ pub mod map_names {
     pub const SERVICES: &str = "MESH_SERVICES";
     pub const SLOTS: &str = "MESH_SLOTS";
     pub const BACKENDS: &str = "MESH_BACKENDS";
-    pub const ORIG_DST: &str = "MESH_ORIG_DST";
+    pub const REV_NAT: &str = "MESH_REV_NAT";
+    pub const SOCK_LB: &str = "MESH_SOCK_LB";
+    pub const CONNS: &str = "MESH_CONNS";
+    pub const ACTIVE: &str = "MESH_ACTIVE";
+    pub const AFFINITY: &str = "MESH_AFFINITY";
+    pub const WORKLOADS: &str = "MESH_WORKLOADS";
+    pub const POLICY: &str = "MESH_POLICY";
     pub const BACKEND_STATS: &str = "MESH_BE_STATS";
     pub const SERVICE_STATS: &str = "MESH_SVC_STATS";
+    pub const EVENTS: &str = "MESH_EVENTS";
     pub const CONFIG: &str = "MESH_CONFIG";
-    /// Every map the agent pins, in the order `meshctl status` lists them.
-    pub const ALL: [&str; 7] = [
-        SERVICES,
-        SLOTS,
-        BACKENDS,
-        ORIG_DST,
-        BACKEND_STATS,
-        SERVICE_STATS,
-        CONFIG,
-    ];
 }
 
 /// Names of the programs in the kernel object.
 pub mod program_names {
     pub const CONNECT4: &str = "mesh_connect4";
+    pub const CONNECT6: &str = "mesh_connect6";
+    pub const SENDMSG4: &str = "mesh_sendmsg4";
+    pub const SENDMSG6: &str = "mesh_sendmsg6";
+    pub const RECVMSG4: &str = "mesh_recvmsg4";
+    pub const RECVMSG6: &str = "mesh_recvmsg6";
     pub const GETPEERNAME4: &str = "mesh_getpeername4";
+    pub const GETPEERNAME6: &str = "mesh_getpeername6";
+    pub const SOCKOPS: &str = "mesh_sockops";
 }
 
-/// Default capacities; the agent may raise them at load time.
+/// Default capacities; the agent may change them at load time.
 pub mod limits {
     pub const MAX_SERVICES: u32 = 65_536;
     pub const MAX_BACKENDS: u32 = 65_536;
     /// Slots across all services, counting two generations of a service that
     /// is being replaced.
     pub const MAX_SLOTS: u32 = 1 << 20;
-    /// Largest slot table a single service gets (weights are scaled into it).
+    /// Largest weighted slot table of one service (weights are scaled into it).
     pub const MAX_SLOTS_PER_SERVICE: u32 = 16_384;
+    /// Largest Maglev table of one service (a prime).
+    pub const MAX_MAGLEV_TABLE: u32 = 131_071;
+    /// Sockets whose balancing decision is remembered (LRU maps).
     pub const MAX_TRACKED_SOCKETS: u32 = 262_144;
+    pub const MAX_AFFINITY: u32 = 262_144;
+    pub const MAX_WORKLOADS: u32 = 65_536;
+    pub const MAX_POLICY: u32 = 262_144;
+    /// Bytes of the decision-event ring buffer.
+    pub const EVENTS_BYTES: u32 = 1 << 20;
 }
 
 pub const FAMILY_V4: u8 = 4;
@@ -55,14 +67,42 @@ pub const FAMILY_V6: u8 = 6;
 pub const PROTO_TCP: u8 = 6;
 pub const PROTO_UDP: u8 = 17;
 
-/// Errno returned by `connect()` when a service has no usable backend.
+/// Errno returned by `connect()`/`sendmsg()` when a service has no usable
+/// backend, and when policy denies the client.
 pub const ECONNREFUSED: i32 = 111;
+pub const EPERM: i32 = 1;
 
 /// `ServiceValue::algorithm`.
 pub const ALGORITHM_WEIGHTED: u8 = 0;
+pub const ALGORITHM_MAGLEV: u8 = 1;
+pub const ALGORITHM_LEAST_CONN: u8 = 2;
+
+/// `ServiceValue::flags`.
+pub const SERVICE_AFFINITY: u8 = 1;
+/// Policy applies to this service (some allow/deny entry or default deny).
+pub const SERVICE_POLICY: u8 = 1 << 1;
+/// Clients without an explicit allow are denied.
+pub const SERVICE_DEFAULT_DENY: u8 = 1 << 2;
 
 /// `BackendValue::state`.
 pub const BACKEND_ACTIVE: u8 = 0;
+/// Takes no new connections; established ones continue.
+pub const BACKEND_DRAINING: u8 = 1;
+
+/// `PolicyValue::verdict`.
+pub const VERDICT_ALLOW: u8 = 1;
+pub const VERDICT_DENY: u8 = 2;
+
+/// `ConfigValue::flags`.
+pub const CONFIG_EVENTS: u32 = 1;
+
+/// `Event::verdict`.
+pub const EVENT_FORWARDED: u8 = 0;
+pub const EVENT_NO_BACKEND: u8 = 1;
+pub const EVENT_DENIED: u8 = 2;
+
+/// Identity 0: a client whose cgroup maps to no workload.
+pub const IDENTITY_UNKNOWN: u32 = 0;
 
 /// A service's virtual address as a connecting socket names it.
 #[repr(C)]
@@ -84,6 +124,8 @@ pub struct ServiceValue {
     pub generation: u32,
     /// Zero: the service exists but has no usable backend, so connects fail.
     pub slot_count: u32,
+    /// Session affinity timeout (with `SERVICE_AFFINITY`).
+    pub affinity_timeout_s: u32,
     pub algorithm: u8,
     pub flags: u8,
     pub _pad: [u8; 2],
@@ -114,16 +156,83 @@ pub struct BackendValue {
     pub service_id: u32,
 }
 
-/// What `connect()` rewrote, keyed by socket cookie, so `getpeername()` can
-/// show the application the address it asked for.
+/// The chosen backend as a socket sees its peer, to find the VIP again for
+/// `getpeername()` and `recvmsg()`.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-pub struct OrigDstValue {
-    pub vip: [u32; 4],
-    pub backend: [u32; 4],
-    pub vip_port: u16,
-    pub backend_port: u16,
+pub struct RevNatKey {
+    pub cookie: u64,
+    pub addr: [u32; 4],
+    pub port: u16,
     pub family: u8,
+    pub _pad: [u8; 5],
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RevNatValue {
+    pub addr: [u32; 4],
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+
+/// The backend an unconnected UDP socket was given for one service, so all
+/// its datagrams to that VIP go to one backend.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockLbKey {
+    pub cookie: u64,
+    pub service_id: u32,
+    pub _pad: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockLbValue {
+    pub backend_id: BackendId,
+    pub _pad: u32,
+}
+
+/// A balanced TCP socket, keyed by cookie, for live-connection counting.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct ConnValue {
+    pub backend_id: BackendId,
+    /// 1 once counted in `MESH_ACTIVE`, so a close decrements exactly once.
+    pub counted: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityKey {
+    pub service_id: u32,
+    pub _pad: u32,
+    /// Network-namespace cookie, or cgroup id for host-network clients.
+    pub client: u64,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct AffinityValue {
+    pub backend_id: BackendId,
+    pub _pad: u32,
+    /// bpf_ktime_get_ns() of the last connect that used this entry.
+    pub last_used_ns: u64,
+}
+
+/// `MESH_POLICY` key: may `identity` connect to `service_id`?
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct PolicyKey {
+    pub identity: u32,
+    pub service_id: u32,
+}
+
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct PolicyValue {
+    pub verdict: u8,
     pub _pad: [u8; 3],
 }
 
@@ -131,7 +240,10 @@ pub struct OrigDstValue {
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct BackendStats {
+    /// TCP connections and connected UDP sockets sent here.
     pub connections: u64,
+    /// Unconnected UDP sockets sent here (one per socket, not per datagram).
+    pub udp_flows: u64,
 }
 
 /// Per-CPU counters of one service, indexed by service id.
@@ -139,8 +251,29 @@ pub struct BackendStats {
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct ServiceStats {
     pub connections: u64,
+    pub udp_flows: u64,
     /// Connects refused because the service had no usable backend.
     pub no_backend: u64,
+    /// Connects refused by policy.
+    pub denied: u64,
+}
+
+/// One balancing decision, sent to the agent through `MESH_EVENTS`.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Event {
+    pub timestamp_ns: u64,
+    pub cgroup_id: u64,
+    pub client: u64,
+    pub service_id: u32,
+    pub backend_id: BackendId,
+    pub slot: u32,
+    pub identity: u32,
+    pub algorithm: u8,
+    pub verdict: u8,
+    pub affinity_hit: u8,
+    pub proto: u8,
+    pub _pad: [u8; 4],
 }
 
 /// The single entry of `MESH_CONFIG`.
@@ -150,17 +283,29 @@ pub struct ConfigValue {
     /// Sockets carrying this mark (the agent's own) are never touched.
     pub agent_mark: u32,
     pub flags: u32,
+    /// Clients in this network namespace (the host's) are told apart by
+    /// cgroup instead, since they all share it.
+    pub host_netns_cookie: u64,
 }
 
 const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 20);
-    assert!(core::mem::size_of::<ServiceValue>() == 16);
+    assert!(core::mem::size_of::<ServiceValue>() == 20);
     assert!(core::mem::size_of::<SlotKey>() == 12);
     assert!(core::mem::size_of::<BackendValue>() == 24);
-    assert!(core::mem::size_of::<OrigDstValue>() == 40);
-    assert!(core::mem::size_of::<BackendStats>() == 8);
-    assert!(core::mem::size_of::<ServiceStats>() == 16);
-    assert!(core::mem::size_of::<ConfigValue>() == 8);
+    assert!(core::mem::size_of::<RevNatKey>() == 32);
+    assert!(core::mem::size_of::<RevNatValue>() == 20);
+    assert!(core::mem::size_of::<SockLbKey>() == 16);
+    assert!(core::mem::size_of::<SockLbValue>() == 8);
+    assert!(core::mem::size_of::<ConnValue>() == 8);
+    assert!(core::mem::size_of::<AffinityKey>() == 16);
+    assert!(core::mem::size_of::<AffinityValue>() == 16);
+    assert!(core::mem::size_of::<PolicyKey>() == 8);
+    assert!(core::mem::size_of::<PolicyValue>() == 4);
+    assert!(core::mem::size_of::<BackendStats>() == 16);
+    assert!(core::mem::size_of::<ServiceStats>() == 32);
+    assert!(core::mem::size_of::<Event>() == 48);
+    assert!(core::mem::size_of::<ConfigValue>() == 16);
 };
 
 #[cfg(feature = "user")]
@@ -172,7 +317,16 @@ mod pod {
     unsafe impl aya::Pod for ServiceValue {}
     unsafe impl aya::Pod for SlotKey {}
     unsafe impl aya::Pod for BackendValue {}
-    unsafe impl aya::Pod for OrigDstValue {}
+    unsafe impl aya::Pod for RevNatKey {}
+    unsafe impl aya::Pod for RevNatValue {}
+    unsafe impl aya::Pod for SockLbKey {}
+    unsafe impl aya::Pod for SockLbValue {}
+    unsafe impl aya::Pod for ConnValue {}
+    unsafe impl aya::Pod for AffinityKey {}
+    unsafe impl aya::Pod for AffinityValue {}
+    unsafe impl aya::Pod for PolicyKey {}
+    unsafe impl aya::Pod for PolicyValue {}
+    unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for BackendStats {}
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for ConfigValue {}

@@ -6,17 +6,26 @@
 //! instead of failing; the real build is `mesh-agent/build.rs`.
 #![cfg_attr(target_arch = "bpf", no_std)]
 #![cfg_attr(target_arch = "bpf", no_main)]
+// Atomic adds on map values (live-connection counts) need the intrinsic.
+#![cfg_attr(target_arch = "bpf", feature(core_intrinsics))]
+#![cfg_attr(target_arch = "bpf", allow(internal_features))]
 
 #[cfg(target_arch = "bpf")]
-mod backend;
+mod connect;
 #[cfg(target_arch = "bpf")]
-mod connect4;
+mod getpeername;
 #[cfg(target_arch = "bpf")]
-mod getpeername4;
+mod lb;
 #[cfg(target_arch = "bpf")]
 mod maps;
 #[cfg(target_arch = "bpf")]
+mod recvmsg;
+#[cfg(target_arch = "bpf")]
+mod sendmsg;
+#[cfg(target_arch = "bpf")]
 mod sock_addr;
+#[cfg(target_arch = "bpf")]
+mod sockops;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

@@ -3,11 +3,12 @@
 
 use aya_ebpf::{
     macros::map,
-    maps::{Array, HashMap, LruHashMap, PerCpuArray},
+    maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use mesh_common::{
-    BackendId, BackendStats, BackendValue, ConfigValue, OrigDstValue, ServiceKey, ServiceStats,
-    ServiceValue, SlotKey, limits,
+    AffinityKey, AffinityValue, BackendId, BackendStats, BackendValue, ConfigValue, ConnValue,
+    PolicyKey, PolicyValue, RevNatKey, RevNatValue, ServiceKey, ServiceStats, ServiceValue,
+    SlotKey, SockLbKey, SockLbValue, limits,
 };
 
 #[map(name = "MESH_SERVICES")]
@@ -21,17 +22,47 @@ pub static MESH_SLOTS: HashMap<SlotKey, BackendId> = HashMap::pinned(limits::MAX
 pub static MESH_BACKENDS: HashMap<BackendId, BackendValue> =
     HashMap::pinned(limits::MAX_BACKENDS, 0);
 
-/// Socket cookie → what `connect()` rewrote. LRU: entries of closed sockets
-/// age out without any bookkeeping on the hot path.
-#[map(name = "MESH_ORIG_DST")]
-pub static MESH_ORIG_DST: LruHashMap<u64, OrigDstValue> =
+/// (socket, backend it was sent to) → the VIP, for getpeername and recvmsg.
+/// LRU: entries of closed sockets age out with no bookkeeping on the hot path.
+#[map(name = "MESH_REV_NAT")]
+pub static MESH_REV_NAT: LruHashMap<RevNatKey, RevNatValue> =
     LruHashMap::pinned(limits::MAX_TRACKED_SOCKETS, 0);
 
+/// (unconnected UDP socket, service) → its backend.
+#[map(name = "MESH_SOCK_LB")]
+pub static MESH_SOCK_LB: LruHashMap<SockLbKey, SockLbValue> =
+    LruHashMap::pinned(limits::MAX_TRACKED_SOCKETS, 0);
+
+/// Balanced TCP sockets by cookie, for live-connection counting.
+#[map(name = "MESH_CONNS")]
+pub static MESH_CONNS: LruHashMap<u64, ConnValue> =
+    LruHashMap::pinned(limits::MAX_TRACKED_SOCKETS, 0);
+
+/// Live TCP connections per backend id (least-connections).
+#[map(name = "MESH_ACTIVE")]
+pub static MESH_ACTIVE: Array<u64> = Array::pinned(limits::MAX_BACKENDS, 0);
+
+#[map(name = "MESH_AFFINITY")]
+pub static MESH_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =
+    LruHashMap::pinned(limits::MAX_AFFINITY, 0);
+
+/// cgroup id → identity id.
+#[map(name = "MESH_WORKLOADS")]
+pub static MESH_WORKLOADS: HashMap<u64, u32> = HashMap::pinned(limits::MAX_WORKLOADS, 0);
+
+#[map(name = "MESH_POLICY")]
+pub static MESH_POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(limits::MAX_POLICY, 0);
+
 #[map(name = "MESH_BE_STATS")]
-pub static MESH_BE_STATS: PerCpuArray<BackendStats> = PerCpuArray::pinned(limits::MAX_BACKENDS, 0);
+pub static MESH_BE_STATS: PerCpuArray<BackendStats> =
+    PerCpuArray::pinned(limits::MAX_BACKENDS, 0);
 
 #[map(name = "MESH_SVC_STATS")]
-pub static MESH_SVC_STATS: PerCpuArray<ServiceStats> = PerCpuArray::pinned(limits::MAX_SERVICES, 0);
+pub static MESH_SVC_STATS: PerCpuArray<ServiceStats> =
+    PerCpuArray::pinned(limits::MAX_SERVICES, 0);
+
+#[map(name = "MESH_EVENTS")]
+pub static MESH_EVENTS: RingBuf = RingBuf::pinned(limits::EVENTS_BYTES, 0);
 
 #[map(name = "MESH_CONFIG")]
 pub static MESH_CONFIG: Array<ConfigValue> = Array::pinned(1, 0);

@@ -8,7 +8,7 @@ use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::serv
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixListener;
 
-use super::{PATH_SERVICES, PATH_STATUS};
+use super::{PATH_EVENTS, PATH_SERVICES, PATH_STATUS};
 use crate::agent::Shared;
 
 #[derive(Debug, thiserror::Error)]
@@ -63,6 +63,22 @@ fn route(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     match req.uri().path() {
         PATH_STATUS => json(&shared.status()),
         PATH_SERVICES => json(&shared.services()),
+        PATH_EVENTS => {
+            let query = req.uri().query().unwrap_or_default();
+            let param = |name: &str| {
+                query
+                    .split('&')
+                    .filter_map(|pair| pair.split_once('='))
+                    .find(|(key, _)| *key == name)
+                    .map(|(_, value)| value.to_owned())
+            };
+            let limit = match param("limit").map(|l| l.parse::<usize>()) {
+                None => 100,
+                Some(Ok(limit)) => limit,
+                Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "limit must be a number"),
+            };
+            json(&shared.events(param("service").as_deref(), limit))
+        }
         other => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {other}")),
     }
 }

@@ -34,10 +34,16 @@ pub struct ServiceView {
     pub port: u16,
     pub protocol: String,
     pub algorithm: String,
-    /// Connections the kernel balanced for this service.
+    /// Session affinity timeout, when affinity is on.
+    pub affinity_timeout_s: Option<u32>,
+    /// TCP connections and connected UDP sockets the kernel balanced.
     pub connections: u64,
+    /// Unconnected UDP sockets the kernel balanced.
+    pub udp_flows: u64,
     /// Connects refused because no backend was usable.
     pub no_backend: u64,
+    /// Connects refused by policy.
+    pub denied: u64,
     pub backends: Vec<BackendView>,
 }
 
@@ -46,8 +52,41 @@ pub struct BackendView {
     pub address: IpAddr,
     pub port: u16,
     pub weight: u32,
+    /// active, or draining (no new connections).
+    pub state: String,
     /// Slots this backend holds in the service's selection table.
     pub slots: u32,
     /// Connections the kernel sent here.
     pub connections: u64,
+    /// Unconnected UDP sockets the kernel sent here.
+    pub udp_flows: u64,
+    /// TCP connections to this backend open right now.
+    pub active: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EventsResponse {
+    /// Oldest first.
+    pub events: Vec<EventView>,
+}
+
+/// One balancing decision the kernel made.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct EventView {
+    pub unix_ms: u64,
+    pub service: String,
+    pub protocol: String,
+    /// forwarded, no-backend or denied.
+    pub verdict: String,
+    /// The chosen backend, when forwarded.
+    pub backend: Option<String>,
+    pub algorithm: String,
+    /// The slot the algorithm picked (none on an affinity hit).
+    pub slot: Option<u32>,
+    pub affinity_hit: bool,
+    /// The client's cgroup id, and its network-namespace cookie or cgroup id.
+    pub cgroup_id: u64,
+    pub client: u64,
+    /// The client's identity, when the service has a policy.
+    pub identity: Option<String>,
 }

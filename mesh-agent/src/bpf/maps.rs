@@ -7,8 +7,8 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
 };
 use mesh_common::{
-    BackendId, BackendStats, BackendValue, ConfigValue, ServiceKey, ServiceStats, ServiceValue,
-    SlotKey, map_names,
+    BackendId, BackendStats, BackendValue, ConfigValue, PolicyKey, PolicyValue, ServiceKey,
+    ServiceStats, ServiceValue, SlotKey, map_names,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -35,6 +35,11 @@ pub struct Maps {
     pub backends: HashMap<MapData, BackendId, BackendValue>,
     pub backend_stats: PerCpuArray<MapData, BackendStats>,
     pub service_stats: PerCpuArray<MapData, ServiceStats>,
+    /// Live TCP connections per backend id.
+    pub active: Array<MapData, u64>,
+    /// cgroup id → identity id.
+    pub workloads: HashMap<MapData, u64, u32>,
+    pub policy: HashMap<MapData, PolicyKey, PolicyValue>,
     pub config: Array<MapData, ConfigValue>,
 }
 
@@ -74,16 +79,28 @@ impl Maps {
             backends: typed!(map_names::BACKENDS),
             backend_stats: typed!(map_names::BACKEND_STATS),
             service_stats: typed!(map_names::SERVICE_STATS),
+            active: typed!(map_names::ACTIVE),
+            workloads: typed!(map_names::WORKLOADS),
+            policy: typed!(map_names::POLICY),
             config: typed!(map_names::CONFIG),
         })
     }
 
-    /// Connections sent to a backend, summed over CPUs.
-    pub fn backend_connections(&self, id: BackendId) -> u64 {
-        self.backend_stats
-            .get(&id, 0)
-            .map(|per_cpu| per_cpu.iter().map(|s| s.connections).sum())
-            .unwrap_or(0)
+    /// A backend's counters, summed over CPUs.
+    pub fn backend_stats(&self, id: BackendId) -> BackendStats {
+        let mut total = BackendStats::default();
+        if let Ok(per_cpu) = self.backend_stats.get(&id, 0) {
+            for s in per_cpu.iter() {
+                total.connections += s.connections;
+                total.udp_flows += s.udp_flows;
+            }
+        }
+        total
+    }
+
+    /// Live TCP connections to a backend right now.
+    pub fn backend_active(&self, id: BackendId) -> u64 {
+        self.active.get(&id, 0).unwrap_or(0)
     }
 
     /// A service's counters, summed over CPUs.
@@ -92,7 +109,9 @@ impl Maps {
         if let Ok(per_cpu) = self.service_stats.get(&id, 0) {
             for s in per_cpu.iter() {
                 total.connections += s.connections;
+                total.udp_flows += s.udp_flows;
                 total.no_backend += s.no_backend;
+                total.denied += s.denied;
             }
         }
         total

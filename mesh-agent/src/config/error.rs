@@ -49,18 +49,56 @@ pub enum Problem {
     #[error("{what} has no `{field}`; add it (see examples/mesh.yaml)")]
     Missing { what: String, field: &'static str },
     #[error(
-        "service name '{name}' is not valid; use 1 to 63 lowercase letters, digits, '-' or '.', \
+        "{what} '{name}' is not valid; use 1 to 63 lowercase letters, digits, '-' or '.', \
          starting and ending with a letter or digit (like a DNS label)"
     )]
-    BadName { name: String },
+    BadName { what: &'static str, name: String },
     #[error(
         "service name '{name}' is already used on line {first_line}; give each service its own name"
     )]
     DuplicateName { name: String, first_line: usize },
-    #[error("{field} {text} is not an IP address; write an IPv4 address such as 127.10.0.1")]
+    #[error(
+        "{field} {text} is not an IP address; write an address such as 127.10.0.1 or fd00::10"
+    )]
     BadIp { field: &'static str, text: String },
-    #[error("IPv6 {what} are not supported yet (coming with dual-stack); use an IPv4 address")]
-    Ipv6 { what: &'static str },
+    #[error(
+        "backend {backend} of service '{service}' is {backend_family} but the VIP is \
+         {vip_family}; a service's backends share its VIP's address family"
+    )]
+    FamilyMismatch {
+        service: String,
+        backend: SocketAddr,
+        backend_family: &'static str,
+        vip_family: &'static str,
+    },
+    #[error("unknown backend state {value}; accepted: {accepted}")]
+    UnknownState { value: String, accepted: String },
+    #[error("unknown policy default {value}; accepted: {accepted}")]
+    UnknownPolicyDefault { value: String, accepted: String },
+    #[error("affinity_timeout_seconds {value} is out of range; use 1 to 86400 seconds")]
+    AffinityTimeout { value: String },
+    #[error(
+        "service '{service}' sets affinity_timeout_seconds without `affinity: true`; \
+         add `affinity: true` or remove the timeout"
+    )]
+    TimeoutWithoutAffinity { service: String },
+    #[error(
+        "identity '{identity}' in the policy of service '{service}' is not the identity of any \
+         workload; declare it under `workloads:` or fix its spelling"
+    )]
+    UnknownIdentity { service: String, identity: String },
+    #[error(
+        "identity '{identity}' is both allowed and denied in the policy of service \
+         '{service}'; keep it in one list"
+    )]
+    AllowedAndDenied { service: String, identity: String },
+    #[error(
+        "workload '{name}': cgroup {path} is not an absolute path; write the cgroup's directory \
+         such as /sys/fs/cgroup/pods/frontend"
+    )]
+    RelativeCgroup { name: String, path: String },
+    #[error("workload name '{name}' is already used on line {first_line}; give each workload its own name")]
+    DuplicateWorkload { name: String, first_line: usize },
     #[error("port 0 is not a usable port; use a port from 1 to 65535")]
     PortZero,
     #[error("port {value} is out of range; use a port from 1 to 65535")]

@@ -12,6 +12,7 @@ use serde_saphyr::Spanned;
 #[serde(deny_unknown_fields)]
 pub(super) struct RawConfig {
     pub services: Option<Vec<Spanned<RawService>>>,
+    pub workloads: Option<Vec<Spanned<RawWorkload>>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -23,7 +24,26 @@ pub(super) struct RawService {
     pub protocol: Option<Spanned<String>>,
     pub algorithm: Option<Spanned<String>>,
     pub allow_empty: Option<bool>,
+    pub affinity: Option<bool>,
+    pub affinity_timeout_seconds: Option<Spanned<Int>>,
+    pub policy: Option<Spanned<RawPolicy>>,
     pub backends: Option<Spanned<Vec<Spanned<RawBackend>>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawPolicy {
+    pub default: Option<Spanned<String>>,
+    pub allow: Option<Vec<Spanned<String>>>,
+    pub deny: Option<Vec<Spanned<String>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawWorkload {
+    pub name: Option<Spanned<String>>,
+    pub cgroup: Option<Spanned<String>>,
+    pub identity: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -32,6 +52,7 @@ pub(super) struct RawBackend {
     pub address: Option<Spanned<String>>,
     pub port: Option<Spanned<Int>>,
     pub weight: Option<Spanned<Int>>,
+    pub state: Option<Spanned<String>>,
 }
 
 /// An integer field as written. Accepting any scalar here, instead of `u16`,

@@ -1,0 +1,170 @@
+//! Decision events from the kernel's ring buffer, and how they are shown.
+
+use std::collections::HashMap;
+use std::os::fd::{AsRawFd as _, FromRawFd as _, OwnedFd};
+
+use aya::maps::{MapData, RingBuf};
+use mesh_common::{
+    ALGORITHM_LEAST_CONN, ALGORITHM_MAGLEV, EVENT_DENIED, EVENT_FORWARDED, Event, PROTO_TCP,
+};
+use tokio::io::unix::AsyncFd;
+
+use crate::admin::EventView;
+use crate::reconcile::Reconciler;
+
+/// Reads batches of events as the kernel submits them.
+pub struct Reader {
+    ring: AsyncFd<RingBuf<MapData>>,
+}
+
+impl Reader {
+    pub fn new(ring: RingBuf<MapData>) -> std::io::Result<Self> {
+        // SAFETY: the ring buffer owns its fd and is moved into the AsyncFd,
+        // so the fd stays open exactly as long as it is registered.
+        let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+            .map_err(std::io::Error::from)?;
+        Ok(Self { ring })
+    }
+
+    /// Waits for events and returns all that are ready.
+    pub async fn next_batch(&mut self) -> std::io::Result<Vec<Event>> {
+        loop {
+            let mut guard = self.ring.readable_mut().await?;
+            let ring = guard.get_inner_mut();
+            let mut batch = Vec::new();
+            while let Some(item) = ring.next() {
+                if item.len() >= size_of::<Event>() {
+                    // SAFETY: the kernel wrote an `Event` (plain integers);
+                    // the read is unaligned-safe.
+                    batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
+                }
+            }
+            guard.clear_ready();
+            if !batch.is_empty() {
+                return Ok(batch);
+            }
+        }
+    }
+}
+
+/// This process's network-namespace cookie (`SO_NETNS_COOKIE`), which the
+/// programs use to tell host-network clients apart by cgroup.
+pub fn own_netns_cookie() -> std::io::Result<u64> {
+    const SO_NETNS_COOKIE: libc::c_int = 71;
+    // SAFETY: plain socket calls on an fd we own.
+    unsafe {
+        let fd = libc::socket(libc::AF_INET, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, 0);
+        if fd < 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        let fd = OwnedFd::from_raw_fd(fd);
+        let mut cookie = 0u64;
+        let mut len = size_of::<u64>() as libc::socklen_t;
+        let rc = libc::getsockopt(
+            fd.as_raw_fd(),
+            libc::SOL_SOCKET,
+            SO_NETNS_COOKIE,
+            (&raw mut cookie).cast(),
+            &mut len,
+        );
+        if rc != 0 {
+            return Err(std::io::Error::last_os_error());
+        }
+        Ok(cookie)
+    }
+}
+
+/// Names for the ids in events, from the reconciler's record.
+pub struct Names<'a> {
+    reconciler: &'a Reconciler,
+    services: HashMap<u32, &'a str>,
+    backends: HashMap<u32, String>,
+    /// Monotonic clock minus wall clock, to date kernel timestamps.
+    boot_offset_ms: i128,
+}
+
+impl<'a> Names<'a> {
+    pub fn new(reconciler: &'a Reconciler) -> Self {
+        let mut services = HashMap::new();
+        let mut backends = HashMap::new();
+        for (_, svc) in reconciler.services() {
+            services.insert(svc.id(), svc.name.as_str());
+            for (&(ip, port), &id) in &svc.backends {
+                backends.insert(id, std::net::SocketAddr::new(ip, port).to_string());
+            }
+        }
+        Self {
+            reconciler,
+            services,
+            backends,
+            boot_offset_ms: unix_ms() - monotonic_ms(),
+        }
+    }
+
+    pub fn view(&self, e: &Event) -> EventView {
+        let forwarded = e.verdict == EVENT_FORWARDED;
+        EventView {
+            unix_ms: (self.boot_offset_ms + i128::from(e.timestamp_ns / 1_000_000)).max(0) as u64,
+            service: self
+                .services
+                .get(&e.service_id)
+                .map_or_else(|| format!("#{}", e.service_id), |s| s.to_string()),
+            protocol: if e.proto == PROTO_TCP { "tcp" } else { "udp" }.to_owned(),
+            verdict: match e.verdict {
+                EVENT_FORWARDED => "forwarded",
+                EVENT_DENIED => "denied",
+                _ => "no-backend",
+            }
+            .to_owned(),
+            backend: forwarded.then(|| {
+                self.backends
+                    .get(&e.backend_id)
+                    .cloned()
+                    .unwrap_or_else(|| format!("#{}", e.backend_id))
+            }),
+            algorithm: match e.algorithm {
+                ALGORITHM_MAGLEV => "maglev",
+                ALGORITHM_LEAST_CONN => "least-conn",
+                _ => "weighted",
+            }
+            .to_owned(),
+            slot: (forwarded && e.affinity_hit == 0).then_some(e.slot),
+            affinity_hit: e.affinity_hit != 0,
+            cgroup_id: e.cgroup_id,
+            client: e.client,
+            identity: (e.identity != 0).then(|| {
+                self.reconciler
+                    .identity_name(e.identity)
+                    .map_or_else(|| format!("#{}", e.identity), str::to_owned)
+            }),
+        }
+    }
+}
+
+fn unix_ms() -> i128 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_millis() as i128)
+}
+
+fn monotonic_ms() -> i128 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out-pointer. bpf_ktime_get_ns() is CLOCK_MONOTONIC.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    i128::from(ts.tv_sec) * 1000 + i128::from(ts.tv_nsec) / 1_000_000
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reads_this_namespace_cookie() {
+        let a = own_netns_cookie().unwrap();
+        assert_ne!(a, 0);
+        assert_eq!(a, own_netns_cookie().unwrap(), "stable within a namespace");
+    }
+}

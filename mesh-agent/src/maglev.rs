@@ -1,0 +1,187 @@
+//! Maglev consistent hashing (Eisenbud et al., NSDI 2016) with weights.
+//!
+//! Each backend walks its own pseudo-random permutation of the table and
+//! claims the first free entry on every turn, until it holds its share. A
+//! backend's permutation depends only on its address, so every node builds
+//! the same table, and removing one backend only moves the entries it held
+//! (plus a few displaced ones).
+
+use std::net::SocketAddr;
+
+use crate::slots::slot_counts;
+
+/// Table sizes: primes, each a little under a power of two.
+const PRIMES: [u32; 10] = [
+    251, 509, 1_021, 2_039, 4_093, 8_191, 16_381, 32_749, 65_521, 131_071,
+];
+
+/// The smallest listed prime above 100 entries per backend (as the paper
+/// recommends for even spread), capped at `max`.
+pub fn table_size(backends: usize, max: u32) -> u32 {
+    let wanted = (backends as u64 * 100).min(u64::from(u32::MAX)) as u32;
+    PRIMES
+        .iter()
+        .copied()
+        .find(|&p| p > wanted && p <= max)
+        .unwrap_or_else(|| PRIMES.iter().copied().filter(|&p| p <= max).max().unwrap_or(PRIMES[0]))
+}
+
+/// Builds a table of `size` entries (a prime), each the index of a backend in
+/// `backends`. Backends with weight 0 get no entries.
+pub fn build(backends: &[(SocketAddr, u32)], size: u32) -> Vec<u32> {
+    // Work in address order, not list order, so every node builds the same
+    // table whatever order its source lists the backends in.
+    let mut order: Vec<usize> = (0..backends.len()).collect();
+    order.sort_by_key(|&i| backends[i].0);
+    let sorted: Vec<(SocketAddr, u32)> = order.iter().map(|&i| backends[i]).collect();
+    build_sorted(&sorted, size)
+        .into_iter()
+        .map(|i| order[i as usize] as u32)
+        .collect()
+}
+
+fn build_sorted(backends: &[(SocketAddr, u32)], size: u32) -> Vec<u32> {
+    let weights: Vec<u32> = backends.iter().map(|&(_, w)| w).collect();
+    if weights.iter().all(|&w| w == 0) {
+        return Vec::new();
+    }
+    let mut quota = exact_shares(&weights, size);
+    let m = u64::from(size);
+    let walks: Vec<(u64, u64)> = backends
+        .iter()
+        .map(|(addr, _)| {
+            let key = addr.to_string();
+            let offset = fnv1a(key.as_bytes(), 0x6d61_676c) % m;
+            let skip = fnv1a(key.as_bytes(), 0x6576_6a21) % (m - 1) + 1;
+            (offset, skip)
+        })
+        .collect();
+    let mut next = vec![0u64; backends.len()];
+    let mut table: Vec<Option<u32>> = vec![None; size as usize];
+    let mut filled = 0;
+    while filled < size as usize {
+        for (i, &(offset, skip)) in walks.iter().enumerate() {
+            if quota[i] == 0 {
+                continue;
+            }
+            // `skip` is coprime with the prime `size`, so the walk visits
+            // every entry and a free one is always found.
+            loop {
+                let entry = ((offset + next[i] * skip) % m) as usize;
+                next[i] += 1;
+                if table[entry].is_none() {
+                    table[entry] = Some(i as u32);
+                    quota[i] -= 1;
+                    filled += 1;
+                    break;
+                }
+            }
+            if filled == size as usize {
+                break;
+            }
+        }
+    }
+    table.into_iter().map(|e| e.expect("every entry filled")).collect()
+}
+
+/// Entries per backend, summing to exactly `size`.
+fn exact_shares(weights: &[u32], size: u32) -> Vec<u32> {
+    let mut counts = slot_counts(weights, size);
+    // `slot_counts` may return a smaller exact table; scale it up to `size`.
+    let total: u32 = counts.iter().sum();
+    if total != size {
+        let scaled: Vec<u32> = counts.iter().map(|&c| c * (size / total)).collect();
+        let mut left = size - scaled.iter().sum::<u32>();
+        counts = scaled;
+        // Hand the remainder out in weight order so it stays proportional.
+        let mut order: Vec<usize> = (0..weights.len()).filter(|&i| weights[i] > 0).collect();
+        order.sort_by_key(|&i| std::cmp::Reverse(weights[i]));
+        for &i in order.iter().cycle() {
+            if left == 0 {
+                break;
+            }
+            counts[i] += 1;
+            left -= 1;
+        }
+    }
+    counts
+}
+
+/// FNV-1a, 64 bit, seeded: stable across builds and machines.
+fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
+    let mut hash = 0xcbf2_9ce4_8422_2325u64 ^ seed;
+    for &b in bytes {
+        hash ^= u64::from(b);
+        hash = hash.wrapping_mul(0x0100_0000_01b3);
+    }
+    hash
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn backends(n: u16, weight: u32) -> Vec<(SocketAddr, u32)> {
+        (0..n)
+            .map(|i| (SocketAddr::from(([10, 0, 0, 1], 8000 + i)), weight))
+            .collect()
+    }
+
+    #[test]
+    fn sizes_are_primes_above_a_hundred_per_backend() {
+        assert_eq!(table_size(1, 131_071), 251);
+        assert_eq!(table_size(10, 131_071), 1_021);
+        assert_eq!(table_size(1000, 131_071), 131_071);
+        assert_eq!(table_size(5000, 131_071), 131_071);
+        assert_eq!(table_size(10, 509), 509);
+    }
+
+    #[test]
+    fn equal_weights_share_the_table_evenly() {
+        let table = build(&backends(10, 1), 1_021);
+        assert_eq!(table.len(), 1_021);
+        for i in 0..10 {
+            let n = table.iter().filter(|&&e| e == i).count();
+            assert!((102..=103).contains(&n), "backend {i}: {n}");
+        }
+    }
+
+    #[test]
+    fn weights_are_honoured_within_one_entry() {
+        let mut b = backends(3, 1);
+        b[1].1 = 2;
+        b[2].1 = 7;
+        let table = build(&b, 1_021);
+        for (i, w) in [(0u32, 1.0), (1, 2.0), (2, 7.0)] {
+            let n = table.iter().filter(|&&e| e == i).count() as f64;
+            assert!((n - 1_021.0 * w / 10.0).abs() <= 1.0, "backend {i}: {n}");
+        }
+    }
+
+    #[test]
+    fn removing_one_of_ten_backends_moves_few_other_entries() {
+        let all = backends(10, 1);
+        let before = build(&all, 1_021);
+        let after = build(&all[1..], 1_021);
+        // Indices in `after` are shifted by one.
+        let kept = before
+            .iter()
+            .zip(&after)
+            .filter(|&(&b, &a)| b != 0 && b == a + 1)
+            .count();
+        let not_removed = before.iter().filter(|&&b| b != 0).count();
+        let kept_ratio = kept as f64 / not_removed as f64;
+        assert!(kept_ratio > 0.95, "only {kept_ratio:.3} kept");
+    }
+
+    #[test]
+    fn the_same_backends_give_the_same_table_in_any_order() {
+        let b = backends(5, 1);
+        let mut reversed = b.clone();
+        reversed.reverse();
+        let by_addr = |table: Vec<u32>, list: &[(SocketAddr, u32)]| -> Vec<SocketAddr> {
+            table.into_iter().map(|i| list[i as usize].0).collect()
+        };
+        assert_eq!(by_addr(build(&b, 509), &b), by_addr(build(&reversed, 509), &reversed));
+    }
+}
