@@ -10,7 +10,7 @@ use std::{path::PathBuf, process::ExitCode};
 
 use clap::{Parser, Subcommand, ValueEnum};
 
-use crate::admin::{self, AdminClientError, ServicesResponse, StatusResponse};
+use crate::admin::{self, AdminClientError, EventsResponse, ServicesResponse, StatusResponse};
 use table::Table;
 
 #[derive(Parser, Debug)]
@@ -42,6 +42,15 @@ enum Command {
     Status,
     /// Services with their backends, weights and the kernel's connection counts.
     Services,
+    /// Recent balancing decisions the kernel reported, oldest first.
+    Events {
+        /// Only this service's decisions.
+        #[arg(long)]
+        service: Option<String>,
+        /// At most this many (the newest).
+        #[arg(long, default_value_t = 50)]
+        limit: usize,
+    },
 }
 
 const EXIT_FAILED: u8 = 1;
@@ -87,6 +96,14 @@ async fn execute(cli: &Cli) -> Result<String, AdminClientError> {
             let services: ServicesResponse = admin::get(socket, admin::PATH_SERVICES).await?;
             render(cli.output, &services, render_services)
         }
+        Command::Events { ref service, limit } => {
+            let mut path = format!("{}?limit={limit}", admin::PATH_EVENTS);
+            if let Some(service) = service {
+                path += &format!("&service={service}");
+            }
+            let events: EventsResponse = admin::get(socket, &path).await?;
+            render(cli.output, &events, render_events)
+        }
     }
 }
 
@@ -128,52 +145,93 @@ fn render_services(r: &ServicesResponse) -> String {
         "FRONTEND",
         "ALGORITHM",
         "BACKEND",
+        "STATE",
         "WEIGHT",
         "SHARE",
         "CONNECTIONS",
+        "UDP FLOWS",
+        "LIVE",
     ]);
     for svc in &r.services {
-        let frontend = format!("{}:{}/{}", svc.vip, svc.port, svc.protocol);
+        let frontend = match svc.vip {
+            std::net::IpAddr::V4(ip) => format!("{ip}:{}/{}", svc.port, svc.protocol),
+            std::net::IpAddr::V6(ip) => format!("[{ip}]:{}/{}", svc.port, svc.protocol),
+        };
+        let algorithm = match svc.affinity_timeout_s {
+            Some(timeout) => format!("{}+affinity({timeout}s)", svc.algorithm),
+            None => svc.algorithm.clone(),
+        };
+        let name = svc.name.as_str();
         if svc.backends.is_empty() {
             t.row([
-                &svc.name,
+                name,
                 &frontend,
-                &svc.algorithm,
+                &algorithm,
                 "(none: connects refused)",
+                "-",
+                "-",
+                "-",
                 "-",
                 "-",
                 "-",
             ]);
         }
-        let total_weight: u64 = svc.backends.iter().map(|b| u64::from(b.weight)).sum();
+        let total_weight: u64 = svc
+            .backends
+            .iter()
+            .filter(|b| b.state == "active")
+            .map(|b| u64::from(b.weight))
+            .sum();
         for (i, b) in svc.backends.iter().enumerate() {
-            let share = if total_weight == 0 {
+            let share = if total_weight == 0 || b.state != "active" {
                 "-".to_owned()
             } else {
                 format!("{:.1}%", 100.0 * f64::from(b.weight) / total_weight as f64)
             };
             let first = i == 0;
             t.row([
-                if first { svc.name.as_str() } else { "" },
+                if first { name } else { "" },
                 if first { frontend.as_str() } else { "" },
-                if first { svc.algorithm.as_str() } else { "" },
-                &format!("{}:{}", b.address, b.port),
+                if first { algorithm.as_str() } else { "" },
+                &std::net::SocketAddr::new(b.address, b.port).to_string(),
+                &b.state,
                 &b.weight.to_string(),
                 &share,
                 &b.connections.to_string(),
+                &b.udp_flows.to_string(),
+                &b.active.to_string(),
             ]);
         }
-        if svc.no_backend > 0 {
-            t.row([
-                "",
-                "",
-                "",
-                "(refused: no backend)",
-                "-",
-                "-",
-                &svc.no_backend.to_string(),
-            ]);
+        for (what, count) in [
+            ("(refused: no backend)", svc.no_backend),
+            ("(refused: policy)", svc.denied),
+        ] {
+            if count > 0 {
+                t.row(["", "", "", what, "-", "-", "-", &count.to_string(), "-", "-"]);
+            }
         }
+    }
+    t.render()
+}
+
+fn render_events(r: &EventsResponse) -> String {
+    let mut t = Table::new([
+        "TIME(ms)", "SERVICE", "PROTO", "VERDICT", "BACKEND", "ALGORITHM", "SLOT", "AFFINITY",
+        "CLIENT", "IDENTITY",
+    ]);
+    for e in &r.events {
+        t.row([
+            &e.unix_ms.to_string(),
+            &e.service,
+            &e.protocol,
+            &e.verdict,
+            e.backend.as_deref().unwrap_or("-"),
+            &e.algorithm,
+            &e.slot.map_or("-".to_owned(), |s| s.to_string()),
+            if e.affinity_hit { "hit" } else { "-" },
+            &e.client.to_string(),
+            e.identity.as_deref().unwrap_or("-"),
+        ]);
     }
     t.render()
 }

@@ -222,10 +222,14 @@ fn pick(svc: &ServiceValue, client: u64) -> Option<Choice> {
     let slot = match svc.algorithm {
         ALGORITHM_MAGLEV => (mix64(client ^ u64::from(svc.service_id)) % u64::from(svc.slot_count)) as u32,
         ALGORITHM_LEAST_CONN => {
-            // Power of two choices: two random slots, the backend with fewer
-            // live connections wins.
+            // Power of two choices: two distinct random slots, the backend
+            // with fewer live connections wins.
             let a = random_below(svc.slot_count);
-            let b = random_below(svc.slot_count);
+            let b = if svc.slot_count > 1 {
+                (a + 1 + random_below(svc.slot_count - 1)) % svc.slot_count
+            } else {
+                a
+            };
             let (id_a, id_b) = (slot_backend(svc, a)?, slot_backend(svc, b)?);
             if active(id_b) < active(id_a) { b } else { a }
         }

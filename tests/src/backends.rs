@@ -138,3 +138,73 @@ mod tests {
         assert!(listener_on("10.0.0.1:80".parse().unwrap(), 1).is_err());
     }
 }
+
+/// A UDP server on a loopback address that answers every datagram with
+/// `"<id>\n"`, from the address it listens on.
+pub struct UdpBackend {
+    addr: SocketAddr,
+    received: Arc<AtomicU64>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+impl UdpBackend {
+    /// On 127.0.0.1, an ephemeral port.
+    pub fn new(id: u32) -> Result<Self> {
+        Self::on(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), id)
+    }
+
+    pub fn on(addr: SocketAddr, id: u32) -> Result<Self> {
+        if !addr.ip().is_loopback() {
+            bail!("test backends listen on loopback only, not {addr}");
+        }
+        let socket = std::net::UdpSocket::bind(addr).with_context(|| format!("binding {addr}"))?;
+        socket.set_read_timeout(Some(std::time::Duration::from_millis(50)))?;
+        let addr = socket.local_addr()?;
+        let received = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name(format!("udp-backend-{id}"))
+            .spawn({
+                let (received, stop) = (received.clone(), stop.clone());
+                move || {
+                    let line = format!("{id}\n");
+                    let mut buf = [0u8; 64];
+                    while !stop.load(Ordering::Relaxed) {
+                        if let Ok((_, from)) = socket.recv_from(&mut buf) {
+                            received.fetch_add(1, Ordering::Relaxed);
+                            let _ = socket.send_to(line.as_bytes(), from);
+                        }
+                    }
+                }
+            })?;
+        Ok(Self {
+            addr,
+            received,
+            stop,
+            thread: Some(thread),
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    pub fn port(&self) -> u16 {
+        self.addr.port()
+    }
+
+    /// Datagrams received so far.
+    pub fn received(&self) -> u64 {
+        self.received.load(Ordering::Relaxed)
+    }
+}
+
+impl Drop for UdpBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(thread) = self.thread.take() {
+            let _ = thread.join();
+        }
+    }
+}

@@ -69,7 +69,15 @@ impl TestCgroup {
             std::process::id(),
             crate::next_id()
         );
-        let path = cgroup2_mount()?.join(name);
+        Self::create(cgroup2_mount()?.join(name))
+    }
+
+    /// Creates a cgroup inside this one (a container inside a pod).
+    pub fn child(&self, name: &str) -> Result<Self> {
+        Self::create(self.path.join(crate::sanitize(name)))
+    }
+
+    fn create(path: PathBuf) -> Result<Self> {
         std::fs::create_dir(&path)
             .with_context(|| format!("creating cgroup {}", path.display()))?;
         // From here on Drop removes it, even if the lines below fail.

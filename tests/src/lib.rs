@@ -15,10 +15,13 @@ pub mod probe;
 pub mod stats;
 
 pub use agent::Agent;
-pub use backends::{TestBackend, listener_on};
+pub use backends::{TestBackend, UdpBackend, listener_on};
 pub use cgroup::{TestCgroup, cgroup2_mount};
 pub use netns::TestNetns;
-pub use probe::{ProbeResult, run_probe, run_probe_marked, run_probe_with};
+pub use probe::{
+    HeldConnections, ProbeResult, hold_connections, run_probe, run_probe_marked, run_probe_with,
+    run_udp_probe,
+};
 pub use stats::{chi_square, chi_square_p_value};
 
 use std::io::Read;

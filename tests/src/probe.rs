@@ -31,6 +31,12 @@ pub struct ProbeResult {
     pub peers: BTreeMap<String, u64>,
     /// Duration of connect() per attempt, in order, first 1000 only.
     pub connect_ns: Vec<u64>,
+    /// UDP: the source address of each reply, "ip:port".
+    #[serde(default)]
+    pub sources: BTreeMap<String, u64>,
+    /// UDP: sockets whose replies all came from one backend.
+    #[serde(default)]
+    pub sticky_sockets: u64,
 }
 
 impl ProbeResult {
@@ -125,6 +131,67 @@ fn connect(target: SocketAddr, timeout: Duration, mark: Option<u32>) -> io::Resu
     Ok(socket.into())
 }
 
+/// `count` UDP sockets, each sending `per_socket` datagrams to `target` and
+/// reading the replies; `connected` sockets connect() first, the others name
+/// the target on every send (sendmsg) and read with recvfrom.
+pub fn udp_loop(target: SocketAddr, count: u32, per_socket: u32, connected: bool, timeout: Duration) -> ProbeResult {
+    let mut r = ProbeResult::default();
+    let deadline = Instant::now() + timeout * count.max(1) * per_socket.max(1);
+    for _ in 0..count {
+        if Instant::now() >= deadline {
+            *r.errors.entry("DEADLINE".into()).or_default() += 1;
+            continue;
+        }
+        match udp_socket_round(target, per_socket, connected, timeout, &mut r) {
+            Ok(ids) => {
+                if !ids.is_empty() && ids.iter().all(|id| *id == ids[0]) {
+                    r.sticky_sockets += 1;
+                }
+            }
+            Err(e) => *r.errors.entry(errno_name(&e)).or_default() += 1,
+        }
+    }
+    r
+}
+
+fn udp_socket_round(
+    target: SocketAddr,
+    per_socket: u32,
+    connected: bool,
+    timeout: Duration,
+    r: &mut ProbeResult,
+) -> io::Result<Vec<String>> {
+    let bind: SocketAddr = if target.is_ipv4() {
+        "0.0.0.0:0".parse().expect("literal")
+    } else {
+        "[::]:0".parse().expect("literal")
+    };
+    let socket = std::net::UdpSocket::bind(bind)?;
+    socket.set_read_timeout(Some(timeout))?;
+    if connected {
+        socket.connect(target)?;
+        if let Ok(peer) = socket.peer_addr() {
+            *r.peers.entry(peer.to_string()).or_default() += 1;
+        }
+    }
+    let mut ids = Vec::new();
+    let mut buf = [0u8; 64];
+    for _ in 0..per_socket {
+        if connected {
+            socket.send(b"ping")?;
+        } else {
+            socket.send_to(b"ping", target)?;
+        }
+        let (n, from) = socket.recv_from(&mut buf)?;
+        let id = String::from_utf8_lossy(&buf[..n]).trim().to_string();
+        *r.sources.entry(from.to_string()).or_default() += 1;
+        *r.ids.entry(id.clone()).or_default() += 1;
+        r.ok += 1;
+        ids.push(id);
+    }
+    Ok(ids)
+}
+
 /// Reads the server's line up to its close (bounded: 64 bytes, `timeout`).
 fn read_id(stream: &mut TcpStream, timeout: Duration) -> io::Result<String> {
     stream.set_read_timeout(Some(timeout))?;
@@ -158,7 +225,72 @@ pub fn run_probe_marked(
     run_probe_args(cgroup, target, count, 2000, &["--mark", &mark.to_string()])
 }
 
+/// UDP to `target` from `sockets` fresh sockets, `per_socket` datagrams each.
+pub fn run_udp_probe(
+    cgroup: &TestCgroup,
+    target: SocketAddr,
+    sockets: u32,
+    per_socket: u32,
+    connected: bool,
+) -> Result<ProbeResult> {
+    let per = per_socket.to_string();
+    let mut extra = vec!["--per-socket", per.as_str()];
+    if connected {
+        extra.extend(["--connected", "1"]);
+    }
+    run_probe_mode("udp", cgroup, target, sockets, 2000, &extra)
+}
+
+/// Connections a probe holds open until dropped.
+pub struct HeldConnections {
+    child: std::process::Child,
+    pub result: ProbeResult,
+}
+
+impl Drop for HeldConnections {
+    fn drop(&mut self) {
+        // Our own child, not yet reaped: its PID cannot have been reused.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// Opens `count` connections to `target` from `cgroup` and keeps them open
+/// (for at most 60 s) until the returned value is dropped.
+pub fn hold_connections(cgroup: &TestCgroup, target: SocketAddr, count: u32) -> Result<HeldConnections> {
+    use std::io::BufRead as _;
+    let probe = crate::require_bin("mesh-probe")?;
+    let mut child = cgroup
+        .command(&probe)
+        .args(["hold", "--target", &target.to_string(), "--count", &count.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .context("spawning mesh-probe hold")?;
+    let stdout = child.stdout.take().context("probe stdout")?;
+    let mut line = String::new();
+    let read = std::io::BufReader::new(stdout).read_line(&mut line);
+    let mut held = HeldConnections {
+        child,
+        result: ProbeResult::default(),
+    };
+    read.context("reading mesh-probe hold output")?;
+    held.result = serde_json::from_str(&line)
+        .with_context(|| format!("parsing mesh-probe hold output: {line}"))?;
+    Ok(held)
+}
+
 fn run_probe_args(
+    cgroup: &TestCgroup,
+    target: SocketAddr,
+    count: u32,
+    timeout_ms: u64,
+    extra: &[&str],
+) -> Result<ProbeResult> {
+    run_probe_mode("connect", cgroup, target, count, timeout_ms, extra)
+}
+
+fn run_probe_mode(
+    mode: &str,
     cgroup: &TestCgroup,
     target: SocketAddr,
     count: u32,
@@ -167,7 +299,7 @@ fn run_probe_args(
 ) -> Result<ProbeResult> {
     let probe = crate::require_bin("mesh-probe")?;
     let mut cmd = cgroup.command(&probe);
-    cmd.args(["connect", "--target", &target.to_string()])
+    cmd.args([mode, "--target", &target.to_string()])
         .args([
             "--count",
             &count.to_string(),
