@@ -207,7 +207,18 @@ fn render_services(r: &ServicesResponse) -> String {
             ("(refused: policy)", svc.denied),
         ] {
             if count > 0 {
-                t.row(["", "", "", what, "-", "-", "-", &count.to_string(), "-", "-"]);
+                t.row([
+                    "",
+                    "",
+                    "",
+                    what,
+                    "-",
+                    "-",
+                    "-",
+                    &count.to_string(),
+                    "-",
+                    "-",
+                ]);
             }
         }
     }
@@ -216,8 +227,16 @@ fn render_services(r: &ServicesResponse) -> String {
 
 fn render_events(r: &EventsResponse) -> String {
     let mut t = Table::new([
-        "TIME(ms)", "SERVICE", "PROTO", "VERDICT", "BACKEND", "ALGORITHM", "SLOT", "AFFINITY",
-        "CLIENT", "IDENTITY",
+        "TIME(ms)",
+        "SERVICE",
+        "PROTO",
+        "VERDICT",
+        "BACKEND",
+        "ALGORITHM",
+        "SLOT",
+        "AFFINITY",
+        "CLIENT",
+        "IDENTITY",
     ]);
     for e in &r.events {
         t.row([

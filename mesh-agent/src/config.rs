@@ -221,14 +221,11 @@ fn service(
         let (backend, address_at) = backend(raw_backend, &name.value)?;
         let address = backend.socket_addr();
         if address.is_ipv4() != own_frontend.is_ipv4() {
-            let family = |a: &SocketAddr| if a.is_ipv4() { "IPv4" } else { "IPv6" };
             return Err((
                 address_at,
                 Problem::FamilyMismatch {
                     service: name.value,
                     backend: address,
-                    backend_family: family(&address),
-                    vip_family: family(&own_frontend),
                 },
             ));
         }
@@ -954,26 +951,43 @@ services:
         assert_eq!(dns.backends[0].state, BackendState::Draining);
         assert_eq!(dns.backends[0].effective_weight(), 0);
         assert_eq!(dns.backends[1].weight, 3);
-        let identities: Vec<&str> = state.workloads.iter().map(|w| w.identity.as_str()).collect();
+        let identities: Vec<&str> = state
+            .workloads
+            .iter()
+            .map(|w| w.identity.as_str())
+            .collect();
         assert_eq!(identities, ["jobs", "frontend"], "sorted by workload name");
     }
 
     #[test]
     fn affinity_defaults_to_three_hours() {
-        let state = parse_str(&with("    backends:", "    affinity: true\n    backends:"), "t.yaml").unwrap();
-        assert_eq!(state.services[0].affinity_timeout_s, Some(DEFAULT_AFFINITY_TIMEOUT_S));
+        let state = parse_str(
+            &with("    backends:", "    affinity: true\n    backends:"),
+            "t.yaml",
+        )
+        .unwrap();
+        assert_eq!(
+            state.services[0].affinity_timeout_s,
+            Some(DEFAULT_AFFINITY_TIMEOUT_S)
+        );
     }
 
     #[test]
     fn bad_affinity_settings() {
         check(
-            &with("    backends:", "    affinity_timeout_seconds: 5\n    backends:"),
+            &with(
+                "    backends:",
+                "    affinity_timeout_seconds: 5\n    backends:",
+            ),
             "sets affinity_timeout_seconds without `affinity: true`",
             5,
             31,
         );
         check(
-            &with("    backends:", "    affinity: true\n    affinity_timeout_seconds: 0\n    backends:"),
+            &with(
+                "    backends:",
+                "    affinity: true\n    affinity_timeout_seconds: 0\n    backends:",
+            ),
             "affinity_timeout_seconds 0 is out of range",
             6,
             31,
@@ -983,7 +997,10 @@ services:
     #[test]
     fn unknown_backend_state() {
         check(
-            &with("        port: 18081", "        port: 18081\n        state: paused"),
+            &with(
+                "        port: 18081",
+                "        port: 18081\n        state: paused",
+            ),
             "unknown backend state 'paused'; accepted: active, draining",
             8,
             16,
@@ -995,14 +1012,25 @@ services:
         let yaml = format!(
             "{BASE}  - name: dns\n    vip: 127.10.0.1\n    port: 80\n    protocol: both\n    backends:\n      - address: 127.0.0.1\n        port: 9\n"
         );
-        check(&yaml, "127.10.0.1:80/both, which service 'web' already uses", 9, 10);
+        check(
+            &yaml,
+            "127.10.0.1:80/both, which service 'web' already uses",
+            9,
+            10,
+        );
     }
 
     #[test]
     fn policy_problems() {
         let workload = "workloads:\n  - name: frontend\n    cgroup: /sys/fs/cgroup/frontend\n";
         let policy = |body: &str| {
-            format!("{workload}{}", with("    backends:", &format!("    policy:\n{body}    backends:")))
+            format!(
+                "{workload}{}",
+                with(
+                    "    backends:",
+                    &format!("    policy:\n{body}    backends:")
+                )
+            )
         };
         check(
             &policy("      allow: [frontnd]\n"),
@@ -1033,7 +1061,9 @@ services:
             13,
         );
         check(
-            &format!("workloads:\n  - {{name: a, cgroup: /a}}\n  - {{name: a, cgroup: /b}}\n{BASE}"),
+            &format!(
+                "workloads:\n  - {{name: a, cgroup: /a}}\n  - {{name: a, cgroup: /b}}\n{BASE}"
+            ),
             "workload name 'a' is already used on line 2",
             3,
             12,

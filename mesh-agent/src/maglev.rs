@@ -23,7 +23,14 @@ pub fn table_size(backends: usize, max: u32) -> u32 {
         .iter()
         .copied()
         .find(|&p| p > wanted && p <= max)
-        .unwrap_or_else(|| PRIMES.iter().copied().filter(|&p| p <= max).max().unwrap_or(PRIMES[0]))
+        .unwrap_or_else(|| {
+            PRIMES
+                .iter()
+                .copied()
+                .filter(|&p| p <= max)
+                .max()
+                .unwrap_or(PRIMES[0])
+        })
 }
 
 /// Builds a table of `size` entries (a prime), each the index of a backend in
@@ -81,7 +88,10 @@ fn build_sorted(backends: &[(SocketAddr, u32)], size: u32) -> Vec<u32> {
             }
         }
     }
-    table.into_iter().map(|e| e.expect("every entry filled")).collect()
+    table
+        .into_iter()
+        .map(|e| e.expect("every entry filled"))
+        .collect()
 }
 
 /// Entries per backend, summing to exactly `size`.
@@ -182,6 +192,9 @@ mod tests {
         let by_addr = |table: Vec<u32>, list: &[(SocketAddr, u32)]| -> Vec<SocketAddr> {
             table.into_iter().map(|i| list[i as usize].0).collect()
         };
-        assert_eq!(by_addr(build(&b, 509), &b), by_addr(build(&reversed, 509), &reversed));
+        assert_eq!(
+            by_addr(build(&b, 509), &b),
+            by_addr(build(&reversed, 509), &reversed)
+        );
     }
 }

@@ -21,8 +21,8 @@ use aya::maps::{MapError, PerCpuValues};
 use mesh_common::{
     ALGORITHM_LEAST_CONN, ALGORITHM_MAGLEV, ALGORITHM_WEIGHTED, BACKEND_ACTIVE, BACKEND_DRAINING,
     BackendId, BackendStats, BackendValue, FAMILY_V4, FAMILY_V6, PolicyKey, PolicyValue,
-    SERVICE_AFFINITY, SERVICE_DEFAULT_DENY, SERVICE_POLICY, ServiceKey, ServiceStats,
-    ServiceValue, SlotKey, VERDICT_ALLOW, VERDICT_DENY, limits, map_names,
+    SERVICE_AFFINITY, SERVICE_DEFAULT_DENY, SERVICE_POLICY, ServiceKey, ServiceStats, ServiceValue,
+    SlotKey, VERDICT_ALLOW, VERDICT_DENY, limits, map_names,
 };
 
 use crate::bpf::Maps;
@@ -276,7 +276,8 @@ impl Reconciler {
 
     fn plan(&self, desired: &DesiredState) -> Result<Plan, ReconcileError> {
         let cap = self.capacity;
-        let mut service_ids = IdAllocator::new(self.services.values().map(|s| s.id()), cap.services);
+        let mut service_ids =
+            IdAllocator::new(self.services.values().map(|s| s.id()), cap.services);
         let mut backend_ids = IdAllocator::new(
             self.services
                 .values()
@@ -295,7 +296,8 @@ impl Reconciler {
                     source,
                 })?
                 .ino();
-            plan.workloads.insert(cgroup_id, plan.identities[&w.identity]);
+            plan.workloads
+                .insert(cgroup_id, plan.identities[&w.identity]);
         }
         check_capacity(map_names::WORKLOADS, plan.workloads.len(), cap.workloads)?;
 
@@ -369,7 +371,11 @@ impl Reconciler {
             }
         }
         check_capacity(map_names::SERVICES, plan.services.len(), cap.services)?;
-        check_capacity(map_names::POLICY, plan.policy.len() + self.policy.len(), cap.policy)?;
+        check_capacity(
+            map_names::POLICY,
+            plan.policy.len() + self.policy.len(),
+            cap.policy,
+        )?;
         // Old and new generations coexist until phase 3.
         let live_slots: usize = self.services.values().map(|s| s.slots.len()).sum();
         let new_slots: usize = plan
@@ -410,7 +416,11 @@ pub fn service_keys(svc: &Service) -> impl Iterator<Item = ServiceKey> + '_ {
 
 /// Identity ids: kept for names seen before, fresh ones for new names.
 fn identity_ids(desired: &DesiredState, previous: &BTreeMap<String, u32>) -> BTreeMap<String, u32> {
-    let names: BTreeSet<&str> = desired.workloads.iter().map(|w| w.identity.as_str()).collect();
+    let names: BTreeSet<&str> = desired
+        .workloads
+        .iter()
+        .map(|w| w.identity.as_str())
+        .collect();
     let mut ids = IdAllocator::new(previous.values().copied(), u32::MAX);
     names
         .into_iter()

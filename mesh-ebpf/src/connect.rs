@@ -2,7 +2,9 @@
 //! becomes a connect to one of its backends, before any packet exists. TCP
 //! and connected UDP sockets both come through here.
 
-use aya_ebpf::{helpers::generated::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext};
+use aya_ebpf::{
+    helpers::generated::bpf_set_retval, macros::cgroup_sock_addr, programs::SockAddrContext,
+};
 
 use crate::{
     lb::{self, Call, Outcome},

@@ -5,11 +5,14 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
-    helpers::{bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_prandom_u32, bpf_ktime_get_ns},
+    helpers::{
+        bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_prandom_u32,
+        bpf_ktime_get_ns,
+    },
     programs::SockAddrContext,
 };
 use mesh_common::{
-    AffinityKey, AffinityValue, ALGORITHM_LEAST_CONN, ALGORITHM_MAGLEV, BACKEND_ACTIVE,
+    ALGORITHM_LEAST_CONN, ALGORITHM_MAGLEV, AffinityKey, AffinityValue, BACKEND_ACTIVE,
     BackendValue, CONFIG_EVENTS, ConfigValue, ConnValue, ECONNREFUSED, EPERM, EVENT_DENIED,
     EVENT_FORWARDED, EVENT_NO_BACKEND, Event, IDENTITY_UNKNOWN, PROTO_TCP, PROTO_UDP, PolicyKey,
     RevNatKey, RevNatValue, SERVICE_AFFINITY, SERVICE_DEFAULT_DENY, SERVICE_POLICY, ServiceKey,
@@ -94,12 +97,11 @@ pub fn balance(ctx: &SockAddrContext, dst: Addr, port: u16, call: Call) -> Outco
         service_id: svc.service_id,
         _pad: 0,
     };
-    if call == Call::UnconnectedSend {
-        if let Some(sticky) = unsafe { MESH_SOCK_LB.get(sock_lb_key).copied() } {
-            if let Some(be) = usable_backend(sticky.backend_id, svc.service_id) {
-                return Outcome::Forward(backend_addr(&be), be.port);
-            }
-        }
+    if call == Call::UnconnectedSend
+        && let Some(sticky) = unsafe { MESH_SOCK_LB.get(sock_lb_key).copied() }
+        && let Some(be) = usable_backend(sticky.backend_id, svc.service_id)
+    {
+        return Outcome::Forward(backend_addr(&be), be.port);
     }
 
     event.client = client_id(ctx, &config, cgroup_id);
@@ -174,21 +176,19 @@ fn choose(key: &ServiceKey, svc: &ServiceValue, client: u64) -> Option<Choice> {
     };
     let now = unsafe { bpf_ktime_get_ns() };
     let affinity = svc.flags & SERVICE_AFFINITY != 0;
-    if affinity {
-        if let Some(entry) = MESH_AFFINITY.get_ptr_mut(affinity_key) {
-            let entry = unsafe { &mut *entry };
-            let timeout_ns = u64::from(svc.affinity_timeout_s) * 1_000_000_000;
-            if now.wrapping_sub(entry.last_used_ns) < timeout_ns {
-                if let Some(backend) = usable_backend(entry.backend_id, svc.service_id) {
-                    entry.last_used_ns = now;
-                    return Some(Choice {
-                        backend_id: entry.backend_id,
-                        backend,
-                        slot: u32::MAX,
-                        affinity_hit: true,
-                    });
-                }
-            }
+    if affinity && let Some(entry) = MESH_AFFINITY.get_ptr_mut(affinity_key) {
+        let entry = unsafe { &mut *entry };
+        let timeout_ns = u64::from(svc.affinity_timeout_s) * 1_000_000_000;
+        if now.wrapping_sub(entry.last_used_ns) < timeout_ns
+            && let Some(backend) = usable_backend(entry.backend_id, svc.service_id)
+        {
+            entry.last_used_ns = now;
+            return Some(Choice {
+                backend_id: entry.backend_id,
+                backend,
+                slot: u32::MAX,
+                affinity_hit: true,
+            });
         }
     }
     // A concurrent update may delete the generation this reader saw; the
@@ -220,7 +220,9 @@ fn pick(svc: &ServiceValue, client: u64) -> Option<Choice> {
         return None;
     }
     let slot = match svc.algorithm {
-        ALGORITHM_MAGLEV => (mix64(client ^ u64::from(svc.service_id)) % u64::from(svc.slot_count)) as u32,
+        ALGORITHM_MAGLEV => {
+            (mix64(client ^ u64::from(svc.service_id)) % u64::from(svc.slot_count)) as u32
+        }
         ALGORITHM_LEAST_CONN => {
             // Power of two choices: two distinct random slots, the backend
             // with fewer live connections wins.
@@ -295,7 +297,11 @@ fn mix64(mut x: u64) -> u64 {
 #[inline(always)]
 fn client_id(ctx: &SockAddrContext, config: &ConfigValue, cgroup_id: u64) -> u64 {
     let netns = sock_addr::netns_cookie(ctx);
-    if netns == config.host_netns_cookie { cgroup_id } else { netns }
+    if netns == config.host_netns_cookie {
+        cgroup_id
+    } else {
+        netns
+    }
 }
 
 /// The workload identity of the calling task: its own cgroup, or the
@@ -309,10 +315,10 @@ fn identity(cgroup_id: u64) -> u32 {
     let mut level = MAX_CGROUP_DEPTH;
     while level > 0 {
         let ancestor = unsafe { bpf_get_current_ancestor_cgroup_id(level) };
-        if ancestor != 0 {
-            if let Some(id) = unsafe { MESH_WORKLOADS.get(ancestor) } {
-                return *id;
-            }
+        if ancestor != 0
+            && let Some(id) = unsafe { MESH_WORKLOADS.get(ancestor) }
+        {
+            return *id;
         }
         level -= 1;
     }

@@ -54,12 +54,10 @@ pub static MESH_WORKLOADS: HashMap<u64, u32> = HashMap::pinned(limits::MAX_WORKL
 pub static MESH_POLICY: HashMap<PolicyKey, PolicyValue> = HashMap::pinned(limits::MAX_POLICY, 0);
 
 #[map(name = "MESH_BE_STATS")]
-pub static MESH_BE_STATS: PerCpuArray<BackendStats> =
-    PerCpuArray::pinned(limits::MAX_BACKENDS, 0);
+pub static MESH_BE_STATS: PerCpuArray<BackendStats> = PerCpuArray::pinned(limits::MAX_BACKENDS, 0);
 
 #[map(name = "MESH_SVC_STATS")]
-pub static MESH_SVC_STATS: PerCpuArray<ServiceStats> =
-    PerCpuArray::pinned(limits::MAX_SERVICES, 0);
+pub static MESH_SVC_STATS: PerCpuArray<ServiceStats> = PerCpuArray::pinned(limits::MAX_SERVICES, 0);
 
 #[map(name = "MESH_EVENTS")]
 pub static MESH_EVENTS: RingBuf = RingBuf::pinned(limits::EVENTS_BYTES, 0);

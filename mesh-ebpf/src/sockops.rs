@@ -3,7 +3,9 @@
 //! once when it closes, however it closes (FIN, RST, timeout).
 
 use aya_ebpf::{
-    bindings::{BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG},
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG,
+    },
     helpers::bpf_get_socket_cookie,
     macros::sock_ops,
     programs::SockOpsContext,

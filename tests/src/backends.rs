@@ -101,44 +101,6 @@ impl Drop for TestBackend {
     }
 }
 
-#[cfg(test)]
-mod tests {
-    use super::*;
-    use std::io::Read;
-    use std::net::TcpStream;
-
-    fn fetch(addr: SocketAddr) -> String {
-        let mut s = TcpStream::connect(addr).unwrap();
-        let mut buf = String::new();
-        s.read_to_string(&mut buf).unwrap();
-        buf
-    }
-
-    #[test]
-    fn serves_its_id_and_counts() {
-        let b = TestBackend::new(7).unwrap();
-        assert!(b.addr().ip().is_loopback() && b.port() != 0);
-        for _ in 0..3 {
-            assert_eq!(fetch(b.addr()), "7\n");
-        }
-        assert_eq!(b.accepted(), 3);
-        let addr = b.addr();
-        drop(b);
-        assert!(
-            TcpStream::connect(addr).is_err(),
-            "listener closed after drop"
-        );
-    }
-
-    #[test]
-    fn specific_loopback_address() {
-        let b = listener_on("127.10.0.5:0".parse().unwrap(), 42).unwrap();
-        assert_eq!(b.addr().ip().to_string(), "127.10.0.5");
-        assert_eq!(fetch(b.addr()), "42\n");
-        assert!(listener_on("10.0.0.1:80".parse().unwrap(), 1).is_err());
-    }
-}
-
 /// A UDP server on a loopback address that answers every datagram with
 /// `"<id>\n"`, from the address it listens on.
 pub struct UdpBackend {
@@ -206,5 +168,43 @@ impl Drop for UdpBackend {
         if let Some(thread) = self.thread.take() {
             let _ = thread.join();
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::net::TcpStream;
+
+    fn fetch(addr: SocketAddr) -> String {
+        let mut s = TcpStream::connect(addr).unwrap();
+        let mut buf = String::new();
+        s.read_to_string(&mut buf).unwrap();
+        buf
+    }
+
+    #[test]
+    fn serves_its_id_and_counts() {
+        let b = TestBackend::new(7).unwrap();
+        assert!(b.addr().ip().is_loopback() && b.port() != 0);
+        for _ in 0..3 {
+            assert_eq!(fetch(b.addr()), "7\n");
+        }
+        assert_eq!(b.accepted(), 3);
+        let addr = b.addr();
+        drop(b);
+        assert!(
+            TcpStream::connect(addr).is_err(),
+            "listener closed after drop"
+        );
+    }
+
+    #[test]
+    fn specific_loopback_address() {
+        let b = listener_on("127.10.0.5:0".parse().unwrap(), 42).unwrap();
+        assert_eq!(b.addr().ip().to_string(), "127.10.0.5");
+        assert_eq!(fetch(b.addr()), "42\n");
+        assert!(listener_on("10.0.0.1:80".parse().unwrap(), 1).is_err());
     }
 }

@@ -134,7 +134,13 @@ fn connect(target: SocketAddr, timeout: Duration, mark: Option<u32>) -> io::Resu
 /// `count` UDP sockets, each sending `per_socket` datagrams to `target` and
 /// reading the replies; `connected` sockets connect() first, the others name
 /// the target on every send (sendmsg) and read with recvfrom.
-pub fn udp_loop(target: SocketAddr, count: u32, per_socket: u32, connected: bool, timeout: Duration) -> ProbeResult {
+pub fn udp_loop(
+    target: SocketAddr,
+    count: u32,
+    per_socket: u32,
+    connected: bool,
+    timeout: Duration,
+) -> ProbeResult {
     let mut r = ProbeResult::default();
     let deadline = Instant::now() + timeout * count.max(1) * per_socket.max(1);
     for _ in 0..count {
@@ -257,12 +263,22 @@ impl Drop for HeldConnections {
 
 /// Opens `count` connections to `target` from `cgroup` and keeps them open
 /// (for at most 60 s) until the returned value is dropped.
-pub fn hold_connections(cgroup: &TestCgroup, target: SocketAddr, count: u32) -> Result<HeldConnections> {
+pub fn hold_connections(
+    cgroup: &TestCgroup,
+    target: SocketAddr,
+    count: u32,
+) -> Result<HeldConnections> {
     use std::io::BufRead as _;
     let probe = crate::require_bin("mesh-probe")?;
     let mut child = cgroup
         .command(&probe)
-        .args(["hold", "--target", &target.to_string(), "--count", &count.to_string()])
+        .args([
+            "hold",
+            "--target",
+            &target.to_string(),
+            "--count",
+            &count.to_string(),
+        ])
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("spawning mesh-probe hold")?;

@@ -63,8 +63,14 @@ fn connections_never_see_a_partial_backend_set_during_rapid_updates() -> Result<
     // Disjoint sets with different table sizes (3 and 10 slots), so a reader
     // that mixed the service entry of one with the slots of the other would
     // miss a slot or a backend and fail its connect.
-    let set_a = desired(vip, &[(&backends[0], 1), (&backends[1], 1), (&backends[2], 1)]);
-    let set_b = desired(vip, &[(&backends[3], 1), (&backends[4], 2), (&backends[5], 7)]);
+    let set_a = desired(
+        vip,
+        &[(&backends[0], 1), (&backends[1], 1), (&backends[2], 1)],
+    );
+    let set_b = desired(
+        vip,
+        &[(&backends[3], 1), (&backends[4], 2), (&backends[5], 7)],
+    );
 
     let cgroup = TestCgroup::new("atomic")?;
     let pins = Pins(PinLayout::new(format!(
@@ -103,7 +109,10 @@ fn connections_never_see_a_partial_backend_set_during_rapid_updates() -> Result<
         "{during} backend-set replacements in {elapsed:?} ({:.0}/s) while connecting",
         during as f64 / elapsed.as_secs_f64()
     );
-    assert!(during >= 100, "the updater must have run concurrently ({during} updates)");
+    assert!(
+        during >= 100,
+        "the updater must have run concurrently ({during} updates)"
+    );
     assert_eq!(result.ok, 5_000, "no connection may fail: {result:?}");
     let outside: u64 = result
         .ids

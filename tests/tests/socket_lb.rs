@@ -74,8 +74,16 @@ fn ipv6_connect_and_getpeername_show_the_vip() -> Result<()> {
 
     let result = run_probe(&cgroup, vip, 400)?;
     assert_eq!(result.ok, 400, "{result:?}");
-    assert!(result.id_count(1) > 100 && result.id_count(2) > 100, "{result:?}");
-    assert_eq!(result.peers.get(&vip.to_string()), Some(&400), "{:?}", result.peers);
+    assert!(
+        result.id_count(1) > 100 && result.id_count(2) > 100,
+        "{result:?}"
+    );
+    assert_eq!(
+        result.peers.get(&vip.to_string()),
+        Some(&400),
+        "{:?}",
+        result.peers
+    );
     Ok(())
 }
 
@@ -88,18 +96,29 @@ fn ipv4_mapped_ipv6_sockets_reach_ipv4_services() -> Result<()> {
         &config(&[service("web", vip, "", &[(backend.addr(), 1)])]),
         &cgroup,
     )?;
-    let SocketAddr::V4(v4) = vip else { unreachable!() };
+    let SocketAddr::V4(v4) = vip else {
+        unreachable!()
+    };
     let mapped = SocketAddr::from((v4.ip().to_ipv6_mapped(), vip.port()));
 
     let result = run_probe(&cgroup, mapped, 20)?;
     assert_eq!(result.id_count(5), 20, "{result:?}");
-    assert_eq!(result.peers.get(&mapped.to_string()), Some(&20), "{:?}", result.peers);
+    assert_eq!(
+        result.peers.get(&mapped.to_string()),
+        Some(&20),
+        "{:?}",
+        result.peers
+    );
     Ok(())
 }
 
 #[test]
 fn udp_unconnected_is_balanced_per_socket_and_replies_come_from_the_vip() -> Result<()> {
-    let backends = [UdpBackend::new(1)?, UdpBackend::new(2)?, UdpBackend::new(3)?];
+    let backends = [
+        UdpBackend::new(1)?,
+        UdpBackend::new(2)?,
+        UdpBackend::new(3)?,
+    ];
     let cgroup = TestCgroup::new("udp")?;
     let vip = vip4(2, 53);
     let weights = [1u32, 2, 7];
@@ -113,7 +132,12 @@ fn udp_unconnected_is_balanced_per_socket_and_replies_come_from_the_vip() -> Res
     let result = run_udp_probe(&cgroup, vip, 600, 5, false)?;
     assert_eq!(result.ok, 3000, "{result:?}");
     assert_eq!(result.sticky_sockets, 600, "{result:?}");
-    assert_eq!(result.sources.get(&vip.to_string()), Some(&3000), "{:?}", result.sources);
+    assert_eq!(
+        result.sources.get(&vip.to_string()),
+        Some(&3000),
+        "{:?}",
+        result.sources
+    );
     let per_socket: Vec<u64> = (1..=3).map(|id| result.id_count(id) / 5).collect();
     let p = p_value(&per_socket, &weights.map(f64::from));
     assert!(p > 0.001, "split {per_socket:?} (p {p:.5})");
@@ -123,20 +147,44 @@ fn udp_unconnected_is_balanced_per_socket_and_replies_come_from_the_vip() -> Res
     Ok(())
 }
 
+/// Connected (connect4/6 + getpeername + recvmsg) and unconnected
+/// (sendmsg + recvmsg) UDP, over both families.
 #[test]
-fn udp_connected_sockets_see_the_vip_as_peer_and_source() -> Result<()> {
-    let backend = UdpBackend::on(SocketAddr::from((Ipv6Addr::LOCALHOST, 0)), 4)?;
+fn udp_sockets_of_both_families_see_the_vip_as_peer_and_source() -> Result<()> {
+    let v4 = UdpBackend::new(4)?;
+    let v6 = UdpBackend::on(SocketAddr::from((Ipv6Addr::LOCALHOST, 0)), 6)?;
     let cgroup = TestCgroup::new("udpconn")?;
-    let vip = vip6(2);
+    let (vip_v4, vip_v6) = (vip4(9, 53), vip6(2));
+    let udp = "    protocol: udp\n";
     let _agent = Agent::start(
-        &config(&[service("dns6", vip, "    protocol: udp\n", &[(backend.addr(), 1)])]),
+        &config(&[
+            service("dns4", vip_v4, udp, &[(v4.addr(), 1)]),
+            service("dns6", vip_v6, udp, &[(v6.addr(), 1)]),
+        ]),
         &cgroup,
     )?;
-    let result = run_udp_probe(&cgroup, vip, 20, 3, true)?;
-    assert_eq!(result.ok, 60, "{result:?}");
-    assert_eq!(result.id_count(4), 60);
-    assert_eq!(result.peers.get(&vip.to_string()), Some(&20), "{:?}", result.peers);
-    assert_eq!(result.sources.get(&vip.to_string()), Some(&60), "{:?}", result.sources);
+    for (vip, id) in [(vip_v4, 4), (vip_v6, 6)] {
+        let connected = run_udp_probe(&cgroup, vip, 20, 3, true)?;
+        assert_eq!(connected.id_count(id), 60, "{connected:?}");
+        assert_eq!(
+            connected.peers.get(&vip.to_string()),
+            Some(&20),
+            "{connected:?}"
+        );
+        assert_eq!(
+            connected.sources.get(&vip.to_string()),
+            Some(&60),
+            "{connected:?}"
+        );
+
+        let unconnected = run_udp_probe(&cgroup, vip, 20, 3, false)?;
+        assert_eq!(unconnected.id_count(id), 60, "{unconnected:?}");
+        assert_eq!(
+            unconnected.sources.get(&vip.to_string()),
+            Some(&60),
+            "{unconnected:?}"
+        );
+    }
     Ok(())
 }
 
@@ -148,7 +196,12 @@ fn tcp_and_udp_share_one_vip_and_port() -> Result<()> {
     let cgroup = TestCgroup::new("both")?;
     let vip = vip4(3, 53);
     let _agent = Agent::start(
-        &config(&[service("dns", vip, "    protocol: both\n", &[(tcp.addr(), 1)])]),
+        &config(&[service(
+            "dns",
+            vip,
+            "    protocol: both\n",
+            &[(tcp.addr(), 1)],
+        )]),
         &cgroup,
     )?;
     assert_eq!(run_probe(&cgroup, vip, 10)?.id_count(1), 10);
@@ -173,12 +226,18 @@ fn maglev_keeps_clients_on_their_backend_when_one_of_ten_is_removed() -> Result<
 
     let backend_of = |cg: &TestCgroup| -> Result<u32> {
         let r = run_probe(cg, vip, 3)?;
-        anyhow::ensure!(r.ids.len() == 1 && r.ok == 3, "one client, one backend: {r:?}");
+        anyhow::ensure!(
+            r.ids.len() == 1 && r.ok == 3,
+            "one client, one backend: {r:?}"
+        );
         Ok(r.ids.keys().next().unwrap().parse()?)
     };
     let before: Vec<u32> = children.iter().map(backend_of).collect::<Result<_>>()?;
     let distinct: std::collections::BTreeSet<_> = before.iter().collect();
-    assert!(distinct.len() >= 8, "clients spread over backends: {before:?}");
+    assert!(
+        distinct.len() >= 8,
+        "clients spread over backends: {before:?}"
+    );
 
     agent.write_config(&config(&[service("web", vip, maglev, &all[1..])]))?;
     agent.sighup()?;
@@ -193,8 +252,15 @@ fn maglev_keeps_clients_on_their_backend_when_one_of_ten_is_removed() -> Result<
         .collect();
     let kept = survivors.iter().filter(|(b, a)| b == a).count();
     let ratio = kept as f64 / survivors.len() as f64;
-    assert!(ratio >= 0.95, "only {kept}/{} clients kept their backend", survivors.len());
-    assert!(after.iter().all(|&b| b != 1), "nobody reaches the removed backend");
+    assert!(
+        ratio >= 0.95,
+        "only {kept}/{} clients kept their backend",
+        survivors.len()
+    );
+    assert!(
+        after.iter().all(|&b| b != 1),
+        "nobody reaches the removed backend"
+    );
     Ok(())
 }
 
@@ -205,31 +271,56 @@ fn least_conn_sends_new_connections_to_the_backend_with_fewest_live_ones() -> Re
     let cgroup = TestCgroup::new("leastconn")?;
     let vip = vip4(5, 80);
     let lc = "    algorithm: least-conn\n";
-    let agent = Agent::start(&config(&[service("web", vip, lc, &[(a.addr(), 1), (b.addr(), 0)])]), &cgroup)?;
+    let agent = Agent::start(
+        &config(&[service("web", vip, lc, &[(a.addr(), 1), (b.addr(), 0)])]),
+        &cgroup,
+    )?;
 
     // 20 connections held open on A.
     let held = hold_connections(&cgroup, vip, 20)?;
     assert_eq!(held.result.ids.get("1"), Some(&20), "{:?}", held.result);
     let live_on = |agent: &Agent, i: usize| -> Result<u64> {
         let s = agent.meshctl_json(&["services"])?;
-        Ok(s["services"][0]["backends"][i]["active"].as_u64().unwrap_or(u64::MAX))
+        Ok(s["services"][0]["backends"][i]["active"]
+            .as_u64()
+            .unwrap_or(u64::MAX))
     };
-    assert_eq!(live_on(&agent, 0)?, 20, "the kernel counts the held connections");
+    assert_eq!(
+        live_on(&agent, 0)?,
+        20,
+        "the kernel counts the held connections"
+    );
 
-    agent.write_config(&config(&[service("web", vip, lc, &[(a.addr(), 1), (b.addr(), 1)])]))?;
+    agent.write_config(&config(&[service(
+        "web",
+        vip,
+        lc,
+        &[(a.addr(), 1), (b.addr(), 1)],
+    )]))?;
     agent.sighup()?;
     agent.wait_for_generation(2, WAIT)?;
     let result = run_probe(&cgroup, vip, 50)?;
-    assert_eq!(result.id_count(2), 50, "all new connections go to B: {result:?}");
+    assert_eq!(
+        result.id_count(2),
+        50,
+        "all new connections go to B: {result:?}"
+    );
 
     // Closing the held connections brings A's count back to zero.
     drop(held);
     let deadline = std::time::Instant::now() + WAIT;
     while live_on(&agent, 0)? != 0 {
-        assert!(std::time::Instant::now() < deadline, "live count never dropped");
+        assert!(
+            std::time::Instant::now() < deadline,
+            "live count never dropped"
+        );
         std::thread::sleep(Duration::from_millis(50));
     }
-    assert_eq!(live_on(&agent, 1)?, 0, "B's short connections are all closed");
+    assert_eq!(
+        live_on(&agent, 1)?,
+        0,
+        "B's short connections are all closed"
+    );
     Ok(())
 }
 
@@ -259,7 +350,11 @@ fn affinity_holds_within_the_timeout_and_expires_after_it() -> Result<()> {
     };
     let first = hits(&events);
     assert_eq!(first.len(), 60);
-    assert_eq!(first.iter().filter(|h| !**h).count(), 2, "one miss per client");
+    assert_eq!(
+        first.iter().filter(|h| !**h).count(),
+        2,
+        "one miss per client"
+    );
 
     // After the timeout the next connect is a fresh choice, then sticks again.
     std::thread::sleep(Duration::from_millis(1500));
@@ -292,12 +387,20 @@ fn draining_backends_get_no_new_connections_while_old_ones_continue() -> Result<
     agent.sighup()?;
     agent.wait_for_generation(2, WAIT)?;
     let result = run_probe(&cgroup, vip, 100)?;
-    assert_eq!(result.id_count(2), 100, "no new connection to the draining backend");
+    assert_eq!(
+        result.id_count(2),
+        100,
+        "no new connection to the draining backend"
+    );
 
     let services = agent.meshctl_json(&["services"])?;
     let a_view = &services["services"][0]["backends"][0];
     assert_eq!(a_view["state"], "draining");
-    assert_eq!(a_view["active"], Value::from(held_on_a), "its connections live on: {a_view}");
+    assert_eq!(
+        a_view["active"],
+        Value::from(held_on_a),
+        "its connections live on: {a_view}"
+    );
     Ok(())
 }
 
@@ -324,7 +427,11 @@ fn policy_denies_with_eperm_allows_by_identity_and_counts_both() -> Result<()> {
     let agent = Agent::start(&yaml, &parent)?;
 
     assert_eq!(run_probe(&frontend, vip, 10)?.id_count(1), 10);
-    assert_eq!(run_probe(&frontend_container, vip, 10)?.id_count(1), 10, "a pod's containers share its identity");
+    assert_eq!(
+        run_probe(&frontend_container, vip, 10)?.id_count(1),
+        10,
+        "a pod's containers share its identity"
+    );
     for denied in [&batch, &stranger] {
         let r = run_probe(denied, vip, 10)?;
         assert_eq!(r.errors.get("EPERM"), Some(&10), "{r:?}");
@@ -338,10 +445,24 @@ fn policy_denies_with_eperm_allows_by_identity_and_counts_both() -> Result<()> {
     let mut verdicts: BTreeMap<(String, String), u64> = BTreeMap::new();
     for e in events["events"].as_array().unwrap() {
         let identity = e["identity"].as_str().unwrap_or("-").to_owned();
-        *verdicts.entry((identity, e["verdict"].as_str().unwrap().to_owned())).or_default() += 1;
+        *verdicts
+            .entry((identity, e["verdict"].as_str().unwrap().to_owned()))
+            .or_default() += 1;
     }
-    assert_eq!(verdicts.get(&("frontend".into(), "forwarded".into())), Some(&20), "{verdicts:?}");
-    assert_eq!(verdicts.get(&("batch".into(), "denied".into())), Some(&10), "{verdicts:?}");
-    assert_eq!(verdicts.get(&("-".into(), "denied".into())), Some(&10), "{verdicts:?}");
+    assert_eq!(
+        verdicts.get(&("frontend".into(), "forwarded".into())),
+        Some(&20),
+        "{verdicts:?}"
+    );
+    assert_eq!(
+        verdicts.get(&("batch".into(), "denied".into())),
+        Some(&10),
+        "{verdicts:?}"
+    );
+    assert_eq!(
+        verdicts.get(&("-".into(), "denied".into())),
+        Some(&10),
+        "{verdicts:?}"
+    );
     Ok(())
 }

@@ -31,6 +31,10 @@ impl ConfigError {
     }
 }
 
+fn family(v6: bool) -> &'static str {
+    if v6 { "IPv6" } else { "IPv4" }
+}
+
 fn position(at: &Option<(usize, usize)>) -> String {
     at.map(|(line, column)| format!(":{line}:{column}"))
         .unwrap_or_default()
@@ -57,19 +61,17 @@ pub enum Problem {
         "service name '{name}' is already used on line {first_line}; give each service its own name"
     )]
     DuplicateName { name: String, first_line: usize },
-    #[error(
-        "{field} {text} is not an IP address; write an address such as 127.10.0.1 or fd00::10"
-    )]
+    #[error("{field} {text} is not an IP address; write an address such as 127.10.0.1 or fd00::10")]
     BadIp { field: &'static str, text: String },
     #[error(
-        "backend {backend} of service '{service}' is {backend_family} but the VIP is \
-         {vip_family}; a service's backends share its VIP's address family"
+        "backend {backend} of service '{service}' is {} but the VIP is {}; a service's \
+         backends share its VIP's address family",
+        family(backend.is_ipv6()),
+        family(!backend.is_ipv6())
     )]
     FamilyMismatch {
         service: String,
         backend: SocketAddr,
-        backend_family: &'static str,
-        vip_family: &'static str,
     },
     #[error("unknown backend state {value}; accepted: {accepted}")]
     UnknownState { value: String, accepted: String },
@@ -97,7 +99,9 @@ pub enum Problem {
          such as /sys/fs/cgroup/pods/frontend"
     )]
     RelativeCgroup { name: String, path: String },
-    #[error("workload name '{name}' is already used on line {first_line}; give each workload its own name")]
+    #[error(
+        "workload name '{name}' is already used on line {first_line}; give each workload its own name"
+    )]
     DuplicateWorkload { name: String, first_line: usize },
     #[error("port 0 is not a usable port; use a port from 1 to 65535")]
     PortZero,

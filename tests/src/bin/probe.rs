@@ -61,13 +61,22 @@ fn run() -> Result<(), String> {
     let result = match mode.as_str() {
         "udp" => udp_loop(target, count, per_socket.clamp(1, 100), connected, timeout),
         "hold" => return hold(target, count, timeout),
-        _ => connect_loop(target, count, timeout, total_budget(count, timeout_ms), mark),
+        _ => connect_loop(
+            target,
+            count,
+            timeout,
+            total_budget(count, timeout_ms),
+            mark,
+        ),
     };
     print_result(&result)
 }
 
 fn print_result(result: &ProbeResult) -> Result<(), String> {
-    println!("{}", serde_json::to_string(result).map_err(|e| e.to_string())?);
+    println!(
+        "{}",
+        serde_json::to_string(result).map_err(|e| e.to_string())?
+    );
     Ok(())
 }
 
@@ -90,7 +99,12 @@ fn hold(target: SocketAddr, count: u32, timeout: Duration) -> Result<(), String>
                 }
                 open.push(stream);
             }
-            Err(e) => *result.errors.entry(mesh_tests::probe::errno_name(&e)).or_default() += 1,
+            Err(e) => {
+                *result
+                    .errors
+                    .entry(mesh_tests::probe::errno_name(&e))
+                    .or_default() += 1
+            }
         }
     }
     print_result(&result)?;
