@@ -15,10 +15,15 @@ const PRIMES: [u32; 10] = [
     251, 509, 1_021, 2_039, 4_093, 8_191, 16_381, 32_749, 65_521, 131_071,
 ];
 
-/// The smallest listed prime above 100 entries per backend (as the paper
-/// recommends for even spread), capped at `max`.
+/// Entries per backend. The paper asks for M > 100·N for an even spread;
+/// four times that cuts the clients that move when a backend goes from
+/// about 2.7% to about 1% (measured with 10 backends).
+const ENTRIES_PER_BACKEND: u64 = 400;
+
+/// The smallest listed prime above `ENTRIES_PER_BACKEND` per backend,
+/// capped at `max`.
 pub fn table_size(backends: usize, max: u32) -> u32 {
-    let wanted = (backends as u64 * 100).min(u64::from(u32::MAX)) as u32;
+    let wanted = (backends as u64 * ENTRIES_PER_BACKEND).min(u64::from(u32::MAX)) as u32;
     PRIMES
         .iter()
         .copied()
@@ -138,12 +143,12 @@ mod tests {
     }
 
     #[test]
-    fn sizes_are_primes_above_a_hundred_per_backend() {
-        assert_eq!(table_size(1, 131_071), 251);
-        assert_eq!(table_size(10, 131_071), 1_021);
+    fn sizes_are_primes_above_four_hundred_per_backend() {
+        assert_eq!(table_size(1, 131_071), 509);
+        assert_eq!(table_size(10, 131_071), 4_093);
         assert_eq!(table_size(1000, 131_071), 131_071);
         assert_eq!(table_size(5000, 131_071), 131_071);
-        assert_eq!(table_size(10, 509), 509);
+        assert_eq!(table_size(10, 1_021), 1_021);
     }
 
     #[test]
@@ -171,8 +176,8 @@ mod tests {
     #[test]
     fn removing_one_of_ten_backends_moves_few_other_entries() {
         let all = backends(10, 1);
-        let before = build(&all, 1_021);
-        let after = build(&all[1..], 1_021);
+        let before = build(&all, 4_093);
+        let after = build(&all[1..], 4_093);
         // Indices in `after` are shifted by one.
         let kept = before
             .iter()
@@ -181,7 +186,7 @@ mod tests {
             .count();
         let not_removed = before.iter().filter(|&&b| b != 0).count();
         let kept_ratio = kept as f64 / not_removed as f64;
-        assert!(kept_ratio > 0.95, "only {kept_ratio:.3} kept");
+        assert!(kept_ratio > 0.985, "only {kept_ratio:.3} kept");
     }
 
     #[test]

@@ -215,10 +215,11 @@ fn maglev_keeps_clients_on_their_backend_when_one_of_ten_is_removed() -> Result<
     let backends: Vec<TestBackend> = (1..=10).map(TestBackend::new).collect::<Result<_>>()?;
     let vip = vip4(4, 80);
     let all: Vec<_> = backends.iter().map(|b| (b.addr(), 1)).collect();
-    // 100 clients, each its own cgroup below the one the agent attaches to
-    // (host-network clients are told apart by cgroup).
+    // 200 clients, each its own cgroup below the one the agent attaches to
+    // (host-network clients are told apart by cgroup). About 1% of clients
+    // are expected to move, so 5% leaves a wide margin.
     let parent = TestCgroup::new("maglev")?;
-    let children: Vec<TestCgroup> = (0..100)
+    let children: Vec<TestCgroup> = (0..200)
         .map(|i| parent.child(&format!("client{i}")))
         .collect::<Result<_>>()?;
     let maglev = "    algorithm: maglev\n";
