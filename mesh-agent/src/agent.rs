@@ -5,7 +5,7 @@ use std::{
     collections::VecDeque,
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
-    time::{Duration, SystemTime, UNIX_EPOCH},
+    time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
 use mesh_common::{CONFIG_EVENTS, ConfigValue, Event};
@@ -16,6 +16,8 @@ use crate::{
     admin::{self, BackendView, EventsResponse, ServiceView, ServicesResponse, StatusResponse},
     bpf::{self, BpfError, Datapath, MapSizes, Maps, PinLayout},
     config::{self, ConfigError},
+    destroy,
+    drain::Draining,
     events,
     reconcile::{Capacity, ReconcileError, Reconciler, service_keys},
     state::DesiredState,
@@ -67,7 +69,11 @@ pub struct Shared {
 }
 
 struct Inner {
+    /// What the kernel holds: the source plus backends still draining.
     desired: DesiredState,
+    /// The last configuration accepted from the source.
+    source: DesiredState,
+    draining: Draining,
     reconciler: Reconciler,
     maps: Maps,
     reloads: ReloadStatus,
@@ -88,6 +94,7 @@ struct Meta {
 #[derive(Default)]
 struct ReloadStatus {
     generation: u64,
+    sockets_destroyed: u64,
     ok: u64,
     failed: u64,
     last_error: Option<String>,
@@ -112,6 +119,7 @@ impl Shared {
             reloads_failed: inner.reloads.failed,
             last_reload_error: inner.reloads.last_error.clone(),
             last_reload_unix_ms: inner.reloads.last_unix_ms,
+            sockets_destroyed: inner.reloads.sockets_destroyed,
             cgroup: self.meta.cgroup.clone(),
             bpffs: self.meta.bpffs.clone(),
             programs: self.meta.programs.clone(),
@@ -209,16 +217,31 @@ impl Shared {
         }
     }
 
+    /// True when a draining backend is due for removal.
+    fn drain_expired(&self) -> bool {
+        self.lock().draining.has_expired(Instant::now())
+    }
+
+    /// Applies the last accepted configuration again (after a drain ends).
+    fn reapply(&self) {
+        let source = self.lock().source.clone();
+        self.apply(Ok(source));
+    }
+
     /// Applies a new desired state, or records why it was refused.
-    fn apply(&self, desired: Result<DesiredState, ConfigError>) {
+    fn apply(&self, source: Result<DesiredState, ConfigError>) {
         let mut inner = self.lock();
         let inner = &mut *inner;
-        let result = desired.map_err(AgentError::from).and_then(|desired| {
+        let result = source.map_err(AgentError::from).and_then(|source| {
+            let mut draining = inner.draining.clone();
+            let effective = draining.merge(&inner.desired, &source, Instant::now());
             let report = inner
                 .reconciler
-                .apply(&desired, &mut inner.maps)
+                .apply(&effective, &mut inner.maps)
                 .map_err(AgentError::from)?;
-            inner.desired = desired;
+            inner.desired = effective;
+            inner.source = source;
+            inner.draining = draining;
             Ok(report)
         });
         let status = &mut inner.reloads;
@@ -233,7 +256,7 @@ impl Shared {
                     changed = report.services_changed,
                     removed = report.services_removed,
                     backends_added = report.backends_added,
-                    backends_removed = report.backends_removed,
+                    backends_removed = report.removed_backends.len(),
                     "configuration applied"
                 );
                 if report.cleanup_failures > 0 {
@@ -241,6 +264,19 @@ impl Shared {
                         count = report.cleanup_failures,
                         "some stale map entries could not be deleted; retrying on the next reload"
                     );
+                }
+                let cgroup = Path::new(&self.meta.cgroup);
+                match destroy::destroy_sockets(
+                    cgroup,
+                    &report.removed_backends,
+                    &inner.maps.rev_nat,
+                ) {
+                    Ok(0) => {}
+                    Ok(n) => {
+                        status.sockets_destroyed += n as u64;
+                        info!(sockets = n, "destroyed sockets of removed backends");
+                    }
+                    Err(e) => warn!("could not destroy sockets of removed backends: {e}"),
                 }
             }
             Err(e) => {
@@ -303,6 +339,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     );
     let shared = Arc::new(Shared {
         inner: Mutex::new(Inner {
+            source: desired.clone(),
+            draining: Draining::default(),
             desired,
             reconciler,
             maps,
@@ -366,6 +404,9 @@ async fn watch(path: &Path, interval: Duration, shared: &Shared) -> Result<(), A
                     info!("{} changed: reloading", path.display());
                     last_seen = current;
                     shared.apply(config::load_file(path));
+                } else if shared.drain_expired() {
+                    info!("drain timeout over: removing drained backends");
+                    shared.reapply();
                 }
             }
             _ = terminate.recv() => return Ok(()),

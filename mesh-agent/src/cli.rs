@@ -132,6 +132,7 @@ fn render_status(s: &StatusResponse) -> String {
         "last reload error",
         s.last_reload_error.as_deref().unwrap_or("-"),
     ]);
+    t.row(["sockets destroyed", &s.sockets_destroyed.to_string()]);
     t.row(["cgroup", &s.cgroup]);
     t.row(["bpffs", &s.bpffs]);
     t.row(["programs", &s.programs.join(", ")]);

@@ -212,6 +212,19 @@ fn service(
         Some(policy) => self::policy(policy.value, &name.value, identities)?,
         None => Policy::default(),
     };
+    let drain_timeout_s = match raw.drain_timeout_seconds {
+        None => 0,
+        Some(timeout) => match timeout.value {
+            Int::Value(n @ 0..=3_600) => n as u32,
+            Int::Value(n) => {
+                let value = n.to_string();
+                return Err((timeout.referenced, Problem::DrainTimeout { value }));
+            }
+            Int::Other(value) => {
+                return Err((timeout.referenced, Problem::DrainTimeout { value }));
+            }
+        },
+    };
     let raw_backends = required(raw.backends, at, &what, "backends")?;
     let own_frontend = SocketAddr::new(vip_address, port);
 
@@ -276,6 +289,8 @@ fn service(
         algorithm,
         affinity_timeout_s,
         policy,
+        drain_timeout_s,
+        destroy_on_removal: raw.destroy_on_removal,
         backends,
     };
     Ok((service, name.referenced, vip.referenced))
@@ -545,6 +560,8 @@ services:
             algorithm: Algorithm::Weighted,
             affinity_timeout_s: None,
             policy: Policy::default(),
+            drain_timeout_s: 0,
+            destroy_on_removal: None,
             backends: vec![backend(18081, 1), backend(18082, 2), backend(18083, 7)],
         };
         assert_eq!(
@@ -619,8 +636,8 @@ services:
         check(
             &with("    port: 80\n", "    port: 80\n    colour: red\n"),
             "unknown field `colour`; remove it or fix its spelling (known fields here: name, vip, \
-             port, protocol, algorithm, allow_empty, affinity, affinity_timeout_seconds, policy, \
-             backends)",
+             port, protocol, algorithm, allow_empty, drain_timeout_seconds, destroy_on_removal, \
+             affinity, affinity_timeout_seconds, policy, backends)",
             5,
             5,
         );
@@ -991,6 +1008,29 @@ services:
             "affinity_timeout_seconds 0 is out of range",
             6,
             31,
+        );
+    }
+
+    #[test]
+    fn drain_timeout_and_socket_destruction() {
+        let yaml = with(
+            "    backends:",
+            "    drain_timeout_seconds: 30\n    destroy_on_removal: true\n    backends:",
+        );
+        let web = &parse_str(&yaml, "t.yaml").unwrap().services[0];
+        assert_eq!(web.drain_timeout_s, 30);
+        assert!(web.destroys_sockets(mesh_common::PROTO_TCP));
+        let default = &parse_str(BASE, "t.yaml").unwrap().services[0];
+        assert!(!default.destroys_sockets(mesh_common::PROTO_TCP));
+        assert!(default.destroys_sockets(mesh_common::PROTO_UDP));
+        check(
+            &with(
+                "    backends:",
+                "    drain_timeout_seconds: 7200\n    backends:",
+            ),
+            "drain_timeout_seconds 7200 is out of range; use 0 to 3600 seconds",
+            5,
+            28,
         );
     }
 

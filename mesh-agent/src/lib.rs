@@ -10,6 +10,8 @@ pub mod agent;
 pub mod bpf;
 pub mod cli;
 pub mod config;
+pub mod destroy;
+pub mod drain;
 pub mod events;
 pub mod maglev;
 pub mod reconcile;

@@ -117,6 +117,8 @@ pub struct ProgrammedService {
     /// Backend id of every slot, in slot order.
     pub slots: Vec<BackendId>,
     pub backends: BTreeMap<BackendAddr, BackendId>,
+    /// Destroy sockets to a backend when it is removed.
+    pub destroy_on_removal: bool,
 }
 
 impl ProgrammedService {
@@ -137,15 +139,24 @@ pub struct Reconciler {
     policy: BTreeMap<PolicyKey, u8>,
 }
 
-/// Counts of what one apply changed.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+/// What one apply changed.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ApplyReport {
     pub services_changed: usize,
     pub services_removed: usize,
     pub backends_added: usize,
-    pub backends_removed: usize,
+    /// Backends no longer in the kernel, whose sockets may need destroying.
+    pub removed_backends: Vec<RemovedBackend>,
     /// Stale entries that could not be deleted; harmless, retried next time.
     pub cleanup_failures: usize,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct RemovedBackend {
+    pub addr: SocketAddr,
+    /// IP protocol of the sockets that were balanced to it.
+    pub proto: u8,
+    pub destroy_sockets: bool,
 }
 
 /// A write that can be undone.
@@ -201,6 +212,8 @@ impl Reconciler {
             .map(|(key, value)| {
                 let programmed = ProgrammedService {
                     name: String::new(),
+                    // Unknown until the next apply: the default for the protocol.
+                    destroy_on_removal: key.proto == mesh_common::PROTO_UDP,
                     value,
                     slots: slots_by_service
                         .remove(&value.service_id)
@@ -366,6 +379,7 @@ impl Reconciler {
                         value,
                         slots,
                         backends,
+                        destroy_on_removal: svc.destroys_sockets(key.proto),
                     },
                 );
             }
@@ -621,10 +635,17 @@ fn cleanup(old: &Reconciler, plan: &Plan, maps: &mut Maps) -> ApplyReport {
                 }));
             }
         }
-        for id in svc.backends.values() {
+        for (&(ip, port), id) in &svc.backends {
             if !plan.backend_values.contains_key(id) {
                 count(maps.backends.remove(id));
-                report.backends_removed += 1;
+                // The service's current setting wins over the one it had.
+                let destroy_sockets =
+                    current.map_or(svc.destroy_on_removal, |c| c.destroy_on_removal);
+                report.removed_backends.push(RemovedBackend {
+                    addr: SocketAddr::new(ip, port),
+                    proto: key.proto,
+                    destroy_sockets,
+                });
             }
         }
     }

@@ -28,6 +28,12 @@ pub struct Service {
     /// after its last connect.
     pub affinity_timeout_s: Option<u32>,
     pub policy: Policy,
+    /// A backend that leaves the service first drains this long (no new
+    /// connections, existing ones continue), then is removed.
+    pub drain_timeout_s: u32,
+    /// Destroy established sockets to a backend when it is removed, so
+    /// clients reconnect instead of hanging. `None`: UDP sockets yes, TCP no.
+    pub destroy_on_removal: Option<bool>,
     /// May be empty only when the source allows it: connects then fail fast.
     pub backends: Vec<Backend>,
 }
@@ -35,6 +41,13 @@ pub struct Service {
 impl Service {
     pub fn frontend(&self) -> SocketAddr {
         SocketAddr::new(self.vip, self.port)
+    }
+
+    /// Whether sockets of IP protocol `proto` to a removed backend are
+    /// destroyed.
+    pub fn destroys_sockets(&self, proto: u8) -> bool {
+        self.destroy_on_removal
+            .unwrap_or(proto == mesh_common::PROTO_UDP)
     }
 }
 

@@ -23,6 +23,10 @@ pub struct TestBackend {
 /// A backend on a chosen loopback address, e.g. a VIP like 127.10.0.5:8080
 /// to show that sockets the mesh does not touch reach the VIP itself.
 pub fn listener_on(addr: SocketAddr, id: u32) -> Result<TestBackend> {
+    spawn_backend(addr, id, false)
+}
+
+fn spawn_backend(addr: SocketAddr, id: u32, hold: bool) -> Result<TestBackend> {
     if !addr.ip().is_loopback() {
         bail!("test backends listen on loopback only, not {addr}");
     }
@@ -34,7 +38,7 @@ pub fn listener_on(addr: SocketAddr, id: u32) -> Result<TestBackend> {
         .name(format!("backend-{id}"))
         .spawn({
             let (accepted, stop) = (accepted.clone(), stop.clone());
-            move || serve(listener, id, &accepted, &stop)
+            move || serve(listener, id, hold, &accepted, &stop)
         })?;
     Ok(TestBackend {
         addr,
@@ -45,8 +49,10 @@ pub fn listener_on(addr: SocketAddr, id: u32) -> Result<TestBackend> {
     })
 }
 
-fn serve(listener: TcpListener, id: u32, accepted: &AtomicU64, stop: &AtomicBool) {
+fn serve(listener: TcpListener, id: u32, hold: bool, accepted: &AtomicU64, stop: &AtomicBool) {
     let line = format!("{id}\n");
+    // With `hold`, connections stay open until the backend is dropped.
+    let mut held = Vec::new();
     let mut pfd = libc::pollfd {
         fd: listener.as_raw_fd(),
         events: libc::POLLIN,
@@ -63,7 +69,10 @@ fn serve(listener: TcpListener, id: u32, accepted: &AtomicU64, stop: &AtomicBool
         if let Ok((mut conn, _)) = listener.accept() {
             let _ = conn.write_all(line.as_bytes());
             accepted.fetch_add(1, Ordering::Relaxed);
-            // `conn` drops here: the server closes first.
+            if hold {
+                held.push(conn);
+            }
+            // Otherwise `conn` drops here: the server closes first.
         }
     }
 }
@@ -72,6 +81,12 @@ impl TestBackend {
     /// A backend on 127.0.0.1 on an ephemeral port.
     pub fn new(id: u32) -> Result<Self> {
         listener_on(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), id)
+    }
+
+    /// Like `new`, but keeps every connection open (after writing its id)
+    /// until the backend is dropped.
+    pub fn holding(id: u32) -> Result<Self> {
+        spawn_backend(SocketAddr::from((Ipv4Addr::LOCALHOST, 0)), id, true)
     }
 
     pub fn addr(&self) -> SocketAddr {

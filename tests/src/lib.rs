@@ -19,8 +19,8 @@ pub use backends::{TestBackend, UdpBackend, listener_on};
 pub use cgroup::{TestCgroup, cgroup2_mount};
 pub use netns::TestNetns;
 pub use probe::{
-    HeldConnections, ProbeResult, hold_connections, run_probe, run_probe_marked, run_probe_with,
-    run_udp_probe,
+    HeldConnections, ProbeResult, hold_and_watch, hold_connections, run_probe, run_probe_marked,
+    run_probe_with, run_udp_probe,
 };
 pub use stats::{chi_square, chi_square_p_value};
 

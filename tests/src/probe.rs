@@ -37,6 +37,9 @@ pub struct ProbeResult {
     /// UDP: sockets whose replies all came from one backend.
     #[serde(default)]
     pub sticky_sockets: u64,
+    /// hold --watch-ms: when (unix ms) each held socket saw its error or EOF.
+    #[serde(default)]
+    pub event_unix_ms: Vec<u64>,
 }
 
 impl ProbeResult {
@@ -57,6 +60,8 @@ pub fn errno_name(e: &io::Error) -> String {
         Some(libc::ECONNREFUSED) => "ECONNREFUSED".into(),
         Some(libc::EHOSTUNREACH) => "EHOSTUNREACH".into(),
         Some(libc::EPERM) => "EPERM".into(),
+        Some(libc::ECONNABORTED) => "ECONNABORTED".into(),
+        Some(libc::ECONNRESET) => "ECONNRESET".into(),
         Some(libc::ETIMEDOUT) | Some(libc::EAGAIN) | Some(libc::EINPROGRESS) => "ETIMEDOUT".into(),
         Some(n) => format!("errno {n}"),
         None if matches!(
@@ -250,7 +255,9 @@ pub fn run_udp_probe(
 /// Connections a probe holds open until dropped.
 pub struct HeldConnections {
     child: std::process::Child,
+    /// What opening the connections gave.
     pub result: ProbeResult,
+    stdout: std::io::BufReader<std::process::ChildStdout>,
 }
 
 impl Drop for HeldConnections {
@@ -268,31 +275,68 @@ pub fn hold_connections(
     target: SocketAddr,
     count: u32,
 ) -> Result<HeldConnections> {
-    use std::io::BufRead as _;
+    spawn_hold(cgroup, target, count, &[])
+}
+
+/// Like `hold_connections`, and then watches the sockets for `watch_ms`:
+/// `HeldConnections::watch_report` tells which saw an error or EOF, and when.
+/// `udp` holds connected UDP sockets (each exchanged one datagram) instead.
+pub fn hold_and_watch(
+    cgroup: &TestCgroup,
+    target: SocketAddr,
+    count: u32,
+    udp: bool,
+    watch_ms: u64,
+) -> Result<HeldConnections> {
+    let watch = watch_ms.to_string();
+    let mut extra = vec!["--watch-ms", watch.as_str()];
+    if udp {
+        extra.extend(["--udp", "1"]);
+    }
+    spawn_hold(cgroup, target, count, &extra)
+}
+
+fn spawn_hold(
+    cgroup: &TestCgroup,
+    target: SocketAddr,
+    count: u32,
+    extra: &[&str],
+) -> Result<HeldConnections> {
     let probe = crate::require_bin("mesh-probe")?;
     let mut child = cgroup
         .command(&probe)
-        .args([
-            "hold",
-            "--target",
-            &target.to_string(),
-            "--count",
-            &count.to_string(),
-        ])
+        .args(["hold", "--target", &target.to_string()])
+        .args(["--count", &count.to_string()])
+        .args(extra)
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("spawning mesh-probe hold")?;
     let stdout = child.stdout.take().context("probe stdout")?;
-    let mut line = String::new();
-    let read = std::io::BufReader::new(stdout).read_line(&mut line);
     let mut held = HeldConnections {
         child,
         result: ProbeResult::default(),
+        stdout: std::io::BufReader::new(stdout),
     };
-    read.context("reading mesh-probe hold output")?;
-    held.result = serde_json::from_str(&line)
-        .with_context(|| format!("parsing mesh-probe hold output: {line}"))?;
+    held.result = held.next_report()?;
     Ok(held)
+}
+
+impl HeldConnections {
+    fn next_report(&mut self) -> Result<ProbeResult> {
+        use std::io::BufRead as _;
+        let mut line = String::new();
+        self.stdout
+            .read_line(&mut line)
+            .context("reading mesh-probe hold output")?;
+        serde_json::from_str(&line)
+            .with_context(|| format!("parsing mesh-probe hold output: {line:?}"))
+    }
+
+    /// Waits for the watch to end (its `--watch-ms`) and returns what the
+    /// held sockets saw: `errors` by kind and `event_unix_ms`.
+    pub fn watch_report(&mut self) -> Result<ProbeResult> {
+        self.next_report()
+    }
 }
 
 fn run_probe_args(

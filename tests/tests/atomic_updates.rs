@@ -38,6 +38,8 @@ fn desired(vip: SocketAddr, backends: &[(&TestBackend, u32)]) -> DesiredState {
             algorithm: Algorithm::Weighted,
             affinity_timeout_s: None,
             policy: Policy::default(),
+            drain_timeout_s: 0,
+            destroy_on_removal: None,
             backends: backends
                 .iter()
                 .map(|(b, weight)| Backend {

@@ -16,6 +16,8 @@ pub struct StatusResponse {
     /// Why the last reload was refused, while the previous state serves.
     pub last_reload_error: Option<String>,
     pub last_reload_unix_ms: u64,
+    /// Established sockets destroyed because their backend was removed.
+    pub sockets_destroyed: u64,
     pub cgroup: String,
     pub bpffs: String,
     pub programs: Vec<String>,

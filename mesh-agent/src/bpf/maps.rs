@@ -7,8 +7,8 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
 };
 use mesh_common::{
-    BackendId, BackendStats, BackendValue, ConfigValue, PolicyKey, PolicyValue, ServiceKey,
-    ServiceStats, ServiceValue, SlotKey, map_names,
+    BackendId, BackendStats, BackendValue, ConfigValue, PolicyKey, PolicyValue, RevNatKey,
+    RevNatValue, ServiceKey, ServiceStats, ServiceValue, SlotKey, map_names,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -40,6 +40,8 @@ pub struct Maps {
     /// cgroup id → identity id.
     pub workloads: HashMap<MapData, u64, u32>,
     pub policy: HashMap<MapData, PolicyKey, PolicyValue>,
+    /// (socket cookie, backend) → VIP: which sockets the kernel balanced.
+    pub rev_nat: HashMap<MapData, RevNatKey, RevNatValue>,
     pub config: Array<MapData, ConfigValue>,
 }
 
@@ -82,6 +84,7 @@ impl Maps {
             active: typed!(map_names::ACTIVE),
             workloads: typed!(map_names::WORKLOADS),
             policy: typed!(map_names::POLICY),
+            rev_nat: typed!(map_names::REV_NAT),
             config: typed!(map_names::CONFIG),
         })
     }

@@ -79,6 +79,8 @@ pub enum Problem {
     UnknownPolicyDefault { value: String, accepted: String },
     #[error("affinity_timeout_seconds {value} is out of range; use 1 to 86400 seconds")]
     AffinityTimeout { value: String },
+    #[error("drain_timeout_seconds {value} is out of range; use 0 to 3600 seconds")]
+    DrainTimeout { value: String },
     #[error(
         "service '{service}' sets affinity_timeout_seconds without `affinity: true`; \
          add `affinity: true` or remove the timeout"

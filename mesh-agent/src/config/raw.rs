@@ -24,6 +24,8 @@ pub(super) struct RawService {
     pub protocol: Option<Spanned<String>>,
     pub algorithm: Option<Spanned<String>>,
     pub allow_empty: Option<bool>,
+    pub drain_timeout_seconds: Option<Spanned<Int>>,
+    pub destroy_on_removal: Option<bool>,
     pub affinity: Option<bool>,
     pub affinity_timeout_seconds: Option<Spanned<Int>>,
     pub policy: Option<Spanned<RawPolicy>>,

@@ -6,6 +6,7 @@
 //! namespace other than the host's. Prints one JSON object (mesh_tests::ProbeResult) on stdout.
 
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd as _;
 use std::process::ExitCode;
 use std::time::Duration;
 
@@ -32,6 +33,7 @@ fn run() -> Result<(), String> {
     }
     let (mut target, mut count, mut timeout_ms) = (None::<SocketAddr>, None::<u32>, 2000u64);
     let (mut mark, mut per_socket, mut connected) = (None::<u32>, 1u32, false);
+    let (mut watch_ms, mut udp) = (None::<u64>, false);
     while let Some(flag) = args.next() {
         let value = args.next().ok_or(format!("{flag} needs a value"))?;
         let bad = |e: &dyn std::fmt::Display| format!("{flag} {value}: {e}");
@@ -42,6 +44,8 @@ fn run() -> Result<(), String> {
             "--mark" => mark = Some(value.parse().map_err(|e| bad(&e))?),
             "--per-socket" => per_socket = value.parse().map_err(|e| bad(&e))?,
             "--connected" => connected = value == "1",
+            "--watch-ms" => watch_ms = Some(value.parse().map_err(|e| bad(&e))?),
+            "--udp" => udp = value == "1",
             _ => return Err(format!("unknown flag {flag}")),
         }
     }
@@ -60,7 +64,8 @@ fn run() -> Result<(), String> {
     let timeout = Duration::from_millis(timeout_ms);
     let result = match mode.as_str() {
         "udp" => udp_loop(target, count, per_socket.clamp(1, 100), connected, timeout),
-        "hold" => return hold(target, count, timeout),
+        "hold" if udp => return hold_udp(target, count, timeout, watch_ms),
+        "hold" => return hold(target, count, timeout, watch_ms),
         _ => connect_loop(
             target,
             count,
@@ -81,8 +86,13 @@ fn print_result(result: &ProbeResult) -> Result<(), String> {
 }
 
 /// Opens `count` connections, reports them, and keeps them open until killed
-/// (60 s at most).
-fn hold(target: SocketAddr, count: u32, timeout: Duration) -> Result<(), String> {
+/// (60 s at most), or watches them for `watch_ms` and reports what they saw.
+fn hold(
+    target: SocketAddr,
+    count: u32,
+    timeout: Duration,
+    watch_ms: Option<u64>,
+) -> Result<(), String> {
     let mut result = ProbeResult::default();
     let mut open = Vec::new();
     for _ in 0..count {
@@ -108,9 +118,110 @@ fn hold(target: SocketAddr, count: u32, timeout: Duration) -> Result<(), String>
         }
     }
     print_result(&result)?;
-    std::thread::sleep(Duration::from_secs(60));
-    drop(open);
-    Ok(())
+    let fds: Vec<i32> = open.iter().map(|s| s.as_raw_fd()).collect();
+    finish_hold(&fds, watch_ms)
+}
+
+/// Connected UDP sockets that each exchanged one datagram, held like `hold`.
+fn hold_udp(
+    target: SocketAddr,
+    count: u32,
+    timeout: Duration,
+    watch_ms: Option<u64>,
+) -> Result<(), String> {
+    let mut result = ProbeResult::default();
+    let mut open = Vec::new();
+    for _ in 0..count {
+        let bind = if target.is_ipv4() {
+            "0.0.0.0:0"
+        } else {
+            "[::]:0"
+        };
+        let exchange = || -> std::io::Result<(std::net::UdpSocket, String)> {
+            let socket = std::net::UdpSocket::bind(bind)?;
+            socket.set_read_timeout(Some(timeout))?;
+            socket.connect(target)?;
+            socket.send(b"ping")?;
+            let mut buf = [0u8; 64];
+            let n = socket.recv(&mut buf)?;
+            Ok((
+                socket,
+                String::from_utf8_lossy(&buf[..n]).trim().to_string(),
+            ))
+        };
+        match exchange() {
+            Ok((socket, id)) => {
+                *result.ids.entry(id).or_default() += 1;
+                result.ok += 1;
+                open.push(socket);
+            }
+            Err(e) => {
+                *result
+                    .errors
+                    .entry(mesh_tests::probe::errno_name(&e))
+                    .or_default() += 1
+            }
+        }
+    }
+    print_result(&result)?;
+    let fds: Vec<i32> = open.iter().map(|s| s.as_raw_fd()).collect();
+    finish_hold(&fds, watch_ms)
+}
+
+/// Without a watch, sleeps until killed (60 s at most). With one, waits up
+/// to `watch_ms` for each socket's first error or EOF and prints a second
+/// report: `errors` by kind ("EOF" for an orderly close) and when each came.
+fn finish_hold(fds: &[i32], watch_ms: Option<u64>) -> Result<(), String> {
+    let Some(watch_ms) = watch_ms else {
+        std::thread::sleep(Duration::from_secs(60));
+        return Ok(());
+    };
+    let deadline = std::time::Instant::now() + Duration::from_millis(watch_ms.min(60_000));
+    let mut report = ProbeResult::default();
+    let mut pending: Vec<i32> = fds.to_vec();
+    while !pending.is_empty() {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            break;
+        }
+        let mut polls: Vec<libc::pollfd> = pending
+            .iter()
+            .map(|&fd| libc::pollfd {
+                fd,
+                events: libc::POLLIN,
+                revents: 0,
+            })
+            .collect();
+        // SAFETY: valid pollfds for sockets this process owns.
+        let n = unsafe {
+            libc::poll(
+                polls.as_mut_ptr(),
+                polls.len() as libc::nfds_t,
+                left.as_millis() as i32,
+            )
+        };
+        if n <= 0 {
+            continue;
+        }
+        let now_ms = std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map_or(0, |d| d.as_millis() as u64);
+        for p in polls.iter().filter(|p| p.revents != 0) {
+            let mut buf = [0u8; 64];
+            // SAFETY: reads into a local buffer from an fd we own.
+            let got =
+                unsafe { libc::recv(p.fd, buf.as_mut_ptr().cast(), buf.len(), libc::MSG_DONTWAIT) };
+            let kind = match got {
+                0 => "EOF".to_string(),
+                n if n > 0 => "DATA".to_string(),
+                _ => mesh_tests::probe::errno_name(&std::io::Error::last_os_error()),
+            };
+            *report.errors.entry(kind).or_default() += 1;
+            report.event_unix_ms.push(now_ms);
+            pending.retain(|fd| *fd != p.fd);
+        }
+    }
+    print_result(&report)
 }
 
 /// True when this process's network namespace is not the host's (PID 1's).
