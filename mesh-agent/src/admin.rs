@@ -2,10 +2,12 @@
 //! may open. `meshctl` is its client; nothing else is needed to drive a node.
 
 mod client;
+mod redirect;
 mod server;
 mod views;
 
-pub use client::{AdminClientError, get};
+pub use client::{AdminClientError, get, post};
+pub use redirect::{RedirectCounters, RedirectResponse, SetRedirectRequest};
 pub use server::{AdminServerError, serve};
 pub use views::{BackendView, ServiceView, ServicesResponse, StatusResponse};
 
@@ -14,3 +16,5 @@ pub const DEFAULT_SOCKET: &str = "/run/mesh/admin.sock";
 
 pub const PATH_STATUS: &str = "/v1/status";
 pub const PATH_SERVICES: &str = "/v1/services";
+/// Same-node redirect: GET shows, POST `{"enabled": bool}` switches.
+pub const PATH_REDIRECT: &str = "/v1/redirect";

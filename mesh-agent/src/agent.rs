@@ -16,6 +16,7 @@ use crate::{
     bpf::{self, BpfError, Datapath, MapSizes, Maps, PinLayout},
     config::{self, ConfigError},
     reconcile::{Capacity, ReconcileError, Reconciler, service_key},
+    redirect::{Redirect, RedirectError, RedirectHandle, RedirectOptions},
     state::DesiredState,
 };
 
@@ -32,7 +33,12 @@ pub struct AgentOptions {
     pub watch_interval: Duration,
     pub socket_mark: u32,
     pub map_sizes: MapSizes,
+    /// Same-node redirect: switch and node-local addresses.
+    pub redirect: RedirectOptions,
 }
+
+/// How often the node's own addresses are re-read for same-node redirect.
+const LOCAL_ADDR_REFRESH: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -50,12 +56,15 @@ pub enum AgentError {
     ConfigMap(#[source] aya::maps::MapError),
     #[error("cannot install signal handler: {0}")]
     Signal(#[source] std::io::Error),
+    #[error("same-node redirect: {0}")]
+    Redirect(#[from] RedirectError),
 }
 
 /// State shared between the reload loop and the admin API.
 pub struct Shared {
     inner: Mutex<Inner>,
     meta: Meta,
+    redirect: RedirectHandle,
 }
 
 struct Inner {
@@ -86,6 +95,10 @@ impl Shared {
         // A panic while holding the lock cannot leave maps half written (the
         // reconciler undoes its own writes), so the data is still usable.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn redirect(&self) -> &RedirectHandle {
+        &self.redirect
     }
 
     pub fn status(&self) -> StatusResponse {
@@ -209,7 +222,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     };
     let pins = PinLayout::new(&opts.bpffs);
     let Datapath {
-        ebpf,
+        mut ebpf,
         mut maps,
         attached,
     } = Datapath::load(&pins, &cgroup, opts.map_sizes)?;
@@ -220,6 +233,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     maps.config
         .set(0, agent_config, 0)
         .map_err(AgentError::ConfigMap)?;
+    let redirect_maps = bpf::RedirectMaps::take_from(&mut ebpf).map_err(BpfError::from)?;
+    let redirect = Redirect::start(redirect_maps, &pins.maps_dir(), opts.redirect.clone())?;
     let capacity = Capacity::of(&maps);
     if (capacity.services, capacity.backends, capacity.slots)
         != (
@@ -259,13 +274,16 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             bpffs: opts.bpffs.display().to_string(),
             programs: attached.iter().map(|p| p.to_string()).collect(),
         },
+        redirect: redirect.clone(),
     });
+    let refresher = redirect.spawn_refresher(LOCAL_ADDR_REFRESH);
     let admin_task = admin::serve(&opts.admin_socket, shared.clone()).await?;
     info!(socket = %opts.admin_socket.display(), "ready");
 
     watch(&opts.config, opts.watch_interval, &shared).await?;
 
     admin_task.abort();
+    refresher.abort();
     let _ = std::fs::remove_file(&opts.admin_socket);
     drop(ebpf);
     info!("stopped; programs stay attached through their pins (mesh-agent cleanup removes them)");

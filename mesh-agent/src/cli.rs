@@ -4,6 +4,7 @@
 //! Exit codes: 0 success, 1 the command failed, 2 bad usage, 3 no agent
 //! answered on the admin socket.
 
+mod redirect;
 mod table;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -42,6 +43,13 @@ enum Command {
     Status,
     /// Services with their backends, weights and the kernel's connection counts.
     Services,
+    /// Same-node redirect: counters and node-local addresses; `on`/`off`
+    /// switches it at runtime (connections already redirected go back to TCP
+    /// when switched off and stay there).
+    Redirect {
+        #[arg(value_enum)]
+        switch: Option<redirect::Switch>,
+    },
 }
 
 const EXIT_FAILED: u8 = 1;
@@ -86,6 +94,10 @@ async fn execute(cli: &Cli) -> Result<String, AdminClientError> {
         Command::Services => {
             let services: ServicesResponse = admin::get(socket, admin::PATH_SERVICES).await?;
             render(cli.output, &services, render_services)
+        }
+        Command::Redirect { switch } => {
+            let view = redirect::execute(socket, switch).await?;
+            render(cli.output, &view, redirect::render)
         }
     }
 }

@@ -11,5 +11,6 @@ pub mod bpf;
 pub mod cli;
 pub mod config;
 pub mod reconcile;
+pub mod redirect;
 pub mod slots;
 pub mod state;

@@ -24,6 +24,12 @@ struct Cli {
     command: Command,
 }
 
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum OnOff {
+    On,
+    Off,
+}
+
 #[derive(Copy, Clone, Debug, ValueEnum)]
 enum LogFormat {
     Text,
@@ -61,6 +67,18 @@ enum Command {
         /// Capacity of the slot map (all services' selection tables).
         #[arg(long, default_value_t = MapSizes::default().slots)]
         max_slots: u32,
+        /// Same-node redirect: local-to-local TCP skips the TCP/IP stack
+        /// (switch at runtime with `meshctl redirect on|off`).
+        #[arg(long, value_enum, default_value_t = OnOff::On)]
+        same_node_redirect: OnOff,
+        /// An address on this node besides its interfaces' (a local pod);
+        /// repeatable. Loopback is always local.
+        #[arg(long = "local-address", value_name = "IP")]
+        local_addresses: Vec<std::net::IpAddr>,
+        /// Do not count this node's interface addresses as local (only
+        /// loopback and --local-address).
+        #[arg(long)]
+        no_discover_local_addresses: bool,
     },
     /// Validate a configuration file and exit.
     Check {
@@ -123,6 +141,9 @@ fn execute(command: Command) -> anyhow::Result<()> {
             max_services,
             max_backends,
             max_slots,
+            same_node_redirect,
+            local_addresses,
+            no_discover_local_addresses,
         } => {
             let opts = agent::AgentOptions {
                 config,
@@ -135,6 +156,11 @@ fn execute(command: Command) -> anyhow::Result<()> {
                     services: max_services,
                     backends: max_backends,
                     slots: max_slots,
+                },
+                redirect: mesh_agent::redirect::RedirectOptions {
+                    enabled: same_node_redirect == OnOff::On,
+                    local_addresses,
+                    discover: !no_discover_local_addresses,
                 },
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -10,6 +10,9 @@
 /// `<bpffs>/v<SCHEMA_VERSION>/` so a new agent never misreads old maps.
 pub const SCHEMA_VERSION: u32 = 1;
 
+mod redirect;
+pub use redirect::*;
+
 /// Names of the maps, as the kernel object declares them (at most 15 bytes:
 /// the kernel keeps 16 with the NUL).
 pub mod map_names {

@@ -17,6 +17,15 @@ mod getpeername4;
 mod maps;
 #[cfg(target_arch = "bpf")]
 mod sock_addr;
+// Same-node redirect (sock_ops + sk_msg over a sockhash).
+#[cfg(target_arch = "bpf")]
+mod redirect;
+#[cfg(target_arch = "bpf")]
+mod redirect_maps;
+#[cfg(target_arch = "bpf")]
+mod redirect_msg;
+#[cfg(target_arch = "bpf")]
+mod redirect_sockops;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]
