@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod backends;
+pub mod bulk;
 pub mod cgroup;
 pub mod netns;
 pub mod probe;
