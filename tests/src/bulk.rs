@@ -130,14 +130,22 @@ pub fn target_allowed(addr: &SocketAddr) -> bool {
     addr.ip().is_loopback() || in_own_netns()
 }
 
-/// True when this process's network namespace is not PID 1's.
+/// True when this process runs in a network namespace a test made: one of
+/// `/run/netns/mesh-test-*` (what `TestNetns` creates), or, where PID 1's
+/// namespace can be read, any namespace other than the host's.
 pub fn in_own_netns() -> bool {
     use std::os::unix::fs::MetadataExt;
-    let ino = |p: &str| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
-    match (ino("/proc/self/ns/net"), ino("/proc/1/ns/net")) {
-        (Some(me), Some(host)) => me != host,
-        _ => false,
-    }
+    let id = |p: &std::path::Path| std::fs::metadata(p).map(|m| (m.dev(), m.ino())).ok();
+    let Some(me) = id(std::path::Path::new("/proc/self/ns/net")) else {
+        return false;
+    };
+    let test_made = std::fs::read_dir("/run/netns")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter(|e| e.file_name().to_string_lossy().starts_with("mesh-test-"))
+        .any(|e| id(&e.path()) == Some(me));
+    test_made || id(std::path::Path::new("/proc/1/ns/net")).is_some_and(|host| host != me)
 }
 
 // ---------------------------------------------------------------- patterns
@@ -269,7 +277,9 @@ impl Read for Patient<'_> {
     fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
         loop {
             match (&*self.s).read(buf) {
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < self.deadline => {
+                Err(e)
+                    if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < self.deadline =>
+                {
                     EAGAIN_RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                 }
                 other => return other,
@@ -466,7 +476,9 @@ pub fn serve_one(sc: Scenario, mut s: TcpStream, p: &Params) -> Result<BulkRepor
             };
             r.observe("server_read_before_end", got);
             r.observe("server_end", outcome);
-            let w = s.write(b"x").map_or_else(|e| errno_of(&e), |n| format!("wrote {n}"));
+            let w = s
+                .write(b"x")
+                .map_or_else(|e| errno_of(&e), |n| format!("wrote {n}"));
             r.observe("server_write_after", w);
         }
         Scenario::Bulk => {
@@ -560,7 +572,8 @@ pub fn client_one(sc: Scenario, target: SocketAddr, p: &Params) -> Result<BulkRe
                     .collect();
                 let total: usize = parts.iter().map(Vec::len).sum();
                 // SAFETY: the iovecs point into `parts`, alive for the call.
-                let n = cvt(unsafe { libc::writev(s.as_raw_fd(), iov.as_ptr(), iov.len() as i32) })?;
+                let n =
+                    cvt(unsafe { libc::writev(s.as_raw_fd(), iov.as_ptr(), iov.len() as i32) })?;
                 let flat: Vec<u8> = parts.concat();
                 // A short writev: send the rest plainly.
                 s.write_all(&flat[n..])?;
@@ -621,7 +634,11 @@ pub fn client_one(sc: Scenario, target: SocketAddr, p: &Params) -> Result<BulkRe
             Patient::new(&s, p.timeout).read_to_end(&mut resp)?;
             let want = pattern(2, 300_001, n ^ h);
             r.check(resp == want, || {
-                format!("response after half-close: {} bytes, want {}", resp.len(), want.len())
+                format!(
+                    "response after half-close: {} bytes, want {}",
+                    resp.len(),
+                    want.len()
+                )
             });
             r.observe("client_response_bytes", resp.len());
             r.bytes = data.len() as u64;
@@ -659,7 +676,9 @@ pub fn client_one(sc: Scenario, target: SocketAddr, p: &Params) -> Result<BulkRe
             let got = u64::from_le_bytes(b[..8].try_into().expect("8"));
             let bad = u64::from_le_bytes(b[8..].try_into().expect("8"));
             r.check(got == off, || format!("server got {got} bytes, sent {off}"));
-            r.check(bad == u64::MAX, || format!("stream differs at offset {bad}"));
+            r.check(bad == u64::MAX, || {
+                format!("stream differs at offset {bad}")
+            });
             r.bytes = off;
         }
         Scenario::Epoll => bail!("epoll runs through client_epoll"),
@@ -675,7 +694,12 @@ fn peek_retry(s: &TcpStream, buf: &mut [u8], timeout: Duration) -> io::Result<us
     loop {
         // SAFETY: our own buffer, with its length.
         let r = cvt(unsafe {
-            libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK)
+            libc::recv(
+                s.as_raw_fd(),
+                buf.as_mut_ptr().cast(),
+                buf.len(),
+                libc::MSG_PEEK,
+            )
         });
         match r {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
@@ -693,7 +717,9 @@ fn finish_sink(r: &mut BulkReport, s: &mut TcpStream, sent: &[u8]) -> Result<()>
     r.check(n == sent.len() as u64, || {
         format!("server received {n} bytes, sent {}", sent.len())
     });
-    r.check(h == fnv(sent), || "server's checksum differs from what was sent".into());
+    r.check(h == fnv(sent), || {
+        "server's checksum differs from what was sent".into()
+    });
     Ok(())
 }
 
@@ -765,7 +791,12 @@ impl Epoll {
     fn wait(&self, events: &mut [libc::epoll_event], ms: i32) -> io::Result<usize> {
         // SAFETY: the buffer and its length.
         let n = unsafe {
-            libc::epoll_wait(self.0.as_raw_fd(), events.as_mut_ptr(), events.len() as i32, ms)
+            libc::epoll_wait(
+                self.0.as_raw_fd(),
+                events.as_mut_ptr(),
+                events.len() as i32,
+                ms,
+            )
         };
         if n < 0 {
             let e = io::Error::last_os_error();
@@ -796,7 +827,10 @@ pub fn serve_epoll(listener: TcpListener, p: &Params) -> Result<BulkReport> {
     let deadline = Instant::now() + p.timeout;
     while done < p.conns {
         if Instant::now() > deadline {
-            bail!("epoll server: deadline passed with {done}/{} connections done", p.conns);
+            bail!(
+                "epoll server: deadline passed with {done}/{} connections done",
+                p.conns
+            );
         }
         let n = ep.wait(&mut events, 100)?;
         for ev in &events[..n] {
@@ -847,7 +881,11 @@ pub fn serve_epoll(listener: TcpListener, p: &Params) -> Result<BulkReport> {
                 *finished = true;
                 done += 1;
             } else {
-                let want = if pending.is_empty() { EV_IN } else { EV_IN | EV_OUT };
+                let want = if pending.is_empty() {
+                    EV_IN
+                } else {
+                    EV_IN | EV_OUT
+                };
                 ep.modify(c.as_raw_fd(), want, token)?;
             }
         }
@@ -895,7 +933,8 @@ pub fn client_epoll(target: SocketAddr, p: &Params) -> Result<BulkReport> {
     let deadline = Instant::now() + p.timeout;
     while finished < p.conns {
         if Instant::now() > deadline {
-            r.errors.push(format!("deadline passed with {finished}/{} done", p.conns));
+            r.errors
+                .push(format!("deadline passed with {finished}/{} done", p.conns));
             break;
         }
         let n = ep.wait(&mut events, 100)?;
@@ -943,7 +982,11 @@ pub fn client_epoll(target: SocketAddr, p: &Params) -> Result<BulkReport> {
         .map(|(i, _)| i)
         .collect();
     r.check(bad.is_empty(), || {
-        format!("{} connections got a different echo (first: {:?})", bad.len(), bad.first())
+        format!(
+            "{} connections got a different echo (first: {:?})",
+            bad.len(),
+            bad.first()
+        )
     });
     r.bytes = conns.iter().map(|c| c.msg.len() as u64).sum();
     r.elapsed_ms = start.elapsed().as_millis() as u64;
@@ -1004,7 +1047,13 @@ pub fn accept_within(l: &TcpListener, timeout: Duration) -> Result<(TcpStream, S
         revents: 0,
     };
     // SAFETY: one valid pollfd.
-    let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis().min(i32::MAX as u128) as i32) };
+    let n = unsafe {
+        libc::poll(
+            &mut pfd,
+            1,
+            timeout.as_millis().min(i32::MAX as u128) as i32,
+        )
+    };
     if n <= 0 {
         bail!("no connection within {timeout:?}");
     }
