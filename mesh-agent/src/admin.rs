@@ -2,10 +2,12 @@
 //! may open. `meshctl` is its client; nothing else is needed to drive a node.
 
 mod client;
+mod redirect;
 mod server;
 mod views;
 
-pub use client::{AdminClientError, get};
+pub use client::{AdminClientError, get, post};
+pub use redirect::{RedirectCounters, RedirectResponse, SetRedirectRequest};
 pub use server::{AdminServerError, serve};
 pub use views::{
     BackendView, EventView, EventsResponse, ServiceView, ServicesResponse, StatusResponse,
@@ -18,3 +20,5 @@ pub const PATH_STATUS: &str = "/v1/status";
 pub const PATH_SERVICES: &str = "/v1/services";
 /// Recent decisions; query `service=NAME` and `limit=N` filter them.
 pub const PATH_EVENTS: &str = "/v1/events";
+/// Same-node redirect: GET shows, POST `{"enabled": bool}` switches.
+pub const PATH_REDIRECT: &str = "/v1/redirect";

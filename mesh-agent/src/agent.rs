@@ -8,7 +8,7 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use mesh_common::{CONFIG_EVENTS, ConfigValue, Event};
+use mesh_common::{CONFIG_EVENTS, CONFIG_FLAG_SAME_NODE_REDIRECT, ConfigValue, Event};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
@@ -20,6 +20,7 @@ use crate::{
     drain::Draining,
     events,
     reconcile::{Capacity, ReconcileError, Reconciler, service_keys},
+    redirect::{Redirect, RedirectError, RedirectHandle, RedirectOptions},
     state::DesiredState,
 };
 
@@ -38,7 +39,12 @@ pub struct AgentOptions {
     pub map_sizes: MapSizes,
     /// Whether the kernel reports every decision on the event ring buffer.
     pub events: bool,
+    /// Same-node redirect: switch and node-local addresses.
+    pub redirect: RedirectOptions,
 }
+
+/// How often the node's own addresses are re-read for same-node redirect.
+const LOCAL_ADDR_REFRESH: Duration = Duration::from_secs(5);
 
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
@@ -60,12 +66,15 @@ pub enum AgentError {
     NetnsCookie(#[source] std::io::Error),
     #[error("cannot watch the event ring buffer: {0}")]
     Events(#[source] std::io::Error),
+    #[error("same-node redirect: {0}")]
+    Redirect(#[from] RedirectError),
 }
 
 /// State shared between the reload loop and the admin API.
 pub struct Shared {
     inner: Mutex<Inner>,
     meta: Meta,
+    redirect: RedirectHandle,
 }
 
 struct Inner {
@@ -106,6 +115,10 @@ impl Shared {
         // A panic while holding the lock cannot leave maps half written (the
         // reconciler undoes its own writes), so the data is still usable.
         self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    pub fn redirect(&self) -> &RedirectHandle {
+        &self.redirect
     }
 
     pub fn status(&self) -> StatusResponse {
@@ -303,19 +316,27 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     };
     let pins = PinLayout::new(&opts.bpffs);
     let Datapath {
-        ebpf,
+        mut ebpf,
         mut maps,
         events: ring,
         attached,
     } = Datapath::load(&pins, &cgroup, opts.map_sizes)?;
     let agent_config = ConfigValue {
         agent_mark: opts.socket_mark,
-        flags: if opts.events { CONFIG_EVENTS } else { 0 },
+        // Both switches at once, so a restart never briefly turns one off.
+        flags: if opts.events { CONFIG_EVENTS } else { 0 }
+            | if opts.redirect.enabled {
+                CONFIG_FLAG_SAME_NODE_REDIRECT
+            } else {
+                0
+            },
         host_netns_cookie: events::own_netns_cookie().map_err(AgentError::NetnsCookie)?,
     };
     maps.config
         .set(0, agent_config, 0)
         .map_err(AgentError::ConfigMap)?;
+    let redirect_maps = bpf::RedirectMaps::take_from(&mut ebpf).map_err(BpfError::from)?;
+    let redirect = Redirect::start(redirect_maps, &pins.maps_dir(), opts.redirect.clone())?;
     let capacity = Capacity::of(&maps);
     if (capacity.services, capacity.backends, capacity.slots)
         != (
@@ -358,6 +379,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             bpffs: opts.bpffs.display().to_string(),
             programs: attached.iter().map(|p| p.to_string()).collect(),
         },
+        redirect: redirect.clone(),
     });
     let events_task = {
         let shared = shared.clone();
@@ -369,6 +391,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             }
         })
     };
+    let refresher = redirect.spawn_refresher(LOCAL_ADDR_REFRESH);
     let admin_task = admin::serve(&opts.admin_socket, shared.clone()).await?;
     info!(socket = %opts.admin_socket.display(), "ready");
 
@@ -376,6 +399,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
 
     admin_task.abort();
     events_task.abort();
+    refresher.abort();
     let _ = std::fs::remove_file(&opts.admin_socket);
     drop(ebpf);
     info!("stopped; programs stay attached through their pins (mesh-agent cleanup removes them)");

@@ -8,6 +8,7 @@
 
 mod maps;
 mod mounts;
+mod redirect;
 
 use std::{
     fs::File,
@@ -24,6 +25,7 @@ use mesh_common::{SCHEMA_VERSION, limits, map_names, program_names};
 
 pub use maps::{Maps, MapsError};
 pub use mounts::{MountError, cgroup2_mount, ensure_bpffs};
+pub use redirect::{REDIRECT_PROGRAMS, RedirectMaps};
 
 /// The kernel object built from `mesh-ebpf` by build.rs.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));
@@ -167,6 +169,12 @@ impl Datapath {
             attach_and_pin(&mut ebpf, name, &cgroup_file, &pins.links_dir())?;
             attached.push(name);
         }
+        // Same-node redirect (sk_msg on MESH_SOCKS, sock_ops on the cgroup).
+        attached.extend(redirect::attach(
+            &mut ebpf,
+            &cgroup_file,
+            &pins.links_dir(),
+        )?);
         let maps = Maps::take_from(&mut ebpf)?;
         let events = ebpf
             .take_map(map_names::EVENTS)

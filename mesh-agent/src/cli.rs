@@ -4,6 +4,7 @@
 //! Exit codes: 0 success, 1 the command failed, 2 bad usage, 3 no agent
 //! answered on the admin socket.
 
+mod redirect;
 mod table;
 
 use std::{path::PathBuf, process::ExitCode};
@@ -50,6 +51,13 @@ enum Command {
         /// At most this many (the newest).
         #[arg(long, default_value_t = 50)]
         limit: usize,
+    },
+    /// Same-node redirect: counters and node-local addresses; `on`/`off`
+    /// switches it at runtime (connections already redirected go back to TCP
+    /// when switched off and stay there).
+    Redirect {
+        #[arg(value_enum)]
+        switch: Option<redirect::Switch>,
     },
 }
 
@@ -103,6 +111,10 @@ async fn execute(cli: &Cli) -> Result<String, AdminClientError> {
             }
             let events: EventsResponse = admin::get(socket, &path).await?;
             render(cli.output, &events, render_events)
+        }
+        Command::Redirect { switch } => {
+            let view = redirect::execute(socket, switch).await?;
+            render(cli.output, &view, redirect::render)
         }
     }
 }

@@ -15,5 +15,6 @@ pub mod drain;
 pub mod events;
 pub mod maglev;
 pub mod reconcile;
+pub mod redirect;
 pub mod slots;
 pub mod state;

@@ -30,6 +30,7 @@ enum LogFormat {
     Json,
 }
 
+/// An on/off flag value.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 enum Switch {
     On,
@@ -70,6 +71,18 @@ enum Command {
         /// Report every balancing decision on the kernel's event ring buffer.
         #[arg(long, value_enum, default_value_t = Switch::On)]
         events: Switch,
+        /// Same-node redirect: local-to-local TCP skips the TCP/IP stack
+        /// (switch at runtime with `meshctl redirect on|off`).
+        #[arg(long, value_enum, default_value_t = Switch::On)]
+        same_node_redirect: Switch,
+        /// An address on this node besides its interfaces' (a local pod);
+        /// repeatable. Loopback is always local.
+        #[arg(long = "local-address", value_name = "IP")]
+        local_addresses: Vec<std::net::IpAddr>,
+        /// Do not count this node's interface addresses as local (only
+        /// loopback and --local-address).
+        #[arg(long)]
+        no_discover_local_addresses: bool,
     },
     /// Validate a configuration file and exit.
     Check {
@@ -133,6 +146,9 @@ fn execute(command: Command) -> anyhow::Result<()> {
             max_backends,
             max_slots,
             events,
+            same_node_redirect,
+            local_addresses,
+            no_discover_local_addresses,
         } => {
             let opts = agent::AgentOptions {
                 config,
@@ -147,6 +163,11 @@ fn execute(command: Command) -> anyhow::Result<()> {
                     slots: max_slots,
                 },
                 events: events == Switch::On,
+                redirect: mesh_agent::redirect::RedirectOptions {
+                    enabled: same_node_redirect == Switch::On,
+                    local_addresses,
+                    discover: !no_discover_local_addresses,
+                },
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -10,6 +10,9 @@
 /// `<bpffs>/v<SCHEMA_VERSION>/` so a new agent never misreads old maps.
 pub const SCHEMA_VERSION: u32 = 1;
 
+mod redirect;
+pub use redirect::*;
+
 /// Names of the maps, as the kernel object declares them (at most 15 bytes:
 /// the kernel keeps 16 with the NUL).
 pub mod map_names {
@@ -93,8 +96,8 @@ pub const BACKEND_DRAINING: u8 = 1;
 pub const VERDICT_ALLOW: u8 = 1;
 pub const VERDICT_DENY: u8 = 2;
 
-/// `ConfigValue::flags`.
-pub const CONFIG_EVENTS: u32 = 1;
+/// `ConfigValue::flags` (bit 0 is `CONFIG_FLAG_SAME_NODE_REDIRECT`).
+pub const CONFIG_EVENTS: u32 = 1 << 1;
 
 /// `Event::verdict`.
 pub const EVENT_FORWARDED: u8 = 0;

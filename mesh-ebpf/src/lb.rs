@@ -67,7 +67,7 @@ pub fn balance(ctx: &SockAddrContext, dst: Addr, port: u16, call: Call) -> Outco
         return Outcome::Untouched;
     };
     let config = config();
-    if config.agent_mark != 0 && sock_addr::socket_mark(ctx) == config.agent_mark {
+    if is_agent_mark(&config, sock_addr::socket_mark(ctx)) {
         return Outcome::Untouched;
     }
     let cookie = sock_addr::socket_cookie(ctx);
@@ -336,6 +336,17 @@ fn allowed(identity: u32, svc: &ServiceValue) -> bool {
         Some(VERDICT_DENY) => false,
         _ => svc.flags & SERVICE_DEFAULT_DENY == 0,
     }
+}
+
+/// True for sockets the agent marked as its own (health checks, tunnels).
+#[inline(always)]
+pub fn is_agent_socket(mark: u32) -> bool {
+    is_agent_mark(&config(), mark)
+}
+
+#[inline(always)]
+fn is_agent_mark(config: &ConfigValue, mark: u32) -> bool {
+    config.agent_mark != 0 && mark == config.agent_mark
 }
 
 #[inline(always)]

@@ -26,6 +26,15 @@ mod sendmsg;
 mod sock_addr;
 #[cfg(target_arch = "bpf")]
 mod sockops;
+// Same-node redirect (sock_ops + sk_msg over a sockhash).
+#[cfg(target_arch = "bpf")]
+mod redirect;
+#[cfg(target_arch = "bpf")]
+mod redirect_maps;
+#[cfg(target_arch = "bpf")]
+mod redirect_msg;
+#[cfg(target_arch = "bpf")]
+mod redirect_sockops;
 
 #[cfg(target_arch = "bpf")]
 #[panic_handler]

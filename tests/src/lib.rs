@@ -9,6 +9,8 @@
 
 pub mod agent;
 pub mod backends;
+pub mod bulk;
+pub mod bulk_harness;
 pub mod cgroup;
 pub mod netns;
 pub mod probe;
@@ -16,6 +18,9 @@ pub mod stats;
 
 pub use agent::Agent;
 pub use backends::{TestBackend, UdpBackend, listener_on};
+
+pub use bulk::BulkReport;
+pub use bulk_harness::{BulkServer, link_bytes, run_bulk, veth_pair};
 pub use cgroup::{TestCgroup, cgroup2_mount};
 pub use netns::TestNetns;
 pub use probe::{

@@ -3,10 +3,10 @@
 use std::path::Path;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Empty};
-use hyper::Request;
+use http_body_util::{BodyExt, Full};
+use hyper::{Method, Request};
 use hyper_util::rt::TokioIo;
-use serde::de::DeserializeOwned;
+use serde::{Serialize, de::DeserializeOwned};
 use tokio::net::UnixStream;
 
 #[derive(Debug, thiserror::Error)]
@@ -36,6 +36,30 @@ impl AdminClientError {
 
 /// GETs `path` from the agent and decodes the JSON answer.
 pub async fn get<T: DeserializeOwned>(socket: &Path, path: &str) -> Result<T, AdminClientError> {
+    request(socket, Method::GET, path, Bytes::new()).await
+}
+
+/// POSTs `body` as JSON to `path` and decodes the JSON answer.
+pub async fn post<B: Serialize, T: DeserializeOwned>(
+    socket: &Path,
+    path: &str,
+    body: &B,
+) -> Result<T, AdminClientError> {
+    request(
+        socket,
+        Method::POST,
+        path,
+        Bytes::from(serde_json::to_vec(body)?),
+    )
+    .await
+}
+
+async fn request<T: DeserializeOwned>(
+    socket: &Path,
+    method: Method,
+    path: &str,
+    body: Bytes,
+) -> Result<T, AdminClientError> {
     let stream =
         UnixStream::connect(socket)
             .await
@@ -46,9 +70,12 @@ pub async fn get<T: DeserializeOwned>(socket: &Path, path: &str) -> Result<T, Ad
     let (mut sender, connection) =
         hyper::client::conn::http1::handshake(TokioIo::new(stream)).await?;
     tokio::spawn(connection);
-    let request = Request::get(path)
+    let request = Request::builder()
+        .method(method)
+        .uri(path)
         .header("host", "mesh-agent")
-        .body(Empty::<Bytes>::new())
+        .header("content-type", "application/json")
+        .body(Full::new(body))
         .expect("static request is valid");
     let response = sender.send_request(request).await?;
     let status = response.status();

@@ -8,7 +8,7 @@ use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::serv
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixListener;
 
-use super::{PATH_EVENTS, PATH_SERVICES, PATH_STATUS};
+use super::{PATH_EVENTS, PATH_REDIRECT, PATH_SERVICES, PATH_STATUS};
 use crate::agent::Shared;
 
 #[derive(Debug, thiserror::Error)]
@@ -46,7 +46,14 @@ pub async fn serve(
             tokio::spawn(async move {
                 let service = service_fn(move |req| {
                     let shared = shared.clone();
-                    async move { Ok::<_, Infallible>(route(&req, &shared)) }
+                    async move {
+                        if req.uri().path() == PATH_REDIRECT {
+                            return Ok::<_, Infallible>(
+                                super::redirect::handle(req, &shared).await,
+                            );
+                        }
+                        Ok::<_, Infallible>(route(&req, &shared))
+                    }
                 });
                 let _ = hyper::server::conn::http1::Builder::new()
                     .serve_connection(TokioIo::new(stream), service)
@@ -83,7 +90,7 @@ fn route(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     }
 }
 
-fn json<T: serde::Serialize>(value: &T) -> Response<Full<Bytes>> {
+pub(super) fn json<T: serde::Serialize>(value: &T) -> Response<Full<Bytes>> {
     match serde_json::to_vec(value) {
         Ok(body) => Response::builder()
             .header("content-type", "application/json")
@@ -93,7 +100,7 @@ fn json<T: serde::Serialize>(value: &T) -> Response<Full<Bytes>> {
     }
 }
 
-fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
+pub(super) fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> {
     let body = serde_json::json!({ "error": message }).to_string();
     Response::builder()
         .status(status)

@@ -1,0 +1,76 @@
+//! `/v1/redirect`: same-node redirect's switch, node-local addresses and
+//! counters. `GET` shows them; `POST {"enabled": true|false}` flips the
+//! switch at runtime (the programs stay attached).
+
+use std::net::IpAddr;
+
+use bytes::Bytes;
+use http_body_util::{BodyExt, Full, Limited};
+use hyper::{Method, Request, Response, StatusCode, body::Incoming};
+use serde::{Deserialize, Serialize};
+
+use crate::agent::Shared;
+
+/// Largest request body accepted (the only one is `{"enabled": …}`).
+const MAX_BODY: usize = 4096;
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RedirectResponse {
+    /// The switch as the kernel reads it (`MESH_CONFIG` flags).
+    pub enabled: bool,
+    /// Sockets in the `MESH_SOCKS` sockhash now (two per accelerated connection).
+    pub sockets_in_map: u64,
+    /// Addresses the kernel treats as node-local besides loopback.
+    pub local_addresses: Vec<IpAddr>,
+    pub counters: RedirectCounters,
+}
+
+/// The kernel's per-CPU counters, summed.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RedirectCounters {
+    pub sockets_added: u64,
+    pub sockets_failed: u64,
+    pub sockets_skipped: u64,
+    pub msgs_redirected: u64,
+    pub bytes_redirected: u64,
+    pub msgs_fallback: u64,
+    pub bytes_fallback: u64,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct SetRedirectRequest {
+    pub enabled: bool,
+}
+
+/// Handles `/v1/redirect` for any method.
+pub async fn handle(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
+    match *req.method() {
+        Method::GET => super::server::json(&shared.redirect().lock().view()),
+        Method::POST => {
+            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
+                Ok(b) => b.to_bytes(),
+                Err(e) => {
+                    return super::server::error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("reading the body (at most {MAX_BODY} bytes): {e}"),
+                    );
+                }
+            };
+            let set: SetRedirectRequest = match serde_json::from_slice(&body) {
+                Ok(s) => s,
+                Err(e) => {
+                    return super::server::error(
+                        StatusCode::BAD_REQUEST,
+                        &format!("expected {{\"enabled\": true|false}}: {e}"),
+                    );
+                }
+            };
+            let mut redirect = shared.redirect().lock();
+            match redirect.set_enabled(set.enabled) {
+                Ok(()) => super::server::json(&redirect.view()),
+                Err(e) => super::server::error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
+            }
+        }
+        _ => super::server::error(StatusCode::METHOD_NOT_ALLOWED, "GET or POST only"),
+    }
+}

@@ -1,0 +1,177 @@
+//! Same-node redirect: attaching `mesh_redir_msg` to the `MESH_SOCKS`
+//! sockhash and `mesh_redir_sockops` to the cgroup, and typed handles on the
+//! redirect maps.
+//!
+//! The `sock_ops` program attaches through a bpf link, pinned beside the
+//! others, like every cgroup program. The `sk_msg` program attaches to the
+//! map itself (`BPF_PROG_ATTACH`, as aya 0.14 does it): the pinned map holds
+//! the program, so it stays attached while no agent runs, and a new agent's
+//! attach replaces it in one step. It goes away with the map (when
+//! `mesh-agent cleanup` removes the pins).
+
+use std::{fs::File, path::Path};
+
+use aya::{
+    Ebpf,
+    maps::{HashMap, Map, MapData, PerCpuArray, SockHash},
+    programs::{CgroupAttachMode, SkMsg, SockOps, links::FdLink},
+};
+use mesh_common::{
+    LocalAddrKey, RedirectStats, SockKey, redirect_map_names, redirect_program_names,
+};
+
+use super::{BpfError, MapsError, error_chain};
+
+/// The redirect programs, in the order they are attached (sk_msg first: a
+/// socket picks up the map's programs when it enters the map).
+pub const REDIRECT_PROGRAMS: [&str; 2] = [
+    redirect_program_names::SK_MSG,
+    redirect_program_names::SOCK_OPS,
+];
+
+/// Attaches both redirect programs; returns their names.
+pub fn attach(
+    ebpf: &mut Ebpf,
+    cgroup: &File,
+    links_dir: &Path,
+) -> Result<Vec<&'static str>, BpfError> {
+    attach_sk_msg(ebpf)?;
+    attach_sock_ops(ebpf, cgroup, links_dir)?;
+    Ok(REDIRECT_PROGRAMS.to_vec())
+}
+
+fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<(), BpfError> {
+    let name = redirect_program_names::SK_MSG;
+    let map_name = redirect_map_names::SOCKS;
+    let map_fd = {
+        let map = ebpf
+            .map(map_name)
+            .ok_or(MapsError::Missing { name: map_name })?;
+        let socks: SockHash<&MapData, SockKey> =
+            map.try_into().map_err(|source| MapsError::Layout {
+                name: map_name,
+                source,
+            })?;
+        socks.fd().try_clone().map_err(|e| BpfError::PinLink {
+            name,
+            path: map_name.into(),
+            reason: format!("cannot duplicate the map's descriptor: {e}"),
+        })?
+    };
+    let program_error = |source| BpfError::Program { name, source };
+    let program: &mut SkMsg = ebpf
+        .program_mut(name)
+        .ok_or(BpfError::MissingProgram { name })?
+        .try_into()
+        .map_err(program_error)?;
+    program.load().map_err(program_error)?;
+    let id = program.attach(&map_fd).map_err(program_error)?;
+    // Dropping the link would detach the program from the map; the pinned
+    // map keeps it attached instead, beyond this agent's life.
+    let link = program.take_link(id).map_err(program_error)?;
+    std::mem::forget(link);
+    Ok(())
+}
+
+fn attach_sock_ops(ebpf: &mut Ebpf, cgroup: &File, links_dir: &Path) -> Result<(), BpfError> {
+    let name = redirect_program_names::SOCK_OPS;
+    let program_error = |source| BpfError::Program { name, source };
+    let program: &mut SockOps = ebpf
+        .program_mut(name)
+        .ok_or(BpfError::MissingProgram { name })?
+        .try_into()
+        .map_err(program_error)?;
+    program.load().map_err(program_error)?;
+    // bpf links are multi-attach by nature; flags must be 0 (Single).
+    let id = program
+        .attach(cgroup, CgroupAttachMode::Single)
+        .map_err(program_error)?;
+    let link: FdLink = program
+        .take_link(id)
+        .map_err(program_error)?
+        .try_into()
+        .map_err(|e: aya::programs::links::LinkError| BpfError::PinLink {
+            name,
+            path: links_dir.to_owned(),
+            reason: error_chain(&e),
+        })?;
+    // Same dance as the other links: pin beside, then rename over the old
+    // pin, so the old agent's program detaches only once ours runs.
+    let final_path = links_dir.join(name);
+    let staging = links_dir.join(format!("{name}_new"));
+    let _ = std::fs::remove_file(&staging);
+    let pin_error = |reason: String| BpfError::PinLink {
+        name,
+        path: final_path.clone(),
+        reason,
+    };
+    link.pin(&staging).map_err(|e| pin_error(error_chain(&e)))?;
+    std::fs::rename(&staging, &final_path).map_err(|e| pin_error(e.to_string()))?;
+    Ok(())
+}
+
+/// Typed handles on the redirect maps.
+pub struct RedirectMaps {
+    pub socks: SockHash<MapData, SockKey>,
+    pub local_addrs: HashMap<MapData, LocalAddrKey, u32>,
+    pub stats: PerCpuArray<MapData, RedirectStats>,
+}
+
+impl RedirectMaps {
+    /// Takes the maps out of a freshly loaded object (after [`attach`]).
+    pub fn take_from(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
+        Self::build(|name| ebpf.take_map(name).ok_or(MapsError::Missing { name }))
+    }
+
+    /// Opens the maps an agent pinned under `maps_dir`.
+    pub fn from_pins(maps_dir: &Path) -> Result<Self, MapsError> {
+        Self::build(|name| {
+            let path = maps_dir.join(name);
+            let data = MapData::from_pin(&path).map_err(|source| MapsError::Pin {
+                path: path.display().to_string(),
+                source,
+            })?;
+            Map::from_map_data(data).map_err(|source| MapsError::Layout { name, source })
+        })
+    }
+
+    fn build(
+        mut open: impl FnMut(&'static str) -> Result<Map, MapsError>,
+    ) -> Result<Self, MapsError> {
+        macro_rules! typed {
+            ($name:expr) => {{
+                let name = $name;
+                open(name)?
+                    .try_into()
+                    .map_err(|source| MapsError::Layout { name, source })?
+            }};
+        }
+        Ok(Self {
+            socks: typed!(redirect_map_names::SOCKS),
+            local_addrs: typed!(redirect_map_names::LOCAL_ADDRS),
+            stats: typed!(redirect_map_names::REDIRECT_STATS),
+        })
+    }
+
+    /// The counters, summed over CPUs.
+    pub fn stats(&self) -> RedirectStats {
+        let mut t = RedirectStats::default();
+        if let Ok(per_cpu) = self.stats.get(&0, 0) {
+            for s in per_cpu.iter() {
+                t.sockets_added += s.sockets_added;
+                t.sockets_failed += s.sockets_failed;
+                t.sockets_skipped += s.sockets_skipped;
+                t.msgs_redirected += s.msgs_redirected;
+                t.bytes_redirected += s.bytes_redirected;
+                t.msgs_fallback += s.msgs_fallback;
+                t.bytes_fallback += s.bytes_fallback;
+            }
+        }
+        t
+    }
+
+    /// Sockets in the sockhash right now (at most `limit` are counted).
+    pub fn sockets_in_map(&self, limit: usize) -> usize {
+        self.socks.keys().take(limit).filter(Result::is_ok).count()
+    }
+}

@@ -1,0 +1,133 @@
+//! Same-node acceleration: the sockhash of node-local TCP sockets, the
+//! addresses the agent declares node-local, and the redirect counters.
+//!
+//! A socket whose both ends are on this node is put in `MESH_SOCKS` under its
+//! own 4-tuple when it becomes ESTABLISHED; `sk_msg` then hands every message
+//! straight to the peer socket's receive queue (looked up under the swapped
+//! 4-tuple), so the bytes never cross loopback or a veth.
+
+/// Names of the maps used only by same-node redirect (≤ 15 bytes each).
+pub mod redirect_map_names {
+    pub const SOCKS: &str = "MESH_SOCKS";
+    pub const SOCK_STATE: &str = "MESH_SOCK_STATE";
+    pub const LOCAL_ADDRS: &str = "MESH_LOCAL_ADDR";
+    pub const REDIRECT_STATS: &str = "MESH_REDIR_STAT";
+    pub const ALL: [&str; 4] = [SOCKS, SOCK_STATE, LOCAL_ADDRS, REDIRECT_STATS];
+}
+
+/// Names of the redirect programs in the kernel object.
+pub mod redirect_program_names {
+    pub const SOCK_OPS: &str = "mesh_redir_sockops";
+    pub const SK_MSG: &str = "mesh_redir_msg";
+}
+
+/// `ConfigValue::flags` bit: same-node redirect is on. Read by both programs
+/// on every call, so the agent can switch it at runtime without detaching.
+pub const CONFIG_FLAG_SAME_NODE_REDIRECT: u32 = 1 << 0;
+
+/// Capacities of the redirect maps.
+pub mod redirect_limits {
+    /// Sockets (two per same-node connection) the sockhash holds.
+    pub const MAX_REDIRECT_SOCKETS: u32 = 131_072;
+    /// Addresses the agent can declare node-local.
+    pub const MAX_LOCAL_ADDRS: u32 = 16_384;
+}
+
+/// Key of `MESH_SOCKS` and `MESH_SOCK_STATE`: one socket's own view of its
+/// connection. The peer's key is the same with local and remote swapped.
+///
+/// `netns` is the socket's network-namespace cookie when either end is a
+/// loopback address (every namespace has its own 127.0.0.1, so the 4-tuple
+/// alone could name sockets of two namespaces), and 0 otherwise: node and pod
+/// addresses are unique on a node, and two ends of a pod-to-pod connection
+/// live in different namespaces.
+///
+/// IPv4 sockets, and IPv6 sockets talking IPv4-mapped addresses, use
+/// `family == FAMILY_V4` with the address in word 0, so both ends agree.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct SockKey {
+    pub netns: u64,
+    pub local_addr: [u32; 4],
+    pub remote_addr: [u32; 4],
+    /// Network byte order.
+    pub local_port: u16,
+    /// Network byte order.
+    pub remote_port: u16,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+impl SockKey {
+    /// The key the peer socket is stored under.
+    #[inline(always)]
+    pub fn peer(&self) -> SockKey {
+        SockKey {
+            netns: self.netns,
+            local_addr: self.remote_addr,
+            remote_addr: self.local_addr,
+            local_port: self.remote_port,
+            remote_port: self.local_port,
+            family: self.family,
+            _pad: [0; 3],
+        }
+    }
+}
+
+/// `MESH_SOCK_STATE` value: may this socket's messages be redirected?
+///
+/// A socket starts `SOCK_REDIRECT_OK` when it enters the sockhash. The first
+/// message that cannot be redirected (peer not in the map yet, or the switch
+/// is off) makes it `SOCK_REDIRECT_NEVER` for good: bytes that went through
+/// TCP may still sit unread in the peer's receive queue, and the kernel reads
+/// redirected bytes first, so redirecting again could reorder the stream.
+/// Redirected-then-TCP is safe (older bytes are read first), so that
+/// direction needs no state.
+pub const SOCK_REDIRECT_OK: u32 = 1;
+pub const SOCK_REDIRECT_NEVER: u32 = 2;
+
+/// Key of `MESH_LOCAL_ADDR`: an address of this node (node addresses, local
+/// pods). Loopback (127.0.0.0/8, ::1) is always local and needs no entry.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct LocalAddrKey {
+    /// IPv4: the address in `addr[0]`, the rest zero. Network byte order.
+    pub addr: [u32; 4],
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// Per-CPU counters of same-node redirect (single entry, index 0).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct RedirectStats {
+    /// Sockets put in the sockhash (both ends node-local).
+    pub sockets_added: u64,
+    /// Sockets that could not be put in the sockhash (map full, ULP, …).
+    pub sockets_failed: u64,
+    /// ESTABLISHED sockets left alone: an end is not node-local, payload was
+    /// already exchanged (TCP Fast Open), the switch is off, or the agent's own.
+    pub sockets_skipped: u64,
+    pub msgs_redirected: u64,
+    pub bytes_redirected: u64,
+    /// Messages of sockets in the sockhash sent the normal way (peer not in
+    /// the map, switch off, or redirect refused by the kernel).
+    pub msgs_fallback: u64,
+    pub bytes_fallback: u64,
+}
+
+const _: () = {
+    assert!(core::mem::size_of::<SockKey>() == 48);
+    assert!(core::mem::size_of::<LocalAddrKey>() == 20);
+    assert!(core::mem::size_of::<RedirectStats>() == 56);
+};
+
+#[cfg(feature = "user")]
+mod pod {
+    use super::*;
+    // SAFETY: plain `#[repr(C)]` integers with explicit padding; every bit
+    // pattern is valid.
+    unsafe impl aya::Pod for SockKey {}
+    unsafe impl aya::Pod for LocalAddrKey {}
+    unsafe impl aya::Pod for RedirectStats {}
+}

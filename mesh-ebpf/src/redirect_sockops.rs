@@ -1,0 +1,119 @@
+//! `sock_ops` (cgroup): when a TCP connection becomes ESTABLISHED and both
+//! of its ends are on this node, put the socket in `MESH_SOCKS` so that
+//! `mesh_redir_msg` can hand its messages straight to the peer.
+
+use aya_ebpf::{
+    bindings::{
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, bpf_sock_ops,
+    },
+    helpers::bpf_get_netns_cookie,
+    macros::sock_ops,
+    programs::SockOpsContext,
+};
+use core::ptr::{addr_of, read_volatile};
+use mesh_common::{SOCK_REDIRECT_OK, SockKey};
+
+use crate::{
+    lb,
+    redirect::{self, Tuple},
+    redirect_maps::{MESH_SOCK_STATE, MESH_SOCKS},
+};
+
+#[sock_ops]
+pub fn mesh_redir_sockops(ctx: SockOpsContext) -> u32 {
+    try_sockops(&ctx);
+    // The return value of sock_ops programs only matters for callbacks that
+    // ask for a reply; ESTABLISHED ones do not.
+    1
+}
+
+#[inline(always)]
+fn try_sockops(ctx: &SockOpsContext) {
+    let ops = ctx.ops;
+    let op = unsafe { read_volatile(addr_of!((*ops).op)) };
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+        return;
+    }
+    let Some(mut key) = local_key(ops) else {
+        redirect::count(|s| s.sockets_skipped += 1);
+        return;
+    };
+    // A socket whose payload already crossed TCP (Fast Open data in the SYN)
+    // could have bytes unread in the peer's queue: never redirect it.
+    let (segs_in, segs_out) = unsafe {
+        (
+            read_volatile(addr_of!((*ops).data_segs_in)),
+            read_volatile(addr_of!((*ops).data_segs_out)),
+        )
+    };
+    if segs_in != 0 || segs_out != 0 || !redirect::enabled() || agent_socket(ops) {
+        redirect::count(|s| s.sockets_skipped += 1);
+        return;
+    }
+    // Each namespace has its own loopback: keep their 4-tuples apart.
+    if key.netns != 0 {
+        key.netns = unsafe { bpf_get_netns_cookie(ops.cast()) };
+    }
+    if MESH_SOCK_STATE.insert(key, SOCK_REDIRECT_OK, 0).is_err() {
+        redirect::count(|s| s.sockets_failed += 1);
+        return;
+    }
+    match MESH_SOCKS.update(key, unsafe { &mut *ops }, 0) {
+        Ok(()) => redirect::count(|s| s.sockets_added += 1),
+        Err(_) => redirect::count(|s| s.sockets_failed += 1),
+    }
+}
+
+/// The socket's key when both ends are node-local; `netns` is 1 as a marker
+/// when the namespace cookie must be filled in.
+#[inline(always)]
+fn local_key(ops: *mut bpf_sock_ops) -> Option<SockKey> {
+    let t = unsafe {
+        Tuple {
+            family: read_volatile(addr_of!((*ops).family)),
+            local_ip4: read_volatile(addr_of!((*ops).local_ip4)),
+            remote_ip4: read_volatile(addr_of!((*ops).remote_ip4)),
+            local_ip6: read_ip6(addr_of!((*ops).local_ip6)),
+            remote_ip6: read_ip6(addr_of!((*ops).remote_ip6)),
+            local_port: read_volatile(addr_of!((*ops).local_port)),
+            remote_port: read_volatile(addr_of!((*ops).remote_port)),
+        }
+    };
+    let (mut key, loopback) = redirect::key_of(&t)?;
+    if !redirect::is_local(&key.local_addr, key.family)
+        || !redirect::is_local(&key.remote_addr, key.family)
+    {
+        return None;
+    }
+    if loopback {
+        key.netns = 1;
+    }
+    Some(key)
+}
+
+/// Each word on its own: the verifier refuses wider loads of context fields.
+#[inline(always)]
+unsafe fn read_ip6(p: *const [u32; 4]) -> [u32; 4] {
+    let w = p.cast::<u32>();
+    unsafe {
+        [
+            read_volatile(w),
+            read_volatile(w.add(1)),
+            read_volatile(w.add(2)),
+            read_volatile(w.add(3)),
+        ]
+    }
+}
+
+/// The agent's own sockets (marked) are never touched.
+#[inline(always)]
+fn agent_socket(ops: *mut bpf_sock_ops) -> bool {
+    let mark = unsafe {
+        let sk = read_volatile(addr_of!((*ops).__bindgen_anon_2.sk));
+        if sk.is_null() {
+            return false;
+        }
+        read_volatile(addr_of!((*sk).mark))
+    };
+    lb::is_agent_socket(mark)
+}
