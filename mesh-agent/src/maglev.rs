@@ -8,7 +8,7 @@
 
 use std::net::SocketAddr;
 
-use crate::slots::slot_counts;
+use crate::slots::exact_shares;
 
 /// Table sizes: primes, each a little under a power of two.
 const PRIMES: [u32; 10] = [
@@ -99,29 +99,6 @@ fn build_sorted(backends: &[(SocketAddr, u32)], size: u32) -> Vec<u32> {
         .collect()
 }
 
-/// Entries per backend, summing to exactly `size`.
-fn exact_shares(weights: &[u32], size: u32) -> Vec<u32> {
-    let mut counts = slot_counts(weights, size);
-    // `slot_counts` may return a smaller exact table; scale it up to `size`.
-    let total: u32 = counts.iter().sum();
-    if total != size {
-        let scaled: Vec<u32> = counts.iter().map(|&c| c * (size / total)).collect();
-        let mut left = size - scaled.iter().sum::<u32>();
-        counts = scaled;
-        // Hand the remainder out in weight order so it stays proportional.
-        let mut order: Vec<usize> = (0..weights.len()).filter(|&i| weights[i] > 0).collect();
-        order.sort_by_key(|&i| std::cmp::Reverse(weights[i]));
-        for &i in order.iter().cycle() {
-            if left == 0 {
-                break;
-            }
-            counts[i] += 1;
-            left -= 1;
-        }
-    }
-    counts
-}
-
 /// FNV-1a, 64 bit, seeded: stable across builds and machines.
 fn fnv1a(bytes: &[u8], seed: u64) -> u64 {
     let mut hash = 0xcbf2_9ce4_8422_2325u64 ^ seed;
@@ -201,5 +178,38 @@ mod tests {
             by_addr(build(&b, 509), &b),
             by_addr(build(&reversed, 509), &reversed)
         );
+    }
+}
+
+#[cfg(test)]
+mod properties {
+    use super::*;
+    use proptest::prelude::*;
+
+    proptest! {
+        /// Every backend holds its weighted share of the table within one entry.
+        #[test]
+        fn weights_are_honoured_within_one_entry(
+            weights in proptest::collection::vec(0u32..1000, 1..30),
+        ) {
+            let backends: Vec<(SocketAddr, u32)> = weights
+                .iter()
+                .enumerate()
+                .map(|(i, &w)| (SocketAddr::from(([10, 1, 0, 1], 1000 + i as u16)), w))
+                .collect();
+            let size = table_size(backends.len(), 131_071);
+            let table = build(&backends, size);
+            let total: f64 = weights.iter().map(|&w| f64::from(w)).sum();
+            if total == 0.0 {
+                prop_assert!(table.is_empty());
+                return Ok(());
+            }
+            prop_assert_eq!(table.len(), size as usize);
+            for (i, &w) in weights.iter().enumerate() {
+                let held = table.iter().filter(|&&e| e == i as u32).count() as f64;
+                let ideal = f64::from(w) / total * f64::from(size);
+                prop_assert!((held - ideal).abs() <= 1.0 + 1e-9, "backend {i}: {held} vs {ideal}");
+            }
+        }
     }
 }

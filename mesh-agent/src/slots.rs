@@ -60,6 +60,17 @@ pub fn slot_counts(weights: &[u32], max_slots: u32) -> Vec<u32> {
     apportion(&reduced, total, max_slots)
 }
 
+/// Exactly `size` entries split by `weights` (largest remainder, at least one
+/// for every positive weight), for tables whose size is fixed (Maglev).
+pub fn exact_shares(weights: &[u32], size: u32) -> Vec<u32> {
+    let shares: Vec<u64> = weights.iter().map(|&w| u64::from(w)).collect();
+    let total: u64 = shares.iter().sum();
+    if total == 0 {
+        return vec![0; weights.len()];
+    }
+    apportion(&shares, total, u64::from(size))
+}
+
 /// Largest-remainder apportionment of `slots` seats by `shares`, with a floor
 /// of one seat for every positive share.
 fn apportion(shares: &[u64], total: u64, slots: u64) -> Vec<u32> {
