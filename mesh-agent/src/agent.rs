@@ -41,6 +41,9 @@ pub struct AgentOptions {
     pub events: bool,
     /// Same-node redirect: switch and node-local addresses.
     pub redirect: RedirectOptions,
+    /// Map layout version to pin under (the build's own unless testing an
+    /// upgrade).
+    pub schema_version: u32,
 }
 
 /// How often the node's own addresses are re-read for same-node redirect.
@@ -314,7 +317,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         Some(path) => path.clone(),
         None => bpf::cgroup2_mount()?,
     };
-    let pins = PinLayout::new(&opts.bpffs);
+    let pins = PinLayout::new(&opts.bpffs).with_version(opts.schema_version);
     let Datapath {
         mut ebpf,
         mut maps,
@@ -392,6 +395,16 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         })
     };
     let refresher = redirect.spawn_refresher(LOCAL_ADDR_REFRESH);
+    // An agent of another map layout left its programs attached; ours now
+    // serve the full state beside them, so theirs can go (upgrade/downgrade).
+    for old in pins.other_versions() {
+        match std::fs::remove_dir_all(&old) {
+            Ok(()) => {
+                info!(pins = %old.display(), "migrated: removed the other layout's programs and maps")
+            }
+            Err(e) => warn!(pins = %old.display(), "could not remove the other layout's pins: {e}"),
+        }
+    }
     let admin_task = admin::serve(&opts.admin_socket, shared.clone()).await?;
     info!(socket = %opts.admin_socket.display(), "ready");
 

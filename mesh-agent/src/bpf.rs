@@ -71,15 +71,25 @@ pub enum BpfError {
     Maps(#[from] MapsError),
 }
 
-/// Where one agent's pins live.
+/// Where one agent's pins live: `<root>/v<schema>/{maps,links}`.
 #[derive(Clone, Debug)]
 pub struct PinLayout {
     root: PathBuf,
+    version: u32,
 }
 
 impl PinLayout {
     pub fn new(root: impl Into<PathBuf>) -> Self {
-        Self { root: root.into() }
+        Self {
+            root: root.into(),
+            version: SCHEMA_VERSION,
+        }
+    }
+
+    /// The same root with another schema version (upgrade tests).
+    pub fn with_version(mut self, version: u32) -> Self {
+        self.version = version;
+        self
     }
 
     pub fn root(&self) -> &Path {
@@ -87,7 +97,7 @@ impl PinLayout {
     }
 
     pub fn versioned(&self) -> PathBuf {
-        self.root.join(format!("v{SCHEMA_VERSION}"))
+        self.root.join(format!("v{}", self.version))
     }
 
     pub fn maps_dir(&self) -> PathBuf {
@@ -96,6 +106,26 @@ impl PinLayout {
 
     pub fn links_dir(&self) -> PathBuf {
         self.versioned().join("links")
+    }
+
+    /// Pin directories of other schema versions: what an agent of another
+    /// layout left, still attached and serving until removed.
+    pub fn other_versions(&self) -> Vec<PathBuf> {
+        let Ok(entries) = std::fs::read_dir(&self.root) else {
+            return Vec::new();
+        };
+        let ours = format!("v{}", self.version);
+        entries
+            .flatten()
+            .map(|e| e.file_name().to_string_lossy().into_owned())
+            .filter(|name| {
+                name != &ours
+                    && name
+                        .strip_prefix('v')
+                        .is_some_and(|n| n.parse::<u32>().is_ok())
+            })
+            .map(|name| self.root.join(name))
+            .collect()
     }
 
     /// Removes every pin: programs detach once their link pins are gone, maps

@@ -68,6 +68,9 @@ enum Command {
         /// Capacity of the slot map (all services' selection tables).
         #[arg(long, default_value_t = MapSizes::default().slots)]
         max_slots: u32,
+        /// Map layout version to pin under; only for testing upgrades.
+        #[arg(long, hide = true, default_value_t = mesh_common::SCHEMA_VERSION)]
+        schema_version: u32,
         /// Report every balancing decision on the kernel's event ring buffer.
         #[arg(long, value_enum, default_value_t = Switch::On)]
         events: Switch,
@@ -146,6 +149,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             max_backends,
             max_slots,
             events,
+            schema_version,
             same_node_redirect,
             local_addresses,
             no_discover_local_addresses,
@@ -163,6 +167,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
                     slots: max_slots,
                 },
                 events: events == Switch::On,
+                schema_version,
                 redirect: mesh_agent::redirect::RedirectOptions {
                     enabled: same_node_redirect == Switch::On,
                     local_addresses,

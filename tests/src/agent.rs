@@ -24,6 +24,8 @@ pub struct Agent {
     bpffs: PathBuf,
     agent_bin: PathBuf,
     meshctl_bin: PathBuf,
+    /// The `mesh-agent run` arguments, to start it again the same way.
+    args: Vec<std::ffi::OsString>,
 }
 
 impl Agent {
@@ -45,28 +47,53 @@ impl Agent {
         extra: &[&str],
     ) -> Result<Agent> {
         let mut agent = Self::spawn(bin_dir, config_yaml, cgroup, extra)?;
+        // On error `agent` drops on return: killed and cleaned up.
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+
+    /// Waits (≤ 20 s) until `meshctl status` answers.
+    fn wait_ready(&mut self) -> Result<()> {
         let deadline = Instant::now() + START_TIMEOUT;
         loop {
-            if let Some(status) = agent.child.try_wait()? {
+            if let Some(status) = self.child.try_wait()? {
                 bail!(
                     "mesh-agent exited during startup ({status}); log:\n{}",
-                    agent.log()
+                    self.log()
                 );
             }
-            let last = match agent.meshctl(&["status", "-o", "json"]) {
-                Ok(out) if out.status.success() => return Ok(agent),
+            let last = match self.meshctl(&["status", "-o", "json"]) {
+                Ok(out) if out.status.success() => return Ok(()),
                 Ok(out) => String::from_utf8_lossy(&out.stderr).trim().to_string(),
                 Err(e) => format!("{e:#}"),
             };
             if Instant::now() >= deadline {
-                // `agent` drops on return: killed and cleaned up.
                 bail!(
                     "mesh-agent not ready within {START_TIMEOUT:?} (last meshctl error: {last}); log:\n{}",
-                    agent.log()
+                    self.log()
                 );
             }
             std::thread::sleep(POLL);
         }
+    }
+
+    /// Kills the agent with SIGKILL (it gets no chance to clean up) and starts
+    /// it again with the same flags plus `extra`; waits until it is ready.
+    pub fn kill_and_restart(&mut self, extra: &[&str]) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        self.args.extend(extra.iter().map(Into::into));
+        let log = std::fs::OpenOptions::new()
+            .append(true)
+            .open(self.dir.join("agent.log"))?;
+        self.child = Command::new(&self.agent_bin)
+            .args(&self.args)
+            .stdin(Stdio::null())
+            .stdout(log.try_clone()?)
+            .stderr(log)
+            .spawn()
+            .with_context(|| format!("spawning {}", self.agent_bin.display()))?;
+        self.wait_ready()
     }
 
     /// Starts the agent with a config that must be rejected; waits (≤ 20 s)
@@ -121,21 +148,18 @@ impl Agent {
         let admin_socket = dir.join("admin.sock");
         let bpffs = PathBuf::from(format!("/sys/fs/bpf/mesh-test-{pid}-{n}"));
         let log_path = dir.join("agent.log");
+        let mut args: Vec<std::ffi::OsString> = vec!["run".into(), "--config".into()];
+        args.push(config.clone().into());
+        args.extend(["--cgroup".into(), cgroup.path().into()]);
+        args.extend(["--bpffs".into(), bpffs.clone().into()]);
+        args.extend(["--admin-socket".into(), admin_socket.clone().into()]);
+        args.extend(["--watch-interval-ms".into(), "100".into()]);
+        args.extend(extra.iter().map(Into::into));
         let setup = || -> Result<Child> {
             std::fs::write(&config, config_yaml)?;
             let log = File::create(&log_path)?;
             Command::new(&agent_bin)
-                .arg("run")
-                .arg("--config")
-                .arg(&config)
-                .arg("--cgroup")
-                .arg(cgroup.path())
-                .arg("--bpffs")
-                .arg(&bpffs)
-                .arg("--admin-socket")
-                .arg(&admin_socket)
-                .args(["--watch-interval-ms", "100"])
-                .args(extra)
+                .args(&args)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
@@ -151,6 +175,7 @@ impl Agent {
                 bpffs,
                 agent_bin,
                 meshctl_bin,
+                args,
             }),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);

@@ -24,8 +24,8 @@ pub use bulk_harness::{BulkServer, link_bytes, run_bulk, veth_pair};
 pub use cgroup::{TestCgroup, cgroup2_mount};
 pub use netns::TestNetns;
 pub use probe::{
-    HeldConnections, ProbeResult, hold_and_watch, hold_connections, run_probe, run_probe_marked,
-    run_probe_with, run_udp_probe,
+    HeldConnections, ProbeResult, RunningProbe, hold_and_watch, hold_connections, run_probe,
+    run_probe_marked, run_probe_with, run_udp_probe, spawn_probe,
 };
 pub use stats::{chi_square, chi_square_p_value};
 

@@ -252,6 +252,52 @@ pub fn run_udp_probe(
     run_probe_mode("udp", cgroup, target, sockets, 2000, &extra)
 }
 
+/// A `mesh-probe connect` run going on in the background.
+pub struct RunningProbe {
+    child: Option<std::process::Child>,
+}
+
+impl RunningProbe {
+    /// Waits for the run to end and returns what it saw.
+    pub fn finish(mut self) -> Result<ProbeResult> {
+        let child = self.child.take().context("probe already finished")?;
+        let out = child.wait_with_output().context("waiting for mesh-probe")?;
+        if !out.status.success() {
+            bail!(
+                "mesh-probe failed ({}): {}",
+                out.status,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        serde_json::from_slice(&out.stdout).context("parsing mesh-probe output")
+    }
+}
+
+impl Drop for RunningProbe {
+    fn drop(&mut self) {
+        // Our own unreaped child: its PID cannot have been reused.
+        if let Some(mut child) = self.child.take() {
+            let _ = child.kill();
+            let _ = child.wait();
+        }
+    }
+}
+
+/// Starts `count` sequential connections to `target` from `cgroup` in the
+/// background (bounded by the probe's own time budget).
+pub fn spawn_probe(cgroup: &TestCgroup, target: SocketAddr, count: u32) -> Result<RunningProbe> {
+    let probe = crate::require_bin("mesh-probe")?;
+    let child = cgroup
+        .command(&probe)
+        .args(["connect", "--target", &target.to_string()])
+        .args(["--count", &count.to_string()])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .context("spawning mesh-probe")?;
+    Ok(RunningProbe { child: Some(child) })
+}
+
 /// Connections a probe holds open until dropped.
 pub struct HeldConnections {
     child: std::process::Child,
