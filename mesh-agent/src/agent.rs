@@ -19,6 +19,7 @@ use crate::{
     destroy,
     drain::Draining,
     events,
+    health::HealthMonitor,
     reconcile::{Capacity, ReconcileError, Reconciler, service_keys},
     redirect::{Redirect, RedirectError, RedirectHandle, RedirectOptions},
     state::DesiredState,
@@ -91,6 +92,9 @@ struct Inner {
     reloads: ReloadStatus,
     /// The newest decision events, oldest first.
     events: VecDeque<Event>,
+    health: HealthMonitor,
+    /// Services whose backends are all unhealthy, served by panic mode.
+    panicking: Vec<String>,
 }
 
 /// How many decision events the agent keeps for `meshctl events`.
@@ -136,6 +140,7 @@ impl Shared {
             last_reload_error: inner.reloads.last_error.clone(),
             last_reload_unix_ms: inner.reloads.last_unix_ms,
             sockets_destroyed: inner.reloads.sockets_destroyed,
+            panic_services: inner.panicking.clone(),
             cgroup: self.meta.cgroup.clone(),
             bpffs: self.meta.bpffs.clone(),
             programs: self.meta.programs.clone(),
@@ -187,6 +192,14 @@ impl Shared {
                             connections: 0,
                             udp_flows: 0,
                             active: 0,
+                            health: inner
+                                .health
+                                .health(&svc.name, b.socket_addr(), Instant::now())
+                                .as_str()
+                                .to_owned(),
+                            health_transitions: inner
+                                .health
+                                .transitions(&svc.name, b.socket_addr()),
                         };
                         for p in &programmed {
                             let Some(&id) = p.backends.get(&(b.address, b.port)) else {
@@ -233,6 +246,19 @@ impl Shared {
         }
     }
 
+    /// Reads the kernel's connect failures; true when an ejection started or
+    /// ended, so the state must be applied again.
+    fn observe_outliers(&self) -> bool {
+        let mut inner = self.lock();
+        let inner = &mut *inner;
+        inner.health.observe_outliers(
+            &inner.desired,
+            &inner.reconciler,
+            &mut inner.maps,
+            Instant::now(),
+        )
+    }
+
     /// True when a draining backend is due for removal.
     fn drain_expired(&self) -> bool {
         self.lock().draining.has_expired(Instant::now())
@@ -250,14 +276,18 @@ impl Shared {
         let inner = &mut *inner;
         let result = source.map_err(AgentError::from).and_then(|source| {
             let mut draining = inner.draining.clone();
-            let effective = draining.merge(&inner.desired, &source, Instant::now());
+            let now = Instant::now();
+            let mut effective = draining.merge(&inner.desired, &source, now);
+            let panicking = inner.health.overlay(&mut effective, now);
             let report = inner
                 .reconciler
                 .apply(&effective, &mut inner.maps)
                 .map_err(AgentError::from)?;
+            inner.health.sync(&source);
             inner.desired = effective;
             inner.source = source;
             inner.draining = draining;
+            inner.panicking = panicking;
             Ok(report)
         });
         let status = &mut inner.reloads;
@@ -353,6 +383,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             "pinned maps from an earlier agent keep their sizes; new sizes apply after `mesh-agent cleanup`"
         );
     }
+    let (mut health, health_changes) = HealthMonitor::new(opts.socket_mark);
+    health.sync(&desired);
     let mut reconciler = Reconciler::recover(capacity, &mut maps);
     reconciler.apply(&desired, &mut maps)?;
     info!(
@@ -375,6 +407,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                 ..Default::default()
             },
             events: VecDeque::with_capacity(EVENTS_KEPT),
+            health,
+            panicking: Vec::new(),
         }),
         meta: Meta {
             config_path: opts.config.display().to_string(),
@@ -408,7 +442,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let admin_task = admin::serve(&opts.admin_socket, shared.clone()).await?;
     info!(socket = %opts.admin_socket.display(), "ready");
 
-    watch(&opts.config, opts.watch_interval, &shared).await?;
+    watch(&opts.config, opts.watch_interval, &shared, health_changes).await?;
 
     admin_task.abort();
     events_task.abort();
@@ -422,7 +456,12 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
 /// Reloads on SIGHUP and whenever the file's content changes (which also
 /// catches the symlink swap Kubernetes does for ConfigMaps); returns on
 /// SIGTERM or SIGINT.
-async fn watch(path: &Path, interval: Duration, shared: &Shared) -> Result<(), AgentError> {
+async fn watch(
+    path: &Path,
+    interval: Duration,
+    shared: &Shared,
+    mut health_changes: tokio::sync::mpsc::UnboundedReceiver<()>,
+) -> Result<(), AgentError> {
     let mut hangup = signal(SignalKind::hangup()).map_err(AgentError::Signal)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
@@ -444,7 +483,14 @@ async fn watch(path: &Path, interval: Duration, shared: &Shared) -> Result<(), A
                 } else if shared.drain_expired() {
                     info!("drain timeout over: removing drained backends");
                     shared.reapply();
+                } else if shared.observe_outliers() {
+                    shared.reapply();
                 }
+            }
+            Some(()) = health_changes.recv() => {
+                // One apply for a burst of health changes.
+                while health_changes.try_recv().is_ok() {}
+                shared.reapply();
             }
             _ = terminate.recv() => return Ok(()),
             _ = interrupt.recv() => return Ok(()),

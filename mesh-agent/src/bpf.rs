@@ -187,6 +187,7 @@ impl Datapath {
             .map_max_entries(map_names::BACKENDS, sizes.backends)
             .map_max_entries(map_names::BACKEND_STATS, sizes.backends)
             .map_max_entries(map_names::ACTIVE, sizes.backends)
+            .map_max_entries(map_names::BACKEND_HEALTH, sizes.backends)
             .map_max_entries(map_names::SLOTS, sizes.slots)
             .load(KERNEL_OBJECT)
             .map_err(BpfError::Load)?;

@@ -145,6 +145,15 @@ fn render_status(s: &StatusResponse) -> String {
         s.last_reload_error.as_deref().unwrap_or("-"),
     ]);
     t.row(["sockets destroyed", &s.sockets_destroyed.to_string()]);
+    let panic = if s.panic_services.is_empty() {
+        "-".to_owned()
+    } else {
+        format!(
+            "PANIC (all backends unhealthy): {}",
+            s.panic_services.join(", ")
+        )
+    };
+    t.row(["panic mode", &panic]);
     t.row(["cgroup", &s.cgroup]);
     t.row(["bpffs", &s.bpffs]);
     t.row(["programs", &s.programs.join(", ")]);
@@ -159,6 +168,7 @@ fn render_services(r: &ServicesResponse) -> String {
         "ALGORITHM",
         "BACKEND",
         "STATE",
+        "HEALTH",
         "WEIGHT",
         "SHARE",
         "CONNECTIONS",
@@ -187,6 +197,7 @@ fn render_services(r: &ServicesResponse) -> String {
                 "-",
                 "-",
                 "-",
+                "-",
             ]);
         }
         let total_weight: u64 = svc
@@ -208,6 +219,7 @@ fn render_services(r: &ServicesResponse) -> String {
                 if first { algorithm.as_str() } else { "" },
                 &std::net::SocketAddr::new(b.address, b.port).to_string(),
                 &b.state,
+                &b.health,
                 &b.weight.to_string(),
                 &share,
                 &b.connections.to_string(),
@@ -225,6 +237,7 @@ fn render_services(r: &ServicesResponse) -> String {
                     "",
                     "",
                     what,
+                    "-",
                     "-",
                     "-",
                     "-",

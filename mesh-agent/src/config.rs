@@ -14,9 +14,12 @@ use std::path::{Path, PathBuf};
 use serde_saphyr::{Location, MessageFormatter, Spanned};
 
 pub use self::error::{ConfigError, Problem};
-use self::raw::{Int, RawBackend, RawConfig, RawPolicy, RawService, RawWorkload};
+use self::raw::{
+    Int, RawBackend, RawConfig, RawHealthCheck, RawOutlier, RawPolicy, RawService, RawWorkload,
+};
 use crate::state::{
-    Algorithm, Backend, BackendState, DesiredState, Policy, Protocol, Service, Workload,
+    Algorithm, Backend, BackendState, CheckKind, DesiredState, HealthCheck, OutlierDetection,
+    PanicMode, Policy, Protocol, Service, Workload,
 };
 
 /// Accepted spellings; the error for anything else lists them.
@@ -35,6 +38,10 @@ const BACKEND_STATES: &[(&str, BackendState)] = &[
     ("draining", BackendState::Draining),
 ];
 const POLICY_DEFAULTS: &[(&str, bool)] = &[("allow", false), ("deny", true)];
+/// Health check types; `none` turns checking off.
+const CHECK_TYPES: &[(&str, Option<bool>)] =
+    &[("tcp", Some(false)), ("http", Some(true)), ("none", None)];
+const PANIC_MODES: &[(&str, PanicMode)] = &[("all", PanicMode::All), ("none", PanicMode::None)];
 
 /// Kubernetes' default session affinity timeout (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
@@ -225,6 +232,20 @@ fn service(
             }
         },
     };
+    let health_check = match raw.health_check {
+        Some(check) => health_check(check.value)?,
+        None => None,
+    };
+    let outlier_detection = match raw.outlier_detection {
+        Some(outlier) => Some(outlier_detection(outlier.value)?),
+        None => None,
+    };
+    let panic_mode = one_of(
+        raw.panic_mode,
+        PANIC_MODES,
+        PanicMode::All,
+        |value, accepted| Problem::UnknownPanicMode { value, accepted },
+    )?;
     let raw_backends = required(raw.backends, at, &what, "backends")?;
     let own_frontend = SocketAddr::new(vip_address, port);
 
@@ -291,9 +312,145 @@ fn service(
         policy,
         drain_timeout_s,
         destroy_on_removal: raw.destroy_on_removal,
+        health_check,
+        outlier_detection,
+        panic_mode,
         backends,
     };
     Ok((service, name.referenced, vip.referenced))
+}
+
+/// An optional integer field within `range`.
+fn bounded(
+    value: Option<Spanned<Int>>,
+    field: &'static str,
+    range: std::ops::RangeInclusive<u32>,
+    words: &'static str,
+    default: u32,
+) -> Check<u32> {
+    let Some(value) = value else {
+        return Ok(default);
+    };
+    let text = match value.value {
+        Int::Value(n) => match u32::try_from(n) {
+            Ok(n) if range.contains(&n) => return Ok(n),
+            _ => n.to_string(),
+        },
+        Int::Other(got) => got,
+    };
+    Err((
+        value.referenced,
+        Problem::OutOfRange {
+            field,
+            value: text,
+            range: words,
+        },
+    ))
+}
+
+fn health_check(raw: RawHealthCheck) -> Check<Option<HealthCheck>> {
+    let http = one_of(raw.kind, CHECK_TYPES, Some(false), |value, accepted| {
+        Problem::UnknownCheckType { value, accepted }
+    })?;
+    let Some(http) = http else {
+        return Ok(None);
+    };
+    let interval_ms = bounded(
+        raw.interval_ms,
+        "interval_ms",
+        10..=3_600_000,
+        "10 to 3600000 ms",
+        5_000,
+    )?;
+    let timeout_at = raw.timeout_ms.as_ref().map(|t| t.referenced);
+    let timeout_ms = bounded(
+        raw.timeout_ms,
+        "timeout_ms",
+        1..=60_000,
+        "1 to 60000 ms",
+        interval_ms.min(1_000),
+    )?;
+    if timeout_ms > interval_ms {
+        return Err((
+            timeout_at.unwrap_or(Location::UNKNOWN),
+            Problem::TimeoutOverInterval {
+                timeout: timeout_ms,
+                interval: interval_ms,
+            },
+        ));
+    }
+    let kind = if http {
+        let path = match raw.path {
+            Some(path) if !path.value.starts_with('/') => {
+                return Err((
+                    path.referenced,
+                    Problem::BadCheckPath {
+                        path: quote(&path.value),
+                    },
+                ));
+            }
+            Some(path) => path.value,
+            None => "/".to_owned(),
+        };
+        let expected_status = bounded(
+            raw.expected_status,
+            "expected_status",
+            100..=599,
+            "an HTTP status from 100 to 599",
+            200,
+        )?;
+        CheckKind::Http {
+            path,
+            expected_status: expected_status as u16,
+        }
+    } else {
+        CheckKind::Tcp
+    };
+    Ok(Some(HealthCheck {
+        kind,
+        interval_ms,
+        timeout_ms,
+        healthy_threshold: bounded(
+            raw.healthy_threshold,
+            "healthy_threshold",
+            1..=100,
+            "1 to 100",
+            2,
+        )?,
+        unhealthy_threshold: bounded(
+            raw.unhealthy_threshold,
+            "unhealthy_threshold",
+            1..=100,
+            "1 to 100",
+            3,
+        )?,
+        jitter_percent: bounded(
+            raw.jitter_percent,
+            "jitter_percent",
+            0..=100,
+            "0 to 100",
+            10,
+        )?,
+    }))
+}
+
+fn outlier_detection(raw: RawOutlier) -> Check<OutlierDetection> {
+    Ok(OutlierDetection {
+        consecutive_failures: bounded(
+            raw.consecutive_failures,
+            "consecutive_failures",
+            1..=1_000,
+            "1 to 1000",
+            5,
+        )?,
+        ejection_ms: bounded(
+            raw.ejection_ms,
+            "ejection_ms",
+            100..=3_600_000,
+            "100 to 3600000 ms",
+            30_000,
+        )?,
+    })
 }
 
 /// `affinity: true` with an optional `affinity_timeout_seconds`.
@@ -562,6 +719,9 @@ services:
             policy: Policy::default(),
             drain_timeout_s: 0,
             destroy_on_removal: None,
+            health_check: None,
+            outlier_detection: None,
+            panic_mode: PanicMode::All,
             backends: vec![backend(18081, 1), backend(18082, 2), backend(18083, 7)],
         };
         assert_eq!(
@@ -637,7 +797,8 @@ services:
             &with("    port: 80\n", "    port: 80\n    colour: red\n"),
             "unknown field `colour`; remove it or fix its spelling (known fields here: name, vip, \
              port, protocol, algorithm, allow_empty, drain_timeout_seconds, destroy_on_removal, \
-             affinity, affinity_timeout_seconds, policy, backends)",
+             health_check, outlier_detection, panic_mode, affinity, affinity_timeout_seconds, \
+             policy, backends)",
             5,
             5,
         );
@@ -1031,6 +1192,77 @@ services:
             "drain_timeout_seconds 7200 is out of range; use 0 to 3600 seconds",
             5,
             28,
+        );
+    }
+
+    #[test]
+    fn health_checks_and_outlier_detection() {
+        let yaml = with(
+            "    backends:",
+            "    health_check: {type: http, path: /ready, interval_ms: 200, unhealthy_threshold: 2}\n    \
+             outlier_detection: {consecutive_failures: 3}\n    panic_mode: none\n    backends:",
+        );
+        let web = &parse_str(&yaml, "t.yaml").unwrap().services[0];
+        let hc = web.health_check.as_ref().unwrap();
+        assert_eq!(
+            hc.kind,
+            CheckKind::Http {
+                path: "/ready".into(),
+                expected_status: 200
+            }
+        );
+        assert_eq!((hc.interval_ms, hc.timeout_ms), (200, 200));
+        assert_eq!((hc.healthy_threshold, hc.unhealthy_threshold), (2, 2));
+        assert_eq!(
+            web.outlier_detection.as_ref().unwrap().consecutive_failures,
+            3
+        );
+        assert_eq!(web.panic_mode, PanicMode::None);
+
+        let none = with(
+            "    backends:",
+            "    health_check: {type: none}\n    backends:",
+        );
+        assert!(
+            parse_str(&none, "t.yaml").unwrap().services[0]
+                .health_check
+                .is_none()
+        );
+        check(
+            &with(
+                "    backends:",
+                "    health_check: {type: icmp}\n    backends:",
+            ),
+            "unknown health check type 'icmp'; accepted: tcp, http, none",
+            5,
+            26,
+        );
+        check(
+            &with(
+                "    backends:",
+                "    health_check: {interval_ms: 5}\n    backends:",
+            ),
+            "interval_ms 5 is out of range; use 10 to 3600000 ms",
+            5,
+            33,
+        );
+        check(
+            &with(
+                "    backends:",
+                "    health_check: {interval_ms: 100, timeout_ms: 500}\n    backends:",
+            ),
+            "timeout_ms 500 is longer than interval_ms 100",
+            5,
+            50,
+        );
+        check(
+            &with(
+                "    backends:",
+                "    health_check: {type: http, path: ready}\n    backends:",
+            ),
+            "health check path 'ready' must start with '/'",
+            5,
+            38,
         );
     }
 

@@ -13,6 +13,7 @@ pub mod config;
 pub mod destroy;
 pub mod drain;
 pub mod events;
+pub mod health;
 pub mod maglev;
 pub mod reconcile;
 pub mod redirect;

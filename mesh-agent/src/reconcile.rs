@@ -671,7 +671,10 @@ fn reset_backend_counters(maps: &mut Maps, id: BackendId) -> Result<(), Reconcil
         .map_err(write_error(map_names::BACKEND_STATS, "reset"))?;
     maps.active
         .set(id, 0, 0)
-        .map_err(write_error(map_names::ACTIVE, "reset"))
+        .map_err(write_error(map_names::ACTIVE, "reset"))?;
+    maps.backend_health
+        .set(id, mesh_common::BackendHealth::default(), 0)
+        .map_err(write_error(map_names::BACKEND_HEALTH, "reset"))
 }
 
 fn reset_service_stats(maps: &mut Maps, id: u32) -> Result<(), ReconcileError> {
@@ -746,7 +749,8 @@ fn backend_value(b: &crate::state::Backend, service_id: u32) -> BackendValue {
         family,
         state: match b.state {
             BackendState::Active => BACKEND_ACTIVE,
-            BackendState::Draining => BACKEND_DRAINING,
+            // Unhealthy backends, like draining ones, take no new connections.
+            BackendState::Draining | BackendState::Unhealthy => BACKEND_DRAINING,
         },
         service_id,
     }

@@ -34,6 +34,12 @@ pub struct Service {
     /// Destroy established sockets to a backend when it is removed, so
     /// clients reconnect instead of hanging. `None`: UDP sockets yes, TCP no.
     pub destroy_on_removal: Option<bool>,
+    /// Active health checking of the backends.
+    pub health_check: Option<HealthCheck>,
+    /// Passive detection: eject backends whose connects keep failing.
+    pub outlier_detection: Option<OutlierDetection>,
+    /// What to do when every backend is unhealthy.
+    pub panic_mode: PanicMode,
     /// May be empty only when the source allows it: connects then fail fast.
     pub backends: Vec<Backend>,
 }
@@ -70,7 +76,7 @@ impl Backend {
     pub fn effective_weight(&self) -> u32 {
         match self.state {
             BackendState::Active => self.weight,
-            BackendState::Draining => 0,
+            BackendState::Draining | BackendState::Unhealthy => 0,
         }
     }
 }
@@ -81,6 +87,9 @@ pub enum BackendState {
     Active,
     /// No new connections; established ones continue.
     Draining,
+    /// Failed its health checks or was ejected: no new connections until it
+    /// recovers. Set by the agent, never by a source.
+    Unhealthy,
 }
 
 impl fmt::Display for BackendState {
@@ -88,6 +97,7 @@ impl fmt::Display for BackendState {
         f.write_str(match self {
             BackendState::Active => "active",
             BackendState::Draining => "draining",
+            BackendState::Unhealthy => "unhealthy",
         })
     }
 }
@@ -168,4 +178,47 @@ pub struct Workload {
     pub name: String,
     pub cgroup: PathBuf,
     pub identity: String,
+}
+
+/// How and how often the agent probes each backend.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct HealthCheck {
+    pub kind: CheckKind,
+    pub interval_ms: u32,
+    pub timeout_ms: u32,
+    /// Consecutive successes that make an unhealthy backend healthy.
+    pub healthy_threshold: u32,
+    /// Consecutive failures that make a healthy backend unhealthy.
+    pub unhealthy_threshold: u32,
+    /// Each interval is stretched by up to this share, so checks of many
+    /// backends do not all fire at once.
+    pub jitter_percent: u32,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase", tag = "type")]
+pub enum CheckKind {
+    /// A TCP connect that succeeds.
+    Tcp,
+    /// `GET path` answered with `expected_status`.
+    Http { path: String, expected_status: u16 },
+}
+
+/// Ejection of backends whose connects keep failing, counted by the kernel.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct OutlierDetection {
+    /// Failed connects in a row (no success between) that eject a backend.
+    pub consecutive_failures: u32,
+    /// First ejection time; doubles for each ejection in a row, up to 10×.
+    pub ejection_ms: u32,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum PanicMode {
+    /// Keep sending to all backends (as Envoy does): better than nothing.
+    #[default]
+    All,
+    /// Refuse connections at once.
+    None,
 }

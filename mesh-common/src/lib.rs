@@ -23,6 +23,7 @@ pub mod map_names {
     pub const SOCK_LB: &str = "MESH_SOCK_LB";
     pub const CONNS: &str = "MESH_CONNS";
     pub const ACTIVE: &str = "MESH_ACTIVE";
+    pub const BACKEND_HEALTH: &str = "MESH_BE_HEALTH";
     pub const AFFINITY: &str = "MESH_AFFINITY";
     pub const WORKLOADS: &str = "MESH_WORKLOADS";
     pub const POLICY: &str = "MESH_POLICY";
@@ -249,6 +250,18 @@ pub struct BackendStats {
     pub udp_flows: u64,
 }
 
+/// Connect outcomes of one backend, kept by sock_ops for outlier detection;
+/// indexed by backend id.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct BackendHealth {
+    /// Connects that failed since the last one that succeeded.
+    pub consecutive_failures: u32,
+    pub _pad: u32,
+    /// Connects that never got established (refused, timed out), ever.
+    pub failures: u64,
+}
+
 /// Per-CPU counters of one service, indexed by service id.
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -307,6 +320,7 @@ const _: () = {
     assert!(core::mem::size_of::<PolicyValue>() == 4);
     assert!(core::mem::size_of::<BackendStats>() == 16);
     assert!(core::mem::size_of::<ServiceStats>() == 32);
+    assert!(core::mem::size_of::<BackendHealth>() == 16);
     assert!(core::mem::size_of::<Event>() == 48);
     assert!(core::mem::size_of::<ConfigValue>() == 16);
 };
@@ -331,6 +345,7 @@ mod pod {
     unsafe impl aya::Pod for PolicyValue {}
     unsafe impl aya::Pod for Event {}
     unsafe impl aya::Pod for BackendStats {}
+    unsafe impl aya::Pod for BackendHealth {}
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for ConfigValue {}
 }

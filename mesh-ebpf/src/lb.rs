@@ -21,9 +21,9 @@ use mesh_common::{
 
 use crate::{
     maps::{
-        MESH_ACTIVE, MESH_AFFINITY, MESH_BACKENDS, MESH_BE_STATS, MESH_CONFIG, MESH_CONNS,
-        MESH_EVENTS, MESH_POLICY, MESH_REV_NAT, MESH_SERVICES, MESH_SLOTS, MESH_SOCK_LB,
-        MESH_SVC_STATS, MESH_WORKLOADS,
+        MESH_ACTIVE, MESH_AFFINITY, MESH_BACKENDS, MESH_BE_HEALTH, MESH_BE_STATS, MESH_CONFIG,
+        MESH_CONNS, MESH_EVENTS, MESH_POLICY, MESH_REV_NAT, MESH_SERVICES, MESH_SLOTS,
+        MESH_SOCK_LB, MESH_SVC_STATS, MESH_WORKLOADS,
     },
     sock_addr::{self, Addr},
 };
@@ -397,6 +397,28 @@ pub fn adjust_active(backend_id: u32, increment: bool) {
         return;
     };
     unsafe { atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(ptr, delta) };
+}
+
+/// A connect to the backend got established: its failure streak ends.
+#[inline(always)]
+pub fn connect_succeeded(backend_id: u32) {
+    if let Some(health) = MESH_BE_HEALTH.get_ptr_mut(backend_id) {
+        unsafe { core::ptr::write_volatile(&raw mut (*health).consecutive_failures, 0) };
+    }
+}
+
+/// A connect to the backend closed before it was established.
+#[inline(always)]
+pub fn connect_failed(backend_id: u32) {
+    if let Some(health) = MESH_BE_HEALTH.get_ptr_mut(backend_id) {
+        unsafe {
+            atomic_xadd::<u32, u32, { AtomicOrdering::Relaxed }>(
+                &raw mut (*health).consecutive_failures,
+                1,
+            );
+            atomic_xadd::<u64, u64, { AtomicOrdering::Relaxed }>(&raw mut (*health).failures, 1);
+        }
+    }
 }
 
 /// Finds the VIP a socket was sent to from the backend it sees as its peer.

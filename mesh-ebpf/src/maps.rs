@@ -6,9 +6,9 @@ use aya_ebpf::{
     maps::{Array, HashMap, LruHashMap, PerCpuArray, RingBuf},
 };
 use mesh_common::{
-    AffinityKey, AffinityValue, BackendId, BackendStats, BackendValue, ConfigValue, ConnValue,
-    PolicyKey, PolicyValue, RevNatKey, RevNatValue, ServiceKey, ServiceStats, ServiceValue,
-    SlotKey, SockLbKey, SockLbValue, limits,
+    AffinityKey, AffinityValue, BackendHealth, BackendId, BackendStats, BackendValue, ConfigValue,
+    ConnValue, PolicyKey, PolicyValue, RevNatKey, RevNatValue, ServiceKey, ServiceStats,
+    ServiceValue, SlotKey, SockLbKey, SockLbValue, limits,
 };
 
 #[map(name = "MESH_SERVICES")]
@@ -41,6 +41,10 @@ pub static MESH_CONNS: LruHashMap<u64, ConnValue> =
 /// Live TCP connections per backend id (least-connections).
 #[map(name = "MESH_ACTIVE")]
 pub static MESH_ACTIVE: Array<u64> = Array::pinned(limits::MAX_BACKENDS, 0);
+
+/// Connect failures per backend id (outlier detection).
+#[map(name = "MESH_BE_HEALTH")]
+pub static MESH_BE_HEALTH: Array<BackendHealth> = Array::pinned(limits::MAX_BACKENDS, 0);
 
 #[map(name = "MESH_AFFINITY")]
 pub static MESH_AFFINITY: LruHashMap<AffinityKey, AffinityValue> =

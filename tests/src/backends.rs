@@ -186,6 +186,86 @@ impl Drop for UdpBackend {
     }
 }
 
+/// A loopback TCP backend that answers HTTP health checks (`GET ...`) with
+/// a status the test controls, and anything else (a probe that just reads)
+/// with its id line, like `TestBackend`.
+pub struct HttpBackend {
+    inner: TestBackend,
+    status: Arc<std::sync::atomic::AtomicU16>,
+}
+
+impl HttpBackend {
+    pub fn new(id: u32) -> Result<Self> {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        let addr = listener.local_addr()?;
+        let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
+        let accepted = Arc::new(AtomicU64::new(0));
+        let stop = Arc::new(AtomicBool::new(false));
+        let thread = std::thread::Builder::new()
+            .name(format!("http-backend-{id}"))
+            .spawn({
+                let (status, accepted, stop) = (status.clone(), accepted.clone(), stop.clone());
+                move || serve_http(listener, id, &status, &accepted, &stop)
+            })?;
+        Ok(Self {
+            inner: TestBackend {
+                addr,
+                id,
+                accepted,
+                stop,
+                thread: Some(thread),
+            },
+            status,
+        })
+    }
+
+    pub fn addr(&self) -> SocketAddr {
+        self.inner.addr()
+    }
+
+    /// The status its health endpoint answers from now on.
+    pub fn set_status(&self, status: u16) {
+        self.status.store(status, Ordering::Relaxed);
+    }
+
+    /// HTTP requests and plain connections served.
+    pub fn accepted(&self) -> u64 {
+        self.inner.accepted()
+    }
+}
+
+fn serve_http(
+    listener: TcpListener,
+    id: u32,
+    status: &std::sync::atomic::AtomicU16,
+    accepted: &AtomicU64,
+    stop: &AtomicBool,
+) {
+    use std::io::Read as _;
+    listener
+        .set_nonblocking(true)
+        .expect("nonblocking listener");
+    while !stop.load(Ordering::Relaxed) {
+        let Ok((mut conn, _)) = listener.accept() else {
+            std::thread::sleep(std::time::Duration::from_millis(5));
+            continue;
+        };
+        accepted.fetch_add(1, Ordering::Relaxed);
+        let _ = conn.set_nonblocking(false);
+        // A health check speaks first; a probe only listens.
+        let _ = conn.set_read_timeout(Some(std::time::Duration::from_millis(10)));
+        let mut buf = [0u8; 512];
+        let reply = match conn.read(&mut buf) {
+            Ok(n) if buf[..n].starts_with(b"GET ") => {
+                let code = status.load(Ordering::Relaxed);
+                format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+            }
+            _ => format!("{id}\n"),
+        };
+        let _ = conn.write_all(reply.as_bytes());
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

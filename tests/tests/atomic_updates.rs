@@ -15,7 +15,7 @@ use anyhow::Result;
 use mesh_agent::{
     bpf::{Datapath, MapSizes, PinLayout},
     reconcile::{Capacity, Reconciler},
-    state::{Algorithm, Backend, BackendState, DesiredState, Policy, Protocol, Service},
+    state::{Algorithm, Backend, BackendState, DesiredState, PanicMode, Policy, Protocol, Service},
 };
 use mesh_tests::{TestBackend, TestCgroup, run_probe};
 
@@ -40,6 +40,9 @@ fn desired(vip: SocketAddr, backends: &[(&TestBackend, u32)]) -> DesiredState {
             policy: Policy::default(),
             drain_timeout_s: 0,
             destroy_on_removal: None,
+            health_check: None,
+            outlier_detection: None,
+            panic_mode: PanicMode::All,
             backends: backends
                 .iter()
                 .map(|(b, weight)| Backend {

@@ -18,6 +18,8 @@ pub struct StatusResponse {
     pub last_reload_unix_ms: u64,
     /// Established sockets destroyed because their backend was removed.
     pub sockets_destroyed: u64,
+    /// Services whose backends are all unhealthy, served in panic mode.
+    pub panic_services: Vec<String>,
     pub cgroup: String,
     pub bpffs: String,
     pub programs: Vec<String>,
@@ -64,6 +66,9 @@ pub struct BackendView {
     pub udp_flows: u64,
     /// TCP connections to this backend open right now.
     pub active: u64,
+    /// healthy, unhealthy (failed active checks) or ejected (outlier).
+    pub health: String,
+    pub health_transitions: u64,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

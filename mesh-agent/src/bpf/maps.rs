@@ -7,8 +7,8 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
 };
 use mesh_common::{
-    BackendId, BackendStats, BackendValue, ConfigValue, PolicyKey, PolicyValue, RevNatKey,
-    RevNatValue, ServiceKey, ServiceStats, ServiceValue, SlotKey, map_names,
+    BackendHealth, BackendId, BackendStats, BackendValue, ConfigValue, PolicyKey, PolicyValue,
+    RevNatKey, RevNatValue, ServiceKey, ServiceStats, ServiceValue, SlotKey, map_names,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -37,6 +37,8 @@ pub struct Maps {
     pub service_stats: PerCpuArray<MapData, ServiceStats>,
     /// Live TCP connections per backend id.
     pub active: Array<MapData, u64>,
+    /// Connect failures per backend id, for outlier detection.
+    pub backend_health: Array<MapData, BackendHealth>,
     /// cgroup id → identity id.
     pub workloads: HashMap<MapData, u64, u32>,
     pub policy: HashMap<MapData, PolicyKey, PolicyValue>,
@@ -82,6 +84,7 @@ impl Maps {
             backend_stats: typed!(map_names::BACKEND_STATS),
             service_stats: typed!(map_names::SERVICE_STATS),
             active: typed!(map_names::ACTIVE),
+            backend_health: typed!(map_names::BACKEND_HEALTH),
             workloads: typed!(map_names::WORKLOADS),
             policy: typed!(map_names::POLICY),
             rev_nat: typed!(map_names::REV_NAT),

@@ -81,6 +81,23 @@ pub enum Problem {
     AffinityTimeout { value: String },
     #[error("drain_timeout_seconds {value} is out of range; use 0 to 3600 seconds")]
     DrainTimeout { value: String },
+    #[error("{field} {value} is out of range; use {range}")]
+    OutOfRange {
+        field: &'static str,
+        value: String,
+        range: &'static str,
+    },
+    #[error("unknown health check type {value}; accepted: {accepted}")]
+    UnknownCheckType { value: String, accepted: String },
+    #[error("unknown panic_mode {value}; accepted: {accepted}")]
+    UnknownPanicMode { value: String, accepted: String },
+    #[error("health check path {path} must start with '/'")]
+    BadCheckPath { path: String },
+    #[error(
+        "health check timeout_ms {timeout} is longer than interval_ms {interval}; \
+         a check must end before the next one starts"
+    )]
+    TimeoutOverInterval { timeout: u32, interval: u32 },
     #[error(
         "service '{service}' sets affinity_timeout_seconds without `affinity: true`; \
          add `affinity: true` or remove the timeout"

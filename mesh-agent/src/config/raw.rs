@@ -26,10 +26,34 @@ pub(super) struct RawService {
     pub allow_empty: Option<bool>,
     pub drain_timeout_seconds: Option<Spanned<Int>>,
     pub destroy_on_removal: Option<bool>,
+    pub health_check: Option<Spanned<RawHealthCheck>>,
+    pub outlier_detection: Option<Spanned<RawOutlier>>,
+    pub panic_mode: Option<Spanned<String>>,
     pub affinity: Option<bool>,
     pub affinity_timeout_seconds: Option<Spanned<Int>>,
     pub policy: Option<Spanned<RawPolicy>>,
     pub backends: Option<Spanned<Vec<Spanned<RawBackend>>>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawHealthCheck {
+    #[serde(rename = "type")]
+    pub kind: Option<Spanned<String>>,
+    pub path: Option<Spanned<String>>,
+    pub expected_status: Option<Spanned<Int>>,
+    pub interval_ms: Option<Spanned<Int>>,
+    pub timeout_ms: Option<Spanned<Int>>,
+    pub healthy_threshold: Option<Spanned<Int>>,
+    pub unhealthy_threshold: Option<Spanned<Int>>,
+    pub jitter_percent: Option<Spanned<Int>>,
+}
+
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawOutlier {
+    pub consecutive_failures: Option<Spanned<Int>>,
+    pub ejection_ms: Option<Spanned<Int>>,
 }
 
 #[derive(Debug, Deserialize)]
