@@ -10,7 +10,7 @@ pub use client::{AdminClientError, get, post};
 pub use redirect::{RedirectCounters, RedirectResponse, SetRedirectRequest};
 pub use server::{AdminServerError, serve};
 pub use views::{
-    BackendView, EventView, EventsResponse, ServiceView, ServicesResponse, StatusResponse,
+    BackendView, EventView, EventsResponse, MapFill, ServiceView, ServicesResponse, StatusResponse,
 };
 
 /// Where the agent listens unless told otherwise.
@@ -18,7 +18,12 @@ pub const DEFAULT_SOCKET: &str = "/run/mesh/admin.sock";
 
 pub const PATH_STATUS: &str = "/v1/status";
 pub const PATH_SERVICES: &str = "/v1/services";
-/// Recent decisions; query `service=NAME` and `limit=N` filter them.
+/// Recent decisions; query `service=NAME`, `client=ID`, `after=SEQ` and
+/// `limit=N` filter them.
 pub const PATH_EVENTS: &str = "/v1/events";
+/// `?service=NAME&cgroup=PATH`: what the kernel would do, and why.
+pub const PATH_EXPLAIN: &str = "/v1/explain";
+/// POST an `OverrideRequest`: drain, undrain, or change a weight at runtime.
+pub const PATH_OVERRIDES: &str = "/v1/overrides";
 /// Same-node redirect: GET shows, POST `{"enabled": bool}` switches.
 pub const PATH_REDIRECT: &str = "/v1/redirect";

@@ -18,8 +18,10 @@ use crate::{
     config::{self, ConfigError},
     destroy,
     drain::Draining,
-    events,
+    events::{self, EventFilter},
+    explain::{self, ExplainError, ExplainResponse},
     health::HealthMonitor,
+    overrides::{Action, OverrideError, Overrides},
     reconcile::{Capacity, ReconcileError, Reconciler, service_keys},
     redirect::{Redirect, RedirectError, RedirectHandle, RedirectOptions},
     state::DesiredState,
@@ -90,8 +92,10 @@ struct Inner {
     reconciler: Reconciler,
     maps: Maps,
     reloads: ReloadStatus,
-    /// The newest decision events, oldest first.
-    events: VecDeque<Event>,
+    /// The newest decision events with their sequence numbers, oldest first.
+    events: VecDeque<(u64, Event)>,
+    next_event: u64,
+    overrides: Overrides,
     health: HealthMonitor,
     /// Services whose backends are all unhealthy, served by panic mode.
     panicking: Vec<String>,
@@ -101,6 +105,7 @@ struct Inner {
 const EVENTS_KEPT: usize = 4096;
 
 struct Meta {
+    host_netns_cookie: u64,
     config_path: String,
     cgroup: String,
     bpffs: String,
@@ -141,6 +146,16 @@ impl Shared {
             last_reload_unix_ms: inner.reloads.last_unix_ms,
             sockets_destroyed: inner.reloads.sockets_destroyed,
             panic_services: inner.panicking.clone(),
+            maps: inner
+                .reconciler
+                .fill()
+                .into_iter()
+                .map(|(name, entries, capacity)| admin::MapFill {
+                    name: name.to_owned(),
+                    entries,
+                    capacity,
+                })
+                .collect(),
             cgroup: self.meta.cgroup.clone(),
             bpffs: self.meta.bpffs.clone(),
             programs: self.meta.programs.clone(),
@@ -200,6 +215,10 @@ impl Shared {
                             health_transitions: inner
                                 .health
                                 .transitions(&svc.name, b.socket_addr()),
+                            overridden: inner
+                                .overrides
+                                .get(&svc.name, b.socket_addr())
+                                .map(|o| o.describe()),
                         };
                         for p in &programmed {
                             let Some(&id) = p.backends.get(&(b.address, b.port)) else {
@@ -220,20 +239,30 @@ impl Shared {
         ServicesResponse { services }
     }
 
-    /// The newest `limit` decisions, of one service if named.
-    pub fn events(&self, service: Option<&str>, limit: usize) -> EventsResponse {
+    /// The newest `limit` decisions after sequence number `after`, of one
+    /// service and one client if named.
+    pub fn events(&self, filter: &EventFilter) -> EventsResponse {
         let inner = self.lock();
         let names = events::Names::new(&inner.reconciler);
         let mut views: Vec<_> = inner
             .events
             .iter()
             .rev()
-            .map(|e| names.view(e))
-            .filter(|v| service.is_none_or(|s| v.service == s))
-            .take(limit)
+            .take_while(|(seq, _)| filter.after.is_none_or(|after| *seq > after))
+            .filter(|(_, e)| {
+                filter
+                    .client
+                    .is_none_or(|c| e.client == c || e.cgroup_id == c)
+            })
+            .map(|(seq, e)| names.view(*seq, e))
+            .filter(|v| filter.service.as_ref().is_none_or(|s| &v.service == s))
+            .take(filter.limit)
             .collect();
         views.reverse();
-        EventsResponse { events: views }
+        EventsResponse {
+            events: views,
+            next: inner.next_event,
+        }
     }
 
     fn record_events(&self, batch: Vec<Event>) {
@@ -242,8 +271,45 @@ impl Shared {
             if inner.events.len() == EVENTS_KEPT {
                 inner.events.pop_front();
             }
-            inner.events.push_back(event);
+            let seq = inner.next_event;
+            inner.next_event += 1;
+            inner.events.push_back((seq, event));
         }
+    }
+
+    /// Sets a runtime override and applies it at once.
+    pub fn set_override(
+        &self,
+        backend: std::net::SocketAddr,
+        service: Option<&str>,
+        action: &Action,
+    ) -> Result<Vec<String>, OverrideError> {
+        let touched = {
+            let mut inner = self.lock();
+            let inner = &mut *inner;
+            inner
+                .overrides
+                .set(&inner.source, backend, service, action)?
+        };
+        info!(%backend, ?action, services = ?touched, "runtime override");
+        self.reapply();
+        Ok(touched)
+    }
+
+    pub fn explain(
+        &self,
+        service: &str,
+        cgroup: Option<&Path>,
+    ) -> Result<ExplainResponse, ExplainError> {
+        let inner = self.lock();
+        explain::explain(
+            &inner.desired,
+            &inner.reconciler,
+            &inner.maps,
+            service,
+            cgroup,
+            self.meta.host_netns_cookie,
+        )
     }
 
     /// Reads the kernel's connect failures; true when an ejection started or
@@ -278,12 +344,14 @@ impl Shared {
             let mut draining = inner.draining.clone();
             let now = Instant::now();
             let mut effective = draining.merge(&inner.desired, &source, now);
+            inner.overrides.overlay(&mut effective);
             let panicking = inner.health.overlay(&mut effective, now);
             let report = inner
                 .reconciler
                 .apply(&effective, &mut inner.maps)
                 .map_err(AgentError::from)?;
             inner.health.sync(&source);
+            inner.overrides.prune(&source);
             inner.desired = effective;
             inner.source = source;
             inner.draining = draining;
@@ -407,10 +475,13 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                 ..Default::default()
             },
             events: VecDeque::with_capacity(EVENTS_KEPT),
+            next_event: 0,
+            overrides: Overrides::default(),
             health,
             panicking: Vec::new(),
         }),
         meta: Meta {
+            host_netns_cookie: agent_config.host_netns_cookie,
             config_path: opts.config.display().to_string(),
             cgroup: cgroup.display().to_string(),
             bpffs: opts.bpffs.display().to_string(),

@@ -1,17 +1,21 @@
 //! meshctl: shows and changes what this node's agent does. It talks only to
-//! the agent's admin API.
+//! the agent's admin API, or, when no agent answers, reads the pinned maps
+//! for a read-only view.
 //!
 //! Exit codes: 0 success, 1 the command failed, 2 bad usage, 3 no agent
-//! answered on the admin socket.
+//! answered on the admin socket (a read-only view may still be printed).
 
+mod offline;
 mod redirect;
 mod table;
 
-use std::{path::PathBuf, process::ExitCode};
+use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode, time::Duration};
 
-use clap::{Parser, Subcommand, ValueEnum};
+use clap::{CommandFactory as _, Parser, Subcommand, ValueEnum};
 
 use crate::admin::{self, AdminClientError, EventsResponse, ServicesResponse, StatusResponse};
+use crate::explain::ExplainResponse;
+use crate::overrides::{Action, OverrideRequest, OverrideResponse};
 use table::Table;
 
 #[derive(Parser, Debug)]
@@ -27,6 +31,9 @@ struct Cli {
     /// Output format.
     #[arg(short = 'o', long, global = true, value_enum, default_value_t = Output::Table)]
     output: Output,
+    /// Where the agent pins its maps; read when no agent answers.
+    #[arg(long, global = true, default_value = "/sys/fs/bpf/mesh")]
+    bpffs: PathBuf,
     #[command(subcommand)]
     command: Command,
 }
@@ -35,6 +42,7 @@ struct Cli {
 enum Output {
     Table,
     Json,
+    Yaml,
 }
 
 #[derive(Subcommand, Debug)]
@@ -43,6 +51,61 @@ enum Command {
     Status,
     /// Services with their backends, weights and the kernel's connection counts.
     Services,
+    /// Every backend: weight, state, health, live and total connections.
+    Backends {
+        /// Only this service's backends.
+        service: Option<String>,
+    },
+    /// Follow the kernel's balancing decisions as they happen.
+    Watch {
+        #[arg(long)]
+        service: Option<String>,
+        /// Only this client: a cgroup id or network-namespace cookie.
+        #[arg(long)]
+        client: Option<u64>,
+        /// Stop after this many decisions.
+        #[arg(long)]
+        count: Option<usize>,
+        /// Stop after this many seconds.
+        #[arg(long)]
+        seconds: Option<u64>,
+    },
+    /// Which backend the kernel would choose for a client, and why.
+    Explain {
+        service: String,
+        /// The client's cgroup directory.
+        #[arg(long)]
+        client: Option<PathBuf>,
+    },
+    /// Stop new connections to a backend (runtime override; existing ones continue).
+    Drain {
+        /// ADDRESS:PORT of the backend.
+        backend: std::net::SocketAddr,
+        /// Only in this service (default: every service that has it).
+        #[arg(long)]
+        service: Option<String>,
+    },
+    /// Undo `drain`.
+    Undrain {
+        backend: std::net::SocketAddr,
+        #[arg(long)]
+        service: Option<String>,
+    },
+    /// Override a backend's weight at runtime (`--clear` returns to the config).
+    Weight {
+        backend: std::net::SocketAddr,
+        /// The new weight, 0 to 65535.
+        #[arg(required_unless_present = "clear")]
+        weight: Option<u32>,
+        #[arg(long, conflicts_with = "weight")]
+        clear: bool,
+        #[arg(long)]
+        service: Option<String>,
+    },
+    /// Node totals: connections, refusals, map fill, redirect.
+    Stats,
+    /// Print a shell completion script.
+    Completion { shell: clap_complete::Shell },
     /// Recent balancing decisions the kernel reported, oldest first.
     Events {
         /// Only this service's decisions.
@@ -64,9 +127,31 @@ enum Command {
 const EXIT_FAILED: u8 = 1;
 const EXIT_UNREACHABLE: u8 = 3;
 
+#[derive(Debug, thiserror::Error)]
+enum CliError {
+    #[error(transparent)]
+    Admin(#[from] AdminClientError),
+    #[error("cannot encode the answer: {0}")]
+    Encode(String),
+    /// No agent, but a read-only view from the pins was printed.
+    #[error("{0}")]
+    Offline(String),
+}
+
+impl CliError {
+    fn exit_code(&self) -> u8 {
+        match self {
+            CliError::Admin(e) if e.is_unreachable() => EXIT_UNREACHABLE,
+            CliError::Offline(_) => EXIT_UNREACHABLE,
+            _ => EXIT_FAILED,
+        }
+    }
+}
+
 /// Entry point of the `meshctl` binary.
 pub fn main() -> ExitCode {
     let cli = Cli::parse();
+    table::use_colour(std::io::stdout().is_terminal() && std::env::var_os("NO_COLOR").is_none());
     let runtime = match tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()
@@ -84,53 +169,345 @@ pub fn main() -> ExitCode {
         }
         Err(e) => {
             eprintln!("error: {e}");
-            ExitCode::from(if e.is_unreachable() {
-                EXIT_UNREACHABLE
-            } else {
-                EXIT_FAILED
-            })
+            ExitCode::from(e.exit_code())
         }
     }
 }
 
-async fn execute(cli: &Cli) -> Result<String, AdminClientError> {
+async fn execute(cli: &Cli) -> Result<String, CliError> {
     let socket = &cli.admin_socket;
-    match cli.command {
-        Command::Status => {
-            let status: StatusResponse = admin::get(socket, admin::PATH_STATUS).await?;
-            render(cli.output, &status, render_status)
-        }
+    let out = cli.output;
+    match &cli.command {
+        Command::Status => match admin::get::<StatusResponse>(socket, admin::PATH_STATUS).await {
+            Ok(status) => render(out, &status, render_status),
+            Err(e) if e.is_unreachable() => offline::status(&cli.bpffs, e),
+            Err(e) => Err(e.into()),
+        },
         Command::Services => {
-            let services: ServicesResponse = admin::get(socket, admin::PATH_SERVICES).await?;
-            render(cli.output, &services, render_services)
+            match admin::get::<ServicesResponse>(socket, admin::PATH_SERVICES).await {
+                Ok(services) => render(out, &services, render_services),
+                Err(e) if e.is_unreachable() => offline::services(&cli.bpffs, out, e),
+                Err(e) => Err(e.into()),
+            }
         }
-        Command::Events { ref service, limit } => {
+        Command::Backends { service } => {
+            let mut services: ServicesResponse = admin::get(socket, admin::PATH_SERVICES).await?;
+            if let Some(name) = service {
+                services.services.retain(|s| &s.name == name);
+                if services.services.is_empty() {
+                    return Err(CliError::Admin(AdminClientError::Status {
+                        status: 404,
+                        body: format!("no service named '{name}'; `meshctl services` lists them"),
+                    }));
+                }
+            }
+            render(out, &services, render_backends)
+        }
+        Command::Watch {
+            service,
+            client,
+            count,
+            seconds,
+        } => watch(socket, out, service.as_deref(), *client, *count, *seconds).await,
+        Command::Explain { service, client } => {
+            let mut path = format!("{}?service={service}", admin::PATH_EXPLAIN);
+            if let Some(cgroup) = client {
+                path += &format!("&cgroup={}", encode(&cgroup.display().to_string()));
+            }
+            let view: ExplainResponse = admin::get(socket, &path).await?;
+            render(out, &view, render_explain)
+        }
+        Command::Drain { backend, service } => {
+            set_override(socket, out, *backend, service, Action::Drain).await
+        }
+        Command::Undrain { backend, service } => {
+            set_override(socket, out, *backend, service, Action::Undrain).await
+        }
+        Command::Weight {
+            backend,
+            weight,
+            clear,
+            service,
+        } => {
+            let action = match (weight, clear) {
+                (Some(w), false) => Action::Weight(*w),
+                _ => Action::ClearWeight,
+            };
+            set_override(socket, out, *backend, service, action).await
+        }
+        Command::Stats => {
+            let status: StatusResponse = admin::get(socket, admin::PATH_STATUS).await?;
+            let services: ServicesResponse = admin::get(socket, admin::PATH_SERVICES).await?;
+            let stats = Stats::from(&status, &services);
+            render(out, &stats, render_stats)
+        }
+        Command::Completion { shell } => {
+            let mut buf = Vec::new();
+            clap_complete::generate(*shell, &mut Cli::command(), "meshctl", &mut buf);
+            Ok(String::from_utf8_lossy(&buf).into_owned())
+        }
+        Command::Events { service, limit } => {
             let mut path = format!("{}?limit={limit}", admin::PATH_EVENTS);
             if let Some(service) = service {
                 path += &format!("&service={service}");
             }
             let events: EventsResponse = admin::get(socket, &path).await?;
-            render(cli.output, &events, render_events)
+            render(out, &events, render_events)
         }
         Command::Redirect { switch } => {
-            let view = redirect::execute(socket, switch).await?;
-            render(cli.output, &view, redirect::render)
+            let view = redirect::execute(socket, *switch).await?;
+            render(out, &view, redirect::render)
         }
     }
+}
+
+async fn set_override(
+    socket: &std::path::Path,
+    out: Output,
+    backend: std::net::SocketAddr,
+    service: &Option<String>,
+    action: Action,
+) -> Result<String, CliError> {
+    let request = OverrideRequest {
+        backend,
+        service: service.clone(),
+        action,
+    };
+    let answer: OverrideResponse = admin::post(socket, admin::PATH_OVERRIDES, &request).await?;
+    render(out, &answer, |a| {
+        format!(
+            "{backend}: {:?} in {} (runtime override; `meshctl backends` shows it)\n",
+            request.action,
+            a.services.join(", ")
+        )
+    })
+}
+
+/// Prints decisions as they arrive: a table row each, or a JSON/YAML
+/// document each (JSON lines) for scripts.
+async fn watch(
+    socket: &std::path::Path,
+    out: Output,
+    service: Option<&str>,
+    client: Option<u64>,
+    count: Option<usize>,
+    seconds: Option<u64>,
+) -> Result<String, CliError> {
+    use std::io::Write as _;
+    let deadline = seconds.map(|s| std::time::Instant::now() + Duration::from_secs(s));
+    let first: EventsResponse =
+        admin::get(socket, &format!("{}?limit=0", admin::PATH_EVENTS)).await?;
+    let mut after = first.next.checked_sub(1);
+    let mut seen = 0;
+    let mut header = true;
+    loop {
+        let mut path = format!("{}?limit=1000", admin::PATH_EVENTS);
+        if let Some(a) = after {
+            path += &format!("&after={a}");
+        }
+        if let Some(s) = service {
+            path += &format!("&service={s}");
+        }
+        if let Some(c) = client {
+            path += &format!("&client={c}");
+        }
+        let mut batch: EventsResponse = admin::get(socket, &path).await?;
+        if let Some(limit) = count {
+            batch.events.truncate(limit - seen);
+        }
+        if let Some(last) = batch.events.last() {
+            after = Some(last.seq);
+        }
+        seen += batch.events.len();
+        let text = match out {
+            Output::Table => {
+                let rendered = render_events(&batch);
+                let skip = if header { 0 } else { 1 };
+                header = false;
+                rendered
+                    .lines()
+                    .skip(skip)
+                    .map(|l| format!("{l}\n"))
+                    .collect()
+            }
+            _ => batch
+                .events
+                .iter()
+                .map(|e| serde_json::to_string(e).map(|j| j + "\n"))
+                .collect::<Result<String, _>>()
+                .map_err(|e| CliError::Encode(e.to_string()))?,
+        };
+        if !batch.events.is_empty() || header {
+            print!("{text}");
+            let _ = std::io::stdout().flush();
+        }
+        if count.is_some_and(|c| seen >= c)
+            || deadline.is_some_and(|d| std::time::Instant::now() >= d)
+        {
+            return Ok(String::new());
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+/// Percent-encodes a query value.
+fn encode(value: &str) -> String {
+    value
+        .bytes()
+        .map(|b| match b {
+            b'A'..=b'Z' | b'a'..=b'z' | b'0'..=b'9' | b'-' | b'_' | b'.' | b'~' => {
+                (b as char).to_string()
+            }
+            _ => format!("%{b:02X}"),
+        })
+        .collect()
 }
 
 fn render<T: serde::Serialize>(
     output: Output,
     value: &T,
-    table: fn(&T) -> String,
-) -> Result<String, AdminClientError> {
+    table: impl Fn(&T) -> String,
+) -> Result<String, CliError> {
     Ok(match output {
-        Output::Json => serde_json::to_string_pretty(value)? + "\n",
+        Output::Json => {
+            serde_json::to_string_pretty(value).map_err(|e| CliError::Encode(e.to_string()))? + "\n"
+        }
+        Output::Yaml => {
+            serde_saphyr::to_string(value).map_err(|e| CliError::Encode(e.to_string()))?
+        }
         Output::Table => table(value),
     })
 }
 
+/// Node totals for `meshctl stats`.
+#[derive(serde::Serialize)]
+struct Stats {
+    services: usize,
+    backends: usize,
+    connections: u64,
+    udp_flows: u64,
+    refused_no_backend: u64,
+    refused_policy: u64,
+    live_connections: u64,
+    unhealthy_backends: usize,
+    sockets_destroyed: u64,
+    maps: Vec<admin::MapFill>,
+}
+
+impl Stats {
+    fn from(status: &StatusResponse, services: &ServicesResponse) -> Self {
+        let backends = services.services.iter().flat_map(|s| &s.backends);
+        Self {
+            services: services.services.len(),
+            backends: backends.clone().count(),
+            connections: services.services.iter().map(|s| s.connections).sum(),
+            udp_flows: services.services.iter().map(|s| s.udp_flows).sum(),
+            refused_no_backend: services.services.iter().map(|s| s.no_backend).sum(),
+            refused_policy: services.services.iter().map(|s| s.denied).sum(),
+            live_connections: backends.clone().map(|b| b.active).sum(),
+            unhealthy_backends: backends.filter(|b| b.health != "healthy").count(),
+            sockets_destroyed: status.sockets_destroyed,
+            maps: status.maps.clone(),
+        }
+    }
+}
+
+fn render_stats(s: &Stats) -> String {
+    let mut t = Table::new(["FIELD", "VALUE"]);
+    for (name, value) in [
+        ("services", s.services.to_string()),
+        ("backends", s.backends.to_string()),
+        ("connections balanced", s.connections.to_string()),
+        ("UDP flows balanced", s.udp_flows.to_string()),
+        ("refused: no backend", s.refused_no_backend.to_string()),
+        ("refused: policy", s.refused_policy.to_string()),
+        ("live TCP connections", s.live_connections.to_string()),
+        ("backends not healthy", s.unhealthy_backends.to_string()),
+        ("sockets destroyed", s.sockets_destroyed.to_string()),
+    ] {
+        t.row([name, &value]);
+    }
+    for m in &s.maps {
+        t.row([
+            &format!("map {}", m.name),
+            &format!("{} / {}", m.entries, m.capacity),
+        ]);
+    }
+    t.render()
+}
+
+fn render_backends(r: &ServicesResponse) -> String {
+    let mut t = Table::new([
+        "SERVICE",
+        "BACKEND",
+        "WEIGHT",
+        "STATE",
+        "HEALTH",
+        "LIVE",
+        "CONNECTIONS",
+        "UDP FLOWS",
+        "OVERRIDE",
+    ]);
+    for svc in &r.services {
+        for b in &svc.backends {
+            t.row([
+                &svc.name,
+                &std::net::SocketAddr::new(b.address, b.port).to_string(),
+                &b.weight.to_string(),
+                &b.state,
+                &b.health,
+                &b.active.to_string(),
+                &b.connections.to_string(),
+                &b.udp_flows.to_string(),
+                b.overridden.as_deref().unwrap_or("-"),
+            ]);
+        }
+    }
+    t.render()
+}
+
+fn render_explain(e: &ExplainResponse) -> String {
+    let mut out = String::new();
+    let mut t = Table::new(["FIELD", "VALUE"]);
+    t.row([
+        "service",
+        &format!("{} ({}, {})", e.service, e.protocol, e.algorithm),
+    ]);
+    if let Some(c) = &e.client {
+        t.row([
+            "client",
+            &format!(
+                "{} (cgroup id {}, client id {})",
+                c.cgroup, c.cgroup_id, c.client_id
+            ),
+        ]);
+        t.row(["identity", c.identity.as_deref().unwrap_or("-")]);
+    }
+    t.row(["policy", &e.policy]);
+    t.row(["decision", &e.decision]);
+    t.row(["chosen", e.chosen.as_deref().unwrap_or("-")]);
+    t.row(["verdict", &e.verdict]);
+    out += &t.render();
+    out.push('\n');
+    let mut c = Table::new(["BACKEND", "SLOTS", "SHARE", "LIVE"]);
+    for cand in &e.candidates {
+        c.row([
+            &cand.backend,
+            &cand.slots.to_string(),
+            &format!("{:.1}%", cand.share * 100.0),
+            &cand.live_connections.to_string(),
+        ]);
+    }
+    out += &c.render();
+    out
+}
+
 fn render_status(s: &StatusResponse) -> String {
+    let maps: Vec<String> = s
+        .maps
+        .iter()
+        .map(|m| format!("{} {}/{}", m.name, m.entries, m.capacity))
+        .collect();
     let mut t = Table::new(["FIELD", "VALUE"]);
     t.row(["ready", &s.ready.to_string()]);
     t.row(["version", &s.version]);
@@ -157,6 +534,7 @@ fn render_status(s: &StatusResponse) -> String {
     t.row(["cgroup", &s.cgroup]);
     t.row(["bpffs", &s.bpffs]);
     t.row(["programs", &s.programs.join(", ")]);
+    t.row(["maps (entries/capacity)", &maps.join(", ")]);
     t.row(["services", &s.services.to_string()]);
     t.render()
 }

@@ -114,6 +114,19 @@ fn one_pid_per_netns(cgroup: &Path) -> Vec<u32> {
     by_netns.into_values().collect()
 }
 
+/// The network-namespace cookie of the first process in `cgroup` (or below),
+/// if it has one.
+pub fn netns_cookie_of_cgroup(cgroup: &Path) -> Option<u64> {
+    let pid = *one_pid_per_netns(cgroup).first()?;
+    std::thread::spawn(move || {
+        enter_netns(pid).ok()?;
+        crate::events::own_netns_cookie().ok()
+    })
+    .join()
+    .ok()
+    .flatten()
+}
+
 fn enter_netns(pid: u32) -> Result<(), DestroyError> {
     let fail = |source| DestroyError::Netns { pid, source };
     let ns = File::open(format!("/proc/{pid}/ns/net")).map_err(fail)?;

@@ -12,6 +12,17 @@ use tokio::io::unix::AsyncFd;
 use crate::admin::EventView;
 use crate::reconcile::Reconciler;
 
+/// Which events `/v1/events` returns.
+#[derive(Clone, Debug, Default)]
+pub struct EventFilter {
+    pub service: Option<String>,
+    /// Network-namespace cookie or cgroup id of the client.
+    pub client: Option<u64>,
+    /// Only events with a larger sequence number (for following).
+    pub after: Option<u64>,
+    pub limit: usize,
+}
+
 /// Reads batches of events as the kernel submits them.
 pub struct Reader {
     ring: AsyncFd<RingBuf<MapData>>,
@@ -101,9 +112,10 @@ impl<'a> Names<'a> {
         }
     }
 
-    pub fn view(&self, e: &Event) -> EventView {
+    pub fn view(&self, seq: u64, e: &Event) -> EventView {
         let forwarded = e.verdict == EVENT_FORWARDED;
         EventView {
+            seq,
             unix_ms: (self.boot_offset_ms + i128::from(e.timestamp_ns / 1_000_000)).max(0) as u64,
             service: self
                 .services

@@ -259,6 +259,28 @@ impl Reconciler {
         self.services.get(key)
     }
 
+    /// Entries and capacity of the maps this record covers.
+    pub fn fill(&self) -> Vec<(&'static str, u64, u64)> {
+        let backends: usize = self.services.values().map(|s| s.backends.len()).sum();
+        let slots: usize = self.services.values().map(|s| s.slots.len()).sum();
+        let c = &self.capacity;
+        vec![
+            (
+                map_names::SERVICES,
+                self.services.len() as u64,
+                c.services.into(),
+            ),
+            (map_names::BACKENDS, backends as u64, c.backends.into()),
+            (map_names::SLOTS, slots as u64, c.slots.into()),
+            (
+                map_names::WORKLOADS,
+                self.workloads.len() as u64,
+                c.workloads.into(),
+            ),
+            (map_names::POLICY, self.policy.len() as u64, c.policy.into()),
+        ]
+    }
+
     /// The name of an identity id, for events.
     pub fn identity_name(&self, id: u32) -> Option<&str> {
         self.identities

@@ -105,6 +105,24 @@ pub const EVENT_FORWARDED: u8 = 0;
 pub const EVENT_NO_BACKEND: u8 = 1;
 pub const EVENT_DENIED: u8 = 2;
 
+/// splitmix64's finaliser: spreads client ids evenly over a Maglev table.
+/// Shared so the agent's `meshctl explain` computes exactly what the kernel
+/// does.
+#[inline(always)]
+pub fn mix64(mut x: u64) -> u64 {
+    x ^= x >> 30;
+    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    x ^= x >> 27;
+    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
+    x ^ (x >> 31)
+}
+
+/// The Maglev slot of a client in a service's table.
+#[inline(always)]
+pub fn maglev_slot(client: u64, service_id: u32, slot_count: u32) -> u32 {
+    (mix64(client ^ u64::from(service_id)) % u64::from(slot_count)) as u32
+}
+
 /// Identity 0: a client whose cgroup maps to no workload.
 pub const IDENTITY_UNKNOWN: u32 = 0;
 

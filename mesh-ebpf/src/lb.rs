@@ -220,9 +220,7 @@ fn pick(svc: &ServiceValue, client: u64) -> Option<Choice> {
         return None;
     }
     let slot = match svc.algorithm {
-        ALGORITHM_MAGLEV => {
-            (mix64(client ^ u64::from(svc.service_id)) % u64::from(svc.slot_count)) as u32
-        }
+        ALGORITHM_MAGLEV => mesh_common::maglev_slot(client, svc.service_id, svc.slot_count),
         ALGORITHM_LEAST_CONN => {
             // Power of two choices: two distinct random slots, the backend
             // with fewer live connections wins.
@@ -280,16 +278,6 @@ fn active(backend_id: u32) -> u64 {
 #[inline(always)]
 fn random_below(n: u32) -> u32 {
     (unsafe { bpf_get_prandom_u32() }) % n
-}
-
-/// splitmix64's finaliser: spreads client ids evenly over a Maglev table.
-#[inline(always)]
-fn mix64(mut x: u64) -> u64 {
-    x ^= x >> 30;
-    x = x.wrapping_mul(0xbf58_476d_1ce4_e5b9);
-    x ^= x >> 27;
-    x = x.wrapping_mul(0x94d0_49bb_1331_11eb);
-    x ^ (x >> 31)
 }
 
 /// Pods have their own network namespace; host-network processes share the

@@ -77,11 +77,19 @@ impl Agent {
         }
     }
 
+    /// Kills the agent with SIGKILL; its pins (and so the programs) stay.
+    pub fn kill(&mut self) -> Result<()> {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+
     /// Kills the agent with SIGKILL (it gets no chance to clean up) and starts
     /// it again with the same flags plus `extra`; waits until it is ready.
     pub fn kill_and_restart(&mut self, extra: &[&str]) -> Result<()> {
-        self.child.kill()?;
-        self.child.wait()?;
+        if matches!(self.child.try_wait(), Ok(None)) {
+            self.kill()?;
+        }
         self.args.extend(extra.iter().map(Into::into));
         let log = std::fs::OpenOptions::new()
             .append(true)
@@ -248,6 +256,8 @@ impl Agent {
             Command::new(&self.meshctl_bin)
                 .arg("--admin-socket")
                 .arg(&self.admin_socket)
+                .arg("--bpffs")
+                .arg(&self.bpffs)
                 .args(args),
             MESHCTL_TIMEOUT,
         )

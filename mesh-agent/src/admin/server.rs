@@ -8,8 +8,10 @@ use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::serv
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixListener;
 
-use super::{PATH_EVENTS, PATH_REDIRECT, PATH_SERVICES, PATH_STATUS};
+use super::{PATH_EVENTS, PATH_EXPLAIN, PATH_OVERRIDES, PATH_REDIRECT, PATH_SERVICES, PATH_STATUS};
 use crate::agent::Shared;
+use crate::events::EventFilter;
+use crate::overrides::{OverrideRequest, OverrideResponse};
 
 #[derive(Debug, thiserror::Error)]
 pub enum AdminServerError {
@@ -52,6 +54,9 @@ pub async fn serve(
                                 super::redirect::handle(req, &shared).await,
                             );
                         }
+                        if req.uri().path() == PATH_OVERRIDES {
+                            return Ok::<_, Infallible>(set_override(req, &shared).await);
+                        }
                         Ok::<_, Infallible>(route(&req, &shared))
                     }
                 });
@@ -67,24 +72,49 @@ fn route(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     if req.method() != Method::GET {
         return error(StatusCode::METHOD_NOT_ALLOWED, "only GET is served");
     }
+    let query = req.uri().query().unwrap_or_default();
+    let param = |name: &str| {
+        query
+            .split('&')
+            .filter_map(|pair| pair.split_once('='))
+            .find(|(key, _)| *key == name)
+            .map(|(_, value)| percent_decode(value))
+    };
     match req.uri().path() {
         PATH_STATUS => json(&shared.status()),
         PATH_SERVICES => json(&shared.services()),
         PATH_EVENTS => {
-            let query = req.uri().query().unwrap_or_default();
-            let param = |name: &str| {
-                query
-                    .split('&')
-                    .filter_map(|pair| pair.split_once('='))
-                    .find(|(key, _)| *key == name)
-                    .map(|(_, value)| value.to_owned())
+            let number = |name: &str| param(name).map(|v| v.parse::<u64>());
+            let (limit, client, after) = match (number("limit"), number("client"), number("after"))
+            {
+                (Some(Err(_)), _, _) | (_, Some(Err(_)), _) | (_, _, Some(Err(_))) => {
+                    return error(
+                        StatusCode::BAD_REQUEST,
+                        "limit, client and after are numbers",
+                    );
+                }
+                (limit, client, after) => (
+                    limit.map_or(100, |l| l.unwrap_or(100) as usize),
+                    client.and_then(Result::ok),
+                    after.and_then(Result::ok),
+                ),
             };
-            let limit = match param("limit").map(|l| l.parse::<usize>()) {
-                None => 100,
-                Some(Ok(limit)) => limit,
-                Some(Err(_)) => return error(StatusCode::BAD_REQUEST, "limit must be a number"),
+            json(&shared.events(&EventFilter {
+                service: param("service"),
+                client,
+                after,
+                limit,
+            }))
+        }
+        PATH_EXPLAIN => {
+            let Some(service) = param("service") else {
+                return error(StatusCode::BAD_REQUEST, "explain needs ?service=NAME");
             };
-            json(&shared.events(param("service").as_deref(), limit))
+            let cgroup = param("cgroup").map(std::path::PathBuf::from);
+            match shared.explain(&service, cgroup.as_deref()) {
+                Ok(view) => json(&view),
+                Err(e) => error(StatusCode::NOT_FOUND, &e.to_string()),
+            }
         }
         other => error(StatusCode::NOT_FOUND, &format!("no such endpoint: {other}")),
     }
@@ -107,4 +137,68 @@ pub(super) fn error(status: StatusCode, message: &str) -> Response<Full<Bytes>> 
         .header("content-type", "application/json")
         .body(Full::new(Bytes::from(body)))
         .expect("static headers are valid")
+}
+
+/// `POST /v1/overrides`.
+async fn set_override(req: Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
+    use http_body_util::BodyExt as _;
+    if req.method() != Method::POST {
+        return error(
+            StatusCode::METHOD_NOT_ALLOWED,
+            "overrides are set with POST",
+        );
+    }
+    let body = match req.into_body().collect().await {
+        Ok(body) => body.to_bytes(),
+        Err(e) => return error(StatusCode::BAD_REQUEST, &e.to_string()),
+    };
+    let request: OverrideRequest = match serde_json::from_slice(&body) {
+        Ok(r) => r,
+        Err(e) => {
+            return error(
+                StatusCode::BAD_REQUEST,
+                &format!("bad override request: {e}"),
+            );
+        }
+    };
+    match shared.set_override(request.backend, request.service.as_deref(), &request.action) {
+        Ok(services) => json(&OverrideResponse { services }),
+        Err(e) => error(StatusCode::NOT_FOUND, &e.to_string()),
+    }
+}
+
+/// Query values arrive percent-encoded (cgroup paths have slashes).
+fn percent_decode(value: &str) -> String {
+    let bytes = value.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        let hex = (bytes[i] == b'%')
+            .then(|| value.get(i + 1..i + 3))
+            .flatten()
+            .and_then(|h| u8::from_str_radix(h, 16).ok());
+        match (hex, bytes[i]) {
+            (Some(b), _) => {
+                out.push(b);
+                i += 3;
+                continue;
+            }
+            (None, b'+') => out.push(b' '),
+            (None, b) => out.push(b),
+        }
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::percent_decode;
+
+    #[test]
+    fn decodes_query_values() {
+        assert_eq!(percent_decode("%2Fsys%2Ffs%2Fcgroup"), "/sys/fs/cgroup");
+        assert_eq!(percent_decode("a+b%zz"), "a b%zz");
+        assert_eq!(percent_decode("web"), "web");
+    }
 }

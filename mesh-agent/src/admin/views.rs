@@ -20,6 +20,8 @@ pub struct StatusResponse {
     pub sockets_destroyed: u64,
     /// Services whose backends are all unhealthy, served in panic mode.
     pub panic_services: Vec<String>,
+    /// How full the maps the agent writes are.
+    pub maps: Vec<MapFill>,
     pub cgroup: String,
     pub bpffs: String,
     pub programs: Vec<String>,
@@ -69,17 +71,22 @@ pub struct BackendView {
     /// healthy, unhealthy (failed active checks) or ejected (outlier).
     pub health: String,
     pub health_transitions: u64,
+    /// A runtime override from meshctl, in words; none when the config rules.
+    pub overridden: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct EventsResponse {
     /// Oldest first.
     pub events: Vec<EventView>,
+    /// The sequence number the next event will get (`after` for following).
+    pub next: u64,
 }
 
 /// One balancing decision the kernel made.
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct EventView {
+    pub seq: u64,
     pub unix_ms: u64,
     pub service: String,
     pub protocol: String,
@@ -96,4 +103,11 @@ pub struct EventView {
     pub client: u64,
     /// The client's identity, when the service has a policy.
     pub identity: Option<String>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct MapFill {
+    pub name: String,
+    pub entries: u64,
+    pub capacity: u64,
 }

@@ -7,8 +7,9 @@ use aya::{
     maps::{Array, HashMap, Map, MapData, MapError, PerCpuArray},
 };
 use mesh_common::{
-    BackendHealth, BackendId, BackendStats, BackendValue, ConfigValue, PolicyKey, PolicyValue,
-    RevNatKey, RevNatValue, ServiceKey, ServiceStats, ServiceValue, SlotKey, map_names,
+    AffinityKey, AffinityValue, BackendHealth, BackendId, BackendStats, BackendValue, ConfigValue,
+    PolicyKey, PolicyValue, RevNatKey, RevNatValue, ServiceKey, ServiceStats, ServiceValue,
+    SlotKey, map_names,
 };
 
 #[derive(Debug, thiserror::Error)]
@@ -42,6 +43,8 @@ pub struct Maps {
     /// cgroup id → identity id.
     pub workloads: HashMap<MapData, u64, u32>,
     pub policy: HashMap<MapData, PolicyKey, PolicyValue>,
+    /// (service, client) → backend and last use, for session affinity.
+    pub affinity: HashMap<MapData, AffinityKey, AffinityValue>,
     /// (socket cookie, backend) → VIP: which sockets the kernel balanced.
     pub rev_nat: HashMap<MapData, RevNatKey, RevNatValue>,
     pub config: Array<MapData, ConfigValue>,
@@ -88,6 +91,7 @@ impl Maps {
             workloads: typed!(map_names::WORKLOADS),
             policy: typed!(map_names::POLICY),
             rev_nat: typed!(map_names::REV_NAT),
+            affinity: typed!(map_names::AFFINITY),
             config: typed!(map_names::CONFIG),
         })
     }

@@ -1,4 +1,24 @@
-//! Aligned plain-text tables, kubectl style.
+//! Aligned plain-text tables, kubectl style, with states coloured when the
+//! output is a terminal (and `NO_COLOR` is unset).
+
+use std::sync::atomic::{AtomicBool, Ordering};
+
+static COLOUR: AtomicBool = AtomicBool::new(false);
+
+/// Turns colour on for tables rendered from now on.
+pub fn use_colour(on: bool) {
+    COLOUR.store(on, Ordering::Relaxed);
+}
+
+/// ANSI colour of a cell whose whole text is a state word.
+fn colour_of(cell: &str) -> Option<&'static str> {
+    match cell {
+        "healthy" | "active" | "true" | "forwarded" => Some("32"),
+        "draining" | "ejected" | "no-backend" => Some("33"),
+        "unhealthy" | "denied" | "false" => Some("31"),
+        _ => None,
+    }
+}
 
 pub struct Table<const N: usize> {
     header: [String; N],
@@ -29,7 +49,13 @@ impl<const N: usize> Table<N> {
             let line: Vec<String> = row
                 .iter()
                 .zip(widths)
-                .map(|(cell, w)| format!("{cell:<w$}"))
+                .map(|(cell, w)| {
+                    let padded = format!("{cell:<w$}");
+                    match colour_of(cell).filter(|_| COLOUR.load(Ordering::Relaxed)) {
+                        Some(code) => format!("\x1b[{code}m{cell}\x1b[0m{}", &padded[cell.len()..]),
+                        None => padded,
+                    }
+                })
                 .collect();
             out.push_str(line.join("   ").trim_end());
             out.push('\n');
