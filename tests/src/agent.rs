@@ -386,8 +386,9 @@ while :; do sleep 0.05; done
     const FAKE_MESHCTL: &str = r#"#!/bin/sh
 [ "$1" = --admin-socket ] || exit 64
 sock=$2
+[ "$3" = --bpffs ] || exit 64
 [ -f "$sock.gen" ] || { echo "connect $sock: no such file" >&2; exit 1; }
-echo "{\"config_generation\": $(cat "$sock.gen"), \"reloads_failed\": 0, \"args\": \"$3 $4 $5\"}"
+echo "{\"config_generation\": $(cat "$sock.gen"), \"reloads_failed\": 0, \"args\": \"$5 $6 $7\"}"
 "#;
 
     /// The stand-ins' directory, removed on every path.
