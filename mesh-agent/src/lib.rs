@@ -3,7 +3,8 @@
 //!
 //! Data flows one way: `config` (a source) → `state` (the model) →
 //! `reconcile` (map writes) → the kernel (`bpf`); kernel counters →
-//! `admin` → `cli`.
+//! `admin` → `cli`, and kernel counters → `metrics` (Prometheus, read at
+//! scrape time).
 
 pub mod admin;
 pub mod agent;
@@ -14,6 +15,7 @@ pub mod destroy;
 pub mod drain;
 pub mod events;
 pub mod maglev;
+pub mod metrics;
 pub mod reconcile;
 pub mod redirect;
 pub mod slots;
