@@ -19,6 +19,7 @@ use crate::{
     destroy,
     drain::Draining,
     events,
+    metrics::{KernelMaps, Metrics, MetricsError},
     reconcile::{Capacity, ReconcileError, Reconciler, service_keys},
     redirect::{Redirect, RedirectError, RedirectHandle, RedirectOptions},
     state::DesiredState,
@@ -41,6 +42,8 @@ pub struct AgentOptions {
     pub events: bool,
     /// Same-node redirect: switch and node-local addresses.
     pub redirect: RedirectOptions,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; None: nowhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// How often the node's own addresses are re-read for same-node redirect.
@@ -68,6 +71,8 @@ pub enum AgentError {
     Events(#[source] std::io::Error),
     #[error("same-node redirect: {0}")]
     Redirect(#[from] RedirectError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] MetricsError),
 }
 
 /// State shared between the reload loop and the admin API.
@@ -75,6 +80,7 @@ pub struct Shared {
     inner: Mutex<Inner>,
     meta: Meta,
     redirect: RedirectHandle,
+    metrics: Arc<Metrics>,
 }
 
 struct Inner {
@@ -98,6 +104,8 @@ struct Meta {
     cgroup: String,
     bpffs: String,
     programs: Vec<String>,
+    /// Where metrics are served (the bound port when asked for port 0).
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Default)]
@@ -137,6 +145,7 @@ impl Shared {
             bpffs: self.meta.bpffs.clone(),
             programs: self.meta.programs.clone(),
             services: inner.desired.services.len(),
+            metrics_addr: self.meta.metrics_addr.map(|a| a.to_string()),
         }
     }
 
@@ -248,9 +257,10 @@ impl Shared {
         let result = source.map_err(AgentError::from).and_then(|source| {
             let mut draining = inner.draining.clone();
             let effective = draining.merge(&inner.desired, &source, Instant::now());
-            let report = inner
-                .reconciler
-                .apply(&effective, &mut inner.maps)
+            let report = self
+                .metrics
+                .reconcile
+                .time_apply(|| inner.reconciler.apply(&effective, &mut inner.maps))
                 .map_err(AgentError::from)?;
             inner.desired = effective;
             inner.source = source;
@@ -261,6 +271,7 @@ impl Shared {
         status.last_unix_ms = unix_ms();
         match result {
             Ok(report) => {
+                self.metrics.applied(&inner.desired, &inner.reconciler);
                 status.generation += 1;
                 status.ok += 1;
                 status.last_error = None;
@@ -287,12 +298,14 @@ impl Shared {
                     Ok(0) => {}
                     Ok(n) => {
                         status.sockets_destroyed += n as u64;
+                        self.metrics.reconcile.sockets_destroyed(n as u64);
                         info!(sockets = n, "destroyed sockets of removed backends");
                     }
                     Err(e) => warn!("could not destroy sockets of removed backends: {e}"),
                 }
             }
             Err(e) => {
+                self.metrics.refused();
                 status.failed += 1;
                 status.last_error = Some(e.to_string());
                 error!(
@@ -313,6 +326,17 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let cgroup = match &opts.cgroup {
         Some(path) => path.clone(),
         None => bpf::cgroup2_mount()?,
+    };
+    // Metrics and probes first, so /readyz says 503 until the config is in.
+    let metrics = Arc::new(Metrics::new());
+    let heartbeat = metrics.spawn_heartbeat();
+    let metrics_server = match opts.metrics_addr {
+        Some(addr) => {
+            let server = metrics.serve(addr, opts.socket_mark)?;
+            info!(addr = %server.addr(), "metrics on http://{}/metrics", server.addr());
+            Some(server)
+        }
+        None => None,
     };
     let pins = PinLayout::new(&opts.bpffs);
     let Datapath {
@@ -350,8 +374,15 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             "pinned maps from an earlier agent keep their sizes; new sizes apply after `mesh-agent cleanup`"
         );
     }
+    metrics
+        .kernel
+        .attach(KernelMaps::open(&pins.maps_dir())?, capacity);
     let mut reconciler = Reconciler::recover(capacity, &mut maps);
-    reconciler.apply(&desired, &mut maps)?;
+    metrics
+        .reconcile
+        .time_apply(|| reconciler.apply(&desired, &mut maps))?;
+    metrics.applied(&desired, &reconciler);
+    metrics.set_ready();
     info!(
         cgroup = %cgroup.display(),
         bpffs = %opts.bpffs.display(),
@@ -378,8 +409,10 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             cgroup: cgroup.display().to_string(),
             bpffs: opts.bpffs.display().to_string(),
             programs: attached.iter().map(|p| p.to_string()).collect(),
+            metrics_addr: metrics_server.as_ref().map(|s| s.addr()),
         },
         redirect: redirect.clone(),
+        metrics: metrics.clone(),
     });
     let events_task = {
         let shared = shared.clone();
@@ -400,6 +433,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     admin_task.abort();
     events_task.abort();
     refresher.abort();
+    heartbeat.abort();
+    drop(metrics_server);
     let _ = std::fs::remove_file(&opts.admin_socket);
     drop(ebpf);
     info!("stopped; programs stay attached through their pins (mesh-agent cleanup removes them)");

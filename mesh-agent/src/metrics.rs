@@ -28,6 +28,8 @@ use std::{
 
 use prometheus_client::{metrics::info::Info, registry::Registry};
 
+use crate::{reconcile::Reconciler, state::DesiredState};
+
 pub use kernel::{KernelCollector, KernelMaps, View};
 pub use server::MetricsServer;
 
@@ -152,6 +154,29 @@ impl Metrics {
         Ok(out)
     }
 
+    /// Records a configuration that reached the kernel: counts the reload,
+    /// publishes what the kernel's ids now mean, and starts every new
+    /// backend healthy (dropping removed ones).
+    pub fn applied(&self, desired: &DesiredState, reconciler: &Reconciler) {
+        self.reconcile.reload(true);
+        let Some(capacity) = self.kernel.capacity() else {
+            return;
+        };
+        let view = View::build(desired, reconciler, capacity);
+        self.health.sync_backends(
+            view.backends
+                .iter()
+                .map(|b| health::BackendLabels::new(&b.service, &b.backend)),
+        );
+        self.kernel.publish(view);
+    }
+
+    /// Records a configuration that was refused (parse, validation or
+    /// map write); the previous one keeps serving.
+    pub fn refused(&self) {
+        self.reconcile.reload(false);
+    }
+
     /// Marks the agent ready: its first configuration reached the kernel.
     pub fn set_ready(&self) {
         self.probes.ready.store(true, Ordering::Release);
@@ -265,7 +290,6 @@ mod tests {
         )));
         for family in [
             "# TYPE mesh_reconcile_duration_seconds histogram",
-            "# UNIT mesh_reconcile_duration_seconds seconds",
             "# TYPE mesh_config_reloads counter",
             "mesh_config_reloads_total{result=\"success\"} 0",
             "mesh_config_reloads_total{result=\"failure\"} 0",

@@ -218,14 +218,22 @@ impl View {
 #[derive(Debug, Default)]
 pub struct KernelCollector {
     maps: OnceLock<KernelMaps>,
+    capacity: OnceLock<Capacity>,
     view: Mutex<Arc<View>>,
 }
 
 impl KernelCollector {
-    /// Gives the collector its map handles, once the data path is loaded.
-    /// Until then (and for a second call) it reports families without samples.
-    pub fn attach(&self, maps: KernelMaps) {
+    /// Gives the collector its map handles and the maps' capacity, once the
+    /// data path is loaded. Until then it reports families without samples;
+    /// a second call changes nothing.
+    pub fn attach(&self, maps: KernelMaps, capacity: Capacity) {
         let _ = self.maps.set(maps);
+        let _ = self.capacity.set(capacity);
+    }
+
+    /// The maps' capacity, once attached.
+    pub fn capacity(&self) -> Option<Capacity> {
+        self.capacity.get().copied()
     }
 
     /// Publishes what the ids mean after an apply.
@@ -254,6 +262,22 @@ fn family<L: EncodeLabelSet, M: EncodeMetric>(
     Ok(())
 }
 
+/// A family of one unlabelled sample, or of none when `value` is None.
+fn single<M: EncodeMetric>(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    unit: Option<&Unit>,
+    metric_type: MetricType,
+    value: Option<M>,
+) -> fmt::Result {
+    let metric = encoder.encode_descriptor(name, help, unit, metric_type)?;
+    match value {
+        Some(value) => value.encode(metric),
+        None => Ok(()),
+    }
+}
+
 fn counter(v: u64) -> ConstCounter<u64> {
     ConstCounter::new(v)
 }
@@ -261,8 +285,6 @@ fn counter(v: u64) -> ConstCounter<u64> {
 fn gauge(v: u64) -> ConstGauge<i64> {
     ConstGauge::new(i64::try_from(v).unwrap_or(i64::MAX))
 }
-
-type NoLabels = [(&'static str, &'static str); 0];
 
 impl Collector for KernelCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
@@ -391,7 +413,6 @@ impl Collector for KernelCollector {
 
         // Same-node redirect (one set of counters for the node).
         let r = maps.map(KernelMaps::redirect);
-        let none: NoLabels = [];
         let sockets = r.iter().flat_map(|r| {
             [
                 ("added", r.sockets_added),
@@ -412,13 +433,13 @@ impl Collector for KernelCollector {
                             help: &str,
                             unit: Option<&Unit>,
                             value: fn(&RedirectStats) -> u64| {
-            family(
+            single(
                 encoder,
                 name,
                 help,
                 unit,
                 MetricType::Counter,
-                r.iter().map(|r| (none, counter(value(r)))),
+                r.as_ref().map(|r| counter(value(r))),
             )
         };
         node_counter(

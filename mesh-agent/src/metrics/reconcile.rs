@@ -48,10 +48,12 @@ impl Metrics {
             last_success: Gauge::default(),
             sockets_destroyed: Counter::default(),
         };
-        registry.register_with_unit(
-            "mesh_reconcile_duration",
+        // The unit is in the name but not declared with `# UNIT`: some
+        // OpenMetrics parsers (openmetrics-parser 0.5) refuse a unit on a
+        // histogram, and Prometheus needs only the name.
+        registry.register(
+            "mesh_reconcile_duration_seconds",
             "Time one Reconciler::apply took to write a desired state to the kernel's maps",
-            Unit::Seconds,
             metrics.duration.clone(),
         );
         registry.register(
