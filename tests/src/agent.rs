@@ -135,6 +135,9 @@ impl Agent {
                 .arg("--admin-socket")
                 .arg(&admin_socket)
                 .args(["--watch-interval-ms", "100"])
+                // Parallel agents must not all bind the default metrics
+                // port; a `--metrics-addr` in `extra` still wins.
+                .env("MESH_METRICS_ADDR", "127.0.0.1:0")
                 .args(extra)
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
