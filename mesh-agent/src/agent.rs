@@ -129,6 +129,12 @@ impl Shared {
         &self.redirect
     }
 
+    /// The agent's metrics, e.g. for health checks to report backend health
+    /// (`metrics().health.set_health(service, backend, healthy)`).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
+    }
+
     pub fn status(&self) -> StatusResponse {
         let inner = self.lock();
         StatusResponse {
