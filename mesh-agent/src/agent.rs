@@ -21,6 +21,7 @@ use crate::{
     events::{self, EventFilter},
     explain::{self, ExplainError, ExplainResponse},
     health::HealthMonitor,
+    metrics::{KernelMaps, Metrics, MetricsError},
     overrides::{Action, OverrideError, Overrides},
     reconcile::{Capacity, ReconcileError, Reconciler, service_keys},
     redirect::{Redirect, RedirectError, RedirectHandle, RedirectOptions},
@@ -47,6 +48,8 @@ pub struct AgentOptions {
     /// Map layout version to pin under (the build's own unless testing an
     /// upgrade).
     pub schema_version: u32,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served; None: nowhere.
+    pub metrics_addr: Option<std::net::SocketAddr>,
 }
 
 /// How often the node's own addresses are re-read for same-node redirect.
@@ -74,6 +77,8 @@ pub enum AgentError {
     Events(#[source] std::io::Error),
     #[error("same-node redirect: {0}")]
     Redirect(#[from] RedirectError),
+    #[error("metrics: {0}")]
+    Metrics(#[from] MetricsError),
 }
 
 /// State shared between the reload loop and the admin API.
@@ -81,6 +86,7 @@ pub struct Shared {
     inner: Mutex<Inner>,
     meta: Meta,
     redirect: RedirectHandle,
+    metrics: Arc<Metrics>,
 }
 
 struct Inner {
@@ -110,6 +116,8 @@ struct Meta {
     cgroup: String,
     bpffs: String,
     programs: Vec<String>,
+    /// Where metrics are served (the bound port when asked for port 0).
+    metrics_addr: Option<std::net::SocketAddr>,
 }
 
 #[derive(Default)]
@@ -131,6 +139,12 @@ impl Shared {
 
     pub fn redirect(&self) -> &RedirectHandle {
         &self.redirect
+    }
+
+    /// The agent's metrics, e.g. for health checks to report backend health
+    /// (`metrics().health.set_health(service, backend, healthy)`).
+    pub fn metrics(&self) -> &Arc<Metrics> {
+        &self.metrics
     }
 
     pub fn status(&self) -> StatusResponse {
@@ -160,6 +174,7 @@ impl Shared {
             bpffs: self.meta.bpffs.clone(),
             programs: self.meta.programs.clone(),
             services: inner.desired.services.len(),
+            metrics_addr: self.meta.metrics_addr.map(|a| a.to_string()),
         }
     }
 
@@ -346,9 +361,10 @@ impl Shared {
             let mut effective = draining.merge(&inner.desired, &source, now);
             inner.overrides.overlay(&mut effective);
             let panicking = inner.health.overlay(&mut effective, now);
-            let report = inner
-                .reconciler
-                .apply(&effective, &mut inner.maps)
+            let report = self
+                .metrics
+                .reconcile
+                .time_apply(|| inner.reconciler.apply(&effective, &mut inner.maps))
                 .map_err(AgentError::from)?;
             inner.health.sync(&source);
             inner.overrides.prune(&source);
@@ -356,12 +372,23 @@ impl Shared {
             inner.source = source;
             inner.draining = draining;
             inner.panicking = panicking;
+            for svc in &inner.desired.services {
+                for b in &svc.backends {
+                    let health = inner.health.health(&svc.name, b.socket_addr(), now);
+                    self.metrics.health.set_health(
+                        &svc.name,
+                        b.socket_addr(),
+                        health == crate::health::Health::Healthy,
+                    );
+                }
+            }
             Ok(report)
         });
         let status = &mut inner.reloads;
         status.last_unix_ms = unix_ms();
         match result {
             Ok(report) => {
+                self.metrics.applied(&inner.desired, &inner.reconciler);
                 status.generation += 1;
                 status.ok += 1;
                 status.last_error = None;
@@ -388,12 +415,14 @@ impl Shared {
                     Ok(0) => {}
                     Ok(n) => {
                         status.sockets_destroyed += n as u64;
+                        self.metrics.reconcile.sockets_destroyed(n as u64);
                         info!(sockets = n, "destroyed sockets of removed backends");
                     }
                     Err(e) => warn!("could not destroy sockets of removed backends: {e}"),
                 }
             }
             Err(e) => {
+                self.metrics.refused();
                 status.failed += 1;
                 status.last_error = Some(e.to_string());
                 error!(
@@ -414,6 +443,17 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let cgroup = match &opts.cgroup {
         Some(path) => path.clone(),
         None => bpf::cgroup2_mount()?,
+    };
+    // Metrics and probes first, so /readyz says 503 until the config is in.
+    let metrics = Arc::new(Metrics::new());
+    let heartbeat = metrics.spawn_heartbeat();
+    let metrics_server = match opts.metrics_addr {
+        Some(addr) => {
+            let server = metrics.serve(addr, opts.socket_mark)?;
+            info!(addr = %server.addr(), "metrics on http://{}/metrics", server.addr());
+            Some(server)
+        }
+        None => None,
     };
     let pins = PinLayout::new(&opts.bpffs).with_version(opts.schema_version);
     let Datapath {
@@ -453,8 +493,15 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     }
     let (mut health, health_changes) = HealthMonitor::new(opts.socket_mark);
     health.sync(&desired);
+    metrics
+        .kernel
+        .attach(KernelMaps::open(&pins.maps_dir())?, capacity);
     let mut reconciler = Reconciler::recover(capacity, &mut maps);
-    reconciler.apply(&desired, &mut maps)?;
+    metrics
+        .reconcile
+        .time_apply(|| reconciler.apply(&desired, &mut maps))?;
+    metrics.applied(&desired, &reconciler);
+    metrics.set_ready();
     info!(
         cgroup = %cgroup.display(),
         bpffs = %opts.bpffs.display(),
@@ -486,8 +533,10 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             cgroup: cgroup.display().to_string(),
             bpffs: opts.bpffs.display().to_string(),
             programs: attached.iter().map(|p| p.to_string()).collect(),
+            metrics_addr: metrics_server.as_ref().map(|s| s.addr()),
         },
         redirect: redirect.clone(),
+        metrics: metrics.clone(),
     });
     let events_task = {
         let shared = shared.clone();
@@ -518,6 +567,8 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     admin_task.abort();
     events_task.abort();
     refresher.abort();
+    heartbeat.abort();
+    drop(metrics_server);
     let _ = std::fs::remove_file(&opts.admin_socket);
     drop(ebpf);
     info!("stopped; programs stay attached through their pins (mesh-agent cleanup removes them)");

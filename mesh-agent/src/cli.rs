@@ -536,6 +536,7 @@ fn render_status(s: &StatusResponse) -> String {
     t.row(["programs", &s.programs.join(", ")]);
     t.row(["maps (entries/capacity)", &maps.join(", ")]);
     t.row(["services", &s.services.to_string()]);
+    t.row(["metrics", s.metrics_addr.as_deref().unwrap_or("off")]);
     t.render()
 }
 

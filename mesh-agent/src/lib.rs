@@ -3,7 +3,8 @@
 //!
 //! Data flows one way: `config` (a source) → `state` (the model) →
 //! `reconcile` (map writes) → the kernel (`bpf`); kernel counters →
-//! `admin` → `cli`.
+//! `admin` → `cli`, and kernel counters → `metrics` (Prometheus, read at
+//! scrape time).
 
 pub mod admin;
 pub mod agent;
@@ -16,6 +17,7 @@ pub mod events;
 pub mod explain;
 pub mod health;
 pub mod maglev;
+pub mod metrics;
 pub mod overrides;
 pub mod reconcile;
 pub mod redirect;

@@ -7,7 +7,7 @@ use clap::{Parser, Subcommand, ValueEnum};
 use mesh_agent::{
     admin, agent,
     bpf::{MapSizes, PinLayout},
-    config,
+    config, metrics,
 };
 
 #[derive(Parser, Debug)]
@@ -86,6 +86,11 @@ enum Command {
         /// loopback and --local-address).
         #[arg(long)]
         no_discover_local_addresses: bool,
+        /// Where to serve Prometheus metrics (/metrics), liveness (/healthz)
+        /// and readiness (/readyz): IP:PORT (port 0 picks one; `meshctl
+        /// status` shows it), or `off`.
+        #[arg(long, env = "MESH_METRICS_ADDR", default_value = metrics::DEFAULT_ADDR)]
+        metrics_addr: metrics::MetricsAddr,
     },
     /// Validate a configuration file and exit.
     Check {
@@ -153,6 +158,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             same_node_redirect,
             local_addresses,
             no_discover_local_addresses,
+            metrics_addr,
         } => {
             let opts = agent::AgentOptions {
                 config,
@@ -173,6 +179,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
                     local_addresses,
                     discover: !no_discover_local_addresses,
                 },
+                metrics_addr: metrics_addr.0,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

@@ -96,6 +96,7 @@ impl Agent {
             .open(self.dir.join("agent.log"))?;
         self.child = Command::new(&self.agent_bin)
             .args(&self.args)
+            .env("MESH_METRICS_ADDR", "127.0.0.1:0")
             .stdin(Stdio::null())
             .stdout(log.try_clone()?)
             .stderr(log)
@@ -168,6 +169,9 @@ impl Agent {
             let log = File::create(&log_path)?;
             Command::new(&agent_bin)
                 .args(&args)
+                // Parallel agents must not all bind the default metrics
+                // port; a `--metrics-addr` in the args still wins.
+                .env("MESH_METRICS_ADDR", "127.0.0.1:0")
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)

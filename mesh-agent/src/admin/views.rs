@@ -26,6 +26,10 @@ pub struct StatusResponse {
     pub bpffs: String,
     pub programs: Vec<String>,
     pub services: usize,
+    /// Where `/metrics`, `/healthz` and `/readyz` are served (`ip:port`,
+    /// the chosen port when started with port 0); None when off.
+    #[serde(default)]
+    pub metrics_addr: Option<String>,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
