@@ -47,6 +47,11 @@ pub struct BenchArgs {
     /// Length of one trial in milliseconds [default: 1000 quick, 3000 full].
     #[arg(long)]
     trial_ms: Option<u64>,
+    /// Service counts to run instead of the defaults (connect and
+    /// control-plane), e.g. `--scales 10,1000`; the results file is then
+    /// not written.
+    #[arg(long, value_delimiter = ',')]
+    scales: Vec<u32>,
     /// Client threads for the connect scenario.
     #[arg(long, default_value_t = 2)]
     threads: u32,
@@ -138,6 +143,12 @@ pub fn run(args: BenchArgs) -> Result<()> {
     } else {
         (vec![1_000, 10_000, 100_000], vec![])
     };
+    let partial = !args.only.is_empty() || !args.scales.is_empty();
+    let (scales, skipped_scales, control_scales, control_skipped) = if args.scales.is_empty() {
+        (scales, skipped_scales, control_scales, control_skipped)
+    } else {
+        (args.scales.clone(), vec![], args.scales.clone(), vec![])
+    };
     let ctx = Ctx {
         bins,
         quick,
@@ -183,7 +194,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
     };
     results.targets = report::targets(&results);
     report::print_summary(&results);
-    if args.only.is_empty() {
+    if !partial {
         for m in results.missing() {
             eprintln!("warning: the results lack {m}");
         }

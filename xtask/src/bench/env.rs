@@ -77,7 +77,8 @@ fn undo(id: u64) {
     }
 }
 
-/// Installs the Ctrl-C handler: undo everything, newest first, then exit.
+/// Installs the Ctrl-C (and SIGTERM) handler: undo everything, newest
+/// first, then exit.
 pub fn install_interrupt_handler() -> Result<()> {
     ctrlc::set_handler(|| {
         eprintln!("\n==> bench: interrupted, cleaning up");

@@ -368,11 +368,23 @@ impl MeshAgent {
         let tmp = self.dir.path().join("mesh.yaml.tmp");
         std::fs::write(&tmp, yaml)?;
         std::fs::rename(&tmp, &config)?;
+        let log_path = self.dir.path().join("agent.log");
+        let log_len = std::fs::metadata(&log_path).map_or(0, |m| m.len() as usize);
         let start = Instant::now();
         self.proc.signal(libc::SIGHUP)?;
+        let mut polls = 0u64;
         loop {
             if done(self) {
                 return Ok(start.elapsed());
+            }
+            polls += 1;
+            // A refused config never reaches the kernel: say why at once.
+            if polls % 500 == 0 {
+                let log = std::fs::read(&log_path).unwrap_or_default();
+                let new = String::from_utf8_lossy(log.get(log_len..).unwrap_or_default());
+                if let Some(line) = new.lines().find(|l| l.contains("reload refused")) {
+                    bail!("mesh-agent refused the config: {}", line.trim());
+                }
             }
             if start.elapsed() > timeout {
                 bail!(
