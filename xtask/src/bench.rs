@@ -52,6 +52,9 @@ pub struct BenchArgs {
     /// not written.
     #[arg(long, value_delimiter = ',')]
     scales: Vec<u32>,
+    /// Only rebuild BENCHMARKS.md and the charts from bench/results/latest.json.
+    #[arg(long)]
+    report_only: bool,
     /// Client threads for the connect scenario.
     #[arg(long, default_value_t = 2)]
     threads: u32,
@@ -95,6 +98,19 @@ fn scenarios() -> Vec<Box<dyn Scenario>> {
 }
 
 pub fn run(args: BenchArgs) -> Result<()> {
+    if args.report_only {
+        let root = util::workspace_root();
+        let path = root.join("bench/results/latest.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let mut results: Results = serde_json::from_str(&text)
+            .with_context(|| format!("{} does not parse", path.display()))?;
+        results.targets = report::targets(&results);
+        std::fs::write(&path, serde_json::to_string_pretty(&results)? + "\n")?;
+        report::write_markdown(&results, &root)?;
+        report::print_summary(&results);
+        return Ok(());
+    }
     if !util::is_root() {
         bail!(
             "the benchmark makes network namespaces and cgroups and loads eBPF programs, so it \

@@ -379,11 +379,12 @@ impl MeshAgent {
             }
             polls += 1;
             // A refused config never reaches the kernel: say why at once.
-            if polls % 500 == 0 {
+            if polls.is_multiple_of(500) {
                 let log = std::fs::read(&log_path).unwrap_or_default();
                 let new = String::from_utf8_lossy(log.get(log_len..).unwrap_or_default());
                 if let Some(line) = new.lines().find(|l| l.contains("reload refused")) {
-                    bail!("mesh-agent refused the config: {}", line.trim());
+                    let why = line.find("reload refused").map_or(line, |i| &line[i..]);
+                    bail!("mesh-agent refused the config: {}", why.trim());
                 }
             }
             if start.elapsed() > timeout {

@@ -45,6 +45,26 @@ pub fn targets(r: &Results) -> Vec<Target> {
         .unwrap_or_default();
     let mut out = Vec::new();
 
+    // Scales where mesh should have run but did not: a target over them is
+    // not met by omission, so it is reported as incomplete.
+    let mesh_missing: Vec<String> = r
+        .scenario("connect")
+        .map(|s| {
+            s.rows
+                .iter()
+                .filter(|row| row.peer == "mesh" && matches!(row.status, Status::Failed(_)))
+                .map(|row| int(row.scale.unwrap_or(0)))
+                .collect()
+        })
+        .unwrap_or_default();
+    let incomplete = if mesh_missing.is_empty() {
+        String::new()
+    } else {
+        format!(
+            " — INCOMPLETE: mesh failed at {} services, so the target is not judged",
+            mesh_missing.join(", ")
+        )
+    };
     // Time per connection relative to direct: the worst scale counts.
     let per_scale: Vec<(u64, f64)> = scales
         .iter()
@@ -54,20 +74,24 @@ pub fn targets(r: &Results) -> Vec<Target> {
         .iter()
         .map(|p| p.1)
         .fold(None, |m: Option<f64>, v| Some(m.map_or(v, |m| m.max(v))));
-    out.push(target(
+    let mut t = target(
         "Connect path vs direct",
         "≤ 1.05× direct (time per connection)",
         worst,
         |v| v <= 1.05,
         format!(
-            "direct conn/s ÷ mesh conn/s per scale: {}; the worst is shown",
+            "direct conn/s ÷ mesh conn/s per scale: {}; the worst is shown{incomplete}",
             per_scale
                 .iter()
-                .map(|(n, v)| format!("{n}: {v:.3}×"))
+                .map(|(n, v)| format!("{}: {v:.3}×", int(*n)))
                 .collect::<Vec<_>>()
                 .join(", ")
         ),
-    ));
+    );
+    if !mesh_missing.is_empty() {
+        t.met = None;
+    }
+    out.push(t);
     let (lo, hi) = (scales.first().copied(), scales.last().copied());
     let flat = match (lo, hi) {
         (Some(lo), Some(hi)) if lo != hi => {
@@ -76,22 +100,22 @@ pub fn targets(r: &Results) -> Vec<Target> {
         _ => None,
     }
     .filter(|v| v.is_finite());
-    out.push(target(
+    let mut t = target(
         "Connect path flat in service count",
         "flat from 10 to 100,000 services (≤ 1.05× time per connection)",
         flat,
         |v| v <= 1.05,
         format!(
-            "mesh conn/s at {} services ÷ at {} services{}",
-            lo.unwrap_or(0),
-            hi.unwrap_or(0),
-            if hi != Some(100_000) {
-                " (100,000 not in this run)"
-            } else {
-                ""
-            }
+            "mesh conn/s at {} services ÷ at {} services (the largest scale mesh ran at){incomplete}",
+            int(lo.unwrap_or(0)),
+            int(hi.unwrap_or(0)),
         ),
-    ));
+    );
+    if hi != Some(100_000) {
+        // Flat up to a smaller scale does not show flat up to 100,000.
+        t.met = None;
+    }
+    out.push(t);
     out.push(target(
         "Connect path vs iptables at 10,000 services",
         "≥ 5× the connections/s of iptables mode",
@@ -169,10 +193,11 @@ fn fmt_target(t: &Target) -> (String, &'static str) {
             format!("{v:.3} s")
         }
     });
-    let met = match t.met {
-        Some(true) => "met",
-        Some(false) => "**MISSED**",
-        None => "not measured",
+    let met = match (t.met, t.measured) {
+        (Some(true), _) => "met",
+        (Some(false), _) => "**MISSED**",
+        (None, Some(_)) => "not judged (incomplete)",
+        (None, None) => "not measured",
     };
     (v, met)
 }
@@ -235,8 +260,8 @@ fn cell(row: &Row, main: &str, digits: usize, extra: &str) -> String {
 
 fn short(s: &str) -> String {
     let s = s.replace('\n', " ");
-    if s.chars().count() > 140 {
-        s.chars().take(140).collect::<String>() + "…"
+    if s.chars().count() > 100 {
+        s.chars().take(100).collect::<String>() + "…"
     } else {
         s
     }
@@ -248,6 +273,14 @@ fn status_text(row: &Row) -> String {
         Status::NotAvailable(w) => format!("not available: {}", short(w)),
         Status::Failed(w) => format!("failed: {}", short(w)),
         Status::Skipped(w) => format!("skipped: {}", short(w)),
+    }
+}
+
+fn int(n: u64) -> String {
+    if n < 1000 {
+        n.to_string()
+    } else {
+        num(n as f64)
     }
 }
 
@@ -316,6 +349,13 @@ pub fn write_markdown(r: &Results, root: &Path) -> Result<()> {
              shorter trials, and no 100,000-service scale. Run `cargo xtask bench` (without \
              `--quick`) for the full set.\n\n",
         );
+    }
+    if r.scenarios
+        .iter()
+        .flat_map(|s| &s.rows)
+        .any(|row| matches!(row.status, Status::Failed(_) | Status::NotAvailable(_)))
+    {
+        md.push_str("> **Some cases did not run** (see [What did not run, and why](#what-did-not-run-and-why)); the targets that depend on them are reported as not measured or not judged.\n\n");
     }
     let _ = write!(
         md,
@@ -390,7 +430,7 @@ pub fn write_markdown(r: &Results, root: &Path) -> Result<()> {
             let _ = writeln!(md, "| services | {} |", peers.join(" | "));
             let _ = writeln!(md, "|---|{}", "---|".repeat(peers.len()));
             for &n in &scales {
-                let _ = write!(md, "| {} |", num(n as f64));
+                let _ = write!(md, "| {} |", int(n));
                 for p in peers {
                     let v = match by(p, n) {
                         Some(row) if row.status == Status::Ok => {
@@ -424,7 +464,7 @@ pub fn write_markdown(r: &Results, root: &Path) -> Result<()> {
         md.push('\n');
         let groups: Vec<String> = scales
             .iter()
-            .map(|n| format!("{} services", num(*n as f64)))
+            .map(|n| format!("{} services", int(*n)))
             .collect();
         let series = |metric: &str| -> Vec<(String, Vec<Option<f64>>)> {
             peers
@@ -506,7 +546,7 @@ pub fn write_markdown(r: &Results, root: &Path) -> Result<()> {
         let rows: Vec<&Row> = s.rows.iter().collect();
         md.push_str(&table(
             &rows,
-            &|row| format!("{} services", num(row.scale.unwrap_or(0) as f64)),
+            &|row| format!("{} services", int(row.scale.unwrap_or(0))),
             &[
                 ("program s", "program_s"),
                 ("µs/service", "program_us_per_service"),
@@ -523,7 +563,7 @@ pub fn write_markdown(r: &Results, root: &Path) -> Result<()> {
         let groups: Vec<String> = s
             .rows
             .iter()
-            .map(|x| format!("{} services", num(x.scale.unwrap_or(0) as f64)))
+            .map(|x| format!("{} services", int(x.scale.unwrap_or(0))))
             .collect();
         chart(
             &charts,
@@ -561,13 +601,7 @@ pub fn write_markdown(r: &Results, root: &Path) -> Result<()> {
         let rows: Vec<&Row> = s.rows.iter().collect();
         md.push_str(&table(
             &rows,
-            &|row| {
-                format!(
-                    "{} @ {} services",
-                    row.peer,
-                    num(row.scale.unwrap_or(0) as f64)
-                )
-            },
+            &|row| format!("{} @ {} services", row.peer, int(row.scale.unwrap_or(0))),
             &[
                 ("ns per run", "ns_per_run"),
                 ("runs", "runs"),
@@ -578,7 +612,7 @@ pub fn write_markdown(r: &Results, root: &Path) -> Result<()> {
         let ok: Vec<&Row> = s.rows.iter().filter(|x| x.status == Status::Ok).collect();
         let groups: Vec<String> = ok
             .iter()
-            .map(|x| format!("{} services", num(x.scale.unwrap_or(0) as f64)))
+            .map(|x| format!("{} services", int(x.scale.unwrap_or(0))))
             .collect();
         chart(
             &charts,
@@ -610,6 +644,27 @@ pub fn write_markdown(r: &Results, root: &Path) -> Result<()> {
         md.push('\n');
     }
 
+    let failures: Vec<String> = r
+        .scenarios
+        .iter()
+        .flat_map(|s| s.rows.iter().map(move |row| (s, row)))
+        .filter_map(|(s, row)| match &row.status {
+            Status::Failed(w) | Status::NotAvailable(w) => Some(format!(
+                "- {} / {}{}: {}",
+                s.id,
+                row.peer,
+                row.scale
+                    .map_or(String::new(), |n| format!(" at {} services", int(n))),
+                w.replace('\n', " ")
+            )),
+            _ => None,
+        })
+        .collect();
+    if !failures.is_empty() {
+        md.push_str("## What did not run, and why\n\n");
+        md.push_str(&failures.join("\n"));
+        md.push_str("\n\n");
+    }
     md.push_str(
         "## How to read these numbers\n\n\
          - Client, backends and (for HAProxy) the proxy share this machine's CPUs; a peer that \
