@@ -57,6 +57,21 @@ pub fn load_file(path: &Path) -> Result<DesiredState, ConfigError> {
     }
 }
 
+/// The YAML library's limits, raised for node-sized configs: a node may hold
+/// 100,000 services of 10 backends (about 10 million YAML nodes). Depth,
+/// alias and anchor limits stay at their defaults, which is what guards
+/// against hostile input.
+fn parse_options() -> serde_saphyr::Options {
+    let mut budget = serde_saphyr::Budget::default();
+    budget.max_nodes = 50_000_000;
+    budget.max_events = 100_000_000;
+    budget.max_total_scalar_bytes = 1 << 30;
+    budget.max_reader_input_bytes = Some(1 << 30);
+    let mut options = serde_saphyr::Options::default();
+    options.budget = Some(budget);
+    options
+}
+
 /// `origin` names the text in messages, usually its file name.
 pub fn parse_str(text: &str, origin: &str) -> Result<DesiredState, ConfigError> {
     let invalid = |(location, problem): (Location, Problem)| ConfigError::Invalid {
@@ -64,7 +79,8 @@ pub fn parse_str(text: &str, origin: &str) -> Result<DesiredState, ConfigError> 
         at: (location.line() > 0).then(|| (location.line() as usize, location.column() as usize)),
         problem: Box::new(problem),
     };
-    let raw: RawConfig = serde_saphyr::from_str(text).map_err(|e| invalid(yaml_problem(&e)))?;
+    let raw: RawConfig = serde_saphyr::from_str_with_options(text, parse_options())
+        .map_err(|e| invalid(yaml_problem(&e)))?;
     validate(raw).map_err(invalid)
 }
 
@@ -1264,6 +1280,25 @@ services:
             5,
             38,
         );
+    }
+
+    #[test]
+    fn large_configs_parse() {
+        let mut yaml = String::from("services:\n");
+        for i in 0..5_000u32 {
+            yaml += &format!(
+                "  - {{name: s{i}, vip: 127.{}.{}.{}, port: 80, backends: [",
+                20 + i / 65_536,
+                (i / 256) % 256,
+                i % 256
+            );
+            for b in 0..10 {
+                yaml += &format!("{{address: 127.0.0.1, port: {}}},", 1000 + b);
+            }
+            yaml += "]}\n";
+        }
+        let state = parse_str(&yaml, "big.yaml").expect("5,000 services of 10 backends");
+        assert_eq!(state.services.len(), 5_000);
     }
 
     #[test]

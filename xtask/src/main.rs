@@ -1,6 +1,7 @@
 //! `cargo xtask …`: everything a person runs to set up, build, test, lint and
 //! demo mesh. Each subcommand lives in its own module.
 
+mod bench;
 mod demo;
 mod lint;
 mod setup;
@@ -34,6 +35,14 @@ enum Cmd {
     Fmt,
     /// Run the agent on examples/mesh.yaml and send connections through it (needs root).
     Demo(demo::DemoArgs),
+    /// Benchmark mesh against iptables, nftables and HAProxy (needs root).
+    Bench(bench::BenchArgs),
+    /// The benchmark's load generator, run by `bench` inside its namespaces.
+    #[command(hide = true)]
+    BenchClient(bench::ClientArgs),
+    /// The benchmark's backends, run by `bench` inside its namespaces.
+    #[command(hide = true)]
+    BenchServer(bench::ServerArgs),
     /// The demo's client, run by `demo` inside the demo cgroup.
     #[command(hide = true)]
     DemoClient(demo::ClientArgs),
@@ -47,6 +56,9 @@ fn main() -> ExitCode {
         Cmd::Fmt => lint::fmt(),
         Cmd::Demo(args) => demo::run(args),
         Cmd::DemoClient(args) => demo::client(args),
+        Cmd::Bench(args) => bench::run(args),
+        Cmd::BenchClient(args) => bench::client(args),
+        Cmd::BenchServer(args) => bench::server(args),
     };
     // Errors here are for people: the message and its causes, no backtrace.
     match result {

@@ -1,0 +1,272 @@
+//! Scenario 1, the service connect path (new TCP connection + one 64-byte
+//! request/response), at each scale, against every peer; and scenario 4,
+//! the kernel's own run-time statistics of mesh's programs during it.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddrV4;
+use std::time::{Duration, Instant};
+
+use anyhow::Result;
+
+use super::env::{Cgroup, TempDir};
+use super::kstats::{self, ProgStats};
+use super::load::{ClientReport, Mode, new_hist};
+use super::peers::{
+    self, BACKEND_PORT, BACKENDS_PER_SERVICE, Load, MeshAgent, Node, VIP_PORT, VipRoute, backend,
+    vip,
+};
+use super::results::{Row, ScenarioResult, Status};
+use super::{Ctx, Scenario, summarize, trial_order};
+use crate::util::step;
+
+pub struct Connect;
+
+/// One system under test, standing for the whole scale.
+struct Peer {
+    name: &'static str,
+    // Drop order: agent and proxies stop first, then the cgroup and netns go.
+    agent: Option<MeshAgent>,
+    _proxy: Option<super::env::Proc>,
+    cgroup: Option<Cgroup>,
+    node: Node,
+    _dir: TempDir,
+    first: SocketAddrV4,
+    targets: u32,
+    setup_s: f64,
+}
+
+impl Scenario for Connect {
+    fn id(&self) -> &'static str {
+        "connect"
+    }
+
+    fn run(&self, ctx: &Ctx) -> Result<Vec<ScenarioResult>> {
+        // The kernel keeps run-time stats only while someone asks; the fd
+        // turns them off again when dropped, on every path.
+        let stats_fd = aya::sys::enable_stats(aya::sys::Stats::RunTime);
+        let mut rows = Vec::new();
+        let mut krows = Vec::new();
+        for &n in &ctx.scales {
+            self.scale(ctx, n, &mut rows, &mut krows)?;
+        }
+        for &n in &ctx.skipped_scales {
+            for p in PEERS {
+                rows.push(Row::without(
+                    p,
+                    Some(u64::from(n)),
+                    Status::Skipped("scale left out of --quick runs".into()),
+                ));
+            }
+        }
+        if let Err(e) = &stats_fd {
+            krows = kstats::PROGRAMS
+                .iter()
+                .map(|p| Row::without(p, None, Status::Failed(format!("BPF_ENABLE_STATS: {e}"))))
+                .collect();
+        }
+        drop(stats_fd);
+        Ok(vec![
+            ScenarioResult {
+                id: "connect".into(),
+                title: "Service connect path: new TCP connection + one 64-byte request/response"
+                    .into(),
+                method: format!(
+                    "{} client threads, each opening a connection to a random service VIP \
+                     (direct: a random backend), sending 64 bytes, reading 64 bytes, closing \
+                     with RST; {} interleaved trials of {} ms per peer; {BACKENDS_PER_SERVICE} \
+                     backends per service. Connections/s is the median trial; latency \
+                     percentiles are over all trials.",
+                    ctx.threads, ctx.trials, ctx.trial_ms
+                ),
+                rows,
+            },
+            ScenarioResult {
+                id: "kernel-cost".into(),
+                title: "Kernel cost of mesh's programs (BPF run-time statistics)".into(),
+                method: "run_time_ns / run_cnt of each program of the benchmark's agent, \
+                         over the mesh trials of the connect scenario at each scale, with \
+                         the kernel's BPF statistics enabled (BPF_ENABLE_STATS) for the run."
+                    .into(),
+                rows: krows,
+            },
+        ])
+    }
+}
+
+const PEERS: [&str; 5] = ["direct", "mesh", "iptables", "nftables", "haproxy"];
+
+impl Connect {
+    fn scale(&self, ctx: &Ctx, n: u32, rows: &mut Vec<Row>, krows: &mut Vec<Row>) -> Result<()> {
+        step(format!(
+            "bench: connect: setting up 5 peers with {n} services"
+        ));
+        let mut peers = Vec::new();
+        for name in PEERS {
+            let start = Instant::now();
+            match setup(ctx, name, n) {
+                Ok(mut p) => {
+                    p.setup_s = start.elapsed().as_secs_f64();
+                    step(format!(
+                        "bench: connect: {name} ready in {:.1} s",
+                        p.setup_s
+                    ));
+                    peers.push(p);
+                }
+                Err(e) => {
+                    step(format!(
+                        "bench: connect: {name} at {n} services failed: {e:#}"
+                    ));
+                    rows.push(Row::without(
+                        name,
+                        Some(u64::from(n)),
+                        Status::Failed(format!("{e:#}")),
+                    ));
+                }
+            }
+        }
+        let load = Load {
+            mode: Mode::Connect,
+            threads: ctx.threads,
+            duration_ms: ctx.trial_ms,
+            max_ops: 5_000_000,
+        };
+        let mut reports: Vec<Vec<ClientReport>> = peers.iter().map(|_| Vec::new()).collect();
+        let mut kernel = ProgStats::default();
+        for t in 0..ctx.trials {
+            for k in trial_order(peers.len(), t) {
+                let p = &peers[k];
+                let cg = p.cgroup.as_ref().unwrap_or(&ctx.plain);
+                let before = p.agent.as_ref().map(|a| kstats::of_process(a.pid()));
+                let r = p.node.client(&ctx.bins, cg, &load, p.first, p.targets)?;
+                if let Some(Ok(before)) = before
+                    && let Ok(after) = kstats::of_process(p.agent.as_ref().map_or(0, |a| a.pid()))
+                {
+                    kernel.add_delta(&before, &after);
+                }
+                reports[k].push(r);
+            }
+        }
+        for (p, reps) in peers.iter().zip(&reports) {
+            let mut m = connect_metrics(reps);
+            m.insert("setup_s".into(), p.setup_s);
+            step(format!(
+                "bench: connect: {n:>6} services {:<9} {:>9.0} conn/s  p50 {:>7.1} µs  p99 {:>7.1} µs  errors {}",
+                p.name, m["conn_per_s"], m["p50_us"], m["p99_us"], m["errors"]
+            ));
+            rows.push(Row::ok(p.name, Some(u64::from(n)), m));
+            if p.name == "mesh" {
+                let conns: u64 = reps.iter().map(|r| r.ops).sum();
+                krows.extend(kernel.rows(Some(u64::from(n)), conns));
+            }
+        }
+        if !peers.iter().any(|p| p.name == "mesh") {
+            for prog in kstats::PROGRAMS {
+                krows.push(Row::without(
+                    prog,
+                    Some(u64::from(n)),
+                    Status::Failed("the mesh peer could not be set up at this scale".into()),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
+
+pub fn connect_metrics(reps: &[ClientReport]) -> BTreeMap<String, f64> {
+    let mut hist = new_hist();
+    let mut rates: Vec<f64> = Vec::new();
+    let (mut ops, mut errors) = (0, 0);
+    for r in reps {
+        r.add_to(&mut hist);
+        rates.push(r.ops as f64 * 1e9 / r.elapsed_ns.max(1) as f64);
+        ops += r.ops;
+        errors += r.errors;
+    }
+    let (median, min, max) = summarize(&mut rates);
+    let us = |q: f64| hist.value_at_quantile(q) as f64 / 1000.0;
+    BTreeMap::from([
+        ("conn_per_s".into(), median),
+        ("conn_per_s_min".into(), min),
+        ("conn_per_s_max".into(), max),
+        ("p50_us".into(), us(0.5)),
+        ("p99_us".into(), us(0.99)),
+        ("p999_us".into(), us(0.999)),
+        ("mean_us".into(), hist.mean() / 1000.0),
+        ("connections".into(), ops as f64),
+        ("errors".into(), errors as f64),
+    ])
+}
+
+fn setup(ctx: &Ctx, name: &'static str, n: u32) -> Result<Peer> {
+    let b = BACKENDS_PER_SERVICE;
+    let hint = format!("c{n}-{name}");
+    let dir = TempDir::new(&hint)?;
+    let route = if name == "haproxy" {
+        VipRoute::Local
+    } else {
+        VipRoute::Routed
+    };
+    let node = Node::new(&ctx.bins, &hint, b, route)?;
+    let vips = (SocketAddrV4::new(vip(0), VIP_PORT), n);
+    let mut peer = Peer {
+        name,
+        agent: None,
+        _proxy: None,
+        cgroup: None,
+        node,
+        _dir: dir,
+        first: vips.0,
+        targets: vips.1,
+        setup_s: 0.0,
+    };
+    let dir = peer._dir.path().to_path_buf();
+    match name {
+        "direct" => {
+            peer.first = SocketAddrV4::new(backend(0), BACKEND_PORT);
+            peer.targets = b;
+        }
+        "mesh" => {
+            let cg = Cgroup::new(&hint)?;
+            let agent = MeshAgent::start(&ctx.bins, &cg, n, &[])?;
+            agent.program(n, ctx.setup_timeout)?;
+            peer.agent = Some(agent);
+            peer.cgroup = Some(cg);
+        }
+        "iptables" => {
+            peers::load_rules(
+                &peer.node,
+                &dir,
+                "iptables-legacy-restore",
+                &[],
+                &peers::iptables_rules(n, b),
+                ctx.setup_timeout,
+            )?;
+        }
+        "nftables" => {
+            peers::load_rules(
+                &peer.node,
+                &dir,
+                "nft",
+                &["-f"],
+                &peers::nft_rules(n, b),
+                ctx.setup_timeout,
+            )?;
+        }
+        "haproxy" => {
+            peer._proxy = Some(peers::start_haproxy(&peer.node, &dir, n, b)?);
+        }
+        _ => unreachable!("unknown peer {name}"),
+    }
+    // Every peer must really carry connections, to the first and last VIP.
+    let cg = peer.cgroup.as_ref().unwrap_or(&ctx.plain);
+    let wait = if name == "haproxy" {
+        ctx.setup_timeout
+    } else {
+        Duration::from_secs(10)
+    };
+    let log = dir.join("haproxy.log");
+    let serving = peer._proxy.as_ref().map(|p| (p, log.as_path()));
+    peer.node
+        .wait_path(&ctx.bins, cg, peer.first, peer.targets, wait, serving)?;
+    Ok(peer)
+}

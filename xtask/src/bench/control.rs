@@ -1,0 +1,114 @@
+//! Scenario 3, the control plane: how long the agent takes to program N
+//! services into the kernel, how long one endpoint change in the config
+//! takes to reach the kernel's map, and the agent's resident memory.
+//! Everything is read from the pinned maps, not from the agent's word.
+
+use std::collections::BTreeMap;
+
+use anyhow::Result;
+
+use super::env::Cgroup;
+use super::peers::{BACKENDS_PER_SERVICE, MeshAgent, mesh_config};
+use super::results::{Row, ScenarioResult, Status};
+use super::{Ctx, Scenario};
+use crate::util::step;
+
+pub struct ControlPlane;
+
+impl Scenario for ControlPlane {
+    fn id(&self) -> &'static str {
+        "control-plane"
+    }
+
+    fn run(&self, ctx: &Ctx) -> Result<Vec<ScenarioResult>> {
+        let mut rows = Vec::new();
+        for &n in &ctx.control_scales {
+            match measure(ctx, n) {
+                Ok(m) => {
+                    step(format!(
+                        "bench: control-plane: {n:>6} services programmed in {:.3} s; endpoint change p50 {:.2} ms p99 {:.2} ms; RSS {:.1} MiB",
+                        m["program_s"], m["change_p50_ms"], m["change_p99_ms"], m["rss_mib"]
+                    ));
+                    rows.push(Row::ok("mesh", Some(u64::from(n)), m));
+                }
+                Err(e) => rows.push(Row::without(
+                    "mesh",
+                    Some(u64::from(n)),
+                    Status::Failed(format!("{e:#}")),
+                )),
+            }
+        }
+        for &n in &ctx.control_skipped {
+            rows.push(Row::without(
+                "mesh",
+                Some(u64::from(n)),
+                Status::Skipped("scale left out of --quick runs".into()),
+            ));
+        }
+        Ok(vec![ScenarioResult {
+            id: "control-plane".into(),
+            title: "Control plane: programming time, endpoint-change latency, memory".into(),
+            method: format!(
+                "An agent starts with no services; the config file is replaced with N services \
+                 ({BACKENDS_PER_SERVICE} backends each) and the agent sent SIGHUP; the time runs \
+                 until every service's entry is in the pinned MESH_SERVICES map. Then, {} times, \
+                 one backend address of a random service is changed in the file, SIGHUP, and \
+                 the time runs until that service's entry in the kernel flips to the new \
+                 generation (polled every 100 µs; the agent re-reads the whole file each time). \
+                 RSS is VmRSS of the agent after programming and after the changes.",
+                ctx.changes
+            ),
+            rows,
+        }])
+    }
+}
+
+fn measure(ctx: &Ctx, n: u32) -> Result<BTreeMap<String, f64>> {
+    let cg = Cgroup::new(&format!("cp{n}"))?;
+    let agent = MeshAgent::start(&ctx.bins, &cg, n, &[])?;
+    let idle_kib = agent.rss_kib()?;
+    let program = agent.program(n, ctx.setup_timeout)?;
+    let programmed_kib = agent.rss_kib()?;
+    let changes = if n >= 100_000 {
+        ctx.changes.min(10)
+    } else {
+        ctx.changes
+    };
+    let mut latencies = Vec::new();
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    for c in 0..changes {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let i = (x % u64::from(n)) as u32;
+        let old = agent.service(i).map(|v| v.generation).unwrap_or_default();
+        let yaml = mesh_config(n, BACKENDS_PER_SERVICE, Some((i, c + 1)));
+        let d = agent.reload(&yaml, ctx.setup_timeout, |a| {
+            a.service(i).is_some_and(|v| v.generation != old)
+        })?;
+        latencies.push(d.as_secs_f64() * 1000.0);
+    }
+    let after_kib = agent.rss_kib()?;
+    latencies.sort_by(f64::total_cmp);
+    let q = |p: f64| {
+        latencies
+            .get(((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1))
+            .copied()
+            .unwrap_or(f64::NAN)
+    };
+    drop(agent);
+    Ok(BTreeMap::from([
+        ("program_s".into(), program.as_secs_f64()),
+        (
+            "program_us_per_service".into(),
+            program.as_secs_f64() * 1e6 / f64::from(n),
+        ),
+        ("change_p50_ms".into(), q(0.5)),
+        ("change_p99_ms".into(), q(0.99)),
+        ("change_max_ms".into(), q(1.0)),
+        ("changes".into(), latencies.len() as f64),
+        ("rss_idle_mib".into(), idle_kib as f64 / 1024.0),
+        ("rss_mib".into(), programmed_kib as f64 / 1024.0),
+        ("rss_after_changes_mib".into(), after_kib as f64 / 1024.0),
+    ]))
+}

@@ -1,0 +1,113 @@
+//! The kernel's own accounting of BPF programs: run_time_ns and run_cnt,
+//! read for the programs one agent process holds (found through its fds,
+//! so programs of other agents on the machine are never counted).
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use anyhow::{Context, Result};
+
+use super::results::{Row, Status};
+
+/// mesh's programs as the kernel names them (names are cut at 15 bytes).
+pub const PROGRAMS: [&str; 2] = ["mesh_connect4", "mesh_getpeername4"];
+
+/// Program name → (run_time_ns, run_cnt).
+pub type Snapshot = BTreeMap<&'static str, (u64, u64)>;
+
+/// The BPF program ids a process holds open.
+fn prog_ids(pid: u32) -> Result<BTreeSet<u32>> {
+    let mut ids = BTreeSet::new();
+    let dir = format!("/proc/{pid}/fd");
+    for entry in std::fs::read_dir(&dir).with_context(|| format!("reading {dir}"))? {
+        let entry = entry?;
+        let is_prog = std::fs::read_link(entry.path())
+            .is_ok_and(|target| target.as_os_str() == "anon_inode:bpf-prog");
+        if !is_prog {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            entry.file_name().to_string_lossy()
+        ))
+        .unwrap_or_default();
+        if let Some(id) = info
+            .lines()
+            .find_map(|l| l.strip_prefix("prog_id:"))
+            .and_then(|v| v.trim().parse().ok())
+        {
+            ids.insert(id);
+        }
+    }
+    Ok(ids)
+}
+
+/// Run-time stats of the mesh programs held by process `pid`.
+pub fn of_process(pid: u32) -> Result<Snapshot> {
+    let ids = prog_ids(pid)?;
+    let mut snap = Snapshot::new();
+    for info in aya::programs::loaded_programs().flatten() {
+        if !ids.contains(&info.id()) {
+            continue;
+        }
+        let name = info.name_as_str().unwrap_or_default();
+        if let Some(full) = PROGRAMS
+            .iter()
+            .find(|p| !name.is_empty() && p.starts_with(name))
+        {
+            let e = snap.entry(full).or_default();
+            e.0 += info.run_time().as_nanos() as u64;
+            e.1 += info.run_count();
+        }
+    }
+    Ok(snap)
+}
+
+/// Sums of deltas over several measured intervals.
+#[derive(Default)]
+pub struct ProgStats {
+    total: BTreeMap<&'static str, (u64, u64)>,
+}
+
+impl ProgStats {
+    pub fn add_delta(&mut self, before: &Snapshot, after: &Snapshot) {
+        for (name, &(t1, c1)) in after {
+            let (t0, c0) = before.get(name).copied().unwrap_or_default();
+            let e = self.total.entry(name).or_default();
+            e.0 += t1.saturating_sub(t0);
+            e.1 += c1.saturating_sub(c0);
+        }
+    }
+
+    /// One row per program; `connections` is what the load completed.
+    pub fn rows(&self, scale: Option<u64>, connections: u64) -> Vec<Row> {
+        PROGRAMS
+            .iter()
+            .map(|&p| match self.total.get(p) {
+                Some(&(t, c)) if c > 0 => Row::ok(
+                    p,
+                    scale,
+                    BTreeMap::from([
+                        ("ns_per_run".into(), t as f64 / c as f64),
+                        ("runs".into(), c as f64),
+                        (
+                            "runs_per_connection".into(),
+                            c as f64 / connections.max(1) as f64,
+                        ),
+                    ]),
+                ),
+                Some(_) => Row::without(
+                    p,
+                    scale,
+                    Status::Skipped(
+                        "not run by this load (the client never calls getpeername())".into(),
+                    ),
+                ),
+                None => Row::without(
+                    p,
+                    scale,
+                    Status::Failed("program not found among the agent's fds".into()),
+                ),
+            })
+            .collect()
+    }
+}
