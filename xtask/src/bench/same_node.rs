@@ -160,8 +160,11 @@ fn setup(ctx: &Ctx, name: &'static str) -> Result<Peer> {
         "loopback" => peer.target = SocketAddrV4::new(backend(0), BACKEND_PORT),
         "mesh" | "mesh-redirect" => {
             let cg = Cgroup::new(&hint)?;
+            // The agent redirects by default; "mesh" is the socket LB alone.
             let extra: &[&str] = if name == "mesh-redirect" {
-                &[REDIRECT_FLAG]
+                &[REDIRECT_FLAG, "on"]
+            } else if has_redirect_flag(&ctx.bins.agent) {
+                &[REDIRECT_FLAG, "off"]
             } else {
                 &[]
             };
@@ -184,4 +187,8 @@ fn setup(ctx: &Ctx, name: &'static str) -> Result<Peer> {
     peer.node
         .wait_path(&ctx.bins, cg, peer.target, 1, ctx.setup_timeout, serving)?;
     Ok(peer)
+}
+
+fn has_redirect_flag(agent: &std::path::Path) -> bool {
+    peers::agent_has_flag(agent, REDIRECT_FLAG)
 }
