@@ -273,6 +273,8 @@ impl MeshAgent {
         // generation before deleting the old one.
         let room = (capacity * BACKENDS_PER_SERVICE * 2 + 1024).to_string();
         let mut cmd = Command::new(&bins.agent);
+        // Agents of consecutive peers must not fight over the metrics port.
+        cmd.env("MESH_METRICS_ADDR", "off");
         cmd.arg("run")
             .arg("--config")
             .arg(&config)
