@@ -132,7 +132,7 @@ pub fn run(args: DemoArgs) -> Result<()> {
 
     // b. the demo's own cgroup: the agent steers only sockets made in it
     let pid = std::process::id();
-    let mount = cgroup2_mount()?;
+    let mount = util::cgroup2_mount()?;
     let cgroup = mount.join(format!("mesh-demo-{pid}"));
     let tmp = std::env::temp_dir().join(format!("mesh-demo-{pid}"));
     let bpffs = PathBuf::from(format!("/sys/fs/bpf/mesh-demo-{pid}"));
@@ -273,50 +273,6 @@ fn check_loopback(service: &Service, path: &Path) -> Result<()> {
         );
     }
     Ok(())
-}
-
-/// The cgroup v2 mount: /sys/fs/cgroup on most machines, but not all.
-fn cgroup2_mount() -> Result<PathBuf> {
-    let info = fs::read_to_string("/proc/self/mountinfo")
-        .context("could not read /proc/self/mountinfo")?;
-    find_cgroup2(&info).context(
-        "no cgroup2 filesystem is mounted (see /proc/self/mountinfo); \
-         mount one with `mount -t cgroup2 none /sys/fs/cgroup`",
-    )
-}
-
-fn find_cgroup2(mountinfo: &str) -> Option<PathBuf> {
-    // Fields: id parent dev root mount-point options [optional…] - fstype source super-options
-    mountinfo.lines().find_map(|line| {
-        let (left, right) = line.split_once(" - ")?;
-        if right.split(' ').next()? != "cgroup2" {
-            return None;
-        }
-        Some(PathBuf::from(unescape_mountinfo(left.split(' ').nth(4)?)))
-    })
-}
-
-/// mountinfo writes space, tab, newline and backslash as octal escapes.
-fn unescape_mountinfo(s: &str) -> String {
-    let mut out = String::new();
-    let mut rest = s;
-    while let Some(i) = rest.find('\\') {
-        out.push_str(&rest[..i]);
-        match rest
-            .get(i + 1..i + 4)
-            .and_then(|o| u8::from_str_radix(o, 8).ok())
-        {
-            Some(b) => {
-                out.push(b as char);
-                rest = &rest[i + 4..];
-            }
-            None => {
-                out.push('\\');
-                rest = &rest[i + 1..];
-            }
-        }
-    }
-    out + rest
 }
 
 /// A backend answers every connection with one line naming itself, then
@@ -553,28 +509,13 @@ impl Cleanup {
     }
 }
 
-/// SIGTERM, then SIGKILL after 3 s. Only children we spawned and have not
-/// reaped are signalled, so the PID cannot belong to anyone else.
-fn stop(name: &str, mut child: Child) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
-    }
+/// Says what it stops, then stops it gracefully (see `util::stop_child`).
+fn stop(name: &str, child: Child) {
     step(format!(
         "demo: cleanup: stopping {name} (pid {})",
         child.id()
     ));
-    // SAFETY: kill has no memory-safety preconditions; the pid is our unreaped child.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        thread::sleep(Duration::from_millis(50));
-    }
-    eprintln!("warning: {name} did not exit after SIGTERM; sending SIGKILL");
-    let _ = child.kill();
-    let _ = child.wait();
+    util::stop_child(name, child);
 }
 
 /// A cgroup can only be removed once its processes have exited; they may
@@ -588,29 +529,5 @@ fn remove_cgroup(cgroup: &Path) -> io::Result<()> {
             Err(e) if Instant::now() > deadline => return Err(e),
             Err(_) => thread::sleep(Duration::from_millis(50)),
         }
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn finds_the_cgroup2_mount_among_v1_hierarchies() {
-        let info = "\
-35 25 0:30 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
-41 35 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw
-42 35 0:39 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu";
-        assert_eq!(
-            find_cgroup2(info),
-            Some(PathBuf::from("/sys/fs/cgroup/unified"))
-        );
-        assert_eq!(find_cgroup2("35 25 0:30 / /x rw - tmpfs tmpfs rw"), None);
-    }
-
-    #[test]
-    fn unescapes_mountinfo_paths() {
-        assert_eq!(unescape_mountinfo(r"/mnt/my\040cgroup"), "/mnt/my cgroup");
-        assert_eq!(unescape_mountinfo(r"/a\134b\x"), r"/a\b\x");
     }
 }

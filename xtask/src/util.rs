@@ -123,3 +123,91 @@ pub fn target_dir() -> Result<PathBuf> {
         .context("`cargo metadata` has no target_directory")?;
     Ok(PathBuf::from(dir))
 }
+
+/// The cgroup v2 mount: /sys/fs/cgroup on most machines, but not all.
+pub fn cgroup2_mount() -> Result<PathBuf> {
+    let info = std::fs::read_to_string("/proc/self/mountinfo")
+        .context("could not read /proc/self/mountinfo")?;
+    find_cgroup2(&info).context(
+        "no cgroup2 filesystem is mounted (see /proc/self/mountinfo); \
+         mount one with `mount -t cgroup2 none /sys/fs/cgroup`",
+    )
+}
+
+fn find_cgroup2(mountinfo: &str) -> Option<PathBuf> {
+    // Fields: id parent dev root mount-point options [optional…] - fstype source super-options
+    mountinfo.lines().find_map(|line| {
+        let (left, right) = line.split_once(" - ")?;
+        if right.split(' ').next()? != "cgroup2" {
+            return None;
+        }
+        Some(PathBuf::from(unescape_mountinfo(left.split(' ').nth(4)?)))
+    })
+}
+
+/// mountinfo writes space, tab, newline and backslash as octal escapes.
+fn unescape_mountinfo(s: &str) -> String {
+    let mut out = String::new();
+    let mut rest = s;
+    while let Some(i) = rest.find('\\') {
+        out.push_str(&rest[..i]);
+        match rest
+            .get(i + 1..i + 4)
+            .and_then(|o| u8::from_str_radix(o, 8).ok())
+        {
+            Some(b) => {
+                out.push(b as char);
+                rest = &rest[i + 4..];
+            }
+            None => {
+                out.push('\\');
+                rest = &rest[i + 1..];
+            }
+        }
+    }
+    out + rest
+}
+
+/// SIGTERM, then SIGKILL after 3 s. Only children we spawned and have not
+/// reaped are signalled, so the PID cannot belong to anyone else.
+pub fn stop_child(name: &str, mut child: std::process::Child) {
+    if let Ok(Some(_)) = child.try_wait() {
+        return;
+    }
+    // SAFETY: kill has no memory-safety preconditions; the pid is our unreaped child.
+    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    while std::time::Instant::now() < deadline {
+        if let Ok(Some(_)) = child.try_wait() {
+            return;
+        }
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    eprintln!("warning: {name} did not exit after SIGTERM; sending SIGKILL");
+    let _ = child.kill();
+    let _ = child.wait();
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_the_cgroup2_mount_among_v1_hierarchies() {
+        let info = "\
+35 25 0:30 / /sys/fs/cgroup ro,nosuid - tmpfs tmpfs ro,mode=755
+41 35 0:38 / /sys/fs/cgroup/unified rw,relatime shared:9 - cgroup2 cgroup2 rw
+42 35 0:39 / /sys/fs/cgroup/cpu rw,relatime - cgroup cgroup rw,cpu";
+        assert_eq!(
+            find_cgroup2(info),
+            Some(PathBuf::from("/sys/fs/cgroup/unified"))
+        );
+        assert_eq!(find_cgroup2("35 25 0:30 / /x rw - tmpfs tmpfs rw"), None);
+    }
+
+    #[test]
+    fn unescapes_mountinfo_paths() {
+        assert_eq!(unescape_mountinfo(r"/mnt/my\040cgroup"), "/mnt/my cgroup");
+        assert_eq!(unescape_mountinfo(r"/a\134b\x"), r"/a\b\x");
+    }
+}

@@ -98,7 +98,7 @@ pub fn install_interrupt_handler() -> Result<()> {
 impl Item {
     fn undo(self) {
         match self {
-            Item::Child { name, child } => stop(&name, child),
+            Item::Child { name, child } => crate::util::stop_child(&name, child),
             Item::Netns(name) => {
                 let out = Command::new("ip").args(["netns", "del", &name]).output();
                 if !out.is_ok_and(|o| o.status.success()) {
@@ -124,26 +124,6 @@ impl Item {
             }
         }
     }
-}
-
-/// SIGTERM, then SIGKILL after 3 s. Only children we spawned and have not
-/// reaped are signalled, so the PID cannot belong to anyone else.
-fn stop(name: &str, mut child: Child) {
-    if let Ok(Some(_)) = child.try_wait() {
-        return;
-    }
-    // SAFETY: kill has no memory-safety preconditions; the pid is our unreaped child.
-    unsafe { libc::kill(child.id() as libc::pid_t, libc::SIGTERM) };
-    let deadline = Instant::now() + Duration::from_secs(3);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = child.try_wait() {
-            return;
-        }
-        thread::sleep(Duration::from_millis(20));
-    }
-    eprintln!("warning: {name} did not exit after SIGTERM; sending SIGKILL");
-    let _ = child.kill();
-    let _ = child.wait();
 }
 
 /// A network namespace made for the benchmark, with `lo` up.
@@ -241,7 +221,8 @@ pub struct Cgroup {
 
 impl Cgroup {
     pub fn new(hint: &str) -> Result<Self> {
-        let path = cgroup2_mount()?.join(format!("{PREFIX}-{}-{hint}", std::process::id()));
+        let path =
+            crate::util::cgroup2_mount()?.join(format!("{PREFIX}-{}-{hint}", std::process::id()));
         let id = register(|| {
             std::fs::create_dir(&path)
                 .with_context(|| format!("could not create cgroup {}", path.display()))?;
@@ -295,19 +276,6 @@ fn kill_and_remove(dir: &Path) {
             Err(_) => thread::sleep(Duration::from_millis(20)),
         }
     }
-}
-
-/// The cgroup v2 mount point (not always /sys/fs/cgroup).
-pub fn cgroup2_mount() -> Result<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")
-        .context("could not read /proc/self/mountinfo")?;
-    info.lines()
-        .find_map(|line| {
-            let (left, right) = line.split_once(" - ")?;
-            (right.split(' ').next()? == "cgroup2").then(|| left.split(' ').nth(4))?
-        })
-        .map(|p| PathBuf::from(p.replace("\\040", " ")))
-        .context("no cgroup2 filesystem is mounted (see /proc/self/mountinfo)")
 }
 
 /// A child process we started; stopped (by its PID only) on drop.
