@@ -37,25 +37,40 @@ impl Reader {
         Ok(Self { ring })
     }
 
-    /// Waits for events and returns all that are ready.
+    /// Waits for events and returns all that are ready. The programs do
+    /// not wake the reader for each event (see `EVENTS_WAKEUP_BYTES`), so
+    /// the ring is also read every `POLL_INTERVAL`.
     pub async fn next_batch(&mut self) -> std::io::Result<Vec<Event>> {
         loop {
-            let mut guard = self.ring.readable_mut().await?;
-            let ring = guard.get_inner_mut();
-            let mut batch = Vec::new();
-            while let Some(item) = ring.next() {
-                if item.len() >= size_of::<Event>() {
-                    // SAFETY: the kernel wrote an `Event` (plain integers);
-                    // the read is unaligned-safe.
-                    batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
+            let batch = match tokio::time::timeout(POLL_INTERVAL, self.ring.readable_mut()).await {
+                Ok(guard) => {
+                    let mut guard = guard?;
+                    let batch = drain(guard.get_inner_mut());
+                    guard.clear_ready();
+                    batch
                 }
-            }
-            guard.clear_ready();
+                Err(_elapsed) => drain(self.ring.get_mut()),
+            };
             if !batch.is_empty() {
                 return Ok(batch);
             }
         }
     }
+}
+
+/// How long an event may wait in the ring before the agent reads it.
+const POLL_INTERVAL: std::time::Duration = std::time::Duration::from_millis(100);
+
+fn drain(ring: &mut RingBuf<MapData>) -> Vec<Event> {
+    let mut batch = Vec::new();
+    while let Some(item) = ring.next() {
+        if item.len() >= size_of::<Event>() {
+            // SAFETY: the kernel wrote an `Event` (plain integers); the
+            // read is unaligned-safe.
+            batch.push(unsafe { std::ptr::read_unaligned(item.as_ptr().cast::<Event>()) });
+        }
+    }
+    batch
 }
 
 /// This process's network-namespace cookie (`SO_NETNS_COOKIE`), which the

@@ -66,6 +66,10 @@ pub mod limits {
     pub const EVENTS_BYTES: u32 = 1 << 20;
 }
 
+/// Bytes waiting in the event ring at which a program wakes the agent at
+/// once instead of leaving the events for the agent's periodic read.
+pub const EVENTS_WAKEUP_BYTES: u64 = limits::EVENTS_BYTES as u64 / 4;
+
 pub const FAMILY_V4: u8 = 4;
 pub const FAMILY_V6: u8 = 6;
 pub const PROTO_TCP: u8 = 6;

@@ -5,6 +5,7 @@
 use core::intrinsics::{AtomicOrdering, atomic_xadd};
 
 use aya_ebpf::{
+    bindings::{BPF_RB_AVAIL_DATA, BPF_RB_FORCE_WAKEUP, BPF_RB_NO_WAKEUP},
     helpers::{
         bpf_get_current_ancestor_cgroup_id, bpf_get_current_cgroup_id, bpf_get_prandom_u32,
         bpf_ktime_get_ns,
@@ -14,9 +15,10 @@ use aya_ebpf::{
 use mesh_common::{
     ALGORITHM_LEAST_CONN, ALGORITHM_MAGLEV, AffinityKey, AffinityValue, BACKEND_ACTIVE,
     BackendValue, CONFIG_EVENTS, ConfigValue, ConnValue, ECONNREFUSED, EPERM, EVENT_DENIED,
-    EVENT_FORWARDED, EVENT_NO_BACKEND, Event, IDENTITY_UNKNOWN, PROTO_TCP, PROTO_UDP, PolicyKey,
-    RevNatKey, RevNatValue, SERVICE_AFFINITY, SERVICE_DEFAULT_DENY, SERVICE_POLICY, ServiceKey,
-    ServiceValue, SlotKey, SockLbKey, SockLbValue, VERDICT_ALLOW, VERDICT_DENY,
+    EVENT_FORWARDED, EVENT_NO_BACKEND, EVENTS_WAKEUP_BYTES, Event, IDENTITY_UNKNOWN, PROTO_TCP,
+    PROTO_UDP, PolicyKey, RevNatKey, RevNatValue, SERVICE_AFFINITY, SERVICE_DEFAULT_DENY,
+    SERVICE_POLICY, ServiceKey, ServiceValue, SlotKey, SockLbKey, SockLbValue, VERDICT_ALLOW,
+    VERDICT_DENY,
 };
 
 use crate::{
@@ -342,10 +344,20 @@ fn config() -> ConfigValue {
     MESH_CONFIG.get(0).copied().unwrap_or_default()
 }
 
+/// Events wait in the ring for the agent's periodic read: waking it on
+/// every connect would cost a self-IPI and a wakeup inside connect() (the
+/// larger part of this program's run time when measured). Only a ring that
+/// is filling up wakes the reader at once.
 #[inline(always)]
 fn emit(config: &ConfigValue, event: &Event) {
     if config.flags & CONFIG_EVENTS != 0 {
-        let _ = MESH_EVENTS.output::<Event>(event, 0);
+        let pending = MESH_EVENTS.query(u64::from(BPF_RB_AVAIL_DATA));
+        let flags = if pending >= EVENTS_WAKEUP_BYTES {
+            BPF_RB_FORCE_WAKEUP
+        } else {
+            BPF_RB_NO_WAKEUP
+        };
+        let _ = MESH_EVENTS.output::<Event>(event, u64::from(flags));
     }
 }
 
