@@ -243,7 +243,7 @@ fn setup(ctx: &Ctx, name: &'static str, n: u32) -> Result<Peer> {
             )?;
         }
         "nftables" => {
-            peers::load_rules(
+            peers::load_rule_batches(
                 &peer.node,
                 &dir,
                 "nft",
