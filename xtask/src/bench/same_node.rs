@@ -3,9 +3,10 @@
 //! with same-node redirect when this agent build has it), and HAProxy.
 
 use std::collections::BTreeMap;
-use std::net::SocketAddrV4;
+use std::net::{IpAddr, SocketAddrV4};
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result, bail};
 
 use super::env::{Cgroup, Proc, TempDir};
 use super::load::{ClientReport, Mode, new_hist};
@@ -89,6 +90,17 @@ impl Scenario for SameNode {
                 "bench: same-node: {:<13} {:>9.0} round trips/s  p50 {:>6.1} µs  p99 {:>6.1} µs  {:>6.2} Gbit/s",
                 p.name, m["rr_per_s"], m["rtt_p50_us"], m["rtt_p99_us"], m["gbit_s"]
             ));
+            let mut m = m;
+            if let Some(agent) = &p._agent
+                && has_redirect
+            {
+                let r = redirect_metrics(ctx, agent)?;
+                step(format!(
+                    "bench: same-node: {:<13} redirect: {} sockets, {:.0} MiB redirected, {:.0} MiB fallback",
+                    p.name, r["redir_sockets"], r["redir_mib"], r["fallback_mib"]
+                ));
+                m.extend(r);
+            }
             rows.push(Row::ok(p.name, None, m));
         }
         rows.sort_by_key(|r| PEERS.iter().position(|p| *p == r.peer));
@@ -101,7 +113,10 @@ impl Scenario for SameNode {
                  writes for {} ms, the receiver counts and confirms the bytes. {} interleaved \
                  trials per peer; rates are the median trial, percentiles over all trials. \
                  \"loopback\" connects straight to the backend; the others go through a \
-                 service VIP.",
+                 service VIP. The mesh peers' backend server runs in the agent's cgroup (a \
+                 workload of that node), and the agent learns the namespace's addresses by \
+                 itself; the redirect columns are the agent's own kernel counters \
+                 (MESH_REDIR_STAT) over all of the peer's trials.",
                 ctx.trial_ms, ctx.trial_ms, ctx.trials
             ),
             rows,
@@ -146,12 +161,20 @@ fn setup(ctx: &Ctx, name: &'static str) -> Result<Peer> {
     } else {
         VipRoute::Routed
     };
-    let node = Node::new(&ctx.bins, &hint, 1, route)?;
+    // The mesh peers' backend server is a workload of their agent, in its
+    // cgroup, as a pod on the same node is.
+    let mesh = matches!(name, "mesh" | "mesh-redirect");
+    let cgroup = if mesh {
+        Some(Cgroup::new(&hint)?)
+    } else {
+        None
+    };
+    let node = Node::new_in(&ctx.bins, &hint, 1, route, cgroup.as_ref())?;
     let mut peer = Peer {
         name,
         _agent: None,
         _proxy: None,
-        cgroup: None,
+        cgroup,
         node,
         _dir: dir,
         target: SocketAddrV4::new(vip(0), VIP_PORT),
@@ -159,7 +182,7 @@ fn setup(ctx: &Ctx, name: &'static str) -> Result<Peer> {
     match name {
         "loopback" => peer.target = SocketAddrV4::new(backend(0), BACKEND_PORT),
         "mesh" | "mesh-redirect" => {
-            let cg = Cgroup::new(&hint)?;
+            let cg = peer.cgroup.as_ref().expect("made above");
             // The agent redirects by default; "mesh" is the socket LB alone.
             let extra: &[&str] = if name == "mesh-redirect" {
                 &[REDIRECT_FLAG, "on"]
@@ -168,12 +191,14 @@ fn setup(ctx: &Ctx, name: &'static str) -> Result<Peer> {
             } else {
                 &[]
             };
-            let agent = MeshAgent::start(&ctx.bins, &cg, 1, extra)?;
+            let agent = MeshAgent::start(&ctx.bins, cg, 1, extra)?;
             agent.reload(&peers::mesh_config(1, 1, None), ctx.setup_timeout, |a| {
                 a.service(0).is_some()
             })?;
+            if has_redirect_flag(&ctx.bins.agent) {
+                wait_local(ctx, &agent)?;
+            }
             peer._agent = Some(agent);
-            peer.cgroup = Some(cg);
         }
         "haproxy" => {
             let dir = peer._dir.path().to_path_buf();
@@ -187,6 +212,48 @@ fn setup(ctx: &Ctx, name: &'static str) -> Result<Peer> {
     peer.node
         .wait_path(&ctx.bins, cg, peer.target, 1, ctx.setup_timeout, serving)?;
     Ok(peer)
+}
+
+/// Waits until the agent counts the workload namespace's addresses (the
+/// client's source and the backend) as node-local: it learns them from the
+/// namespace its cgroup's server lives in, on its own refresh.
+fn wait_local(ctx: &Ctx, agent: &MeshAgent) -> Result<()> {
+    let want = [IpAddr::V4(peers::CLIENT_SRC), IpAddr::V4(backend(0))];
+    let deadline = Instant::now() + ctx.setup_timeout.max(Duration::from_secs(15));
+    loop {
+        let v = agent.meshctl_json(&ctx.bins, &["redirect"])?;
+        let local: Vec<IpAddr> = serde_json::from_value(v["local_addresses"].clone())
+            .context("meshctl redirect: no local_addresses")?;
+        if want.iter().all(|a| local.contains(a)) {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("the agent never learned its workloads' addresses {want:?}: it has {local:?}");
+        }
+        std::thread::sleep(Duration::from_millis(200));
+    }
+}
+
+/// The agent's redirect counters, as metrics of the row.
+fn redirect_metrics(ctx: &Ctx, agent: &MeshAgent) -> Result<BTreeMap<String, f64>> {
+    let v = agent.meshctl_json(&ctx.bins, &["redirect"])?;
+    let c = &v["counters"];
+    let get = |k: &str| {
+        c[k].as_u64()
+            .map(|n| n as f64)
+            .context(format!("no counter {k}"))
+    };
+    Ok(BTreeMap::from([
+        ("redir_sockets".into(), get("sockets_added")?),
+        (
+            "redir_mib".into(),
+            get("bytes_redirected")? / (1024.0 * 1024.0),
+        ),
+        (
+            "fallback_mib".into(),
+            get("bytes_fallback")? / (1024.0 * 1024.0),
+        ),
+    ]))
 }
 
 fn has_redirect_flag(agent: &std::path::Path) -> bool {
