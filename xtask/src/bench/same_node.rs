@@ -9,6 +9,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context as _, Result, bail};
 
 use super::env::{Cgroup, Proc, TempDir};
+use super::kstats;
 use super::load::{ClientReport, Mode, new_hist};
 use super::peers::{self, BACKEND_PORT, Load, MeshAgent, Node, VIP_PORT, VipRoute, backend, vip};
 use super::results::{Row, ScenarioResult, Status};
@@ -84,6 +85,16 @@ impl Scenario for SameNode {
                     .push(p.node.client(&ctx.bins, cg, &bulk, p.target, 1)?);
             }
         }
+        // Kernel cost of the redirect path, from a pass of its own after the
+        // measured trials (the kernel's run-time accounting adds a little
+        // to every program run, so it never overlaps them).
+        let mut profile = BTreeMap::new();
+        if let Some(p) = peers.iter().find(|p| p.name == "mesh-redirect") {
+            match self::profile(ctx, p, &rr, &bulk) {
+                Ok(m) => profile = m,
+                Err(e) => step(format!("bench: same-node: no kernel profile: {e:#}")),
+            }
+        }
         for (p, (rr, bulk)) in peers.iter().zip(&reports) {
             let m = metrics(rr, bulk);
             step(format!(
@@ -100,6 +111,9 @@ impl Scenario for SameNode {
                     p.name, r["redir_sockets"], r["redir_mib"], r["fallback_mib"]
                 ));
                 m.extend(r);
+                if p.name == "mesh-redirect" {
+                    m.extend(profile.clone());
+                }
             }
             rows.push(Row::ok(p.name, None, m));
         }
@@ -122,6 +136,46 @@ impl Scenario for SameNode {
             rows,
         }])
     }
+}
+
+/// One round-trip and one bulk trial on `p` with BPF_ENABLE_STATS on:
+/// ns per run of each program and runs per round trip / per MiB.
+fn profile(ctx: &Ctx, p: &Peer, rr: &Load, bulk: &Load) -> Result<BTreeMap<String, f64>> {
+    let agent = p._agent.as_ref().context("no agent")?;
+    let cg = p.cgroup.as_ref().context("no cgroup")?;
+    let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
+        .map_err(|e| anyhow::anyhow!("BPF_ENABLE_STATS: {e}"))?;
+    let mut out = BTreeMap::new();
+    let short = |l: &str| match l {
+        "mesh_redir_sockops" => "redir_sockops",
+        "mesh_redir_msg" => "redir_msg",
+        _ => "lb_sockops",
+    };
+    for (load, unit, per) in [(rr, "rt", 0u8), (bulk, "mib", 1)] {
+        let before = kstats::of_process_named(agent.pid(), &kstats::REDIRECT_PROGRAMS)?;
+        let r = p.node.client(&ctx.bins, cg, load, p.target, 1)?;
+        let after = kstats::of_process_named(agent.pid(), &kstats::REDIRECT_PROGRAMS)?;
+        let units = if per == 0 {
+            r.ops as f64
+        } else {
+            r.bytes as f64 / (1024.0 * 1024.0)
+        };
+        for (name, &(t1, c1)) in &after {
+            let (t0, c0) = before.get(name).copied().unwrap_or_default();
+            let (t, c) = (t1.saturating_sub(t0), c1.saturating_sub(c0));
+            let prog = short(name);
+            if c > 0 {
+                out.insert(format!("{prog}_ns_per_run_{unit}"), t as f64 / c as f64);
+            }
+            out.insert(format!("{prog}_runs_per_{unit}"), c as f64 / units.max(1.0));
+        }
+    }
+    let line: Vec<String> = out.iter().map(|(k, v)| format!("{k}={v:.1}")).collect();
+    step(format!(
+        "bench: same-node: kernel profile: {}",
+        line.join(" ")
+    ));
+    Ok(out)
 }
 
 fn metrics(rr: &[ClientReport], bulk: &[ClientReport]) -> BTreeMap<String, f64> {
