@@ -97,8 +97,8 @@ fn local_key(ops: *mut bpf_sock_ops) -> Option<SockKey> {
 #[inline(always)]
 fn excluded(key: &SockKey) -> bool {
     unsafe {
-        MESH_REDIR_EXCL.get(&key.local_port).is_some()
-            || MESH_REDIR_EXCL.get(&key.remote_port).is_some()
+        MESH_REDIR_EXCL.get(key.local_port).is_some()
+            || MESH_REDIR_EXCL.get(key.remote_port).is_some()
     }
 }
 
