@@ -477,7 +477,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         .set(0, agent_config, 0)
         .map_err(AgentError::ConfigMap)?;
     let redirect_maps = bpf::RedirectMaps::take_from(&mut ebpf).map_err(BpfError::from)?;
-    let redirect = Redirect::start(redirect_maps, &pins.maps_dir(), opts.redirect.clone())?;
+    let redirect_opts = RedirectOptions {
+        workload_cgroup: Some(cgroup.clone()),
+        ..opts.redirect.clone()
+    };
+    let redirect = Redirect::start(redirect_maps, &pins.maps_dir(), redirect_opts)?;
     let capacity = Capacity::of(&maps);
     if (capacity.services, capacity.backends, capacity.slots)
         != (

@@ -91,7 +91,7 @@ pub fn destroy_sockets(
 }
 
 /// Walks the cgroup subtree and keeps one pid per network namespace.
-fn one_pid_per_netns(cgroup: &Path) -> Vec<u32> {
+pub(crate) fn one_pid_per_netns(cgroup: &Path) -> Vec<u32> {
     let mut by_netns: BTreeMap<(u64, u64), u32> = BTreeMap::new();
     let mut dirs = vec![cgroup.to_owned()];
     while let Some(dir) = dirs.pop() {
@@ -127,7 +127,7 @@ pub fn netns_cookie_of_cgroup(cgroup: &Path) -> Option<u64> {
     .flatten()
 }
 
-fn enter_netns(pid: u32) -> Result<(), DestroyError> {
+pub(crate) fn enter_netns(pid: u32) -> Result<(), DestroyError> {
     let fail = |source| DestroyError::Netns { pid, source };
     let ns = File::open(format!("/proc/{pid}/ns/net")).map_err(fail)?;
     // SAFETY: a valid namespace fd; affects only this thread.

@@ -82,10 +82,15 @@ enum Command {
         /// repeatable. Loopback is always local.
         #[arg(long = "local-address", value_name = "IP")]
         local_addresses: Vec<std::net::IpAddr>,
-        /// Do not count this node's interface addresses as local (only
-        /// loopback and --local-address).
+        /// Do not count this node's interface addresses, nor those of the
+        /// network namespaces its workloads live in, as local (only loopback
+        /// and --local-address).
         #[arg(long)]
         no_discover_local_addresses: bool,
+        /// A TCP port whose connections (either end) are never redirected,
+        /// e.g. a receiver that reads with splice(); repeatable.
+        #[arg(long = "redirect-exclude-port", value_name = "PORT", value_parser = parse_port)]
+        redirect_exclude_ports: Vec<u16>,
         /// Where to serve Prometheus metrics (/metrics), liveness (/healthz)
         /// and readiness (/readyz): IP:PORT (port 0 picks one; `meshctl
         /// status` shows it), or `off`.
@@ -102,6 +107,15 @@ enum Command {
         #[arg(long, default_value = "/sys/fs/bpf/mesh")]
         bpffs: PathBuf,
     },
+}
+
+/// A TCP port, 1..=65535.
+fn parse_port(s: &str) -> Result<u16, String> {
+    match s.parse::<u16>() {
+        Ok(0) => Err("port 0 names no service; give a port in 1..=65535".into()),
+        Ok(p) => Ok(p),
+        Err(e) => Err(format!("{s:?} is not a port in 1..=65535: {e}")),
+    }
 }
 
 fn parse_u32(s: &str) -> Result<u32, String> {
@@ -158,6 +172,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             same_node_redirect,
             local_addresses,
             no_discover_local_addresses,
+            redirect_exclude_ports,
             metrics_addr,
         } => {
             let opts = agent::AgentOptions {
@@ -178,6 +193,8 @@ fn execute(command: Command) -> anyhow::Result<()> {
                     enabled: same_node_redirect == Switch::On,
                     local_addresses,
                     discover: !no_discover_local_addresses,
+                    workload_cgroup: None,
+                    exclude_ports: redirect_exclude_ports,
                 },
                 metrics_addr: metrics_addr.0,
             };

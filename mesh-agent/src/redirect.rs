@@ -3,15 +3,18 @@
 //! needs no detach), the node-local addresses the kernel checks
 //! (`MESH_LOCAL_ADDR`), and the counters shown by `/v1/redirect`.
 //!
-//! Node-local addresses are this node's own interface addresses (found with
-//! getifaddrs, refreshed periodically) plus those given with
-//! `--local-address` (local pods until a pod source exists). Loopback is
-//! always local and never stored.
+//! Node-local addresses are this node's own interface addresses and those of
+//! the network namespaces its workloads (the processes of the agent's
+//! cgroup) live in (`workloads.rs`), both found with getifaddrs and
+//! refreshed periodically, plus those given with `--local-address`.
+//! Loopback is always local and never stored.
+
+mod workloads;
 
 use std::{
     collections::BTreeSet,
     net::IpAddr,
-    path::Path,
+    path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
 };
@@ -48,6 +51,14 @@ pub enum RedirectError {
         #[source]
         source: MapError,
     },
+    #[error(
+        "{count} --redirect-exclude-port values do not fit in {map} ({capacity} ports); exclude fewer ports"
+    )]
+    TooManyPorts {
+        map: &'static str,
+        capacity: u32,
+        count: usize,
+    },
     #[error("cannot list this node's addresses (getifaddrs): {0}")]
     Interfaces(#[source] std::io::Error),
     #[error(
@@ -66,8 +77,15 @@ pub struct RedirectOptions {
     pub enabled: bool,
     /// Addresses declared node-local besides the node's own interfaces.
     pub local_addresses: Vec<IpAddr>,
-    /// Whether the node's interface addresses count as local.
+    /// Whether the node's interface addresses, and those of its workloads'
+    /// namespaces, count as local.
     pub discover: bool,
+    /// The cgroup whose processes are this node's workloads: the addresses
+    /// of their network namespaces are node-local.
+    pub workload_cgroup: Option<PathBuf>,
+    /// Ports never redirected (either end): for receivers that splice()
+    /// from their socket, which cannot see redirected bytes.
+    pub exclude_ports: Vec<u16>,
 }
 
 pub struct Redirect {
@@ -76,6 +94,10 @@ pub struct Redirect {
     options: RedirectOptions,
     /// What MESH_LOCAL_ADDR holds, as this agent wrote it.
     programmed: BTreeSet<IpAddr>,
+    /// Workload namespaces read by the last sync.
+    workload_namespaces: usize,
+    /// Addresses left out by the last sync because two namespaces have them.
+    ambiguous: BTreeSet<IpAddr>,
 }
 
 /// Shared between the agent's loop, the refresher and the admin API.
@@ -126,8 +148,11 @@ impl Redirect {
             config,
             options,
             programmed: BTreeSet::new(),
+            workload_namespaces: 0,
+            ambiguous: BTreeSet::new(),
         };
         redirect.recover_programmed();
+        redirect.sync_excluded_ports()?;
         redirect.sync_local_addrs()?;
         redirect.set_enabled(redirect.options.enabled)?;
         Ok(RedirectHandle(Arc::new(Mutex::new(redirect))))
@@ -179,6 +204,37 @@ impl Redirect {
         self.programmed = keys.iter().filter_map(addr_of_key).collect();
     }
 
+    /// Makes `MESH_REDIR_EXCL` hold exactly the excluded ports (an earlier
+    /// agent's list included): adds first, then removes the others.
+    fn sync_excluded_ports(&mut self) -> Result<(), RedirectError> {
+        let map = mesh_common::redirect_map_names::EXCLUDED_PORTS;
+        let wanted: BTreeSet<u16> = self.options.exclude_ports.iter().copied().collect();
+        if wanted.len() > redirect_limits::MAX_EXCLUDED_PORTS as usize {
+            return Err(RedirectError::TooManyPorts {
+                map,
+                capacity: redirect_limits::MAX_EXCLUDED_PORTS,
+                count: wanted.len(),
+            });
+        }
+        let write_error = |source| RedirectError::Write { map, source };
+        let ports = &mut self.maps.excluded_ports;
+        for port in &wanted {
+            ports.insert(port.to_be(), 1, 0).map_err(write_error)?;
+        }
+        let stale: Vec<u16> = ports
+            .keys()
+            .filter_map(Result::ok)
+            .filter(|k| !wanted.contains(&u16::from_be(*k)))
+            .collect();
+        for key in stale {
+            match ports.remove(&key) {
+                Ok(()) | Err(MapError::KeyNotFound) => {}
+                Err(source) => return Err(write_error(source)),
+            }
+        }
+        Ok(())
+    }
+
     /// Makes `MESH_LOCAL_ADDR` hold exactly the wanted set: adds first, then
     /// removes, so an address that stays is never briefly missing.
     pub fn sync_local_addrs(&mut self) -> Result<(), RedirectError> {
@@ -190,11 +246,23 @@ impl Redirect {
             .filter(|a| !a.is_loopback())
             .collect();
         if self.options.discover {
-            wanted.extend(
-                interface_addresses()?
-                    .into_iter()
-                    .filter(|a| !a.is_loopback()),
-            );
+            let node: BTreeSet<IpAddr> = interface_addresses()?
+                .into_iter()
+                .filter(|a| !a.is_loopback())
+                .collect();
+            if let Some(cgroup) = &self.options.workload_cgroup {
+                let scan = workloads::scan(cgroup, &node);
+                if scan.ambiguous != self.ambiguous && !scan.ambiguous.is_empty() {
+                    warn!(
+                        addresses = ?scan.ambiguous,
+                        "addresses found in more than one network namespace are not treated as node-local"
+                    );
+                }
+                self.workload_namespaces = scan.namespaces;
+                self.ambiguous = scan.ambiguous;
+                wanted.extend(scan.addresses);
+            }
+            wanted.extend(node);
         }
         if wanted.len() > redirect_limits::MAX_LOCAL_ADDRS as usize {
             return Err(RedirectError::TooManyAddresses {
@@ -235,6 +303,16 @@ impl Redirect {
                 .sockets_in_map(redirect_limits::MAX_REDIRECT_SOCKETS as usize)
                 as u64,
             local_addresses: self.programmed.iter().copied().collect(),
+            workload_namespaces: self.workload_namespaces as u64,
+            exclude_ports: self
+                .options
+                .exclude_ports
+                .iter()
+                .copied()
+                .collect::<BTreeSet<u16>>()
+                .into_iter()
+                .collect(),
+            ambiguous_addresses: self.ambiguous.iter().copied().collect(),
             counters: RedirectCounters {
                 sockets_added: s.sockets_added,
                 sockets_failed: s.sockets_failed,

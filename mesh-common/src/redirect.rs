@@ -12,7 +12,14 @@ pub mod redirect_map_names {
     pub const SOCK_STATE: &str = "MESH_SOCK_STATE";
     pub const LOCAL_ADDRS: &str = "MESH_LOCAL_ADDR";
     pub const REDIRECT_STATS: &str = "MESH_REDIR_STAT";
-    pub const ALL: [&str; 4] = [SOCKS, SOCK_STATE, LOCAL_ADDRS, REDIRECT_STATS];
+    pub const EXCLUDED_PORTS: &str = "MESH_REDIR_EXCL";
+    pub const ALL: [&str; 5] = [
+        SOCKS,
+        SOCK_STATE,
+        LOCAL_ADDRS,
+        REDIRECT_STATS,
+        EXCLUDED_PORTS,
+    ];
 }
 
 /// Names of the redirect programs in the kernel object.
@@ -31,6 +38,8 @@ pub mod redirect_limits {
     pub const MAX_REDIRECT_SOCKETS: u32 = 131_072;
     /// Addresses the agent can declare node-local.
     pub const MAX_LOCAL_ADDRS: u32 = 16_384;
+    /// Ports whose connections are never redirected.
+    pub const MAX_EXCLUDED_PORTS: u32 = 1024;
 }
 
 /// Key of `MESH_SOCKS` and `MESH_SOCK_STATE`: one socket's own view of its
@@ -105,8 +114,9 @@ pub struct RedirectStats {
     pub sockets_added: u64,
     /// Sockets that could not be put in the sockhash (map full, ULP, …).
     pub sockets_failed: u64,
-    /// ESTABLISHED sockets left alone: an end is not node-local, payload was
-    /// already exchanged (TCP Fast Open), the switch is off, or the agent's own.
+    /// ESTABLISHED sockets left alone: an end is not node-local, an end's
+    /// port is excluded (`MESH_REDIR_EXCL`), payload was already exchanged
+    /// (TCP Fast Open), the switch is off, or the agent's own.
     pub sockets_skipped: u64,
     pub msgs_redirected: u64,
     pub bytes_redirected: u64,

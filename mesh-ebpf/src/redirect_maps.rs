@@ -25,5 +25,11 @@ pub static MESH_SOCK_STATE: LruHashMap<SockKey, u32> =
 pub static MESH_LOCAL_ADDR: HashMap<LocalAddrKey, u32> =
     HashMap::pinned(redirect_limits::MAX_LOCAL_ADDRS, 0);
 
+/// Ports (network byte order) whose connections stay on the normal path:
+/// workloads that read in ways sockmap cannot serve (splice from the socket).
+#[map(name = "MESH_REDIR_EXCL")]
+pub static MESH_REDIR_EXCL: HashMap<u16, u32> =
+    HashMap::pinned(redirect_limits::MAX_EXCLUDED_PORTS, 0);
+
 #[map(name = "MESH_REDIR_STAT")]
 pub static MESH_REDIR_STAT: PerCpuArray<RedirectStats> = PerCpuArray::pinned(1, 0);

@@ -16,7 +16,7 @@ use mesh_common::{SOCK_REDIRECT_OK, SockKey};
 use crate::{
     lb,
     redirect::{self, Tuple},
-    redirect_maps::{MESH_SOCK_STATE, MESH_SOCKS},
+    redirect_maps::{MESH_REDIR_EXCL, MESH_SOCK_STATE, MESH_SOCKS},
 };
 
 #[sock_ops]
@@ -46,7 +46,8 @@ fn try_sockops(ctx: &SockOpsContext) {
             read_volatile(addr_of!((*ops).data_segs_out)),
         )
     };
-    if segs_in != 0 || segs_out != 0 || !redirect::enabled() || agent_socket(ops) {
+    if segs_in != 0 || segs_out != 0 || !redirect::enabled() || excluded(&key) || agent_socket(ops)
+    {
         redirect::count(|s| s.sockets_skipped += 1);
         return;
     }
@@ -89,6 +90,16 @@ fn local_key(ops: *mut bpf_sock_ops) -> Option<SockKey> {
         key.netns = 1;
     }
     Some(key)
+}
+
+/// An end's port is excluded by the operator. Both ends are checked, so
+/// the client and the server side of an excluded service both stay out.
+#[inline(always)]
+fn excluded(key: &SockKey) -> bool {
+    unsafe {
+        MESH_REDIR_EXCL.get(key.local_port).is_some()
+            || MESH_REDIR_EXCL.get(key.remote_port).is_some()
+    }
 }
 
 /// Each word on its own: the verifier refuses wider loads of context fields.

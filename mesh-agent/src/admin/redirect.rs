@@ -22,6 +22,15 @@ pub struct RedirectResponse {
     pub sockets_in_map: u64,
     /// Addresses the kernel treats as node-local besides loopback.
     pub local_addresses: Vec<IpAddr>,
+    /// Network namespaces of the agent's workloads whose addresses were read.
+    #[serde(default)]
+    pub workload_namespaces: u64,
+    /// Addresses found in more than one namespace, so not treated as local.
+    #[serde(default)]
+    pub ambiguous_addresses: Vec<IpAddr>,
+    /// Ports whose connections are never redirected (`--redirect-exclude-port`).
+    #[serde(default)]
+    pub exclude_ports: Vec<u16>,
     pub counters: RedirectCounters,
 }
 

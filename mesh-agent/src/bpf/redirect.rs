@@ -115,6 +115,8 @@ pub struct RedirectMaps {
     pub socks: SockHash<MapData, SockKey>,
     pub local_addrs: HashMap<MapData, LocalAddrKey, u32>,
     pub stats: PerCpuArray<MapData, RedirectStats>,
+    /// Ports (network byte order) never redirected.
+    pub excluded_ports: HashMap<MapData, u16, u32>,
 }
 
 impl RedirectMaps {
@@ -150,6 +152,7 @@ impl RedirectMaps {
             socks: typed!(redirect_map_names::SOCKS),
             local_addrs: typed!(redirect_map_names::LOCAL_ADDRS),
             stats: typed!(redirect_map_names::REDIRECT_STATS),
+            excluded_ports: typed!(redirect_map_names::EXCLUDED_PORTS),
         })
     }
 

@@ -58,5 +58,23 @@ pub fn render(r: &RedirectResponse) -> String {
             format!("loopback, {}", addrs.join(", "))
         },
     ]);
+    t.row(["workload namespaces", &r.workload_namespaces.to_string()]);
+    let ports: Vec<String> = r.exclude_ports.iter().map(|p| p.to_string()).collect();
+    t.row([
+        "excluded ports",
+        &if ports.is_empty() {
+            "(none)".to_owned()
+        } else {
+            ports.join(", ")
+        },
+    ]);
+    if !r.ambiguous_addresses.is_empty() {
+        let amb: Vec<String> = r
+            .ambiguous_addresses
+            .iter()
+            .map(|a| a.to_string())
+            .collect();
+        t.row(["ambiguous (not local)", &amb.join(", ")]);
+    }
     t.render()
 }

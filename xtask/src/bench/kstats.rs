@@ -41,8 +41,17 @@ fn prog_ids(pid: u32) -> Result<BTreeSet<u32>> {
     Ok(ids)
 }
 
+/// Same-node redirect's programs and the load balancer's sock_ops, which
+/// runs on the same sockets.
+pub const REDIRECT_PROGRAMS: [&str; 3] = ["mesh_redir_sockops", "mesh_redir_msg", "mesh_sockops"];
+
 /// Run-time stats of the mesh programs held by process `pid`.
 pub fn of_process(pid: u32) -> Result<Snapshot> {
+    of_process_named(pid, &PROGRAMS)
+}
+
+/// Run-time stats of the programs named `programs` held by process `pid`.
+pub fn of_process_named(pid: u32, programs: &[&'static str]) -> Result<Snapshot> {
     let ids = prog_ids(pid)?;
     let mut snap = Snapshot::new();
     for info in aya::programs::loaded_programs().flatten() {
@@ -50,7 +59,7 @@ pub fn of_process(pid: u32) -> Result<Snapshot> {
             continue;
         }
         let name = info.name_as_str().unwrap_or_default();
-        if let Some(full) = PROGRAMS
+        if let Some(full) = programs
             .iter()
             .find(|p| !name.is_empty() && p.starts_with(name))
         {

@@ -23,7 +23,7 @@ pub const VIP_PORT: u16 = 80;
 pub const BACKENDS_PER_SERVICE: u32 = 10;
 /// The client's source address: distinct from every backend, so
 /// kube-proxy's hairpin (masquerade) rules never fire.
-const CLIENT_SRC: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
+pub const CLIENT_SRC: Ipv4Addr = Ipv4Addr::new(10, 201, 0, 1);
 const VIP_NET: &str = "10.96.0.0/12";
 
 pub fn backend(j: u32) -> Ipv4Addr {
@@ -60,6 +60,18 @@ pub struct Node {
 
 impl Node {
     pub fn new(bins: &Bins, hint: &str, backends: u32, route: VipRoute) -> Result<Node> {
+        Self::new_in(bins, hint, backends, route, None)
+    }
+
+    /// As [`Node::new`], with the backends' server in `cgroup`: workloads of
+    /// the agent that watches that cgroup, as pods of one node are.
+    pub fn new_in(
+        bins: &Bins,
+        hint: &str,
+        backends: u32,
+        route: VipRoute,
+        cgroup: Option<&Cgroup>,
+    ) -> Result<Node> {
         let ns = Netns::new(hint)?;
         // A veth pair with both ends in the namespace (this kernel has no
         // dummy driver): what is routed out of bench0 arrives on bench1,
@@ -103,6 +115,9 @@ impl Node {
                 .arg(SocketAddrV4::new(backend(j), BACKEND_PORT).to_string());
         }
         cmd.stdin(Stdio::null()).stdout(Stdio::null());
+        if let Some(cg) = cgroup {
+            cg.join_on_exec(&mut cmd);
+        }
         let server = Proc::spawn("bench-server", &mut cmd)?;
         let deadline = Instant::now() + Duration::from_secs(10);
         while !ready.exists() {
@@ -336,6 +351,19 @@ impl MeshAgent {
 
     pub fn pid(&self) -> u32 {
         self.proc.pid()
+    }
+
+    /// `meshctl <args> -o json` against this agent.
+    pub fn meshctl_json(&self, bins: &Bins, args: &[&str]) -> Result<serde_json::Value> {
+        let mut cmd = Command::new(&bins.meshctl);
+        cmd.arg("--admin-socket")
+            .arg(self.dir.path().join("admin.sock"))
+            .args(args)
+            .args(["-o", "json"])
+            .stdin(Stdio::null());
+        let out = output_within("meshctl", &mut cmd, Duration::from_secs(10))?;
+        serde_json::from_slice(&out)
+            .with_context(|| format!("meshctl {args:?} printed invalid JSON"))
     }
 
     pub fn log(&self) -> String {

@@ -512,6 +512,8 @@ pub fn write_markdown(r: &Results, root: &Path) -> Result<()> {
                 ("Gbit/s", "gbit_s"),
                 ("Gbit/s min", "gbit_s_min"),
                 ("Gbit/s max", "gbit_s_max"),
+                ("sockets redirected", "redir_sockets"),
+                ("MiB redirected", "redir_mib"),
             ],
         ));
         md.push('\n');
