@@ -1,0 +1,891 @@
+//! Where the configuration comes from, read again only where it changed.
+//!
+//! `--config` names a file or a directory. In a directory every `*.yaml`
+//! file (dotfiles aside) contributes services and workloads; names are
+//! unique across the directory and an error names its file. A reload
+//! re-reads only the files whose size, modification time or inode changed
+//! (or only the files inotify named), and re-parses only those whose
+//! content hash changed.
+//!
+//! Within one file, each item of the `services:` list is hashed on its own:
+//! an item whose text the last accepted load already had is not parsed
+//! again. That shortcut is taken only for plainly laid out files (block
+//! style, no anchors or aliases, which could tie one item to another); any
+//! other file, and any file with an error, is parsed whole exactly as
+//! before, so every message and position is the whole-file parser's.
+//!
+//! A load yields an [`Update`]: the services that differ from the state
+//! last committed. [`ConfigSource::commit`] makes it the new base once the
+//! agent has applied it; a refused update leaves the base as it was.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::{ConfigError, Problem, invalid, parse_item, parse_part, parse_str};
+use crate::state::{DesiredState, Service, ServiceSet, Workload};
+
+/// What to look at again.
+#[derive(Clone, Debug)]
+pub enum Scope {
+    /// Everything (SIGHUP, the poll, start).
+    All,
+    /// Only these paths (inotify named them); a directory's other files are
+    /// taken as unchanged.
+    Paths(Vec<PathBuf>),
+}
+
+/// The difference between a load and the committed state.
+#[derive(Debug, Default)]
+pub struct Update {
+    /// Services that changed: the new definition, or None when removed.
+    pub services: BTreeMap<String, Option<Arc<Service>>>,
+    /// The complete workload list, when it changed.
+    pub workloads: Option<Arc<Vec<Workload>>>,
+    next: Pending,
+}
+
+impl Update {
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.workloads.is_none()
+    }
+}
+
+/// Bookkeeping that becomes current on commit.
+#[derive(Debug, Default)]
+enum Pending {
+    #[default]
+    Nothing,
+    File(FileIndex),
+    Dir(BTreeMap<String, DirEntry>),
+}
+
+/// Content hash (xxh3, 128 bits) of a piece of text.
+type Hash = u128;
+
+fn hash(bytes: &[u8]) -> Hash {
+    xxhash_rust::xxh3::xxh3_128(bytes)
+}
+
+/// What a file's last accepted load was made of.
+#[derive(Clone, Debug, Default)]
+struct FileIndex {
+    /// Hash of the whole text.
+    whole: Option<Hash>,
+    /// Hash of the `workloads:` section (0: none), when the file split.
+    workloads: Option<Hash>,
+    /// Hash of each `services:` item → the name of its service.
+    items: HashMap<Hash, String>,
+}
+
+/// One file of a directory, as last accepted.
+#[derive(Clone, Debug)]
+struct DirEntry {
+    stamp: Stamp,
+    hash: Hash,
+    names: Vec<String>,
+    workloads: Vec<Workload>,
+}
+
+/// What tells a changed file from an unchanged one without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    ino: u64,
+    dev: u64,
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        Self {
+            len: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+            ino: meta.ino(),
+            dev: meta.dev(),
+        }
+    }
+}
+
+pub struct ConfigSource {
+    path: PathBuf,
+    dir: bool,
+    /// The committed state: what the agent last applied from here.
+    current: ServiceSet,
+    /// Which service holds each frontend, for clashes of new services.
+    frontends: HashMap<(SocketAddr, u8), String>,
+    file: FileIndex,
+    files: BTreeMap<String, DirEntry>,
+}
+
+impl ConfigSource {
+    /// A source for `path` (a file, or a directory of `*.yaml` files),
+    /// with nothing loaded yet.
+    pub fn new(path: &Path) -> Self {
+        Self {
+            dir: path.is_dir(),
+            path: path.to_owned(),
+            current: ServiceSet::default(),
+            frontends: HashMap::new(),
+            file: FileIndex::default(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn is_dir(&self) -> bool {
+        self.dir
+    }
+
+    /// The last committed configuration.
+    pub fn current(&self) -> &ServiceSet {
+        &self.current
+    }
+
+    /// Reads what may have changed and returns how it differs from the
+    /// committed state, or why it is refused.
+    pub fn load(&self, scope: &Scope) -> Result<Update, ConfigError> {
+        if self.dir {
+            self.load_dir(scope)
+        } else {
+            self.load_file()
+        }
+    }
+
+    /// Makes `update` the committed state (after the agent applied it).
+    pub fn commit(&mut self, update: Update) {
+        for (name, new) in &update.services {
+            if let Some(old) = self.current.services.get(name) {
+                for &proto in old.protocol.ip_protocols() {
+                    let key = (old.frontend(), proto);
+                    if self.frontends.get(&key) == Some(name) {
+                        self.frontends.remove(&key);
+                    }
+                }
+            }
+            match new {
+                Some(svc) => {
+                    self.current.services.insert(name.clone(), svc.clone());
+                }
+                None => {
+                    self.current.services.remove(name);
+                }
+            }
+        }
+        for (name, new) in &update.services {
+            if let Some(svc) = new {
+                for &proto in svc.protocol.ip_protocols() {
+                    self.frontends
+                        .insert((svc.frontend(), proto), name.clone());
+                }
+            }
+        }
+        if let Some(workloads) = update.workloads {
+            self.current.workloads = workloads;
+        }
+        match update.next {
+            Pending::Nothing => {}
+            Pending::File(index) => self.file = index,
+            Pending::Dir(files) => self.files = files,
+        }
+    }
+
+    // ------------------------------------------------------------ file ----
+
+    fn load_file(&self) -> Result<Update, ConfigError> {
+        let origin = self.path.display().to_string();
+        let bytes = std::fs::read(&self.path).map_err(|source| ConfigError::Read {
+            file: origin.clone(),
+            source,
+        })?;
+        let whole = hash(&bytes);
+        if self.file.whole == Some(whole) {
+            return Ok(Update {
+                next: Pending::File(self.file.clone()),
+                ..Update::default()
+            });
+        }
+        let Ok(text) = std::str::from_utf8(&bytes) else {
+            return self.whole_file(&bytes, whole, &origin);
+        };
+        let Some(split) = split(text) else {
+            return self.whole_file(&bytes, whole, &origin);
+        };
+        let workloads_hash = split.workloads.clone().map_or(0, |r| hash(&bytes[r]));
+        if self.file.workloads != Some(workloads_hash) {
+            // Identities (and so every policy) may have changed.
+            return self.whole_file(&bytes, whole, &origin);
+        }
+        let identities: HashSet<&str> = self
+            .current
+            .workloads
+            .iter()
+            .map(|w| w.identity.as_str())
+            .collect();
+        let mut index = FileIndex {
+            whole: Some(whole),
+            workloads: Some(workloads_hash),
+            items: HashMap::with_capacity(split.items.len()),
+        };
+        let mut kept: HashSet<&str> = HashSet::new();
+        let mut parsed: Vec<(Hash, Service)> = Vec::new();
+        for range in &split.items {
+            let h = hash(&bytes[range.clone()]);
+            if let Some(name) = self.file.items.get(&h) {
+                if !kept.insert(name.as_str()) {
+                    // The same item twice: a duplicate the full parse reports.
+                    return self.whole_file(&bytes, whole, &origin);
+                }
+                index.items.insert(h, name.clone());
+                continue;
+            }
+            match parse_item(&text[range.clone()], &identities) {
+                Some(svc) => parsed.push((h, svc)),
+                None => return self.whole_file(&bytes, whole, &origin),
+            }
+        }
+        let removed = self
+            .current
+            .services
+            .keys()
+            .filter(|name| !kept.contains(name.as_str()))
+            .cloned();
+        let mut update = Update::default();
+        for name in removed {
+            update.services.insert(name, None);
+        }
+        let mut added: HashSet<String> = HashSet::new();
+        let mut frontends: HashMap<(SocketAddr, u8), &str> = HashMap::new();
+        for (h, svc) in &parsed {
+            let clash = kept.contains(svc.name.as_str())
+                || !added.insert(svc.name.clone())
+                || svc.protocol.ip_protocols().iter().any(|&p| {
+                    let key = (svc.frontend(), p);
+                    frontends.insert(key, &svc.name).is_some()
+                        || self
+                            .frontends
+                            .get(&key)
+                            .is_some_and(|holder| kept.contains(holder.as_str()))
+                });
+            if clash {
+                return self.whole_file(&bytes, whole, &origin);
+            }
+            index.items.insert(*h, svc.name.clone());
+        }
+        for (_, svc) in parsed {
+            let unchanged = self
+                .current
+                .services
+                .get(&svc.name)
+                .is_some_and(|old| **old == svc);
+            if unchanged {
+                update.services.remove(&svc.name);
+            } else {
+                update.services.insert(svc.name.clone(), Some(Arc::new(svc)));
+            }
+        }
+        update.next = Pending::File(index);
+        Ok(update)
+    }
+
+    /// The whole file through the whole-file parser: exact errors, and the
+    /// layouts the item shortcut does not take.
+    fn whole_file(&self, bytes: &[u8], whole: Hash, origin: &str) -> Result<Update, ConfigError> {
+        let text = String::from_utf8_lossy(bytes);
+        let state = parse_str(&text, origin)?;
+        let mut update = self.diff(state);
+        // Items get their hashes on the next load that takes the shortcut
+        // (which then parses each item once).
+        let workloads = std::str::from_utf8(bytes)
+            .ok()
+            .and_then(split)
+            .map(|s| s.workloads.map_or(0, |r| hash(&bytes[r])));
+        update.next = Pending::File(FileIndex {
+            whole: Some(whole),
+            workloads,
+            items: HashMap::new(),
+        });
+        Ok(update)
+    }
+
+    /// The update that turns the committed state into `state`.
+    fn diff(&self, state: DesiredState) -> Update {
+        let mut update = Update::default();
+        let mut seen = HashSet::with_capacity(state.services.len());
+        for svc in state.services {
+            seen.insert(svc.name.clone());
+            if self.current.services.get(&svc.name).is_some_and(|old| **old == svc) {
+                continue;
+            }
+            update.services.insert(svc.name.clone(), Some(Arc::new(svc)));
+        }
+        for name in self.current.services.keys() {
+            if !seen.contains(name) {
+                update.services.insert(name.clone(), None);
+            }
+        }
+        if *self.current.workloads != state.workloads {
+            update.workloads = Some(Arc::new(state.workloads));
+        }
+        update
+    }
+
+    // ------------------------------------------------------- directory ----
+
+    /// The `*.yaml` files of the directory, by file name.
+    fn list_dir(&self) -> Result<BTreeSet<String>, ConfigError> {
+        let entries = std::fs::read_dir(&self.path).map_err(|source| ConfigError::Read {
+            file: self.path.display().to_string(),
+            source,
+        })?;
+        let mut names = BTreeSet::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if is_config_name(&name) {
+                names.insert(name);
+            }
+        }
+        Ok(names)
+    }
+
+    fn load_dir(&self, scope: &Scope) -> Result<Update, ConfigError> {
+        // Which files to look at, and which are gone.
+        let candidates: BTreeSet<String> = match scope {
+            Scope::All => self.list_dir()?,
+            Scope::Paths(paths) => paths
+                .iter()
+                .filter(|p| p.parent() == Some(self.path.as_path()))
+                .filter_map(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .filter(|n| is_config_name(n))
+                .collect(),
+        };
+        let mut files = self.files.clone();
+        let mut changed: BTreeMap<String, String> = BTreeMap::new();
+        let mut gone: Vec<String> = Vec::new();
+        if matches!(scope, Scope::All) {
+            gone.extend(
+                self.files
+                    .keys()
+                    .filter(|n| !candidates.contains(*n))
+                    .cloned(),
+            );
+        }
+        for name in &candidates {
+            let path = self.path.join(name);
+            let meta = match std::fs::metadata(&path) {
+                Ok(meta) if meta.is_file() => meta,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if self.files.contains_key(name) {
+                        gone.push(name.clone());
+                    }
+                    continue;
+                }
+                Err(source) => {
+                    return Err(ConfigError::Read {
+                        file: path.display().to_string(),
+                        source,
+                    });
+                }
+            };
+            let stamp = Stamp::of(&meta);
+            if self.files.get(name).is_some_and(|e| e.stamp == stamp) {
+                continue;
+            }
+            let bytes = std::fs::read(&path).map_err(|source| ConfigError::Read {
+                file: path.display().to_string(),
+                source,
+            })?;
+            let h = hash(&bytes);
+            if let Some(entry) = files.get_mut(name).filter(|e| e.hash == h) {
+                entry.stamp = stamp;
+                continue;
+            }
+            files.insert(
+                name.clone(),
+                DirEntry {
+                    stamp,
+                    hash: h,
+                    names: Vec::new(),
+                    workloads: Vec::new(),
+                },
+            );
+            changed.insert(name.clone(), String::from_utf8_lossy(&bytes).into_owned());
+        }
+        for name in &gone {
+            files.remove(name);
+        }
+        if changed.is_empty() && gone.is_empty() {
+            return Ok(Update {
+                next: Pending::Dir(files),
+                ..Update::default()
+            });
+        }
+        // Parse the changed files against the other files' identities.
+        let identities: HashSet<String> = self
+            .current
+            .workloads
+            .iter()
+            .map(|w| w.identity.clone())
+            .collect();
+        let mut parts = BTreeMap::new();
+        let mut workloads_changed = gone
+            .iter()
+            .any(|n| self.files.get(n).is_some_and(|e| !e.workloads.is_empty()));
+        for (name, text) in &changed {
+            let origin = self.path.join(name).display().to_string();
+            let (workloads, services) = match parse_part(text, &origin, &identities) {
+                Ok(part) => part,
+                // Perhaps only an identity from another changed file: the
+                // full check below says.
+                Err(_) => return self.whole_dir(files),
+            };
+            let before = self.files.get(name).map(|e| e.workloads.as_slice());
+            if before.unwrap_or_default() != workloads.as_slice() {
+                workloads_changed = true;
+            }
+            parts.insert(name.clone(), (workloads, services));
+        }
+        if workloads_changed {
+            return self.whole_dir(files);
+        }
+        // Names and frontends of the other files stay; the changed files'
+        // services must not clash with them or with each other.
+        let mut released: HashSet<&str> = HashSet::new();
+        for name in changed.keys().chain(gone.iter()) {
+            if let Some(entry) = self.files.get(name) {
+                released.extend(entry.names.iter().map(String::as_str));
+            }
+        }
+        let mut update = Update::default();
+        for name in &released {
+            update.services.insert((*name).to_owned(), None);
+        }
+        let mut names: HashSet<&str> = HashSet::new();
+        let mut frontends: HashSet<(SocketAddr, u8)> = HashSet::new();
+        for (_, services) in parts.values() {
+            for l in services {
+                let svc = &l.service;
+                let clash = (self.current.services.contains_key(&svc.name)
+                    && !released.contains(svc.name.as_str()))
+                    || !names.insert(&svc.name)
+                    || svc.protocol.ip_protocols().iter().any(|&p| {
+                        let key = (svc.frontend(), p);
+                        !frontends.insert(key)
+                            || self
+                                .frontends
+                                .get(&key)
+                                .is_some_and(|holder| !released.contains(holder.as_str()))
+                    });
+                if clash {
+                    return self.whole_dir(files);
+                }
+            }
+        }
+        for (file, (_, services)) in parts {
+            let entry = files.get_mut(&file).expect("inserted above");
+            entry.names = services.iter().map(|l| l.service.name.clone()).collect();
+            for l in services {
+                let svc = l.service;
+                if self.current.services.get(&svc.name).is_some_and(|old| **old == svc) {
+                    update.services.remove(&svc.name);
+                } else {
+                    update.services.insert(svc.name.clone(), Some(Arc::new(svc)));
+                }
+            }
+        }
+        update.next = Pending::Dir(files);
+        Ok(update)
+    }
+
+    /// Every file of the directory checked together, in file-name order:
+    /// the exact error (naming its file), or the complete state.
+    fn whole_dir(&self, mut files: BTreeMap<String, DirEntry>) -> Result<Update, ConfigError> {
+        let names = self.list_dir()?;
+        files.retain(|n, _| names.contains(n));
+        let mut texts: BTreeMap<String, String> = BTreeMap::new();
+        for name in &names {
+            let path = self.path.join(name);
+            let read_error = |source| ConfigError::Read {
+                file: path.display().to_string(),
+                source,
+            };
+            let meta = std::fs::metadata(&path).map_err(read_error)?;
+            if !meta.is_file() {
+                continue;
+            }
+            let bytes = std::fs::read(&path).map_err(read_error)?;
+            files.insert(
+                name.clone(),
+                DirEntry {
+                    stamp: Stamp::of(&meta),
+                    hash: hash(&bytes),
+                    names: Vec::new(),
+                    workloads: Vec::new(),
+                },
+            );
+            texts.insert(name.clone(), String::from_utf8_lossy(&bytes).into_owned());
+        }
+        let origin = |name: &str| self.path.join(name).display().to_string();
+        // Workloads first: every file's policies may name any identity.
+        let mut workloads: Vec<Workload> = Vec::new();
+        let mut workload_at: HashMap<String, (String, usize)> = HashMap::new();
+        for (name, text) in &texts {
+            let located = super::workloads_located(text, &origin(name))?;
+            for (w, at) in located {
+                if let Some((first_file, first_line)) = workload_at.get(&w.name) {
+                    return Err(invalid(
+                        &origin(name),
+                        at,
+                        Problem::DuplicateWorkloadInFile {
+                            name: w.name,
+                            first_file: first_file.clone(),
+                            first_line: *first_line,
+                        },
+                    ));
+                }
+                workload_at.insert(w.name.clone(), (origin(name), at.line() as usize));
+                workloads.push(w);
+            }
+        }
+        let identities: HashSet<String> = workloads.iter().map(|w| w.identity.clone()).collect();
+        let mut services: Vec<Service> = Vec::new();
+        let mut name_at: HashMap<String, (String, usize)> = HashMap::new();
+        let mut frontend_of: HashMap<(SocketAddr, u8), String> = HashMap::new();
+        for (name, text) in &texts {
+            let (file_workloads, located) = parse_part(text, &origin(name), &identities)?;
+            let entry = files.get_mut(name).expect("read above");
+            entry.workloads = file_workloads;
+            for l in located {
+                let svc = l.service;
+                if let Some((first_file, first_line)) = name_at.get(&svc.name) {
+                    return Err(invalid(
+                        &origin(name),
+                        l.name_at,
+                        Problem::DuplicateNameInFile {
+                            name: svc.name,
+                            first_file: first_file.clone(),
+                            first_line: *first_line,
+                        },
+                    ));
+                }
+                for &proto in svc.protocol.ip_protocols() {
+                    if let Some(first) = frontend_of.get(&(svc.frontend(), proto)) {
+                        return Err(invalid(
+                            &origin(name),
+                            l.vip_at,
+                            Problem::DuplicateFrontend {
+                                frontend: format!("{}/{}", svc.frontend(), svc.protocol),
+                                service: svc.name,
+                                first: first.clone(),
+                            },
+                        ));
+                    }
+                }
+                name_at.insert(svc.name.clone(), (origin(name), l.name_at.line() as usize));
+                for &proto in svc.protocol.ip_protocols() {
+                    frontend_of.insert((svc.frontend(), proto), svc.name.clone());
+                }
+                entry.names.push(svc.name.clone());
+                services.push(svc);
+            }
+        }
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        workloads.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut update = self.diff(DesiredState {
+            services,
+            workloads,
+        });
+        update.next = Pending::Dir(files);
+        Ok(update)
+    }
+}
+
+/// A directory's config files: `*.yaml`, not hidden (editors' and
+/// Kubernetes' `..data` entries start with a dot).
+fn is_config_name(name: &str) -> bool {
+    name.ends_with(".yaml") && !name.starts_with('.')
+}
+
+/// Where a plainly laid out file's pieces are.
+#[derive(Debug, PartialEq)]
+struct Split {
+    /// The `workloads:` section, key line included.
+    workloads: Option<Range<usize>>,
+    /// Each item of `services:`, from its `-` line to the next item.
+    items: Vec<Range<usize>>,
+}
+
+/// Splits a file into its `workloads:` section and `services:` items, or
+/// None when its layout is not one this can split safely (flow style at
+/// the top, anchors or aliases, tabs, several documents, other keys): such
+/// files are parsed whole.
+fn split(text: &str) -> Option<Split> {
+    let bytes = text.as_bytes();
+    if memchr::memchr3(b'&', b'*', b'\t', bytes).is_some() || bytes.contains(&b'\r') {
+        return None;
+    }
+    #[derive(PartialEq)]
+    enum Section {
+        None,
+        Services,
+        Workloads,
+    }
+    let mut section = Section::None;
+    let mut seen_services = false;
+    let mut item_indent: Option<usize> = None;
+    let mut items: Vec<Range<usize>> = Vec::new();
+    let mut item_start: Option<usize> = None;
+    let mut workloads: Option<Range<usize>> = None;
+    let mut workloads_start: Option<usize> = None;
+    let mut start = 0;
+    while start < bytes.len() {
+        let end = memchr::memchr(b'\n', &bytes[start..]).map_or(bytes.len(), |i| start + i + 1);
+        let line = &text[start..end];
+        let indent = line.bytes().take_while(|&b| b == b' ').count();
+        let rest = line[indent..].trim_end_matches('\n');
+        if rest.is_empty() || rest.starts_with('#') {
+            start = end;
+            continue;
+        }
+        let dash = rest == "-" || rest.starts_with("- ");
+        let top_key = |key: &str| -> bool {
+            rest.strip_prefix(key).is_some_and(|after| {
+                let after = after.trim_start_matches(' ');
+                after.is_empty() || after.starts_with('#')
+            })
+        };
+        if indent == 0 && !(section == Section::Services && item_indent == Some(0) && dash) {
+            // A top-level line ends the section before it.
+            if let Some(s) = item_start.take() {
+                items.push(s..start);
+            }
+            if let Some(s) = workloads_start.take() {
+                workloads = Some(s..start);
+            }
+            if top_key("services:") && !seen_services {
+                seen_services = true;
+                section = Section::Services;
+                item_indent = None;
+            } else if top_key("workloads:") && workloads.is_none() {
+                section = Section::Workloads;
+                workloads_start = Some(start);
+            } else if section == Section::Services && item_indent.is_none() && dash {
+                item_indent = Some(0);
+                item_start = Some(start);
+            } else {
+                return None;
+            }
+        } else {
+            match section {
+                Section::None => return None,
+                Section::Workloads => {}
+                Section::Services => match item_indent {
+                    None if dash => {
+                        item_indent = Some(indent);
+                        item_start = Some(start);
+                    }
+                    None => return None,
+                    Some(n) if indent == n && dash => {
+                        if let Some(s) = item_start.replace(start) {
+                            items.push(s..start);
+                        }
+                    }
+                    Some(n) if indent > n && item_start.is_some() => {}
+                    Some(_) => return None,
+                },
+            }
+        }
+        start = end;
+    }
+    if let Some(s) = item_start {
+        items.push(s..bytes.len());
+    }
+    if let Some(s) = workloads_start {
+        workloads = Some(s..bytes.len());
+    }
+    Some(Split { workloads, items })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pieces(text: &str) -> Option<(Option<&str>, Vec<&str>)> {
+        let s = split(text)?;
+        Some((
+            s.workloads.map(|r| &text[r]),
+            s.items.into_iter().map(|r| &text[r]).collect(),
+        ))
+    }
+
+    #[test]
+    fn plain_files_split_into_items() {
+        let text = "# header\nservices:\n  - name: a\n    port: 1\n\n  # about b\n  - name: b\n    backends: [{address: 1.2.3.4, port: 5}]\nworkloads:\n  - name: w\n    cgroup: /x\n";
+        let (w, items) = pieces(text).unwrap();
+        assert_eq!(items, ["  - name: a\n    port: 1\n\n  # about b\n", "  - name: b\n    backends: [{address: 1.2.3.4, port: 5}]\n"]);
+        assert_eq!(w, Some("workloads:\n  - name: w\n    cgroup: /x\n"));
+        let (_, items) = pieces("services:\n- name: a\n  port: 1\n- name: b\n").unwrap();
+        assert_eq!(items, ["- name: a\n  port: 1\n", "- name: b\n"]);
+        assert_eq!(pieces("services:\n").unwrap(), (None, vec![]));
+        assert_eq!(pieces("").unwrap(), (None, vec![]));
+    }
+
+    #[test]
+    fn unusual_layouts_are_parsed_whole() {
+        for text in [
+            "services: []\n",
+            "services:\n  - &a {name: a}\n  - *a\n",
+            "version: 2\nservices:\n",
+            "---\nservices:\n",
+            "services:\n  - name: a\n services2:\n",
+            "services:\n  - name: a\nservices:\n  - name: b\n",
+            "services:\n\t- name: a\n",
+            "services:\r\n  - name: a\r\n",
+            "  - name: a\n",
+        ] {
+            assert_eq!(split(text), None, "{text:?}");
+        }
+    }
+
+    fn service_yaml(name: &str, vip: &str, port: u16) -> String {
+        format!("  - name: {name}\n    vip: {vip}\n    port: 80\n    backends: [{{address: 127.0.0.1, port: {port}}}]\n")
+    }
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("mesh-source-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn names(update: &Update) -> Vec<(String, bool)> {
+        update
+            .services
+            .iter()
+            .map(|(n, s)| (n.clone(), s.is_some()))
+            .collect()
+    }
+
+    #[test]
+    fn a_file_reload_reports_only_the_changed_items() {
+        let dir = temp_dir("file");
+        let path = dir.join("mesh.yaml");
+        let text = |port_b: u16| {
+            format!(
+                "services:\n{}{}{}",
+                service_yaml("a", "10.0.0.1", 1),
+                service_yaml("b", "10.0.0.2", port_b),
+                service_yaml("c", "10.0.0.3", 3)
+            )
+        };
+        std::fs::write(&path, text(2)).unwrap();
+        let mut source = ConfigSource::new(&path);
+        let first = source.load(&Scope::All).unwrap();
+        assert_eq!(first.services.len(), 3);
+        source.commit(first);
+        assert!(source.load(&Scope::All).unwrap().is_empty());
+        // The first full load leaves no item hashes; the next one fills them.
+        std::fs::write(&path, text(9)).unwrap();
+        let update = source.load(&Scope::All).unwrap();
+        assert_eq!(names(&update), [("b".into(), true)]);
+        source.commit(update);
+        std::fs::write(&path, text(10)).unwrap();
+        let update = source.load(&Scope::All).unwrap();
+        assert_eq!(names(&update), [("b".into(), true)]);
+        assert!(source.file.items.is_empty() || matches!(update.next, Pending::File(ref i) if i.items.len() == 3));
+        source.commit(update);
+        assert_eq!(source.current().get("b").unwrap().backends[0].port, 10);
+        // Removing an item removes its service; a clash goes the whole-file
+        // way and gets its exact message.
+        std::fs::write(
+            &path,
+            format!("services:\n{}{}", service_yaml("a", "10.0.0.1", 1), service_yaml("c", "10.0.0.3", 3)),
+        )
+        .unwrap();
+        let update = source.load(&Scope::All).unwrap();
+        assert_eq!(names(&update), [("b".into(), false)]);
+        source.commit(update);
+        std::fs::write(
+            &path,
+            format!(
+                "services:\n{}{}{}",
+                service_yaml("a", "10.0.0.1", 1),
+                service_yaml("c", "10.0.0.3", 3),
+                service_yaml("d", "10.0.0.1", 4)
+            ),
+        )
+        .unwrap();
+        let err = source.load(&Scope::All).unwrap_err().to_string();
+        assert!(err.contains(":11:10: service 'd' uses 10.0.0.1:80/tcp, which service 'a' already uses"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_directory_combines_its_files_and_rereads_only_changed_ones() {
+        let dir = temp_dir("dir");
+        std::fs::write(dir.join("a.yaml"), format!("services:\n{}", service_yaml("a", "10.0.0.1", 1))).unwrap();
+        std::fs::write(dir.join("b.yaml"), format!("services:\n{}", service_yaml("b", "10.0.0.2", 2))).unwrap();
+        std::fs::write(dir.join("notes.txt"), "not yaml").unwrap();
+        let mut source = ConfigSource::new(&dir);
+        assert!(source.is_dir());
+        let update = source.load(&Scope::All).unwrap();
+        assert_eq!(names(&update), [("a".into(), true), ("b".into(), true)]);
+        source.commit(update);
+        // inotify named b.yaml only.
+        std::fs::write(dir.join("b.yaml"), format!("services:\n{}", service_yaml("b", "10.0.0.2", 7))).unwrap();
+        let update = source.load(&Scope::Paths(vec![dir.join("b.yaml")])).unwrap();
+        assert_eq!(names(&update), [("b".into(), true)]);
+        source.commit(update);
+        // A name used in another file is refused, naming both files.
+        std::fs::write(dir.join("c.yaml"), format!("services:\n{}", service_yaml("a", "10.0.0.9", 1))).unwrap();
+        let err = source.load(&Scope::All).unwrap_err().to_string();
+        let c = dir.join("c.yaml").display().to_string();
+        let a = dir.join("a.yaml").display().to_string();
+        assert!(
+            err.starts_with(&format!("{c}:2:11: service name 'a' is already used in {a} on line 2")),
+            "{err}"
+        );
+        // A broken file is refused with its name and position.
+        std::fs::write(dir.join("c.yaml"), "services:\n  - name: 'c\n").unwrap();
+        let err = source.load(&Scope::All).unwrap_err().to_string();
+        assert!(err.starts_with(&format!("{c}:2:11: ")), "{err}");
+        std::fs::remove_file(dir.join("c.yaml")).unwrap();
+        std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        let update = source.load(&Scope::All).unwrap();
+        assert_eq!(names(&update), [("a".into(), false)]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn policies_may_name_identities_of_other_files() {
+        let dir = temp_dir("ids");
+        std::fs::write(dir.join("w.yaml"), "workloads:\n  - name: frontend\n    cgroup: /sys/fs/cgroup/f\n").unwrap();
+        std::fs::write(
+            dir.join("s.yaml"),
+            "services:\n  - name: web\n    vip: 10.0.0.1\n    port: 80\n    policy: {default: deny, allow: [frontend]}\n    backends: [{address: 127.0.0.1, port: 1}]\n",
+        )
+        .unwrap();
+        let mut source = ConfigSource::new(&dir);
+        let update = source.load(&Scope::All).unwrap();
+        assert_eq!(update.workloads.as_ref().map(|w| w.len()), Some(1));
+        source.commit(update);
+        std::fs::write(
+            dir.join("s.yaml"),
+            "services:\n  - name: web\n    vip: 10.0.0.1\n    port: 80\n    policy: {default: deny, allow: [frontnd]}\n    backends: [{address: 127.0.0.1, port: 1}]\n",
+        )
+        .unwrap();
+        let err = source.load(&Scope::All).unwrap_err().to_string();
+        assert!(err.contains("identity 'frontnd' in the policy of service 'web'"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
