@@ -202,6 +202,10 @@ impl Collector for Metrics {
                 .map(|l| (l.service.as_str(), l.backend.as_str()))
                 .collect(),
         };
+        if listed.is_empty() {
+            // As with a family of labelled samples: nothing until the first.
+            return Ok(());
+        }
         let state = |service: &str, backend: &str| {
             known
                 .sparse
