@@ -5,6 +5,7 @@
 //! problem at the line and column it came from.
 
 mod error;
+mod fast;
 mod raw;
 mod source;
 
@@ -76,6 +77,45 @@ fn parse_options() -> serde_saphyr::Options {
 
 /// `origin` names the text in messages, usually its file name.
 pub fn parse_str(text: &str, origin: &str) -> Result<DesiredState, ConfigError> {
+    if let Some(state) = parse_plain(text) {
+        return Ok(state);
+    }
+    parse_yaml(text, origin)
+}
+
+/// A valid file in the plain layout (see `fast`), read without the YAML
+/// library; None for anything else, including every invalid file, which
+/// the library then reads for its exact error.
+fn parse_plain(text: &str) -> Option<DesiredState> {
+    let split = source::split(text)?;
+    if split.workloads.is_some() {
+        return None;
+    }
+    let none = HashSet::new();
+    let mut services = Vec::with_capacity(split.items.len());
+    let mut names: HashSet<String> = HashSet::with_capacity(split.items.len());
+    let mut frontends: HashSet<(SocketAddr, u8)> = HashSet::with_capacity(split.items.len());
+    for range in split.items {
+        let (service, _, _) = service(fast::item(&text[range])?, &none).ok()?;
+        if !names.insert(service.name.clone()) {
+            return None;
+        }
+        for &proto in service.protocol.ip_protocols() {
+            if !frontends.insert((service.frontend(), proto)) {
+                return None;
+            }
+        }
+        services.push(service);
+    }
+    services.sort_by(|a, b| a.name.cmp(&b.name));
+    Some(DesiredState {
+        services,
+        workloads: Vec::new(),
+    })
+}
+
+/// `parse_str` through the YAML library, with every message and position.
+fn parse_yaml(text: &str, origin: &str) -> Result<DesiredState, ConfigError> {
     let invalid = |(location, problem): (Location, Problem)| ConfigError::Invalid {
         file: origin.to_owned(),
         at: (location.line() > 0).then(|| (location.line() as usize, location.column() as usize)),
@@ -232,9 +272,15 @@ pub(crate) fn workloads_located(
 /// all), checked on its own; None when it is not exactly one valid service
 /// (the caller then reads the whole file, for the error and its position).
 pub(crate) fn parse_item(text: &str, identities: &HashSet<&str>) -> Option<Service> {
-    let raw: Vec<Spanned<RawService>> =
-        serde_saphyr::from_str_with_options(text, parse_options()).ok()?;
-    let [raw] = <[_; 1]>::try_from(raw).ok()?;
+    let raw = match fast::item(text) {
+        Some(raw) => raw,
+        None => {
+            let raw: Vec<Spanned<RawService>> =
+                serde_saphyr::from_str_with_options(text, parse_options()).ok()?;
+            let [raw] = <[_; 1]>::try_from(raw).ok()?;
+            raw
+        }
+    };
     service(raw, identities).ok().map(|(service, _, _)| service)
 }
 

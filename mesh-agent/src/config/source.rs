@@ -54,13 +54,27 @@ impl Update {
     }
 }
 
-/// Bookkeeping that becomes current on commit.
+/// Bookkeeping that becomes current on commit (changes only, so that a
+/// small change costs little however large the configuration is).
 #[derive(Debug, Default)]
 enum Pending {
     #[default]
     Nothing,
+    /// The file's index, replaced whole.
     File(FileIndex),
+    /// The file's index, changed in place.
+    FileDelta {
+        whole: Hash,
+        removed: Vec<Hash>,
+        added: Vec<(Hash, String)>,
+    },
+    /// The directory's files, replaced whole.
     Dir(BTreeMap<String, DirEntry>),
+    /// Some of the directory's files, changed.
+    DirDelta {
+        upsert: Vec<(String, DirEntry)>,
+        removed: Vec<String>,
+    },
 }
 
 /// Content hash (xxh3, 128 bits) of a piece of text.
@@ -70,6 +84,31 @@ fn hash(bytes: &[u8]) -> Hash {
     xxhash_rust::xxh3::xxh3_128(bytes)
 }
 
+/// Hashes a key that is already a hash: takes its low bits (maps keyed by
+/// content hashes need no second hashing).
+#[derive(Clone, Copy, Debug, Default)]
+struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_ne_bytes(word);
+        }
+    }
+
+    fn write_u128(&mut self, v: u128) {
+        self.0 = v as u64;
+    }
+}
+
+type ByHash = std::hash::BuildHasherDefault<Prehashed>;
+
 /// What a file's last accepted load was made of.
 #[derive(Clone, Debug, Default)]
 struct FileIndex {
@@ -78,7 +117,7 @@ struct FileIndex {
     /// Hash of the `workloads:` section (0: none), when the file split.
     workloads: Option<Hash>,
     /// Hash of each `services:` item → the name of its service.
-    items: HashMap<Hash, String>,
+    items: HashMap<Hash, String, ByHash>,
 }
 
 /// One file of a directory, as last accepted.
@@ -194,7 +233,24 @@ impl ConfigSource {
         match update.next {
             Pending::Nothing => {}
             Pending::File(index) => self.file = index,
+            Pending::FileDelta {
+                whole,
+                removed,
+                added,
+            } => {
+                self.file.whole = Some(whole);
+                for h in removed {
+                    self.file.items.remove(&h);
+                }
+                self.file.items.extend(added);
+            }
             Pending::Dir(files) => self.files = files,
+            Pending::DirDelta { upsert, removed } => {
+                for name in removed {
+                    self.files.remove(&name);
+                }
+                self.files.extend(upsert);
+            }
         }
     }
 
@@ -208,10 +264,7 @@ impl ConfigSource {
         })?;
         let whole = hash(&bytes);
         if self.file.whole == Some(whole) {
-            return Ok(Update {
-                next: Pending::File(self.file.clone()),
-                ..Update::default()
-            });
+            return Ok(Update::default());
         }
         let Ok(text) = std::str::from_utf8(&bytes) else {
             return self.whole_file(&bytes, whole, &origin);
@@ -224,76 +277,91 @@ impl ConfigSource {
             // Identities (and so every policy) may have changed.
             return self.whole_file(&bytes, whole, &origin);
         }
+        match self.items(text, &split, whole) {
+            Some(update) => Ok(update),
+            None => self.whole_file(&bytes, whole, &origin),
+        }
+    }
+
+    /// The item shortcut: parse only the items whose text is new. None when
+    /// anything is wrong (the whole-file parser then says what).
+    fn items(&self, text: &str, split: &Split, whole: Hash) -> Option<Update> {
+        let bytes = text.as_bytes();
         let identities: HashSet<&str> = self
             .current
             .workloads
             .iter()
             .map(|w| w.identity.as_str())
             .collect();
-        let mut index = FileIndex {
-            whole: Some(whole),
-            workloads: Some(workloads_hash),
-            items: HashMap::with_capacity(split.items.len()),
-        };
-        let mut kept: HashSet<&str> = HashSet::new();
+        let hashes: Vec<Hash> = split
+            .items
+            .iter()
+            .map(|r| hash(&bytes[r.clone()]))
+            .collect();
+        let mut matched = 0usize;
         let mut parsed: Vec<(Hash, Service)> = Vec::new();
-        for range in &split.items {
-            let h = hash(&bytes[range.clone()]);
-            if let Some(name) = self.file.items.get(&h) {
-                if !kept.insert(name.as_str()) {
-                    // The same item twice: a duplicate the full parse reports.
-                    return self.whole_file(&bytes, whole, &origin);
-                }
-                index.items.insert(h, name.clone());
+        for (range, &h) in split.items.iter().zip(&hashes) {
+            if self.file.items.contains_key(&h) {
+                matched += 1;
                 continue;
             }
-            match parse_item(&text[range.clone()], &identities) {
-                Some(svc) => parsed.push((h, svc)),
-                None => return self.whole_file(&bytes, whole, &origin),
+            parsed.push((h, parse_item(&text[range.clone()], &identities)?));
+        }
+        // Items of the last load that are gone (changed ones included).
+        let mut removed: Vec<Hash> = Vec::new();
+        if matched != self.file.items.len() {
+            let now: HashSet<Hash, ByHash> = hashes.iter().copied().collect();
+            if now.len() != hashes.len() {
+                // The same item twice: a duplicate the full parse reports.
+                return None;
             }
+            removed.extend(self.file.items.keys().filter(|h| !now.contains(*h)).copied());
+        } else if matched + parsed.len() != hashes.len() {
+            return None;
         }
-        let removed = self
-            .current
-            .services
-            .keys()
-            .filter(|name| !kept.contains(name.as_str()))
-            .cloned();
+        let released: HashSet<&str> = removed
+            .iter()
+            .map(|h| self.file.items[h].as_str())
+            .collect();
         let mut update = Update::default();
-        for name in removed {
-            update.services.insert(name, None);
+        for name in &released {
+            update.services.insert((*name).to_owned(), None);
         }
-        let mut added: HashSet<String> = HashSet::new();
-        let mut frontends: HashMap<(SocketAddr, u8), &str> = HashMap::new();
-        for (h, svc) in &parsed {
-            let clash = kept.contains(svc.name.as_str())
-                || !added.insert(svc.name.clone())
+        let mut added: HashSet<&str> = HashSet::new();
+        let mut frontends: HashSet<(SocketAddr, u8)> = HashSet::new();
+        for (_, svc) in &parsed {
+            let clash = (self.current.services.contains_key(&svc.name)
+                && !released.contains(svc.name.as_str()))
+                || !added.insert(&svc.name)
                 || svc.protocol.ip_protocols().iter().any(|&p| {
                     let key = (svc.frontend(), p);
-                    frontends.insert(key, &svc.name).is_some()
+                    !frontends.insert(key)
                         || self
                             .frontends
                             .get(&key)
-                            .is_some_and(|holder| kept.contains(holder.as_str()))
+                            .is_some_and(|holder| !released.contains(holder.as_str()))
                 });
             if clash {
-                return self.whole_file(&bytes, whole, &origin);
+                return None;
             }
-            index.items.insert(*h, svc.name.clone());
         }
-        for (_, svc) in parsed {
-            let unchanged = self
-                .current
-                .services
-                .get(&svc.name)
-                .is_some_and(|old| **old == svc);
-            if unchanged {
+        drop(added);
+        drop(released);
+        let mut new_items = Vec::with_capacity(parsed.len());
+        for (h, svc) in parsed {
+            new_items.push((h, svc.name.clone()));
+            if self.current.services.get(&svc.name).is_some_and(|old| **old == svc) {
                 update.services.remove(&svc.name);
             } else {
                 update.services.insert(svc.name.clone(), Some(Arc::new(svc)));
             }
         }
-        update.next = Pending::File(index);
-        Ok(update)
+        update.next = Pending::FileDelta {
+            whole,
+            removed,
+            added: new_items,
+        };
+        Some(update)
     }
 
     /// The whole file through the whole-file parser: exact errors, and the
@@ -301,18 +369,37 @@ impl ConfigSource {
     fn whole_file(&self, bytes: &[u8], whole: Hash, origin: &str) -> Result<Update, ConfigError> {
         let text = String::from_utf8_lossy(bytes);
         let state = parse_str(&text, origin)?;
+        let no_workloads = state.workloads.is_empty();
         let mut update = self.diff(state);
-        // Items get their hashes on the next load that takes the shortcut
-        // (which then parses each item once).
-        let workloads = std::str::from_utf8(bytes)
-            .ok()
-            .and_then(split)
-            .map(|s| s.workloads.map_or(0, |r| hash(&bytes[r])));
-        update.next = Pending::File(FileIndex {
+        // Index the items too, so that the next change takes the shortcut
+        // (this parses the items a second time; it happens when the
+        // workloads change or the layout was unusual, not on every change).
+        let split = std::str::from_utf8(bytes).ok().and_then(split);
+        let mut index = FileIndex {
             whole: Some(whole),
-            workloads,
-            items: HashMap::new(),
-        });
+            workloads: match &split {
+                Some(s) => Some(s.workloads.clone().map_or(0, |r| hash(&bytes[r]))),
+                None if no_workloads => Some(0),
+                None => None,
+            },
+            items: HashMap::default(),
+        };
+        if let Some(split) = split {
+            let identities: HashSet<&str> = update
+                .workloads
+                .as_deref()
+                .unwrap_or(&self.current.workloads)
+                .iter()
+                .map(|w| w.identity.as_str())
+                .collect();
+            for range in &split.items {
+                let item = &text[range.clone()];
+                if let Some(svc) = parse_item(item, &identities) {
+                    index.items.insert(hash(item.as_bytes()), svc.name);
+                }
+            }
+        }
+        update.next = Pending::File(index);
         Ok(update)
     }
 
@@ -368,7 +455,7 @@ impl ConfigSource {
                 .filter(|n| is_config_name(n))
                 .collect(),
         };
-        let mut files = self.files.clone();
+        let mut files: BTreeMap<String, DirEntry> = BTreeMap::new();
         let mut changed: BTreeMap<String, String> = BTreeMap::new();
         let mut gone: Vec<String> = Vec::new();
         if matches!(scope, Scope::All) {
@@ -406,8 +493,14 @@ impl ConfigSource {
                 source,
             })?;
             let h = hash(&bytes);
-            if let Some(entry) = files.get_mut(name).filter(|e| e.hash == h) {
-                entry.stamp = stamp;
+            if let Some(entry) = self.files.get(name).filter(|e| e.hash == h) {
+                files.insert(
+                    name.clone(),
+                    DirEntry {
+                        stamp,
+                        ..entry.clone()
+                    },
+                );
                 continue;
             }
             files.insert(
@@ -421,12 +514,12 @@ impl ConfigSource {
             );
             changed.insert(name.clone(), String::from_utf8_lossy(&bytes).into_owned());
         }
-        for name in &gone {
-            files.remove(name);
-        }
         if changed.is_empty() && gone.is_empty() {
             return Ok(Update {
-                next: Pending::Dir(files),
+                next: Pending::DirDelta {
+                    upsert: files.into_iter().collect(),
+                    removed: gone,
+                },
                 ..Update::default()
             });
         }
@@ -447,7 +540,7 @@ impl ConfigSource {
                 Ok(part) => part,
                 // Perhaps only an identity from another changed file: the
                 // full check below says.
-                Err(_) => return self.whole_dir(files),
+                Err(_) => return self.whole_dir(),
             };
             let before = self.files.get(name).map(|e| e.workloads.as_slice());
             if before.unwrap_or_default() != workloads.as_slice() {
@@ -456,7 +549,7 @@ impl ConfigSource {
             parts.insert(name.clone(), (workloads, services));
         }
         if workloads_changed {
-            return self.whole_dir(files);
+            return self.whole_dir();
         }
         // Names and frontends of the other files stay; the changed files'
         // services must not clash with them or with each other.
@@ -487,7 +580,7 @@ impl ConfigSource {
                                 .is_some_and(|holder| !released.contains(holder.as_str()))
                     });
                 if clash {
-                    return self.whole_dir(files);
+                    return self.whole_dir();
                 }
             }
         }
@@ -503,15 +596,18 @@ impl ConfigSource {
                 }
             }
         }
-        update.next = Pending::Dir(files);
+        update.next = Pending::DirDelta {
+            upsert: files.into_iter().collect(),
+            removed: gone,
+        };
         Ok(update)
     }
 
     /// Every file of the directory checked together, in file-name order:
     /// the exact error (naming its file), or the complete state.
-    fn whole_dir(&self, mut files: BTreeMap<String, DirEntry>) -> Result<Update, ConfigError> {
+    fn whole_dir(&self) -> Result<Update, ConfigError> {
         let names = self.list_dir()?;
-        files.retain(|n, _| names.contains(n));
+        let mut files: BTreeMap<String, DirEntry> = BTreeMap::new();
         let mut texts: BTreeMap<String, String> = BTreeMap::new();
         for name in &names {
             let path = self.path.join(name);
@@ -618,18 +714,18 @@ fn is_config_name(name: &str) -> bool {
 
 /// Where a plainly laid out file's pieces are.
 #[derive(Debug, PartialEq)]
-struct Split {
+pub(super) struct Split {
     /// The `workloads:` section, key line included.
-    workloads: Option<Range<usize>>,
+    pub workloads: Option<Range<usize>>,
     /// Each item of `services:`, from its `-` line to the next item.
-    items: Vec<Range<usize>>,
+    pub items: Vec<Range<usize>>,
 }
 
 /// Splits a file into its `workloads:` section and `services:` items, or
 /// None when its layout is not one this can split safely (flow style at
 /// the top, anchors or aliases, tabs, several documents, other keys): such
 /// files are parsed whole.
-fn split(text: &str) -> Option<Split> {
+pub(super) fn split(text: &str) -> Option<Split> {
     let bytes = text.as_bytes();
     if memchr::memchr3(b'&', b'*', b'\t', bytes).is_some() || bytes.contains(&b'\r') {
         return None;
@@ -650,8 +746,18 @@ fn split(text: &str) -> Option<Split> {
     let mut start = 0;
     while start < bytes.len() {
         let end = memchr::memchr(b'\n', &bytes[start..]).map_or(bytes.len(), |i| start + i + 1);
+        let indent = bytes[start..end].iter().take_while(|&&b| b == b' ').count();
+        // Most lines continue an item: settle those at once.
+        if indent > 0
+            && (section == Section::Workloads
+                || (section == Section::Services
+                    && item_start.is_some()
+                    && item_indent.is_some_and(|n| indent > n)))
+        {
+            start = end;
+            continue;
+        }
         let line = &text[start..end];
-        let indent = line.bytes().take_while(|&b| b == b' ').count();
         let rest = line[indent..].trim_end_matches('\n');
         if rest.is_empty() || rest.starts_with('#') {
             start = end;
@@ -794,7 +900,6 @@ mod tests {
         assert_eq!(first.services.len(), 3);
         source.commit(first);
         assert!(source.load(&Scope::All).unwrap().is_empty());
-        // The first full load leaves no item hashes; the next one fills them.
         std::fs::write(&path, text(9)).unwrap();
         let update = source.load(&Scope::All).unwrap();
         assert_eq!(names(&update), [("b".into(), true)]);
@@ -802,7 +907,6 @@ mod tests {
         std::fs::write(&path, text(10)).unwrap();
         let update = source.load(&Scope::All).unwrap();
         assert_eq!(names(&update), [("b".into(), true)]);
-        assert!(source.file.items.is_empty() || matches!(update.next, Pending::File(ref i) if i.items.len() == 3));
         source.commit(update);
         assert_eq!(source.current().get("b").unwrap().backends[0].port, 10);
         // Removing an item removes its service; a clash goes the whole-file
@@ -886,6 +990,84 @@ mod tests {
         .unwrap();
         let err = source.load(&Scope::All).unwrap_err().to_string();
         assert!(err.contains("identity 'frontnd' in the policy of service 'web'"), "{err}");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Timings of the loader at 10,000 services (`cargo test --release --
+    /// --ignored --nocapture loader_timings`).
+    #[test]
+    #[ignore]
+    fn loader_timings() {
+        use std::fmt::Write as _;
+        use std::time::Instant;
+        let text = |changed: Option<u32>| {
+            let mut y = String::from("services:\n");
+            for i in 0..10_000u32 {
+                let _ = write!(
+                    y,
+                    "  - name: s{i:06}\n    vip: 10.96.{}.{}\n    port: 80\n    backends: [",
+                    i / 250,
+                    1 + i % 250
+                );
+                for j in 0..10 {
+                    let sep = if j < 9 { ", " } else { "" };
+                    let port = if changed == Some(i) && j == 0 { 9000 } else { 8080 };
+                    let _ = write!(y, "{{address: 10.200.0.{}, port: {port}}}{sep}", j + 1);
+                }
+                y.push_str("]\n");
+            }
+            y
+        };
+        let dir = temp_dir("timings");
+        let path = dir.join("mesh.yaml");
+        std::fs::write(&path, "services: []\n").unwrap();
+        let mut source = ConfigSource::new(&path);
+        let u = source.load(&Scope::All).unwrap();
+        source.commit(u);
+        std::fs::write(&path, text(None)).unwrap();
+        let t = Instant::now();
+        let u = source.load(&Scope::All).unwrap();
+        eprintln!("first load of 10,000: {:?}", t.elapsed());
+        let t = Instant::now();
+        source.commit(u);
+        eprintln!("commit: {:?}", t.elapsed());
+        let t = Instant::now();
+        let state = parse_str(&text(None), "x").unwrap();
+        eprintln!("parse_str of 10,000: {:?}", t.elapsed());
+        let t = Instant::now();
+        let slow = super::super::parse_yaml(&text(None), "x").unwrap();
+        eprintln!("the YAML library on 10,000: {:?}", t.elapsed());
+        assert_eq!(slow, state);
+        drop(state);
+        for c in 0..5 {
+            std::fs::write(&path, text(Some(c * 7))).unwrap();
+            let t = Instant::now();
+            let u = source.load(&Scope::All).unwrap();
+            let load = t.elapsed();
+            assert!(!u.services.is_empty());
+            let t = Instant::now();
+            source.commit(u);
+            eprintln!("one change: load {load:?}, commit {:?}", t.elapsed());
+        }
+        let t = Instant::now();
+        let bytes = std::fs::read(&path).unwrap();
+        let t_read = t.elapsed();
+        let t = Instant::now();
+        let text = std::str::from_utf8(&bytes).unwrap();
+        let t_utf8 = t.elapsed();
+        let t = Instant::now();
+        let _ = hash(&bytes);
+        let t_hash = t.elapsed();
+        let t = Instant::now();
+        let sp = split(text).unwrap();
+        let t_split = t.elapsed();
+        let t = Instant::now();
+        let hs: Vec<Hash> = sp.items.iter().map(|r| hash(&bytes[r.clone()])).collect();
+        let t_items = t.elapsed();
+        let t = Instant::now();
+        let n = hs.iter().filter(|h| source.file.items.contains_key(*h)).count();
+        let t_lookup = t.elapsed();
+        eprintln!("read {t_read:?} utf8 {t_utf8:?} hash {t_hash:?} split {t_split:?} item hashes {t_items:?} lookups {t_lookup:?} ({n})");
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
