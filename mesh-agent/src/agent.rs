@@ -102,6 +102,8 @@ struct Inner {
     /// Services whose effective state backend health can change (they
     /// have, or had, health checks or outlier detection).
     health_watch: BTreeSet<String>,
+    /// How long the last load of the source took (for the log).
+    load_time: Duration,
     draining: Draining,
     reconciler: Reconciler,
     maps: Maps,
@@ -365,7 +367,9 @@ impl Shared {
     /// inotify named) and applies what changed.
     fn reload(&self, scope: &Scope) {
         let mut inner = self.lock();
+        let started = Instant::now();
         let update = inner.source.load(scope);
+        inner.load_time = started.elapsed();
         if matches!(&update, Ok(u) if u.is_empty()) && matches!(scope, Scope::Paths(_)) {
             // Nothing of ours changed (e.g. an editor's temporary file).
             return;
@@ -384,6 +388,7 @@ impl Shared {
         services: BTreeSet<String>,
     ) {
         let inner = &mut **inner;
+        let started = Instant::now();
         let result = update.map_err(AgentError::from).and_then(|update| {
             let update = update.unwrap_or_default();
             let now = Instant::now();
@@ -511,6 +516,11 @@ impl Shared {
             }
             Ok(report)
         });
+        // After a large change, hand the memory it used back; small ones
+        // reuse what the allocator keeps, which is faster.
+        let big = result
+            .as_ref()
+            .map_or(true, |r| r.services_changed + r.services_removed >= 256);
         let status = &mut inner.reloads;
         status.last_unix_ms = unix_ms();
         match result {
@@ -521,6 +531,8 @@ impl Shared {
                 status.last_error = None;
                 info!(
                     generation = status.generation,
+                    load_ms = inner.load_time.as_secs_f64() * 1e3,
+                    apply_ms = started.elapsed().as_secs_f64() * 1e3,
                     changed = report.services_changed,
                     removed = report.services_removed,
                     backends_added = report.backends_added,
@@ -560,7 +572,10 @@ impl Shared {
                 );
             }
         }
-        release_free_memory();
+        inner.load_time = Duration::ZERO;
+        if big {
+            release_free_memory();
+        }
     }
 }
 
@@ -661,6 +676,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         inner: Mutex::new(Inner {
             source,
             health_watch,
+            load_time: Duration::ZERO,
             draining: Draining::default(),
             desired,
             reconciler,

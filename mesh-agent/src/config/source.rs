@@ -118,6 +118,8 @@ struct FileIndex {
     workloads: Option<Hash>,
     /// Hash of each `services:` item → the name of its service.
     items: HashMap<Hash, String, ByHash>,
+    /// The wrapping sum of the keys of `items`.
+    sum: Hash,
 }
 
 /// One file of a directory, as last accepted.
@@ -240,9 +242,15 @@ impl ConfigSource {
             } => {
                 self.file.whole = Some(whole);
                 for h in removed {
-                    self.file.items.remove(&h);
+                    if self.file.items.remove(&h).is_some() {
+                        self.file.sum = self.file.sum.wrapping_sub(h);
+                    }
                 }
-                self.file.items.extend(added);
+                for (h, name) in added {
+                    if self.file.items.insert(h, name).is_none() {
+                        self.file.sum = self.file.sum.wrapping_add(h);
+                    }
+                }
             }
             Pending::Dir(files) => self.files = files,
             Pending::DirDelta { upsert, removed } => {
@@ -258,66 +266,153 @@ impl ConfigSource {
 
     fn load_file(&self) -> Result<Update, ConfigError> {
         let origin = self.path.display().to_string();
-        let bytes = std::fs::read(&self.path).map_err(|source| ConfigError::Read {
+        let read_error = |source| ConfigError::Read {
             file: origin.clone(),
             source,
-        })?;
-        let whole = hash(&bytes);
+        };
+        // Read as a stream of blocks, split into lines and pieces in place:
+        // only new items are kept as text, so a large file is never held
+        // in memory whole (unless it must be parsed whole).
+        let mut file = std::fs::File::open(&self.path).map_err(read_error)?;
+        let mut whole = xxhash_rust::xxh3::Xxh3Default::new();
+        let mut splitter = Splitter::default();
+        let mut buf = vec![0u8; 1 << 18];
+        let mut filled = 0;
+        // First byte of the line not yet classified.
+        let mut scan = 0;
+        // The open piece: where it starts, and whether it is an item (or
+        // the workloads section).
+        let mut open: Option<(usize, bool)> = None;
+        let mut hashes: Vec<Hash> = Vec::new();
+        let mut new_items: Vec<(Hash, String)> = Vec::new();
+        let mut workloads_hash: Hash = 0;
+        let mut plain = true;
+        let mut finish = |open: Option<(usize, bool)>, buf: &[u8], end: usize| -> bool {
+            match open {
+                Some((start, true)) => {
+                    let bytes = &buf[start..end];
+                    let h = hash(bytes);
+                    hashes.push(h);
+                    if !self.file.items.contains_key(&h) {
+                        match std::str::from_utf8(bytes) {
+                            Ok(text) => new_items.push((h, text.to_owned())),
+                            Err(_) => return false,
+                        }
+                    }
+                }
+                Some((start, false)) => workloads_hash = hash(&buf[start..end]),
+                None => {}
+            }
+            true
+        };
+        loop {
+            if filled == buf.len() {
+                // One piece fills the buffer: make room.
+                buf.resize(buf.len() * 2, 0);
+            }
+            let n = std::io::Read::read(&mut file, &mut buf[filled..]).map_err(read_error)?;
+            let fresh = &buf[filled..filled + n];
+            whole.update(fresh);
+            if plain && (memchr::memchr3(b'&', b'*', b'\t', fresh).is_some() || fresh.contains(&b'\r')) {
+                plain = false;
+            }
+            filled += n;
+            let eof = n == 0;
+            if plain {
+                let base = scan;
+                let ends = memchr::memchr_iter(b'\n', &buf[base..filled])
+                    .map(|i| base + i + 1)
+                    .chain((eof && scan < filled).then_some(filled));
+                for end in ends {
+                    match splitter.line(&buf[scan..end]) {
+                        None => {
+                            plain = false;
+                            break;
+                        }
+                        Some(Mark::Same) => {}
+                        Some(mark) => {
+                            plain &= finish(open, &buf, scan);
+                            open = match mark {
+                                Mark::Item => Some((scan, true)),
+                                Mark::Workloads => Some((scan, false)),
+                                _ => None,
+                            };
+                        }
+                    }
+                    scan = end;
+                }
+            }
+            if eof {
+                break;
+            }
+            if !plain {
+                // Only the whole hash is wanted now.
+                filled = 0;
+                scan = 0;
+                open = None;
+                continue;
+            }
+            // Keep the open piece and the unfinished line; drop the rest.
+            let keep = open.map_or(scan, |(start, _)| start.min(scan));
+            buf.copy_within(keep..filled, 0);
+            filled -= keep;
+            scan -= keep;
+            open = open.map(|(start, item)| (start - keep, item));
+        }
+        if plain {
+            plain &= finish(open, &buf, filled);
+        }
+        drop(buf);
+        let whole = whole.digest128();
         if self.file.whole == Some(whole) {
             return Ok(Update::default());
         }
-        let Ok(text) = std::str::from_utf8(&bytes) else {
-            return self.whole_file(&bytes, whole, &origin);
-        };
-        let Some(split) = split(text) else {
-            return self.whole_file(&bytes, whole, &origin);
-        };
-        let workloads_hash = split.workloads.clone().map_or(0, |r| hash(&bytes[r]));
-        if self.file.workloads != Some(workloads_hash) {
-            // Identities (and so every policy) may have changed.
-            return self.whole_file(&bytes, whole, &origin);
+        if !plain || self.file.workloads != Some(workloads_hash) {
+            // An unusual layout, or the identities (and so every policy)
+            // may have changed.
+            let bytes = std::fs::read(&self.path).map_err(read_error)?;
+            return self.whole_file(&bytes, hash(&bytes), &origin);
         }
-        match self.items(text, &split, whole) {
+        match self.items(&hashes, new_items, whole) {
             Some(update) => Ok(update),
-            None => self.whole_file(&bytes, whole, &origin),
+            None => {
+                let bytes = std::fs::read(&self.path).map_err(read_error)?;
+                self.whole_file(&bytes, hash(&bytes), &origin)
+            }
         }
     }
 
-    /// The item shortcut: parse only the items whose text is new. None when
-    /// anything is wrong (the whole-file parser then says what).
-    fn items(&self, text: &str, split: &Split, whole: Hash) -> Option<Update> {
-        let bytes = text.as_bytes();
+    /// The item shortcut: `hashes` of every item in order, the text of
+    /// those the index lacks. None when anything is wrong (the whole-file
+    /// parser then says what).
+    fn items(&self, hashes: &[Hash], new_items: Vec<(Hash, String)>, whole: Hash) -> Option<Update> {
         let identities: HashSet<&str> = self
             .current
             .workloads
             .iter()
             .map(|w| w.identity.as_str())
             .collect();
-        let hashes: Vec<Hash> = split
-            .items
+        let matched = hashes.len() - new_items.len();
+        let known: HashSet<Hash, ByHash> = new_items.iter().map(|(h, _)| *h).collect();
+        let matched_sum = hashes
             .iter()
-            .map(|r| hash(&bytes[r.clone()]))
-            .collect();
-        let mut matched = 0usize;
-        let mut parsed: Vec<(Hash, Service)> = Vec::new();
-        for (range, &h) in split.items.iter().zip(&hashes) {
-            if self.file.items.contains_key(&h) {
-                matched += 1;
-                continue;
-            }
-            parsed.push((h, parse_item(&text[range.clone()], &identities)?));
+            .filter(|h| !known.contains(*h))
+            .fold(0u128, |sum, h| sum.wrapping_add(*h));
+        let mut parsed: Vec<(Hash, Service)> = Vec::with_capacity(new_items.len());
+        for (h, text) in new_items {
+            parsed.push((h, parse_item(&text, &identities)?));
         }
         // Items of the last load that are gone (changed ones included).
         let mut removed: Vec<Hash> = Vec::new();
-        if matched != self.file.items.len() {
+        // Every indexed item is still there (the sum of their hashes tells
+        // the same items from a repeated one), or find those that are not.
+        if matched != self.file.items.len() || matched_sum != self.file.sum {
             let now: HashSet<Hash, ByHash> = hashes.iter().copied().collect();
             if now.len() != hashes.len() {
                 // The same item twice: a duplicate the full parse reports.
                 return None;
             }
             removed.extend(self.file.items.keys().filter(|h| !now.contains(*h)).copied());
-        } else if matched + parsed.len() != hashes.len() {
-            return None;
         }
         let released: HashSet<&str> = removed
             .iter()
@@ -383,6 +478,7 @@ impl ConfigSource {
                 None => None,
             },
             items: HashMap::default(),
+            sum: 0,
         };
         if let Some(split) = split {
             let identities: HashSet<&str> = update
@@ -395,7 +491,10 @@ impl ConfigSource {
             for range in &split.items {
                 let item = &text[range.clone()];
                 if let Some(svc) = parse_item(item, &identities) {
-                    index.items.insert(hash(item.as_bytes()), svc.name);
+                    let h = hash(item.as_bytes());
+                    if index.items.insert(h, svc.name).is_none() {
+                        index.sum = index.sum.wrapping_add(h);
+                    }
                 }
             }
         }
@@ -730,38 +829,82 @@ pub(super) fn split(text: &str) -> Option<Split> {
     if memchr::memchr3(b'&', b'*', b'\t', bytes).is_some() || bytes.contains(&b'\r') {
         return None;
     }
-    #[derive(PartialEq)]
-    enum Section {
-        None,
-        Services,
-        Workloads,
-    }
-    let mut section = Section::None;
-    let mut seen_services = false;
-    let mut item_indent: Option<usize> = None;
+    let mut splitter = Splitter::default();
     let mut items: Vec<Range<usize>> = Vec::new();
-    let mut item_start: Option<usize> = None;
     let mut workloads: Option<Range<usize>> = None;
-    let mut workloads_start: Option<usize> = None;
+    // The open piece: where it starts and whether it is an item.
+    let mut open: Option<(usize, bool)> = None;
+    let mut close = |open: Option<(usize, bool)>, end: usize| match open {
+        Some((start, true)) => items.push(start..end),
+        Some((start, false)) => workloads = Some(start..end),
+        None => {}
+    };
     let mut start = 0;
-    while start < bytes.len() {
-        let end = memchr::memchr(b'\n', &bytes[start..]).map_or(bytes.len(), |i| start + i + 1);
-        let indent = bytes[start..end].iter().take_while(|&&b| b == b' ').count();
+    for end in memchr::memchr_iter(b'\n', bytes)
+        .map(|i| i + 1)
+        .chain((bytes.last() != Some(&b'\n') && !bytes.is_empty()).then_some(bytes.len()))
+    {
+        match splitter.line(&bytes[start..end])? {
+            Mark::Same => {}
+            Mark::Close => close(open.take(), start),
+            Mark::Item => close(open.replace((start, true)), start),
+            Mark::Workloads => close(open.replace((start, false)), start),
+        }
+        start = end;
+    }
+    close(open, bytes.len());
+    Some(Split { workloads, items })
+}
+
+/// What a line does to the pieces of a plainly laid out file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Mark {
+    /// Belongs to the open piece (or to none, if none is open).
+    Same,
+    /// Ends the open piece and belongs to none (a top-level key).
+    Close,
+    /// Ends the open piece and starts a `services:` item.
+    Item,
+    /// Ends the open piece and starts the `workloads:` section.
+    Workloads,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Section {
+    #[default]
+    None,
+    Services,
+    Workloads,
+}
+
+/// Classifies a file's lines one by one (see `split`); the same rules for
+/// a file in memory and one read as a stream.
+#[derive(Debug, Default)]
+pub(super) struct Splitter {
+    section: Section,
+    seen_services: bool,
+    seen_workloads: bool,
+    item_indent: Option<usize>,
+    in_item: bool,
+}
+
+impl Splitter {
+    /// The mark of one line (with its newline), or None when the file is
+    /// not laid out plainly enough to split.
+    pub(super) fn line(&mut self, line: &[u8]) -> Option<Mark> {
+        let indent = line.iter().take_while(|&&b| b == b' ').count();
         // Most lines continue an item: settle those at once.
         if indent > 0
-            && (section == Section::Workloads
-                || (section == Section::Services
-                    && item_start.is_some()
-                    && item_indent.is_some_and(|n| indent > n)))
+            && (self.section == Section::Workloads
+                || (self.section == Section::Services
+                    && self.in_item
+                    && self.item_indent.is_some_and(|n| indent > n)))
         {
-            start = end;
-            continue;
+            return Some(Mark::Same);
         }
-        let line = &text[start..end];
-        let rest = line[indent..].trim_end_matches('\n');
+        let rest = std::str::from_utf8(&line[indent..]).ok()?.trim_end_matches('\n');
         if rest.is_empty() || rest.starts_with('#') {
-            start = end;
-            continue;
+            return Some(Mark::Same);
         }
         let dash = rest == "-" || rest.starts_with("- ");
         let top_key = |key: &str| -> bool {
@@ -770,56 +913,43 @@ pub(super) fn split(text: &str) -> Option<Split> {
                 after.is_empty() || after.starts_with('#')
             })
         };
-        if indent == 0 && !(section == Section::Services && item_indent == Some(0) && dash) {
-            // A top-level line ends the section before it.
-            if let Some(s) = item_start.take() {
-                items.push(s..start);
+        if indent == 0 && !(self.section == Section::Services && self.item_indent == Some(0) && dash)
+        {
+            if top_key("services:") && !self.seen_services {
+                self.seen_services = true;
+                self.section = Section::Services;
+                self.item_indent = None;
+                self.in_item = false;
+                return Some(Mark::Close);
             }
-            if let Some(s) = workloads_start.take() {
-                workloads = Some(s..start);
+            if top_key("workloads:") && !self.seen_workloads {
+                self.seen_workloads = true;
+                self.section = Section::Workloads;
+                self.in_item = false;
+                return Some(Mark::Workloads);
             }
-            if top_key("services:") && !seen_services {
-                seen_services = true;
-                section = Section::Services;
-                item_indent = None;
-            } else if top_key("workloads:") && workloads.is_none() {
-                section = Section::Workloads;
-                workloads_start = Some(start);
-            } else if section == Section::Services && item_indent.is_none() && dash {
-                item_indent = Some(0);
-                item_start = Some(start);
-            } else {
-                return None;
+            if self.section == Section::Services && self.item_indent.is_none() && dash {
+                self.item_indent = Some(0);
+                self.in_item = true;
+                return Some(Mark::Item);
             }
-        } else {
-            match section {
-                Section::None => return None,
-                Section::Workloads => {}
-                Section::Services => match item_indent {
-                    None if dash => {
-                        item_indent = Some(indent);
-                        item_start = Some(start);
-                    }
-                    None => return None,
-                    Some(n) if indent == n && dash => {
-                        if let Some(s) = item_start.replace(start) {
-                            items.push(s..start);
-                        }
-                    }
-                    Some(n) if indent > n && item_start.is_some() => {}
-                    Some(_) => return None,
-                },
-            }
+            return None;
         }
-        start = end;
+        match self.section {
+            Section::None => None,
+            Section::Workloads => Some(Mark::Same),
+            Section::Services => match self.item_indent {
+                None if dash => {
+                    self.item_indent = Some(indent);
+                    self.in_item = true;
+                    Some(Mark::Item)
+                }
+                Some(n) if indent == n && dash => Some(Mark::Item),
+                Some(n) if indent > n && self.in_item => Some(Mark::Same),
+                _ => None,
+            },
+        }
     }
-    if let Some(s) = item_start {
-        items.push(s..bytes.len());
-    }
-    if let Some(s) = workloads_start {
-        workloads = Some(s..bytes.len());
-    }
-    Some(Split { workloads, items })
 }
 
 #[cfg(test)]
@@ -919,6 +1049,24 @@ mod tests {
         let update = source.load(&Scope::All).unwrap();
         assert_eq!(names(&update), [("b".into(), false)]);
         source.commit(update);
+        std::fs::write(
+            &path,
+            format!(
+                "services:\n{}{}{}",
+                service_yaml("a", "10.0.0.1", 1),
+                service_yaml("c", "10.0.0.3", 3),
+                service_yaml("d", "10.0.0.1", 4)
+            ),
+        )
+        .unwrap();
+        // An item repeated in place of another is a duplicate, not a no-op.
+        std::fs::write(
+            &path,
+            format!("services:\n{}{}", service_yaml("a", "10.0.0.1", 1), service_yaml("a", "10.0.0.1", 1)),
+        )
+        .unwrap();
+        let err = source.load(&Scope::All).unwrap_err().to_string();
+        assert!(err.contains(":6:11: service name 'a' is already used on line 2"), "{err}");
         std::fs::write(
             &path,
             format!(
