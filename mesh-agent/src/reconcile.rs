@@ -492,19 +492,23 @@ impl Reconciler {
             let mut ids = Vec::with_capacity(svc.backends.len());
             for b in &svc.backends {
                 let addr = (b.address, b.port);
+                let value = backend_value(b, service_id);
                 let id = match old.and_then(|o| o.backends.get(&addr)) {
-                    Some(&existing) => existing,
+                    Some(&existing) => {
+                        plan.backend_values.push((existing, value));
+                        existing
+                    }
                     None => {
                         let id = backend_ids
                             .allocate()
                             .ok_or_else(|| full(map_names::BACKENDS, cap.backends))?;
                         plan.new_backends.push(id);
+                        plan.new_backend_values.push(value);
                         id
                     }
                 };
                 backends.insert(addr, id);
                 ids.push(id);
-                plan.backend_values.push((id, backend_value(b, service_id)));
             }
             let slots = selection_table(svc, &ids, old.map(|o| o.slots.as_slice()), &cap);
             let generation = match old {
@@ -596,10 +600,11 @@ struct Plan {
     services: BTreeMap<ServiceKey, Option<ProgrammedService>>,
     /// Services whose slot table is written under a new generation.
     new_tables: BTreeSet<ServiceKey>,
-    /// Every backend of the touched services, with its value.
+    /// Backends of the touched services that were there, with their value.
     backend_values: Vec<(BackendId, BackendValue)>,
-    /// Ids allocated by this plan (sorted ascending as allocated).
+    /// Ids allocated by this plan (ascending, as allocated), and values.
     new_backends: Vec<BackendId>,
+    new_backend_values: Vec<BackendValue>,
     new_service_ids: Vec<u32>,
     service_ids_next: u32,
     backend_ids_next: u32,
@@ -607,12 +612,6 @@ struct Plan {
     workloads: BTreeMap<u64, u32>,
     /// Policy entries of the touched services: written, or removed (None).
     policy: BTreeMap<PolicyKey, Option<u8>>,
-}
-
-impl Plan {
-    fn is_new_backend(&self, id: BackendId) -> bool {
-        self.new_backends.binary_search(&id).is_ok()
-    }
 }
 
 /// One kernel key per IP protocol the service answers on.
@@ -729,14 +728,7 @@ fn write_plan(
         )
         .map_err(batch_error(map_names::BACKEND_HEALTH, "reset"))?;
     }
-    let mut new_ids = Vec::new();
-    let mut new_values = Vec::new();
     for &(id, value) in &plan.backend_values {
-        if plan.is_new_backend(id) {
-            new_ids.push(id);
-            new_values.push(value);
-            continue;
-        }
         let previous = maps.backends.get(&id, 0).ok();
         if previous == Some(value) {
             continue;
@@ -749,14 +741,19 @@ fn write_plan(
             None => undo.push(Undo::NewBackends(vec![id])),
         }
     }
-    if !new_ids.is_empty() {
-        let result = batch::update(fd(maps.backends.map()), &new_ids, &new_values);
-        let done = result.as_ref().err().map_or(new_ids.len(), |e| e.done);
-        new_ids.truncate(done);
-        undo.push(Undo::NewBackends(new_ids));
+    if !plan.new_backends.is_empty() {
+        let result = batch::update(
+            fd(maps.backends.map()),
+            &plan.new_backends,
+            &plan.new_backend_values,
+        );
+        let done = result
+            .as_ref()
+            .err()
+            .map_or(plan.new_backends.len(), |e| e.done);
+        undo.push(Undo::NewBackends(plan.new_backends[..done].to_vec()));
         result.map_err(batch_error(map_names::BACKENDS, "insert"))?;
     }
-    drop(new_values);
     // Phase 1b: policy before workloads, so a client never gets an identity
     // whose verdicts are not there yet.
     for (&key, &verdict) in &plan.policy {

@@ -284,9 +284,15 @@ impl ConfigSource {
         // the workloads section).
         let mut open: Option<(usize, bool)> = None;
         let mut hashes: Vec<Hash> = Vec::new();
-        let mut new_items: Vec<(Hash, String)> = Vec::new();
+        let mut new_items: Vec<(Hash, Service)> = Vec::new();
         let mut workloads_hash: Hash = 0;
         let mut plain = true;
+        let identities: HashSet<&str> = self
+            .current
+            .workloads
+            .iter()
+            .map(|w| w.identity.as_str())
+            .collect();
         let mut finish = |open: Option<(usize, bool)>, buf: &[u8], end: usize| -> bool {
             match open {
                 Some((start, true)) => {
@@ -294,9 +300,10 @@ impl ConfigSource {
                     let h = hash(bytes);
                     hashes.push(h);
                     if !self.file.items.contains_key(&h) {
-                        match std::str::from_utf8(bytes) {
-                            Ok(text) => new_items.push((h, text.to_owned())),
-                            Err(_) => return false,
+                        // Parsed at once: no copy of the text is kept.
+                        match std::str::from_utf8(bytes).ok().and_then(|t| parse_item(t, &identities)) {
+                            Some(svc) => new_items.push((h, svc)),
+                            None => return false,
                         }
                     }
                 }
@@ -385,23 +392,13 @@ impl ConfigSource {
     /// The item shortcut: `hashes` of every item in order, the text of
     /// those the index lacks. None when anything is wrong (the whole-file
     /// parser then says what).
-    fn items(&self, hashes: &[Hash], new_items: Vec<(Hash, String)>, whole: Hash) -> Option<Update> {
-        let identities: HashSet<&str> = self
-            .current
-            .workloads
-            .iter()
-            .map(|w| w.identity.as_str())
-            .collect();
-        let matched = hashes.len() - new_items.len();
-        let known: HashSet<Hash, ByHash> = new_items.iter().map(|(h, _)| *h).collect();
+    fn items(&self, hashes: &[Hash], parsed: Vec<(Hash, Service)>, whole: Hash) -> Option<Update> {
+        let matched = hashes.len() - parsed.len();
+        let known: HashSet<Hash, ByHash> = parsed.iter().map(|(h, _)| *h).collect();
         let matched_sum = hashes
             .iter()
             .filter(|h| !known.contains(*h))
             .fold(0u128, |sum, h| sum.wrapping_add(*h));
-        let mut parsed: Vec<(Hash, Service)> = Vec::with_capacity(new_items.len());
-        for (h, text) in new_items {
-            parsed.push((h, parse_item(&text, &identities)?));
-        }
         // Items of the last load that are gone (changed ones included).
         let mut removed: Vec<Hash> = Vec::new();
         // Every indexed item is still there (the sum of their hashes tells
