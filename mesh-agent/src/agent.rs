@@ -391,6 +391,11 @@ impl Shared {
         let started = Instant::now();
         let result = update.map_err(AgentError::from).and_then(|update| {
             let update = update.unwrap_or_default();
+            if update.services.len() >= 256 {
+                // Reading a large change left garbage behind; hand it back
+                // before the plan takes its own memory.
+                release_free_memory();
+            }
             let now = Instant::now();
             let mut dirty: BTreeSet<String> = update.services.keys().cloned().collect();
             dirty.extend(services);

@@ -172,7 +172,13 @@ enum Undo {
     Backend(BackendId, BackendValue),
     /// Were absent.
     NewBackends(Vec<BackendId>),
-    Slots(Vec<SlotKey>),
+    /// A slot table written under a new generation (perhaps only in part:
+    /// undoing deletes whichever of its slots are there).
+    Table {
+        service_id: u32,
+        generation: u32,
+        count: u32,
+    },
     Service(ServiceKey, ServiceValue),
     NewServices(Vec<ServiceKey>),
     Policy(PolicyKey, Option<PolicyValue>),
@@ -790,12 +796,24 @@ fn write_plan(
         )
         .map_err(batch_error(map_names::SERVICE_STATS, "reset"))?;
     }
-    let mut slot_keys = Vec::new();
-    let mut slot_values = Vec::new();
+    // In chunks, so a large configuration needs no list of every slot.
+    let mut slot_keys = Vec::with_capacity(SLOT_CHUNK);
+    let mut slot_values = Vec::with_capacity(SLOT_CHUNK);
+    let flush = |keys: &mut Vec<SlotKey>, values: &mut Vec<BackendId>, maps: &Maps| {
+        let result = batch::update(fd(maps.slots.map()), keys, values);
+        keys.clear();
+        values.clear();
+        result.map_err(batch_error(map_names::SLOTS, "insert"))
+    };
     for key in &plan.new_tables {
         let Some(svc) = &plan.services[key] else {
             continue;
         };
+        undo.push(Undo::Table {
+            service_id: svc.id(),
+            generation: svc.value.generation,
+            count: svc.slots.len() as u32,
+        });
         for (slot, backend) in svc.slots.iter().enumerate() {
             slot_keys.push(SlotKey {
                 service_id: svc.id(),
@@ -803,16 +821,15 @@ fn write_plan(
                 slot: slot as u32,
             });
             slot_values.push(*backend);
+            if slot_keys.len() == SLOT_CHUNK {
+                flush(&mut slot_keys, &mut slot_values, maps)?;
+            }
         }
     }
     if !slot_keys.is_empty() {
-        let result = batch::update(fd(maps.slots.map()), &slot_keys, &slot_values);
-        let done = result.as_ref().err().map_or(slot_keys.len(), |e| e.done);
-        slot_keys.truncate(done);
-        undo.push(Undo::Slots(slot_keys));
-        result.map_err(batch_error(map_names::SLOTS, "insert"))?;
+        flush(&mut slot_keys, &mut slot_values, maps)?;
     }
-    drop(slot_values);
+    drop((slot_keys, slot_values));
     // Phase 2: flip each changed service entry. New services go in one
     // batch; each is a single-element update the kernel applies whole.
     let mut new_keys = Vec::new();
@@ -843,6 +860,9 @@ fn write_plan(
     Ok(())
 }
 
+/// Slots written per batch.
+const SLOT_CHUNK: usize = 8192;
+
 fn fd(map: &aya::maps::MapData) -> std::os::fd::BorrowedFd<'_> {
     use std::os::fd::AsFd as _;
     map.fd().as_fd()
@@ -864,7 +884,18 @@ fn rollback(undo: Vec<Undo>, maps: &mut Maps) {
             Undo::NewServices(keys) => {
                 batch::delete_present(fd(maps.services.map()), &keys);
             }
-            Undo::Slots(keys) => {
+            Undo::Table {
+                service_id,
+                generation,
+                count,
+            } => {
+                let keys: Vec<SlotKey> = (0..count)
+                    .map(|slot| SlotKey {
+                        service_id,
+                        generation,
+                        slot,
+                    })
+                    .collect();
                 batch::delete_present(fd(maps.slots.map()), &keys);
             }
             Undo::Backend(id, v) => {
