@@ -274,7 +274,6 @@ impl ConfigSource {
         // only new items are kept as text, so a large file is never held
         // in memory whole (unless it must be parsed whole).
         let mut file = std::fs::File::open(&self.path).map_err(read_error)?;
-        let mut whole = xxhash_rust::xxh3::Xxh3Default::new();
         let mut splitter = Splitter::default();
         let mut buf = vec![0u8; 1 << 18];
         let mut filled = 0;
@@ -319,7 +318,6 @@ impl ConfigSource {
             }
             let n = std::io::Read::read(&mut file, &mut buf[filled..]).map_err(read_error)?;
             let fresh = &buf[filled..filled + n];
-            whole.update(fresh);
             if plain && (memchr::memchr3(b'&', b'*', b'\t', fresh).is_some() || fresh.contains(&b'\r')) {
                 plain = false;
             }
@@ -353,11 +351,8 @@ impl ConfigSource {
                 break;
             }
             if !plain {
-                // Only the whole hash is wanted now.
-                filled = 0;
-                scan = 0;
-                open = None;
-                continue;
+                // Parsed whole below.
+                break;
             }
             // Keep the open piece and the unfinished line; drop the rest.
             let keep = open.map_or(scan, |(start, _)| start.min(scan));
@@ -370,10 +365,9 @@ impl ConfigSource {
             plain &= finish(open, &buf, filled);
         }
         drop(buf);
-        let whole = whole.digest128();
-        if self.file.whole == Some(whole) {
-            return Ok(Update::default());
-        }
+        // Unchanged items need no whole-file hash: all found, none new,
+        // is an empty update.
+        let whole = 0;
         if !plain || self.file.workloads != Some(workloads_hash) {
             // An unusual layout, or the identities (and so every policy)
             // may have changed.
