@@ -388,7 +388,7 @@ impl Reconciler {
     ) -> Result<ApplyReport, ReconcileError> {
         let plan = self.plan(touched, holders, workloads)?;
         let mut undo = Vec::new();
-        if let Err(e) = write_plan(&plan, self, maps, &mut undo) {
+        if let Err(e) = write_plan(&plan, holders, self, maps, &mut undo) {
             rollback(undo, maps);
             return Err(e);
         }
@@ -509,7 +509,6 @@ impl Reconciler {
                             .allocate()
                             .ok_or_else(|| full(map_names::BACKENDS, cap.backends))?;
                         plan.new_backends.push(id);
-                        plan.new_backend_values.push(value);
                         id
                     }
                 };
@@ -610,7 +609,6 @@ struct Plan {
     backend_values: Vec<(BackendId, BackendValue)>,
     /// Ids allocated by this plan (ascending, as allocated), and values.
     new_backends: Vec<BackendId>,
-    new_backend_values: Vec<BackendValue>,
     new_service_ids: Vec<u32>,
     service_ids_next: u32,
     backend_ids_next: u32,
@@ -715,6 +713,7 @@ fn service_value(svc: &Service, service_id: u32, generation: u32, slot_count: u3
 
 fn write_plan(
     plan: &Plan,
+    holders: &BTreeMap<ServiceKey, &Service>,
     old: &Reconciler,
     maps: &mut Maps,
     undo: &mut Vec<Undo>,
@@ -747,19 +746,46 @@ fn write_plan(
             None => undo.push(Undo::NewBackends(vec![id])),
         }
     }
-    if !plan.new_backends.is_empty() {
-        let result = batch::update(
-            fd(maps.backends.map()),
-            &plan.new_backends,
-            &plan.new_backend_values,
-        );
-        let done = result
-            .as_ref()
-            .err()
-            .map_or(plan.new_backends.len(), |e| e.done);
-        undo.push(Undo::NewBackends(plan.new_backends[..done].to_vec()));
-        result.map_err(batch_error(map_names::BACKENDS, "insert"))?;
+    // New backends' values, built and written in chunks (a large config
+    // needs no list of them all).
+    let mut ids = Vec::with_capacity(SLOT_CHUNK);
+    let mut values = Vec::with_capacity(SLOT_CHUNK);
+    let flush = |ids: &mut Vec<BackendId>,
+                 values: &mut Vec<BackendValue>,
+                 maps: &Maps,
+                 undo: &mut Vec<Undo>| {
+        // Undone whole even if the batch stops part way: deleting an
+        // entry that was never written is skipped.
+        undo.push(Undo::NewBackends(ids.clone()));
+        let result = batch::update(fd(maps.backends.map()), ids, values);
+        ids.clear();
+        values.clear();
+        result.map_err(batch_error(map_names::BACKENDS, "insert"))
+    };
+    for (key, programmed) in &plan.services {
+        let (Some(programmed), Some(svc)) = (programmed, holders.get(key)) else {
+            continue;
+        };
+        let before = old.services.get(key);
+        for b in &svc.backends {
+            let addr = (b.address, b.port);
+            let Some(&id) = programmed.backends.get(&addr) else {
+                continue;
+            };
+            if before.is_some_and(|o| o.backends.get(&addr) == Some(&id)) {
+                continue;
+            }
+            ids.push(id);
+            values.push(backend_value(b, programmed.id()));
+            if ids.len() == SLOT_CHUNK {
+                flush(&mut ids, &mut values, maps, undo)?;
+            }
+        }
     }
+    if !ids.is_empty() {
+        flush(&mut ids, &mut values, maps, undo)?;
+    }
+    drop((ids, values));
     // Phase 1b: policy before workloads, so a client never gets an identity
     // whose verdicts are not there yet.
     for (&key, &verdict) in &plan.policy {
