@@ -397,15 +397,21 @@ impl Shared {
                 release_free_memory();
             }
             let now = Instant::now();
-            let mut dirty: BTreeSet<String> = update.services.keys().cloned().collect();
-            dirty.extend(services);
-            dirty.extend(inner.health_watch.iter().cloned());
-            dirty.extend(inner.draining.expired_services(now));
+            // What to look at: the source's changes, and whatever else is due.
+            let mut extra: BTreeSet<String> = services;
+            extra.extend(inner.health_watch.iter().cloned());
+            extra.extend(inner.draining.expired_services(now));
             if update.workloads.is_some() {
                 // Identities, and so any policy, may have changed.
-                dirty.extend(inner.desired.services.keys().cloned());
-                dirty.extend(inner.source.current().services.keys().cloned());
+                extra.extend(inner.desired.services.keys().cloned());
+                extra.extend(inner.source.current().services.keys().cloned());
             }
+            let dirty: BTreeSet<&str> = update
+                .services
+                .keys()
+                .chain(extra.iter())
+                .map(String::as_str)
+                .collect();
             let current = inner.source.current();
             let source_of = |name: &str| -> Option<&Arc<Service>> {
                 match update.services.get(name) {
@@ -414,12 +420,12 @@ impl Shared {
                 }
             };
             let mut draining = inner.draining.clone();
-            let mut effective: BTreeMap<String, Option<Arc<Service>>> = BTreeMap::new();
-            for name in &dirty {
+            let mut effective: BTreeMap<&str, Option<Arc<Service>>> = BTreeMap::new();
+            for &name in &dirty {
                 let previous = inner.desired.get(name).map(|s| &**s);
                 let merged = draining.merge_service(name, previous, source_of(name), now);
                 let merged = merged.map(|s| inner.overrides.overlay_service(s));
-                effective.insert(name.clone(), merged);
+                effective.insert(name, merged);
             }
             let mut watch = inner.health_watch.clone();
             for (name, new) in &update.services {
@@ -437,14 +443,16 @@ impl Shared {
             let mut watched = DesiredState {
                 services: watch
                     .iter()
-                    .filter_map(|n| effective.get(n).cloned().flatten())
+                    .filter_map(|n| effective.get(n.as_str()).cloned().flatten())
                     .map(|s| (*s).clone())
                     .collect(),
                 workloads: Vec::new(),
             };
             let panicking = inner.health.overlay(&mut watched, now);
             for svc in watched.services {
-                effective.insert(svc.name.clone(), Some(Arc::new(svc)));
+                if let Some(slot) = effective.get_mut(svc.name.as_str()) {
+                    *slot = Some(Arc::new(svc));
+                }
             }
             let changes: Vec<(Option<&Service>, Option<&Service>)> = effective
                 .iter()
@@ -478,31 +486,40 @@ impl Shared {
                 workloads: Vec::new(),
             };
             inner.health.sync(&watched_source);
-            for name in &dirty {
+            for &name in &dirty {
                 inner
                     .overrides
                     .prune_service(name, source_of(name).map(|s| &**s));
             }
             for (name, new) in effective {
-                match new {
-                    Some(svc) => {
-                        inner.desired.services.insert(name, svc);
+                match (new, inner.desired.services.get_mut(name)) {
+                    (Some(svc), Some(slot)) => *slot = svc,
+                    (Some(svc), None) => {
+                        inner.desired.services.insert(name.to_owned(), svc);
                     }
-                    None => {
-                        inner.desired.services.remove(&name);
+                    (None, _) => {
+                        inner.desired.services.remove(name);
                     }
                 }
             }
+            watch.retain(|n| source_of(n).is_some());
+            // Backends whose health metrics may change.
+            let recorded = self.metrics.health.recorded_services();
+            let metric_names: Vec<String> = dirty
+                .iter()
+                .filter(|n| {
+                    watch.contains(**n)
+                        || recorded.binary_search_by(|r| r.as_str().cmp(n)).is_ok()
+                })
+                .map(|n| n.to_string())
+                .collect();
+            drop(dirty);
             inner.desired.workloads = workloads;
             inner.source.commit(update);
-            watch.retain(|n| inner.source.current().get(n).is_some());
             inner.health_watch = watch;
             inner.draining = draining;
             inner.panicking = panicking;
-            let recorded = self.metrics.health.recorded_services();
-            for name in dirty.iter().filter(|n| {
-                inner.health_watch.contains(*n) || recorded.binary_search(n).is_ok()
-            }) {
+            for name in &metric_names {
                 let Some(svc) = inner.desired.get(name) else {
                     self.metrics.health.forget(name, |_| false);
                     continue;

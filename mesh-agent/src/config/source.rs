@@ -60,8 +60,8 @@ impl Update {
 enum Pending {
     #[default]
     Nothing,
-    /// The file's index, replaced whole.
-    File(FileIndex),
+    /// The file's index, replaced whole (items by service name).
+    File(NamedIndex),
     /// The file's index, changed in place.
     FileDelta {
         whole: Hash,
@@ -117,9 +117,17 @@ struct FileIndex {
     /// Hash of the `workloads:` section (0: none), when the file split.
     workloads: Option<Hash>,
     /// Hash of each `services:` item → the name of its service.
-    items: HashMap<Hash, String, ByHash>,
+    items: HashMap<Hash, Arc<Service>, ByHash>,
     /// The wrapping sum of the keys of `items`.
     sum: Hash,
+}
+
+/// A `FileIndex` before commit: items name their service.
+#[derive(Debug, Default)]
+struct NamedIndex {
+    whole: Option<Hash>,
+    workloads: Option<Hash>,
+    items: Vec<(Hash, String)>,
 }
 
 /// One file of a directory, as last accepted.
@@ -159,7 +167,7 @@ pub struct ConfigSource {
     /// The committed state: what the agent last applied from here.
     current: ServiceSet,
     /// Which service holds each frontend, for clashes of new services.
-    frontends: HashMap<(SocketAddr, u8), String>,
+    frontends: HashMap<(SocketAddr, u8), Arc<Service>>,
     file: FileIndex,
     files: BTreeMap<String, DirEntry>,
 }
@@ -207,7 +215,7 @@ impl ConfigSource {
             if let Some(old) = self.current.services.get(name) {
                 for &proto in old.protocol.ip_protocols() {
                     let key = (old.frontend(), proto);
-                    if self.frontends.get(&key) == Some(name) {
+                    if self.frontends.get(&key).is_some_and(|s| s.name == *name) {
                         self.frontends.remove(&key);
                     }
                 }
@@ -221,11 +229,10 @@ impl ConfigSource {
                 }
             }
         }
-        for (name, new) in &update.services {
+        for new in update.services.values() {
             if let Some(svc) = new {
                 for &proto in svc.protocol.ip_protocols() {
-                    self.frontends
-                        .insert((svc.frontend(), proto), name.clone());
+                    self.frontends.insert((svc.frontend(), proto), svc.clone());
                 }
             }
         }
@@ -234,7 +241,23 @@ impl ConfigSource {
         }
         match update.next {
             Pending::Nothing => {}
-            Pending::File(index) => self.file = index,
+            Pending::File(index) => {
+                let mut items = HashMap::default();
+                let mut sum: Hash = 0;
+                for (h, name) in index.items {
+                    if let Some(svc) = self.current.services.get(&name)
+                        && items.insert(h, svc.clone()).is_none()
+                    {
+                        sum = sum.wrapping_add(h);
+                    }
+                }
+                self.file = FileIndex {
+                    whole: index.whole,
+                    workloads: index.workloads,
+                    items,
+                    sum,
+                };
+            }
             Pending::FileDelta {
                 whole,
                 removed,
@@ -247,7 +270,10 @@ impl ConfigSource {
                     }
                 }
                 for (h, name) in added {
-                    if self.file.items.insert(h, name).is_none() {
+                    let Some(svc) = self.current.services.get(&name) else {
+                        continue;
+                    };
+                    if self.file.items.insert(h, svc.clone()).is_none() {
                         self.file.sum = self.file.sum.wrapping_add(h);
                     }
                 }
@@ -407,7 +433,7 @@ impl ConfigSource {
         }
         let released: HashSet<&str> = removed
             .iter()
-            .map(|h| self.file.items[h].as_str())
+            .map(|h| self.file.items[h].name.as_str())
             .collect();
         let mut update = Update::default();
         for name in &released {
@@ -425,7 +451,7 @@ impl ConfigSource {
                         || self
                             .frontends
                             .get(&key)
-                            .is_some_and(|holder| !released.contains(holder.as_str()))
+                            .is_some_and(|holder| !released.contains(holder.name.as_str()))
                 });
             if clash {
                 return None;
@@ -461,15 +487,14 @@ impl ConfigSource {
         // (this parses the items a second time; it happens when the
         // workloads change or the layout was unusual, not on every change).
         let split = std::str::from_utf8(bytes).ok().and_then(split);
-        let mut index = FileIndex {
+        let mut index = NamedIndex {
             whole: Some(whole),
             workloads: match &split {
                 Some(s) => Some(s.workloads.clone().map_or(0, |r| hash(&bytes[r]))),
                 None if no_workloads => Some(0),
                 None => None,
             },
-            items: HashMap::default(),
-            sum: 0,
+            items: Vec::new(),
         };
         if let Some(split) = split {
             let identities: HashSet<&str> = update
@@ -482,10 +507,7 @@ impl ConfigSource {
             for range in &split.items {
                 let item = &text[range.clone()];
                 if let Some(svc) = parse_item(item, &identities) {
-                    let h = hash(item.as_bytes());
-                    if index.items.insert(h, svc.name).is_none() {
-                        index.sum = index.sum.wrapping_add(h);
-                    }
+                    index.items.push((hash(item.as_bytes()), svc.name));
                 }
             }
         }
@@ -667,7 +689,7 @@ impl ConfigSource {
                             || self
                                 .frontends
                                 .get(&key)
-                                .is_some_and(|holder| !released.contains(holder.as_str()))
+                                .is_some_and(|holder| !released.contains(holder.name.as_str()))
                     });
                 if clash {
                     return self.whole_dir();
