@@ -104,6 +104,8 @@ struct Inner {
     health_watch: BTreeSet<String>,
     /// How long the last load of the source took (for the log).
     load_time: Duration,
+    /// Services changed since memory was last handed back.
+    changed_since_trim: usize,
     draining: Draining,
     reconciler: Reconciler,
     maps: Maps,
@@ -116,6 +118,9 @@ struct Inner {
     /// Services whose backends are all unhealthy, served by panic mode.
     panicking: Vec<String>,
 }
+
+/// Service changes after which freed memory is handed back to the system.
+const TRIM_AFTER: usize = 256;
 
 /// How many decision events the agent keeps for `meshctl events`.
 const EVENTS_KEPT: usize = 4096;
@@ -538,11 +543,13 @@ impl Shared {
             }
             Ok(report)
         });
-        // After a large change, hand the memory it used back; small ones
-        // reuse what the allocator keeps, which is faster.
-        let big = result
+        // After a large change (or many small ones, or a refusal, which may
+        // have parsed a whole file), hand the memory it used back; a small
+        // change reuses what the allocator keeps, which is faster.
+        inner.changed_since_trim += result
             .as_ref()
-            .map_or(true, |r| r.services_changed + r.services_removed >= 256);
+            .map_or(TRIM_AFTER, |r| r.services_changed + r.services_removed);
+        let big = inner.changed_since_trim >= TRIM_AFTER;
         let status = &mut inner.reloads;
         status.last_unix_ms = unix_ms();
         match result {
@@ -596,6 +603,7 @@ impl Shared {
         }
         inner.load_time = Duration::ZERO;
         if big {
+            inner.changed_since_trim = 0;
             release_free_memory();
         }
     }
@@ -699,6 +707,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             source,
             health_watch,
             load_time: Duration::ZERO,
+            changed_since_trim: 0,
             draining: Draining::default(),
             desired,
             reconciler,
