@@ -424,6 +424,31 @@ impl ConfigSource {
         // Every indexed item is still there (the sum of their hashes tells
         // the same items from a repeated one), or find those that are not.
         if matched != self.file.items.len() || matched_sum != self.file.sum {
+            // The usual edit: some services changed in place. Their old
+            // items are the ones holding their current definition, and the
+            // hash sum confirms that nothing else went.
+            let replaced: Vec<&Arc<Service>> = parsed
+                .iter()
+                .filter_map(|(_, svc)| self.current.services.get(&svc.name))
+                .collect();
+            if replaced.len() == parsed.len() && hashes.len() == self.file.items.len() {
+                let gone: Vec<Hash> = self
+                    .file
+                    .items
+                    .iter()
+                    .filter(|(_, svc)| replaced.iter().any(|r| Arc::ptr_eq(r, svc)))
+                    .map(|(h, _)| *h)
+                    .collect();
+                let gone_sum = gone.iter().fold(0u128, |sum, h| sum.wrapping_add(*h));
+                if gone.len() == parsed.len()
+                    && self.file.sum.wrapping_sub(gone_sum) == matched_sum
+                {
+                    removed = gone;
+                }
+            }
+        }
+        if removed.is_empty() && (matched != self.file.items.len() || matched_sum != self.file.sum)
+        {
             let now: HashSet<Hash, ByHash> = hashes.iter().copied().collect();
             if now.len() != hashes.len() {
                 // The same item twice: a duplicate the full parse reports.
