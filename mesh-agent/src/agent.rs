@@ -347,12 +347,9 @@ impl Shared {
         let mut inner = self.lock();
         let inner = &mut *inner;
         let watched = inner.desired.subset(&inner.health_watch);
-        inner.health.observe_outliers(
-            &watched,
-            &inner.reconciler,
-            &mut inner.maps,
-            Instant::now(),
-        )
+        inner
+            .health
+            .observe_outliers(&watched, &inner.reconciler, &mut inner.maps, Instant::now())
     }
 
     /// True when a draining backend is due for removal.
@@ -513,8 +510,7 @@ impl Shared {
             let metric_names: Vec<String> = dirty
                 .iter()
                 .filter(|n| {
-                    watch.contains(**n)
-                        || recorded.binary_search_by(|r| r.as_str().cmp(n)).is_ok()
+                    watch.contains(**n) || recorded.binary_search_by(|r| r.as_str().cmp(n)).is_ok()
                 })
                 .map(|n| n.to_string())
                 .collect();
@@ -529,8 +525,11 @@ impl Shared {
                     self.metrics.health.forget(name, |_| false);
                     continue;
                 };
-                let addrs: BTreeSet<String> =
-                    svc.backends.iter().map(|b| b.socket_addr().to_string()).collect();
+                let addrs: BTreeSet<String> = svc
+                    .backends
+                    .iter()
+                    .map(|b| b.socket_addr().to_string())
+                    .collect();
                 self.metrics.health.forget(name, |b| addrs.contains(b));
                 for b in &svc.backends {
                     let health = inner.health.health(&svc.name, b.socket_addr(), now);
@@ -885,7 +884,14 @@ async fn watch(
 fn file_stamp(path: &Path) -> Option<(u64, i64, i64, i64, i64, u64)> {
     use std::os::unix::fs::MetadataExt as _;
     let m = std::fs::metadata(path).ok()?;
-    Some((m.len(), m.mtime(), m.mtime_nsec(), m.ctime(), m.ctime_nsec(), m.ino()))
+    Some((
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+        m.ino(),
+    ))
 }
 
 fn unix_ms() -> u64 {

@@ -16,10 +16,10 @@ use std::path::{Path, PathBuf};
 use serde_saphyr::{Location, MessageFormatter, Spanned};
 
 pub use self::error::{ConfigError, Problem};
-pub use self::source::{ConfigSource, Scope, Update};
 use self::raw::{
     Int, RawBackend, RawConfig, RawHealthCheck, RawOutlier, RawPolicy, RawService, RawWorkload,
 };
+pub use self::source::{ConfigSource, Scope, Update};
 use crate::state::{
     Algorithm, Backend, BackendState, CheckKind, DesiredState, HealthCheck, OutlierDetection,
     PanicMode, Policy, Protocol, Service, Workload,

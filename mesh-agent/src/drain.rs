@@ -35,7 +35,8 @@ impl Draining {
             .iter()
             .map(|svc| {
                 let before = previous.services.iter().find(|p| p.name == svc.name);
-                let merged = self.merge_service(&svc.name, before, Some(&Arc::new(svc.clone())), now);
+                let merged =
+                    self.merge_service(&svc.name, before, Some(&Arc::new(svc.clone())), now);
                 (*merged.expect("the service is in the source")).clone()
             })
             .collect();
@@ -92,7 +93,11 @@ impl Draining {
                     }))
         });
         let source = source?;
-        let mut lingering = self.lingering.iter().filter(|l| l.service == name).peekable();
+        let mut lingering = self
+            .lingering
+            .iter()
+            .filter(|l| l.service == name)
+            .peekable();
         if lingering.peek().is_none() {
             return Some(source.clone());
         }

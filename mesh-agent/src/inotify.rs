@@ -67,9 +67,7 @@ impl Inotify {
             let mut guard = self.fd.readable().await?;
             let result = guard.try_io(|fd| {
                 // SAFETY: reading into our own buffer.
-                let n = unsafe {
-                    libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len())
-                };
+                let n = unsafe { libc::read(fd.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len()) };
                 if n < 0 {
                     Err(io::Error::last_os_error())
                 } else {

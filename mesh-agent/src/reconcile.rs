@@ -398,8 +398,10 @@ impl Reconciler {
     }
 
     fn commit(&mut self, plan: Plan) {
-        self.service_ids.commit(plan.service_ids_next, &plan.new_service_ids);
-        self.backend_ids.commit(plan.backend_ids_next, &plan.new_backends);
+        self.service_ids
+            .commit(plan.service_ids_next, &plan.new_service_ids);
+        self.backend_ids
+            .commit(plan.backend_ids_next, &plan.new_backends);
         for (key, new) in plan.services {
             let old = match new {
                 Some(new) => {
@@ -634,10 +636,7 @@ pub fn service_keys(svc: &Service) -> impl Iterator<Item = ServiceKey> + '_ {
 
 /// Identity ids: kept for names seen before, fresh ones for new names.
 fn identity_ids(workloads: &[Workload], previous: &BTreeMap<String, u32>) -> BTreeMap<String, u32> {
-    let names: BTreeSet<&str> = workloads
-        .iter()
-        .map(|w| w.identity.as_str())
-        .collect();
+    let names: BTreeSet<&str> = workloads.iter().map(|w| w.identity.as_str()).collect();
     let pool = IdPool::from_used(previous.values().copied(), u32::MAX);
     let mut ids = pool.allocator();
     names

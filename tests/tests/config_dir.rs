@@ -28,7 +28,11 @@ fn service(name: &str, vip: SocketAddr, backend: SocketAddr) -> String {
 
 #[test]
 fn a_directory_serves_its_files_applies_changes_and_refuses_bad_files() -> Result<()> {
-    let (one, two, three) = (TestBackend::new(1)?, TestBackend::new(2)?, TestBackend::new(3)?);
+    let (one, two, three) = (
+        TestBackend::new(1)?,
+        TestBackend::new(2)?,
+        TestBackend::new(3)?,
+    );
     let cgroup = TestCgroup::new("confd")?;
     let (vip_a, vip_b) = (vip(1), vip(2));
     let agent = Agent::start_dir(
@@ -60,7 +64,10 @@ fn a_directory_serves_its_files_applies_changes_and_refuses_bad_files() -> Resul
     // A broken file is refused, named, and the last good state serves on.
     agent.write_file("c.yaml", "services:\n  - name: 'web-c\n")?;
     let status = agent.wait_for_reload_failures(1, WAIT)?;
-    let error = status["last_reload_error"].as_str().unwrap_or_default().to_owned();
+    let error = status["last_reload_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     let c = agent.config_path().join("c.yaml").display().to_string();
     assert!(error.starts_with(&format!("{c}:2:")), "{error}");
     assert_eq!(run_probe(&cgroup, vip_a, 4)?.id_count(1), 4);
@@ -69,10 +76,15 @@ fn a_directory_serves_its_files_applies_changes_and_refuses_bad_files() -> Resul
     // A name another file already uses is refused naming both files.
     agent.write_file("c.yaml", &service("web-a", vip(3), two.addr()))?;
     let status = agent.wait_for_reload_failures(2, WAIT)?;
-    let error = status["last_reload_error"].as_str().unwrap_or_default().to_owned();
+    let error = status["last_reload_error"]
+        .as_str()
+        .unwrap_or_default()
+        .to_owned();
     let a = agent.config_path().join("a.yaml").display().to_string();
     assert!(
-        error.starts_with(&format!("{c}:2:11: service name 'web-a' is already used in {a} on line 2")),
+        error.starts_with(&format!(
+            "{c}:2:11: service name 'web-a' is already used in {a} on line 2"
+        )),
         "{error}"
     );
 

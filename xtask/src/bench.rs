@@ -233,11 +233,17 @@ pub fn run(args: BenchArgs) -> Result<()> {
                 "{} at commit `{}`{} on {}{}",
                 new.id,
                 results.meta.commit,
-                if results.meta.dirty { " plus uncommitted changes" } else { "" },
+                if results.meta.dirty {
+                    " plus uncommitted changes"
+                } else {
+                    ""
+                },
                 results.meta.date_utc,
                 if results.meta.quick { " (--quick)" } else { "" },
             );
-            base.meta.merged.retain(|m| !m.starts_with(&format!("{} at ", new.id)));
+            base.meta
+                .merged
+                .retain(|m| !m.starts_with(&format!("{} at ", new.id)));
             base.meta.merged.push(note);
             match base.scenarios.iter_mut().find(|s| s.id == new.id) {
                 Some(old) => *old = new,

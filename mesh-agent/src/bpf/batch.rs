@@ -80,7 +80,10 @@ fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
 /// True when the error means "no batch operations here" rather than a
 /// failure of one element.
 fn unsupported(e: &io::Error) -> bool {
-    matches!(e.raw_os_error(), Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP))
+    matches!(
+        e.raw_os_error(),
+        Some(libc::EINVAL | libc::EOPNOTSUPP | ENOTSUPP)
+    )
 }
 
 /// Writes `keys[i] → values[i]` for every i, in order (`BPF_ANY`).

@@ -29,7 +29,8 @@ fn spanned<T>(value: T) -> Spanned<T> {
 /// number, boolean or null in any YAML schema.
 fn plain_string(v: &str) -> Option<String> {
     let ok = !v.is_empty()
-        && v.bytes().all(|b| b.is_ascii_alphanumeric() || b".-_:/".contains(&b))
+        && v.bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b".-_:/".contains(&b))
         && v.as_bytes()[0].is_ascii_alphanumeric()
         && !v.ends_with(':')
         && !v.contains(": ")
@@ -194,12 +195,16 @@ pub(super) fn item(text: &str) -> Option<Spanned<RawService>> {
             "vip" => set(&mut raw.vip, plain_string(scalar(value)?).map(spanned))?,
             "port" => set(&mut raw.port, plain_int(scalar(value)?).map(spanned))?,
             "protocol" => set(&mut raw.protocol, plain_string(scalar(value)?).map(spanned))?,
-            "algorithm" => set(&mut raw.algorithm, plain_string(scalar(value)?).map(spanned))?,
-            "panic_mode" => set(&mut raw.panic_mode, plain_string(scalar(value)?).map(spanned))?,
+            "algorithm" => set(
+                &mut raw.algorithm,
+                plain_string(scalar(value)?).map(spanned),
+            )?,
+            "panic_mode" => set(
+                &mut raw.panic_mode,
+                plain_string(scalar(value)?).map(spanned),
+            )?,
             "allow_empty" => set(&mut raw.allow_empty, plain_bool(scalar(value)?))?,
-            "destroy_on_removal" => {
-                set(&mut raw.destroy_on_removal, plain_bool(scalar(value)?))?
-            }
+            "destroy_on_removal" => set(&mut raw.destroy_on_removal, plain_bool(scalar(value)?))?,
             "affinity" => set(&mut raw.affinity, plain_bool(scalar(value)?))?,
             "drain_timeout_seconds" => set(
                 &mut raw.drain_timeout_seconds,
@@ -234,7 +239,9 @@ mod tests {
         let raw: Vec<Spanned<RawService>> =
             serde_saphyr::from_str_with_options(text, super::super::parse_options()).ok()?;
         let [raw] = <[_; 1]>::try_from(raw).ok()?;
-        super::super::service(raw, &HashSet::new()).ok().map(|s| s.0)
+        super::super::service(raw, &HashSet::new())
+            .ok()
+            .map(|s| s.0)
     }
 
     fn fast(text: &str) -> Option<Option<crate::state::Service>> {

@@ -229,11 +229,9 @@ impl ConfigSource {
                 }
             }
         }
-        for new in update.services.values() {
-            if let Some(svc) = new {
-                for &proto in svc.protocol.ip_protocols() {
-                    self.frontends.insert((svc.frontend(), proto), svc.clone());
-                }
+        for svc in update.services.values().flatten() {
+            for &proto in svc.protocol.ip_protocols() {
+                self.frontends.insert((svc.frontend(), proto), svc.clone());
             }
         }
         if let Some(workloads) = update.workloads {
@@ -326,7 +324,10 @@ impl ConfigSource {
                     hashes.push(h);
                     if !self.file.items.contains_key(&h) {
                         // Parsed at once: no copy of the text is kept.
-                        match std::str::from_utf8(bytes).ok().and_then(|t| parse_item(t, &identities)) {
+                        match std::str::from_utf8(bytes)
+                            .ok()
+                            .and_then(|t| parse_item(t, &identities))
+                        {
                             Some(svc) => new_items.push((h, svc)),
                             None => return false,
                         }
@@ -344,7 +345,9 @@ impl ConfigSource {
             }
             let n = std::io::Read::read(&mut file, &mut buf[filled..]).map_err(read_error)?;
             let fresh = &buf[filled..filled + n];
-            if plain && (memchr::memchr3(b'&', b'*', b'\t', fresh).is_some() || fresh.contains(&b'\r')) {
+            if plain
+                && (memchr::memchr3(b'&', b'*', b'\t', fresh).is_some() || fresh.contains(&b'\r'))
+            {
                 plain = false;
             }
             filled += n;
@@ -440,8 +443,7 @@ impl ConfigSource {
                     .map(|(h, _)| *h)
                     .collect();
                 let gone_sum = gone.iter().fold(0u128, |sum, h| sum.wrapping_add(*h));
-                if gone.len() == parsed.len()
-                    && self.file.sum.wrapping_sub(gone_sum) == matched_sum
+                if gone.len() == parsed.len() && self.file.sum.wrapping_sub(gone_sum) == matched_sum
                 {
                     removed = gone;
                 }
@@ -454,7 +456,13 @@ impl ConfigSource {
                 // The same item twice: a duplicate the full parse reports.
                 return None;
             }
-            removed.extend(self.file.items.keys().filter(|h| !now.contains(*h)).copied());
+            removed.extend(
+                self.file
+                    .items
+                    .keys()
+                    .filter(|h| !now.contains(*h))
+                    .copied(),
+            );
         }
         let released: HashSet<&str> = removed
             .iter()
@@ -487,10 +495,17 @@ impl ConfigSource {
         let mut new_items = Vec::with_capacity(parsed.len());
         for (h, svc) in parsed {
             new_items.push((h, svc.name.clone()));
-            if self.current.services.get(&svc.name).is_some_and(|old| **old == svc) {
+            if self
+                .current
+                .services
+                .get(&svc.name)
+                .is_some_and(|old| **old == svc)
+            {
                 update.services.remove(&svc.name);
             } else {
-                update.services.insert(svc.name.clone(), Some(Arc::new(svc)));
+                update
+                    .services
+                    .insert(svc.name.clone(), Some(Arc::new(svc)));
             }
         }
         update.next = Pending::FileDelta {
@@ -546,10 +561,17 @@ impl ConfigSource {
         let mut seen = HashSet::with_capacity(state.services.len());
         for svc in state.services {
             seen.insert(svc.name.clone());
-            if self.current.services.get(&svc.name).is_some_and(|old| **old == svc) {
+            if self
+                .current
+                .services
+                .get(&svc.name)
+                .is_some_and(|old| **old == svc)
+            {
                 continue;
             }
-            update.services.insert(svc.name.clone(), Some(Arc::new(svc)));
+            update
+                .services
+                .insert(svc.name.clone(), Some(Arc::new(svc)));
         }
         for name in self.current.services.keys() {
             if !seen.contains(name) {
@@ -726,10 +748,17 @@ impl ConfigSource {
             entry.names = services.iter().map(|l| l.service.name.clone()).collect();
             for l in services {
                 let svc = l.service;
-                if self.current.services.get(&svc.name).is_some_and(|old| **old == svc) {
+                if self
+                    .current
+                    .services
+                    .get(&svc.name)
+                    .is_some_and(|old| **old == svc)
+                {
                     update.services.remove(&svc.name);
                 } else {
-                    update.services.insert(svc.name.clone(), Some(Arc::new(svc)));
+                    update
+                        .services
+                        .insert(svc.name.clone(), Some(Arc::new(svc)));
                 }
             }
         }
@@ -940,7 +969,9 @@ impl Splitter {
         {
             return Some(Mark::Same);
         }
-        let rest = std::str::from_utf8(&line[indent..]).ok()?.trim_end_matches('\n');
+        let rest = std::str::from_utf8(&line[indent..])
+            .ok()?
+            .trim_end_matches('\n');
         if rest.is_empty() || rest.starts_with('#') {
             return Some(Mark::Same);
         }
@@ -951,7 +982,8 @@ impl Splitter {
                 after.is_empty() || after.starts_with('#')
             })
         };
-        if indent == 0 && !(self.section == Section::Services && self.item_indent == Some(0) && dash)
+        if indent == 0
+            && !(self.section == Section::Services && self.item_indent == Some(0) && dash)
         {
             if top_key("services:") && !self.seen_services {
                 self.seen_services = true;
@@ -1006,7 +1038,13 @@ mod tests {
     fn plain_files_split_into_items() {
         let text = "# header\nservices:\n  - name: a\n    port: 1\n\n  # about b\n  - name: b\n    backends: [{address: 1.2.3.4, port: 5}]\nworkloads:\n  - name: w\n    cgroup: /x\n";
         let (w, items) = pieces(text).unwrap();
-        assert_eq!(items, ["  - name: a\n    port: 1\n\n  # about b\n", "  - name: b\n    backends: [{address: 1.2.3.4, port: 5}]\n"]);
+        assert_eq!(
+            items,
+            [
+                "  - name: a\n    port: 1\n\n  # about b\n",
+                "  - name: b\n    backends: [{address: 1.2.3.4, port: 5}]\n"
+            ]
+        );
         assert_eq!(w, Some("workloads:\n  - name: w\n    cgroup: /x\n"));
         let (_, items) = pieces("services:\n- name: a\n  port: 1\n- name: b\n").unwrap();
         assert_eq!(items, ["- name: a\n  port: 1\n", "- name: b\n"]);
@@ -1032,7 +1070,9 @@ mod tests {
     }
 
     fn service_yaml(name: &str, vip: &str, port: u16) -> String {
-        format!("  - name: {name}\n    vip: {vip}\n    port: 80\n    backends: [{{address: 127.0.0.1, port: {port}}}]\n")
+        format!(
+            "  - name: {name}\n    vip: {vip}\n    port: 80\n    backends: [{{address: 127.0.0.1, port: {port}}}]\n"
+        )
     }
 
     fn temp_dir(tag: &str) -> PathBuf {
@@ -1081,7 +1121,11 @@ mod tests {
         // way and gets its exact message.
         std::fs::write(
             &path,
-            format!("services:\n{}{}", service_yaml("a", "10.0.0.1", 1), service_yaml("c", "10.0.0.3", 3)),
+            format!(
+                "services:\n{}{}",
+                service_yaml("a", "10.0.0.1", 1),
+                service_yaml("c", "10.0.0.3", 3)
+            ),
         )
         .unwrap();
         let update = source.load(&Scope::All).unwrap();
@@ -1100,11 +1144,18 @@ mod tests {
         // An item repeated in place of another is a duplicate, not a no-op.
         std::fs::write(
             &path,
-            format!("services:\n{}{}", service_yaml("a", "10.0.0.1", 1), service_yaml("a", "10.0.0.1", 1)),
+            format!(
+                "services:\n{}{}",
+                service_yaml("a", "10.0.0.1", 1),
+                service_yaml("a", "10.0.0.1", 1)
+            ),
         )
         .unwrap();
         let err = source.load(&Scope::All).unwrap_err().to_string();
-        assert!(err.contains(":6:11: service name 'a' is already used on line 2"), "{err}");
+        assert!(
+            err.contains(":6:11: service name 'a' is already used on line 2"),
+            "{err}"
+        );
         std::fs::write(
             &path,
             format!(
@@ -1116,15 +1167,28 @@ mod tests {
         )
         .unwrap();
         let err = source.load(&Scope::All).unwrap_err().to_string();
-        assert!(err.contains(":11:10: service 'd' uses 10.0.0.1:80/tcp, which service 'a' already uses"), "{err}");
+        assert!(
+            err.contains(
+                ":11:10: service 'd' uses 10.0.0.1:80/tcp, which service 'a' already uses"
+            ),
+            "{err}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]
     fn a_directory_combines_its_files_and_rereads_only_changed_ones() {
         let dir = temp_dir("dir");
-        std::fs::write(dir.join("a.yaml"), format!("services:\n{}", service_yaml("a", "10.0.0.1", 1))).unwrap();
-        std::fs::write(dir.join("b.yaml"), format!("services:\n{}", service_yaml("b", "10.0.0.2", 2))).unwrap();
+        std::fs::write(
+            dir.join("a.yaml"),
+            format!("services:\n{}", service_yaml("a", "10.0.0.1", 1)),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("b.yaml"),
+            format!("services:\n{}", service_yaml("b", "10.0.0.2", 2)),
+        )
+        .unwrap();
         std::fs::write(dir.join("notes.txt"), "not yaml").unwrap();
         let mut source = ConfigSource::new(&dir);
         assert!(source.is_dir());
@@ -1132,17 +1196,29 @@ mod tests {
         assert_eq!(names(&update), [("a".into(), true), ("b".into(), true)]);
         source.commit(update);
         // inotify named b.yaml only.
-        std::fs::write(dir.join("b.yaml"), format!("services:\n{}", service_yaml("b", "10.0.0.2", 7))).unwrap();
-        let update = source.load(&Scope::Paths(vec![dir.join("b.yaml")])).unwrap();
+        std::fs::write(
+            dir.join("b.yaml"),
+            format!("services:\n{}", service_yaml("b", "10.0.0.2", 7)),
+        )
+        .unwrap();
+        let update = source
+            .load(&Scope::Paths(vec![dir.join("b.yaml")]))
+            .unwrap();
         assert_eq!(names(&update), [("b".into(), true)]);
         source.commit(update);
         // A name used in another file is refused, naming both files.
-        std::fs::write(dir.join("c.yaml"), format!("services:\n{}", service_yaml("a", "10.0.0.9", 1))).unwrap();
+        std::fs::write(
+            dir.join("c.yaml"),
+            format!("services:\n{}", service_yaml("a", "10.0.0.9", 1)),
+        )
+        .unwrap();
         let err = source.load(&Scope::All).unwrap_err().to_string();
         let c = dir.join("c.yaml").display().to_string();
         let a = dir.join("a.yaml").display().to_string();
         assert!(
-            err.starts_with(&format!("{c}:2:11: service name 'a' is already used in {a} on line 2")),
+            err.starts_with(&format!(
+                "{c}:2:11: service name 'a' is already used in {a} on line 2"
+            )),
             "{err}"
         );
         // A broken file is refused with its name and position.
@@ -1159,7 +1235,11 @@ mod tests {
     #[test]
     fn policies_may_name_identities_of_other_files() {
         let dir = temp_dir("ids");
-        std::fs::write(dir.join("w.yaml"), "workloads:\n  - name: frontend\n    cgroup: /sys/fs/cgroup/f\n").unwrap();
+        std::fs::write(
+            dir.join("w.yaml"),
+            "workloads:\n  - name: frontend\n    cgroup: /sys/fs/cgroup/f\n",
+        )
+        .unwrap();
         std::fs::write(
             dir.join("s.yaml"),
             "services:\n  - name: web\n    vip: 10.0.0.1\n    port: 80\n    policy: {default: deny, allow: [frontend]}\n    backends: [{address: 127.0.0.1, port: 1}]\n",
@@ -1175,7 +1255,10 @@ mod tests {
         )
         .unwrap();
         let err = source.load(&Scope::All).unwrap_err().to_string();
-        assert!(err.contains("identity 'frontnd' in the policy of service 'web'"), "{err}");
+        assert!(
+            err.contains("identity 'frontnd' in the policy of service 'web'"),
+            "{err}"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 
@@ -1197,7 +1280,11 @@ mod tests {
                 );
                 for j in 0..10 {
                     let sep = if j < 9 { ", " } else { "" };
-                    let port = if changed == Some(i) && j == 0 { 9000 } else { 8080 };
+                    let port = if changed == Some(i) && j == 0 {
+                        9000
+                    } else {
+                        8080
+                    };
                     let _ = write!(y, "{{address: 10.200.0.{}, port: {port}}}{sep}", j + 1);
                 }
                 y.push_str("]\n");
@@ -1251,9 +1338,14 @@ mod tests {
         let hs: Vec<Hash> = sp.items.iter().map(|r| hash(&bytes[r.clone()])).collect();
         let t_items = t.elapsed();
         let t = Instant::now();
-        let n = hs.iter().filter(|h| source.file.items.contains_key(*h)).count();
+        let n = hs
+            .iter()
+            .filter(|h| source.file.items.contains_key(*h))
+            .count();
         let t_lookup = t.elapsed();
-        eprintln!("read {t_read:?} utf8 {t_utf8:?} hash {t_hash:?} split {t_split:?} item hashes {t_items:?} lookups {t_lookup:?} ({n})");
+        eprintln!(
+            "read {t_read:?} utf8 {t_utf8:?} hash {t_hash:?} split {t_split:?} item hashes {t_items:?} lookups {t_lookup:?} ({n})"
+        );
         let _ = std::fs::remove_dir_all(&dir);
     }
 }

@@ -11,7 +11,9 @@ use std::time::{Duration, Instant};
 use anyhow::{Result, bail};
 
 use super::env::Cgroup;
-use super::peers::{BACKEND_PORT, BACKENDS_PER_SERVICE, MeshAgent, VIP_PORT, backend, mesh_config, vip};
+use super::peers::{
+    BACKEND_PORT, BACKENDS_PER_SERVICE, MeshAgent, VIP_PORT, backend, mesh_config, vip,
+};
 use super::results::{Row, ScenarioResult, Status};
 use super::{Ctx, Scenario};
 use crate::util::step;
@@ -157,7 +159,11 @@ fn service_file(i: u32, changed: Option<u32>) -> String {
             ),
             _ => backend(j),
         };
-        let sep = if j + 1 < BACKENDS_PER_SERVICE { ", " } else { "" };
+        let sep = if j + 1 < BACKENDS_PER_SERVICE {
+            ", "
+        } else {
+            ""
+        };
         let _ = write!(y, "{{address: {addr}, port: {BACKEND_PORT}}}{sep}");
     }
     y.push_str("]\n");
