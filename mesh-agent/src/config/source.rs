@@ -958,7 +958,17 @@ pub(super) struct Splitter {
 impl Splitter {
     /// The mark of one line (with its newline), or None when the file is
     /// not laid out plainly enough to split.
+    #[inline]
     pub(super) fn line(&mut self, line: &[u8]) -> Option<Mark> {
+        // The common case first: a line more indented than the items.
+        if self.in_item
+            && self.section == Section::Services
+            && let Some(n) = self.item_indent
+            && line.len() > n + 1
+            && line[..=n].iter().all(|&b| b == b' ')
+        {
+            return Some(Mark::Same);
+        }
         let indent = line.iter().take_while(|&&b| b == b' ').count();
         // Most lines continue an item: settle those at once.
         if indent > 0
