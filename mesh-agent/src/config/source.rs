@@ -354,6 +354,17 @@ impl ConfigSource {
             let eof = n == 0;
             if plain {
                 let base = scan;
+                // Whole lines only, so no character is cut in two.
+                let complete = if eof {
+                    filled
+                } else {
+                    memchr::memrchr(b'\n', &buf[base..filled]).map_or(base, |i| base + i + 1)
+                };
+                if std::str::from_utf8(&buf[base..complete]).is_err() {
+                    // The whole-file read reports it.
+                    plain = false;
+                    break;
+                }
                 let ends = memchr::memchr_iter(b'\n', &buf[base..filled])
                     .map(|i| base + i + 1)
                     .chain((eof && scan < filled).then_some(filled));
@@ -519,8 +530,12 @@ impl ConfigSource {
     /// The whole file through the whole-file parser: exact errors, and the
     /// layouts the item shortcut does not take.
     fn whole_file(&self, bytes: &[u8], whole: Hash, origin: &str) -> Result<Update, ConfigError> {
-        let text = String::from_utf8_lossy(bytes);
-        let state = parse_str(&text, origin)?;
+        // As `read_to_string` always said of a file that is not UTF-8.
+        let text = std::str::from_utf8(bytes).map_err(|e| ConfigError::Read {
+            file: origin.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })?;
+        let state = parse_str(text, origin)?;
         let no_workloads = state.workloads.is_empty();
         let mut update = self.diff(state);
         // Index the items too, so that the next change takes the shortcut
@@ -671,7 +686,7 @@ impl ConfigSource {
                     workloads: Vec::new(),
                 },
             );
-            changed.insert(name.clone(), String::from_utf8_lossy(&bytes).into_owned());
+            changed.insert(name.clone(), utf8(bytes, &path)?);
         }
         if changed.is_empty() && gone.is_empty() {
             return Ok(Update {
@@ -795,7 +810,7 @@ impl ConfigSource {
                     workloads: Vec::new(),
                 },
             );
-            texts.insert(name.clone(), String::from_utf8_lossy(&bytes).into_owned());
+            texts.insert(name.clone(), utf8(bytes, &path)?);
         }
         let origin = |name: &str| self.path.join(name).display().to_string();
         // Workloads first: every file's policies may name any identity.
@@ -870,6 +885,14 @@ impl ConfigSource {
         update.next = Pending::Dir(files);
         Ok(update)
     }
+}
+
+/// A file's text, or the error `read_to_string` gives for one not in UTF-8.
+fn utf8(bytes: Vec<u8>, path: &Path) -> Result<String, ConfigError> {
+    String::from_utf8(bytes).map_err(|e| ConfigError::Read {
+        file: path.display().to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })
 }
 
 /// A directory's config files: `*.yaml`, not hidden (editors' and
@@ -979,17 +1002,19 @@ impl Splitter {
         {
             return Some(Mark::Same);
         }
-        let rest = std::str::from_utf8(&line[indent..])
-            .ok()?
-            .trim_end_matches('\n');
-        if rest.is_empty() || rest.starts_with('#') {
+        // Bytes, not text: UTF-8 is checked where a piece is parsed.
+        let rest = line[indent..]
+            .strip_suffix(b"\n")
+            .unwrap_or(&line[indent..]);
+        if rest.is_empty() || rest[0] == b'#' {
             return Some(Mark::Same);
         }
-        let dash = rest == "-" || rest.starts_with("- ");
+        let dash = rest == b"-" || rest.starts_with(b"- ");
         let top_key = |key: &str| -> bool {
-            rest.strip_prefix(key).is_some_and(|after| {
-                let after = after.trim_start_matches(' ');
-                after.is_empty() || after.starts_with('#')
+            rest.strip_prefix(key.as_bytes()).is_some_and(|after| {
+                let spaces = after.iter().take_while(|&&b| b == b' ').count();
+                let after = &after[spaces..];
+                after.is_empty() || after[0] == b'#'
             })
         };
         if indent == 0
@@ -1187,6 +1212,24 @@ mod tests {
     }
 
     #[test]
+    fn a_file_that_is_not_utf8_cannot_be_read_as_before() {
+        let dir = temp_dir("utf8");
+        let path = dir.join("mesh.yaml");
+        let mut bytes = format!("services:\n{}", service_yaml("a", "10.0.0.1", 1)).into_bytes();
+        bytes.extend_from_slice(b"# \xff\n");
+        std::fs::write(&path, bytes).unwrap();
+        let err = ConfigSource::new(&path)
+            .load(&Scope::All)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!("{}: cannot read: ", path.display())),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
     fn a_directory_combines_its_files_and_rereads_only_changed_ones() {
         let dir = temp_dir("dir");
         std::fs::write(
@@ -1341,6 +1384,9 @@ mod tests {
         let t = Instant::now();
         let _ = hash(&bytes);
         let t_hash = t.elapsed();
+        let t = Instant::now();
+        let lines = memchr::memchr_iter(b'\n', &bytes).count();
+        eprintln!("counting {lines} newlines: {:?}", t.elapsed());
         let t = Instant::now();
         let sp = split(text).unwrap();
         let t_split = t.elapsed();
