@@ -2,7 +2,7 @@
 //! the admin API, and reload on SIGHUP or when the file changes.
 
 use std::{
-    collections::VecDeque,
+    collections::{BTreeMap, BTreeSet, VecDeque},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
@@ -15,7 +15,7 @@ use tracing::{error, info, warn};
 use crate::{
     admin::{self, BackendView, EventsResponse, ServiceView, ServicesResponse, StatusResponse},
     bpf::{self, BpfError, Datapath, MapSizes, Maps, PinLayout},
-    config::{self, ConfigError},
+    config::{ConfigError, ConfigSource, Scope, Update},
     destroy,
     drain::Draining,
     events::{self, EventFilter},
@@ -23,9 +23,9 @@ use crate::{
     health::HealthMonitor,
     metrics::{KernelMaps, Metrics, MetricsError},
     overrides::{Action, OverrideError, Overrides},
-    reconcile::{Capacity, ReconcileError, Reconciler, service_keys},
+    reconcile::{ApplyReport, Capacity, ReconcileError, Reconciler, service_keys},
     redirect::{Redirect, RedirectError, RedirectHandle, RedirectOptions},
-    state::DesiredState,
+    state::{DesiredState, Service, ServiceSet},
 };
 
 /// Default mark of the agent's own sockets ("MESH"); the programs skip them.
@@ -39,6 +39,9 @@ pub struct AgentOptions {
     pub bpffs: PathBuf,
     pub admin_socket: PathBuf,
     pub watch_interval: Duration,
+    /// Watch the config with inotify (changes apply at once); the poll
+    /// every `watch_interval` is the fallback.
+    pub inotify: bool,
     pub socket_mark: u32,
     pub map_sizes: MapSizes,
     /// Whether the kernel reports every decision on the event ring buffer.
@@ -90,10 +93,19 @@ pub struct Shared {
 }
 
 struct Inner {
-    /// What the kernel holds: the source plus backends still draining.
-    desired: DesiredState,
-    /// The last configuration accepted from the source.
-    source: DesiredState,
+    /// What the kernel holds: the source plus backends still draining,
+    /// overrides and health, by service name.
+    desired: ServiceSet,
+    /// Where the configuration comes from; `current()` is the last
+    /// configuration accepted from it.
+    source: ConfigSource,
+    /// Services whose effective state backend health can change (they
+    /// have, or had, health checks or outlier detection).
+    health_watch: BTreeSet<String>,
+    /// How long the last load of the source took (for the log).
+    load_time: Duration,
+    /// Services changed since memory was last handed back.
+    changed_since_trim: usize,
     draining: Draining,
     reconciler: Reconciler,
     maps: Maps,
@@ -106,6 +118,9 @@ struct Inner {
     /// Services whose backends are all unhealthy, served by panic mode.
     panicking: Vec<String>,
 }
+
+/// Service changes after which freed memory is handed back to the system.
+const TRIM_AFTER: usize = 256;
 
 /// How many decision events the agent keeps for `meshctl events`.
 const EVENTS_KEPT: usize = 4096;
@@ -182,7 +197,6 @@ impl Shared {
         let inner = self.lock();
         let services = inner
             .desired
-            .services
             .iter()
             .map(|svc| {
                 // A `both` service has one kernel entry per protocol.
@@ -304,10 +318,10 @@ impl Shared {
             let inner = &mut *inner;
             inner
                 .overrides
-                .set(&inner.source, backend, service, action)?
+                .set_in(inner.source.current().iter(), backend, service, action)?
         };
         info!(%backend, ?action, services = ?touched, "runtime override");
-        self.reapply();
+        self.reapply(touched.iter().cloned().collect());
         Ok(touched)
     }
 
@@ -332,12 +346,10 @@ impl Shared {
     fn observe_outliers(&self) -> bool {
         let mut inner = self.lock();
         let inner = &mut *inner;
-        inner.health.observe_outliers(
-            &inner.desired,
-            &inner.reconciler,
-            &mut inner.maps,
-            Instant::now(),
-        )
+        let watched = inner.desired.subset(&inner.health_watch);
+        inner
+            .health
+            .observe_outliers(&watched, &inner.reconciler, &mut inner.maps, Instant::now())
     }
 
     /// True when a draining backend is due for removal.
@@ -345,34 +357,180 @@ impl Shared {
         self.lock().draining.has_expired(Instant::now())
     }
 
-    /// Applies the last accepted configuration again (after a drain ends).
-    fn reapply(&self) {
-        let source = self.lock().source.clone();
-        self.apply(Ok(source));
+    /// Applies the last accepted configuration again to `services` (after
+    /// an override), and to every service a drain or backend health may
+    /// have changed; the others are not looked at.
+    fn reapply(&self, services: BTreeSet<String>) {
+        let mut inner = self.lock();
+        self.apply(&mut inner, Ok(None), services);
     }
 
-    /// Applies a new desired state, or records why it was refused.
-    fn apply(&self, source: Result<DesiredState, ConfigError>) {
+    /// Reads the configuration again (`scope`: all of it, or the files
+    /// inotify named) and applies what changed.
+    fn reload(&self, scope: &Scope) {
         let mut inner = self.lock();
-        let inner = &mut *inner;
-        let result = source.map_err(AgentError::from).and_then(|source| {
-            let mut draining = inner.draining.clone();
+        let started = Instant::now();
+        let update = inner.source.load(scope);
+        inner.load_time = started.elapsed();
+        if matches!(&update, Ok(u) if u.is_empty()) && matches!(scope, Scope::Paths(_)) {
+            // Nothing of ours changed (e.g. an editor's temporary file).
+            return;
+        }
+        self.apply(&mut inner, update.map(Some), BTreeSet::new());
+    }
+
+    /// Applies a change of the source (None: none) plus anything due in
+    /// `services`, or records why it was refused. Only services that
+    /// changed are planned and written: the kernel keeps the others as
+    /// they are, with no new generation.
+    fn apply(
+        &self,
+        inner: &mut MutexGuard<'_, Inner>,
+        update: Result<Option<Update>, ConfigError>,
+        services: BTreeSet<String>,
+    ) {
+        let inner = &mut **inner;
+        let started = Instant::now();
+        let result = update.map_err(AgentError::from).and_then(|update| {
+            let update = update.unwrap_or_default();
+            if update.services.len() >= 256 {
+                // Reading a large change left garbage behind; hand it back
+                // before the plan takes its own memory.
+                release_free_memory();
+            }
             let now = Instant::now();
-            let mut effective = draining.merge(&inner.desired, &source, now);
-            inner.overrides.overlay(&mut effective);
-            let panicking = inner.health.overlay(&mut effective, now);
-            let report = self
-                .metrics
-                .reconcile
-                .time_apply(|| inner.reconciler.apply(&effective, &mut inner.maps))
-                .map_err(AgentError::from)?;
-            inner.health.sync(&source);
-            inner.overrides.prune(&source);
-            inner.desired = effective;
-            inner.source = source;
+            // What to look at: the source's changes, and whatever else is due.
+            let mut extra: BTreeSet<String> = services;
+            extra.extend(inner.health_watch.iter().cloned());
+            extra.extend(inner.draining.expired_services(now));
+            if update.workloads.is_some() {
+                // Identities, and so any policy, may have changed.
+                extra.extend(inner.desired.services.keys().cloned());
+                extra.extend(inner.source.current().services.keys().cloned());
+            }
+            let dirty: BTreeSet<&str> = update
+                .services
+                .keys()
+                .chain(extra.iter())
+                .map(String::as_str)
+                .collect();
+            let current = inner.source.current();
+            let source_of = |name: &str| -> Option<&Arc<Service>> {
+                match update.services.get(name) {
+                    Some(new) => new.as_ref(),
+                    None => current.get(name),
+                }
+            };
+            let mut draining = inner.draining.clone();
+            let mut effective: BTreeMap<&str, Option<Arc<Service>>> = BTreeMap::new();
+            for &name in &dirty {
+                let previous = inner.desired.get(name).map(|s| &**s);
+                let merged = draining.merge_service(name, previous, source_of(name), now);
+                let merged = merged.map(|s| inner.overrides.overlay_service(s));
+                effective.insert(name, merged);
+            }
+            let mut watch = inner.health_watch.clone();
+            for (name, new) in &update.services {
+                match new {
+                    Some(svc) if svc.watches_health() => {
+                        watch.insert(name.clone());
+                    }
+                    Some(_) => {}
+                    None => {
+                        watch.remove(name);
+                    }
+                }
+            }
+            // Health marks backends of the watched services unhealthy.
+            let mut watched = DesiredState {
+                services: watch
+                    .iter()
+                    .filter_map(|n| effective.get(n.as_str()).cloned().flatten())
+                    .map(|s| (*s).clone())
+                    .collect(),
+                workloads: Vec::new(),
+            };
+            let panicking = inner.health.overlay(&mut watched, now);
+            for svc in watched.services {
+                if let Some(slot) = effective.get_mut(svc.name.as_str()) {
+                    *slot = Some(Arc::new(svc));
+                }
+            }
+            let changes: Vec<(Option<&Service>, Option<&Service>)> = effective
+                .iter()
+                .map(|(name, new)| (inner.desired.get(name).map(|s| &**s), new.as_deref()))
+                .filter(|(old, new)| old != new)
+                .collect();
+            let workloads = update
+                .workloads
+                .clone()
+                .unwrap_or_else(|| current.workloads.clone());
+            let report = if changes.is_empty() && update.workloads.is_none() {
+                ApplyReport::default()
+            } else {
+                self.metrics
+                    .reconcile
+                    .time_apply(|| {
+                        inner
+                            .reconciler
+                            .apply_changes(&changes, &workloads, &mut inner.maps)
+                    })
+                    .map_err(AgentError::from)?
+            };
+            drop(changes);
+            // Accepted: the source, health checks and overrides follow.
+            let watched_source = DesiredState {
+                services: watch
+                    .iter()
+                    .filter_map(|n| source_of(n))
+                    .map(|s| (**s).clone())
+                    .collect(),
+                workloads: Vec::new(),
+            };
+            inner.health.sync(&watched_source);
+            for &name in &dirty {
+                inner
+                    .overrides
+                    .prune_service(name, source_of(name).map(|s| &**s));
+            }
+            for (name, new) in effective {
+                match (new, inner.desired.services.get_mut(name)) {
+                    (Some(svc), Some(slot)) => *slot = svc,
+                    (Some(svc), None) => {
+                        inner.desired.services.insert(name.to_owned(), svc);
+                    }
+                    (None, _) => {
+                        inner.desired.services.remove(name);
+                    }
+                }
+            }
+            watch.retain(|n| source_of(n).is_some());
+            // Backends whose health metrics may change.
+            let recorded = self.metrics.health.recorded_services();
+            let metric_names: Vec<String> = dirty
+                .iter()
+                .filter(|n| {
+                    watch.contains(**n) || recorded.binary_search_by(|r| r.as_str().cmp(n)).is_ok()
+                })
+                .map(|n| n.to_string())
+                .collect();
+            drop(dirty);
+            inner.desired.workloads = workloads;
+            inner.source.commit(update);
+            inner.health_watch = watch;
             inner.draining = draining;
             inner.panicking = panicking;
-            for svc in &inner.desired.services {
+            for name in &metric_names {
+                let Some(svc) = inner.desired.get(name) else {
+                    self.metrics.health.forget(name, |_| false);
+                    continue;
+                };
+                let addrs: BTreeSet<String> = svc
+                    .backends
+                    .iter()
+                    .map(|b| b.socket_addr().to_string())
+                    .collect();
+                self.metrics.health.forget(name, |b| addrs.contains(b));
                 for b in &svc.backends {
                     let health = inner.health.health(&svc.name, b.socket_addr(), now);
                     self.metrics.health.set_health(
@@ -384,16 +542,25 @@ impl Shared {
             }
             Ok(report)
         });
+        // After a large change (or many small ones, or a refusal, which may
+        // have parsed a whole file), hand the memory it used back; a small
+        // change reuses what the allocator keeps, which is faster.
+        inner.changed_since_trim += result
+            .as_ref()
+            .map_or(TRIM_AFTER, |r| r.services_changed + r.services_removed);
+        let big = inner.changed_since_trim >= TRIM_AFTER;
         let status = &mut inner.reloads;
         status.last_unix_ms = unix_ms();
         match result {
             Ok(report) => {
-                self.metrics.applied(&inner.desired, &inner.reconciler);
+                self.metrics.applied_lazily();
                 status.generation += 1;
                 status.ok += 1;
                 status.last_error = None;
                 info!(
                     generation = status.generation,
+                    load_ms = inner.load_time.as_secs_f64() * 1e3,
+                    apply_ms = started.elapsed().as_secs_f64() * 1e3,
                     changed = report.services_changed,
                     removed = report.services_removed,
                     backends_added = report.backends_added,
@@ -406,19 +573,21 @@ impl Shared {
                         "some stale map entries could not be deleted; retrying on the next reload"
                     );
                 }
-                let cgroup = Path::new(&self.meta.cgroup);
-                match destroy::destroy_sockets(
-                    cgroup,
-                    &report.removed_backends,
-                    &inner.maps.rev_nat,
-                ) {
-                    Ok(0) => {}
-                    Ok(n) => {
-                        status.sockets_destroyed += n as u64;
-                        self.metrics.reconcile.sockets_destroyed(n as u64);
-                        info!(sockets = n, "destroyed sockets of removed backends");
+                if !report.removed_backends.is_empty() {
+                    let cgroup = Path::new(&self.meta.cgroup);
+                    match destroy::destroy_sockets(
+                        cgroup,
+                        &report.removed_backends,
+                        &inner.maps.rev_nat,
+                    ) {
+                        Ok(0) => {}
+                        Ok(n) => {
+                            status.sockets_destroyed += n as u64;
+                            self.metrics.reconcile.sockets_destroyed(n as u64);
+                            info!(sockets = n, "destroyed sockets of removed backends");
+                        }
+                        Err(e) => warn!("could not destroy sockets of removed backends: {e}"),
                     }
-                    Err(e) => warn!("could not destroy sockets of removed backends: {e}"),
                 }
             }
             Err(e) => {
@@ -431,6 +600,21 @@ impl Shared {
                 );
             }
         }
+        inner.load_time = Duration::ZERO;
+        if big {
+            inner.changed_since_trim = 0;
+            release_free_memory();
+        }
+    }
+}
+
+/// Hands memory freed by a large apply (parse trees, plans) back to the
+/// system; glibc keeps it otherwise, and the agent's RSS would stay at its
+/// peak.
+fn release_free_memory() {
+    // SAFETY: malloc_trim only walks glibc's own free lists.
+    unsafe {
+        libc::malloc_trim(0);
     }
 }
 
@@ -439,7 +623,8 @@ impl Shared {
 /// `mesh-agent cleanup` removes them.
 pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     // A bad file at start is fatal: there is no earlier state to keep serving.
-    let desired = config::load_file(&opts.config)?;
+    let mut source = ConfigSource::new(&opts.config);
+    let first = source.load(&Scope::All)?;
     let cgroup = match &opts.cgroup {
         Some(path) => path.clone(),
         None => bpf::cgroup2_mount()?,
@@ -496,25 +681,36 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         );
     }
     let (mut health, health_changes) = HealthMonitor::new(opts.socket_mark);
-    health.sync(&desired);
+    source.commit(first);
+    let desired: ServiceSet = source.current().clone();
+    let health_watch: BTreeSet<String> = desired
+        .iter()
+        .filter(|s| s.watches_health())
+        .map(|s| s.name.clone())
+        .collect();
+    health.sync(&desired.subset(&health_watch));
     metrics
         .kernel
         .attach(KernelMaps::open(&pins.maps_dir())?, capacity);
     let mut reconciler = Reconciler::recover(capacity, &mut maps);
     metrics
         .reconcile
-        .time_apply(|| reconciler.apply(&desired, &mut maps))?;
-    metrics.applied(&desired, &reconciler);
+        .time_apply(|| reconciler.apply_set(desired.iter(), &desired.workloads, &mut maps))?;
+    metrics.applied_lazily();
+    release_free_memory();
     metrics.set_ready();
     info!(
         cgroup = %cgroup.display(),
         bpffs = %opts.bpffs.display(),
-        services = desired.services.len(),
+        services = desired.len(),
         "data path attached"
     );
     let shared = Arc::new(Shared {
         inner: Mutex::new(Inner {
-            source: desired.clone(),
+            source,
+            health_watch,
+            load_time: Duration::ZERO,
+            changed_since_trim: 0,
             draining: Draining::default(),
             desired,
             reconciler,
@@ -542,6 +738,21 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         redirect: redirect.clone(),
         metrics: metrics.clone(),
     });
+    // What the kernel's ids mean, built when Prometheus asks (not on each
+    // apply, which would cost a pass over every backend).
+    {
+        let weak = Arc::downgrade(&shared);
+        metrics.kernel.set_source(Box::new(move || {
+            let shared = weak.upgrade()?;
+            let capacity = shared.metrics.kernel.capacity()?;
+            let inner = shared.lock();
+            Some(crate::metrics::View::build_from(
+                inner.desired.iter(),
+                &inner.reconciler,
+                capacity,
+            ))
+        }));
+    }
     let events_task = {
         let shared = shared.clone();
         let reader = events::Reader::new(ring).map_err(AgentError::Events)?;
@@ -566,7 +777,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let admin_task = admin::serve(&opts.admin_socket, shared.clone()).await?;
     info!(socket = %opts.admin_socket.display(), "ready");
 
-    watch(&opts.config, opts.watch_interval, &shared, health_changes).await?;
+    watch(&opts, &shared, health_changes).await?;
 
     admin_task.abort();
     events_task.abort();
@@ -579,49 +790,112 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// Reloads on SIGHUP and whenever the file's content changes (which also
-/// catches the symlink swap Kubernetes does for ConfigMaps); returns on
-/// SIGTERM or SIGINT.
+/// Reloads on SIGHUP, when inotify reports a change of the config (a
+/// directory: of its files), and whenever the poll sees the file's (or a
+/// directory file's) size, times or inode change, which also catches the
+/// symlink swap Kubernetes does for ConfigMaps; returns on SIGTERM or SIGINT.
 async fn watch(
-    path: &Path,
-    interval: Duration,
+    opts: &AgentOptions,
     shared: &Shared,
     mut health_changes: tokio::sync::mpsc::UnboundedReceiver<()>,
 ) -> Result<(), AgentError> {
+    let path = opts.config.as_path();
     let mut hangup = signal(SignalKind::hangup()).map_err(AgentError::Signal)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
-    let mut ticker = tokio::time::interval(interval);
-    let mut last_seen = std::fs::read(path).ok();
+    let mut ticker = tokio::time::interval(opts.watch_interval);
+    let is_dir = path.is_dir();
+    let inotify = if opts.inotify {
+        // A file is watched through its directory: editors and Kubernetes
+        // replace files by renaming.
+        let dir = if is_dir {
+            path.to_owned()
+        } else {
+            path.parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .unwrap_or(Path::new("."))
+                .to_owned()
+        };
+        match crate::inotify::Inotify::watch(&dir) {
+            Ok(w) => Some(w),
+            Err(e) => {
+                warn!(dir = %dir.display(), "inotify unavailable, polling every {:?}: {e}", opts.watch_interval);
+                None
+            }
+        }
+    } else {
+        None
+    };
+    let mut last_stamp = file_stamp(path);
     loop {
         tokio::select! {
             _ = hangup.recv() => {
                 info!("SIGHUP: reloading {}", path.display());
-                last_seen = std::fs::read(path).ok();
-                shared.apply(config::load_file(path));
+                last_stamp = file_stamp(path);
+                shared.reload(&Scope::All);
+            }
+            events = async { inotify.as_ref().expect("guarded").next().await }, if inotify.is_some() => {
+                match events {
+                    Ok(events) if events.overflow => shared.reload(&Scope::All),
+                    Ok(events) if is_dir => {
+                        if events.others {
+                            shared.reload(&Scope::All);
+                        } else if !events.paths.is_empty() {
+                            shared.reload(&Scope::Paths(events.paths));
+                        }
+                    }
+                    Ok(_) => {
+                        let stamp = file_stamp(path);
+                        if stamp != last_stamp {
+                            info!("{} changed: reloading", path.display());
+                            last_stamp = stamp;
+                            shared.reload(&Scope::All);
+                        }
+                    }
+                    Err(e) => warn!("reading inotify events failed: {e}"),
+                }
             }
             _ = ticker.tick() => {
-                let current = std::fs::read(path).ok();
-                if current != last_seen {
-                    info!("{} changed: reloading", path.display());
-                    last_seen = current;
-                    shared.apply(config::load_file(path));
-                } else if shared.drain_expired() {
-                    info!("drain timeout over: removing drained backends");
-                    shared.reapply();
-                } else if shared.observe_outliers() {
-                    shared.reapply();
+                let changed = if is_dir {
+                    // Without inotify, a directory is scanned each tick
+                    // (one stat per file; only changed files are read).
+                    inotify.is_none()
+                } else {
+                    let stamp = file_stamp(path);
+                    let changed = stamp != last_stamp;
+                    last_stamp = stamp;
+                    changed
+                };
+                if changed {
+                    shared.reload(&Scope::All);
+                } else if shared.drain_expired() || shared.observe_outliers() {
+                    info!("drain timeout over or backend ejected: applying again");
+                    shared.reapply(BTreeSet::new());
                 }
             }
             Some(()) = health_changes.recv() => {
                 // One apply for a burst of health changes.
                 while health_changes.try_recv().is_ok() {}
-                shared.reapply();
+                shared.reapply(BTreeSet::new());
             }
             _ = terminate.recv() => return Ok(()),
             _ = interrupt.recv() => return Ok(()),
         }
     }
+}
+
+/// What tells whether a file changed without reading it (None: missing).
+fn file_stamp(path: &Path) -> Option<(u64, i64, i64, i64, i64, u64)> {
+    use std::os::unix::fs::MetadataExt as _;
+    let m = std::fs::metadata(path).ok()?;
+    Some((
+        m.len(),
+        m.mtime(),
+        m.mtime_nsec(),
+        m.ctime(),
+        m.ctime_nsec(),
+        m.ino(),
+    ))
 }
 
 fn unix_ms() -> u64 {

@@ -6,6 +6,7 @@
 //! the programs attached while no agent runs, and pinned maps keep their
 //! contents, so a restarted agent picks up where the last one stopped.
 
+pub mod batch;
 mod maps;
 mod mounts;
 mod redirect;

@@ -5,7 +5,9 @@
 //! problem at the line and column it came from.
 
 mod error;
+mod fast;
 mod raw;
+mod source;
 
 use std::collections::{HashMap, HashSet};
 use std::net::{IpAddr, SocketAddr};
@@ -17,6 +19,7 @@ pub use self::error::{ConfigError, Problem};
 use self::raw::{
     Int, RawBackend, RawConfig, RawHealthCheck, RawOutlier, RawPolicy, RawService, RawWorkload,
 };
+pub use self::source::{ConfigSource, Scope, Update};
 use crate::state::{
     Algorithm, Backend, BackendState, CheckKind, DesiredState, HealthCheck, OutlierDetection,
     PanicMode, Policy, Protocol, Service, Workload,
@@ -74,6 +77,45 @@ fn parse_options() -> serde_saphyr::Options {
 
 /// `origin` names the text in messages, usually its file name.
 pub fn parse_str(text: &str, origin: &str) -> Result<DesiredState, ConfigError> {
+    if let Some(state) = parse_plain(text) {
+        return Ok(state);
+    }
+    parse_yaml(text, origin)
+}
+
+/// A valid file in the plain layout (see `fast`), read without the YAML
+/// library; None for anything else, including every invalid file, which
+/// the library then reads for its exact error.
+fn parse_plain(text: &str) -> Option<DesiredState> {
+    let split = source::split(text)?;
+    if split.workloads.is_some() {
+        return None;
+    }
+    let none = HashSet::new();
+    let mut services = Vec::with_capacity(split.items.len());
+    let mut names: HashSet<String> = HashSet::with_capacity(split.items.len());
+    let mut frontends: HashSet<(SocketAddr, u8)> = HashSet::with_capacity(split.items.len());
+    for range in split.items {
+        let (service, _, _) = service(fast::item(&text[range])?, &none).ok()?;
+        if !names.insert(service.name.clone()) {
+            return None;
+        }
+        for &proto in service.protocol.ip_protocols() {
+            if !frontends.insert((service.frontend(), proto)) {
+                return None;
+            }
+        }
+        services.push(service);
+    }
+    services.sort_by(|a, b| a.name.cmp(&b.name));
+    Some(DesiredState {
+        services,
+        workloads: Vec::new(),
+    })
+}
+
+/// `parse_str` through the YAML library, with every message and position.
+fn parse_yaml(text: &str, origin: &str) -> Result<DesiredState, ConfigError> {
     let invalid = |(location, problem): (Location, Problem)| ConfigError::Invalid {
         file: origin.to_owned(),
         at: (location.line() > 0).then(|| (location.line() as usize, location.column() as usize)),
@@ -118,9 +160,35 @@ fn yaml_problem(err: &serde_saphyr::Error) -> (Location, Problem) {
 }
 
 fn validate(raw: RawConfig) -> Check<DesiredState> {
+    let (workloads, services) = validate_located(raw, None)?;
+    let mut services: Vec<Service> = services.into_iter().map(|l| l.service).collect();
+    services.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(DesiredState {
+        services,
+        workloads,
+    })
+}
+
+/// A service with where its name and VIP are, for checks across files.
+pub(crate) struct Located {
+    pub service: Service,
+    pub name_at: Location,
+    pub vip_at: Location,
+}
+
+/// Workloads and services of one file, in file order, checked within the
+/// file. Policies may also name the identities in `more_identities`
+/// (workloads of other files).
+fn validate_located(
+    raw: RawConfig,
+    more_identities: Option<&HashSet<String>>,
+) -> Check<(Vec<Workload>, Vec<Located>)> {
     let workloads = workloads(raw.workloads.unwrap_or_default())?;
-    let identities: HashSet<&str> = workloads.iter().map(|w| w.identity.as_str()).collect();
-    let mut services: Vec<Service> = Vec::new();
+    let mut identities: HashSet<&str> = workloads.iter().map(|w| w.identity.as_str()).collect();
+    if let Some(more) = more_identities {
+        identities.extend(more.iter().map(String::as_str));
+    }
+    let mut services: Vec<Located> = Vec::new();
     // Where each name was first seen and which service owns each frontend,
     // so a clash can name the earlier one.
     let mut names: HashMap<String, Location> = HashMap::new();
@@ -153,13 +221,75 @@ fn validate(raw: RawConfig) -> Check<DesiredState> {
         for &proto in service.protocol.ip_protocols() {
             frontends.insert((service.frontend(), proto), service.name.clone());
         }
-        services.push(service);
+        services.push(Located {
+            service,
+            name_at,
+            vip_at,
+        });
     }
-    services.sort_by(|a, b| a.name.cmp(&b.name));
-    Ok(DesiredState {
-        services,
-        workloads,
-    })
+    Ok((workloads, services))
+}
+
+/// One file of a config directory: its workloads and services in file
+/// order, with positions; errors name `origin`.
+pub(crate) fn parse_part(
+    text: &str,
+    origin: &str,
+    more_identities: &HashSet<String>,
+) -> Result<(Vec<Workload>, Vec<Located>), ConfigError> {
+    let invalid = |(location, problem): (Location, Problem)| invalid(origin, location, problem);
+    let raw: RawConfig = serde_saphyr::from_str_with_options(text, parse_options())
+        .map_err(|e| invalid(yaml_problem(&e)))?;
+    validate_located(raw, Some(more_identities)).map_err(invalid)
+}
+
+/// The workloads of one file with where each name is, for checks across
+/// files (the file's own checks included).
+pub(crate) fn workloads_located(
+    text: &str,
+    origin: &str,
+) -> Result<Vec<(Workload, Location)>, ConfigError> {
+    let invalid = |(location, problem): (Location, Problem)| invalid(origin, location, problem);
+    let raw: RawConfig = serde_saphyr::from_str_with_options(text, parse_options())
+        .map_err(|e| invalid(yaml_problem(&e)))?;
+    let raw = raw.workloads.unwrap_or_default();
+    let at: HashMap<String, Location> = raw
+        .iter()
+        .filter_map(|w| w.value.name.as_ref())
+        .map(|n| (n.value.clone(), n.referenced))
+        .collect();
+    let workloads = workloads(raw).map_err(invalid)?;
+    Ok(workloads
+        .into_iter()
+        .map(|w| {
+            let location = at.get(&w.name).copied().unwrap_or(Location::UNKNOWN);
+            (w, location)
+        })
+        .collect())
+}
+
+/// One item of a file's `services:` list (as written, indentation and
+/// all), checked on its own; None when it is not exactly one valid service
+/// (the caller then reads the whole file, for the error and its position).
+pub(crate) fn parse_item(text: &str, identities: &HashSet<&str>) -> Option<Service> {
+    let raw = match fast::item(text) {
+        Some(raw) => raw,
+        None => {
+            let raw: Vec<Spanned<RawService>> =
+                serde_saphyr::from_str_with_options(text, parse_options()).ok()?;
+            let [raw] = <[_; 1]>::try_from(raw).ok()?;
+            raw
+        }
+    };
+    service(raw, identities).ok().map(|(service, _, _)| service)
+}
+
+fn invalid(origin: &str, location: Location, problem: Problem) -> ConfigError {
+    ConfigError::Invalid {
+        file: origin.to_owned(),
+        at: (location.line() > 0).then(|| (location.line() as usize, location.column() as usize)),
+        problem: Box::new(problem),
+    }
 }
 
 fn workloads(raw: Vec<Spanned<RawWorkload>>) -> Check<Vec<Workload>> {

@@ -4,9 +4,10 @@
 //! is removed.
 
 use std::net::SocketAddr;
+use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use crate::state::{Backend, BackendState, DesiredState};
+use crate::state::{Backend, BackendState, DesiredState, Service};
 
 #[derive(Clone, Debug, Default)]
 pub struct Draining {
@@ -29,22 +30,47 @@ impl Draining {
         source: &DesiredState,
         now: Instant,
     ) -> DesiredState {
-        for svc in &source.services {
-            if svc.drain_timeout_s == 0 {
-                continue;
-            }
-            let Some(before) = previous.services.iter().find(|p| p.name == svc.name) else {
-                continue;
-            };
+        let services = source
+            .services
+            .iter()
+            .map(|svc| {
+                let before = previous.services.iter().find(|p| p.name == svc.name);
+                let merged =
+                    self.merge_service(&svc.name, before, Some(&Arc::new(svc.clone())), now);
+                (*merged.expect("the service is in the source")).clone()
+            })
+            .collect();
+        // The service is gone.
+        self.lingering
+            .retain(|l| source.services.iter().any(|s| s.name == l.service));
+        DesiredState {
+            services,
+            workloads: source.workloads.clone(),
+        }
+    }
+
+    /// One service of `merge`: its new effective definition (None when it
+    /// left the source), given its previous effective one. Shares `source`
+    /// when nothing drains.
+    pub fn merge_service(
+        &mut self,
+        name: &str,
+        previous: Option<&Service>,
+        source: Option<&Arc<Service>>,
+        now: Instant,
+    ) -> Option<Arc<Service>> {
+        if let (Some(svc), Some(before)) = (source, previous)
+            && svc.drain_timeout_s > 0
+        {
             let timeout = Duration::from_secs(u64::from(svc.drain_timeout_s));
             for b in &before.backends {
                 let gone = !svc
                     .backends
                     .iter()
                     .any(|n| n.socket_addr() == b.socket_addr());
-                if gone && !self.is_lingering(&svc.name, b.socket_addr()) {
+                if gone && !self.is_lingering(name, b.socket_addr()) {
                     self.lingering.push(Lingering {
-                        service: svc.name.clone(),
+                        service: name.to_owned(),
                         backend: Backend {
                             state: BackendState::Draining,
                             ..b.clone()
@@ -56,29 +82,46 @@ impl Draining {
         }
         // Done draining, back in the source, or the service is gone.
         self.lingering.retain(|l| {
-            l.until > now
-                && source.services.iter().any(|s| {
-                    s.name == l.service
-                        && s.drain_timeout_s > 0
-                        && !s
-                            .backends
-                            .iter()
-                            .any(|b| b.socket_addr() == l.backend.socket_addr())
-                })
+            l.service != name
+                || (l.until > now
+                    && source.is_some_and(|s| {
+                        s.drain_timeout_s > 0
+                            && !s
+                                .backends
+                                .iter()
+                                .any(|b| b.socket_addr() == l.backend.socket_addr())
+                    }))
         });
-        let mut effective = source.clone();
-        for l in &self.lingering {
-            if let Some(svc) = effective.services.iter_mut().find(|s| s.name == l.service) {
-                svc.backends.push(l.backend.clone());
-            }
+        let source = source?;
+        let mut lingering = self
+            .lingering
+            .iter()
+            .filter(|l| l.service == name)
+            .peekable();
+        if lingering.peek().is_none() {
+            return Some(source.clone());
         }
-        effective
+        let mut svc = (**source).clone();
+        svc.backends.extend(lingering.map(|l| l.backend.clone()));
+        Some(Arc::new(svc))
     }
 
     /// True when a draining backend's time is up and the state must be
     /// applied again to remove it.
     pub fn has_expired(&self, now: Instant) -> bool {
         self.lingering.iter().any(|l| l.until <= now)
+    }
+
+    /// Services with a draining backend whose time is up.
+    pub fn expired_services(&self, now: Instant) -> Vec<String> {
+        let mut names: Vec<String> = self
+            .lingering
+            .iter()
+            .filter(|l| l.until <= now)
+            .map(|l| l.service.clone())
+            .collect();
+        names.dedup();
+        names
     }
 
     fn is_lingering(&self, service: &str, addr: SocketAddr) -> bool {

@@ -11,7 +11,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::bpf::Maps;
 use crate::reconcile::{Reconciler, service_keys};
-use crate::state::{Algorithm, DesiredState};
+use crate::state::{Algorithm, ServiceSet};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ExplainResponse {
@@ -60,7 +60,7 @@ pub enum ExplainError {
 }
 
 pub fn explain(
-    desired: &DesiredState,
+    desired: &ServiceSet,
     reconciler: &Reconciler,
     maps: &Maps,
     service: &str,
@@ -68,9 +68,7 @@ pub fn explain(
     host_netns_cookie: u64,
 ) -> Result<ExplainResponse, ExplainError> {
     let svc = desired
-        .services
-        .iter()
-        .find(|s| s.name == service)
+        .get(service)
         .ok_or_else(|| ExplainError::UnknownService(service.to_owned()))?;
     let key = service_keys(svc)
         .next()

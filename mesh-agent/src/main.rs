@@ -41,7 +41,9 @@ enum Switch {
 enum Command {
     /// Attach the programs and keep the kernel's maps in step with the config.
     Run {
-        /// The YAML configuration (see examples/mesh.yaml).
+        /// The YAML configuration (see examples/mesh.yaml): a file, or a
+        /// directory whose `*.yaml` files together make the configuration
+        /// (service and workload names unique across them).
         #[arg(long, env = "MESH_CONFIG")]
         config: PathBuf,
         /// Cgroup whose sockets are balanced [default: the root of the cgroup v2 tree].
@@ -53,9 +55,15 @@ enum Command {
         /// Unix socket of the admin API (owner-only).
         #[arg(long, env = "MESH_ADMIN_SOCKET", default_value = admin::DEFAULT_SOCKET)]
         admin_socket: PathBuf,
-        /// How often the config file is checked for changes, in milliseconds.
+        /// How often the config file is checked for changes, in milliseconds
+        /// (with inotify on, a directory is only rescanned on SIGHUP or
+        /// when inotify lost events).
         #[arg(long, default_value_t = 1000)]
         watch_interval_ms: u64,
+        /// Apply config changes as inotify reports them; `off`: only on
+        /// SIGHUP and the poll.
+        #[arg(long, value_enum, default_value_t = Switch::On)]
+        inotify: Switch,
         /// SO_MARK of the agent's own sockets, which the programs never touch.
         #[arg(long, default_value_t = agent::DEFAULT_SOCKET_MARK, value_parser = parse_u32)]
         socket_mark: u32,
@@ -163,6 +171,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             bpffs,
             admin_socket,
             watch_interval_ms,
+            inotify,
             socket_mark,
             max_services,
             max_backends,
@@ -181,6 +190,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 bpffs,
                 admin_socket,
                 watch_interval: Duration::from_millis(watch_interval_ms.max(10)),
+                inotify: inotify == Switch::On,
                 socket_mark,
                 map_sizes: MapSizes {
                     services: max_services,
@@ -206,7 +216,10 @@ fn execute(command: Command) -> anyhow::Result<()> {
             Ok(runtime.block_on(agent::run(opts))?)
         }
         Command::Check { config } => {
-            let desired = config::load_file(&config)?;
+            let mut source = config::ConfigSource::new(&config);
+            let update = source.load(&config::Scope::All)?;
+            source.commit(update);
+            let desired = source.current();
             println!(
                 "{}: ok ({} services)",
                 config.display(),

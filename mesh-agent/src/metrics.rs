@@ -137,6 +137,7 @@ impl Metrics {
         let reconcile = reconcile::Metrics::new(&mut registry);
         let health = health::Metrics::new(&mut registry);
         let kernel = Arc::new(KernelCollector::default());
+        health.list_from(kernel.clone());
         registry.register_collector(Box::new(kernel.clone()));
         Self {
             reconcile,
@@ -169,6 +170,13 @@ impl Metrics {
                 .map(|b| health::BackendLabels::new(&b.service, &b.backend)),
         );
         self.kernel.publish(view);
+    }
+
+    /// Counts an applied reload. What the kernel's ids mean is read from
+    /// the view source on each scrape (see `KernelCollector::set_source`),
+    /// so nothing per service or backend happens here.
+    pub fn applied_lazily(&self) {
+        self.reconcile.reload(true);
     }
 
     /// Records a configuration that was refused (parse, validation or

@@ -7,7 +7,9 @@ use std::net::SocketAddr;
 
 use serde::{Deserialize, Serialize};
 
-use crate::state::{BackendState, DesiredState};
+use std::sync::Arc;
+
+use crate::state::{BackendState, DesiredState, Service};
 
 /// What an operator asked for one backend of one service.
 #[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -90,14 +92,23 @@ impl Overrides {
         service: Option<&str>,
         action: &Action,
     ) -> Result<Vec<String>, OverrideError> {
+        self.set_in(state.services.iter(), backend, service, action)
+    }
+
+    /// `set` over services given one by one.
+    pub fn set_in<'a>(
+        &mut self,
+        services: impl Iterator<Item = &'a Service>,
+        backend: SocketAddr,
+        service: Option<&str>,
+        action: &Action,
+    ) -> Result<Vec<String>, OverrideError> {
         if let Action::Weight(w) = action
             && *w > 65_535
         {
             return Err(OverrideError::WeightTooLarge(*w));
         }
-        let touched: Vec<String> = state
-            .services
-            .iter()
+        let touched: Vec<String> = services
             .filter(|s| service.is_none_or(|name| s.name == name))
             .filter(|s| s.backends.iter().any(|b| b.socket_addr() == backend))
             .map(|s| s.name.clone())
@@ -143,6 +154,27 @@ impl Overrides {
                 }
             }
         }
+    }
+
+    /// `overlay` for one service; shares it when nothing applies.
+    pub fn overlay_service(&self, svc: Arc<Service>) -> Arc<Service> {
+        if !self.by_backend.keys().any(|(s, _)| *s == svc.name) {
+            return svc;
+        }
+        let mut state = DesiredState {
+            services: vec![(*svc).clone()],
+            workloads: Vec::new(),
+        };
+        self.overlay(&mut state);
+        Arc::new(state.services.pop().expect("one service"))
+    }
+
+    /// `prune` for one service (`None`: it left the source).
+    pub fn prune_service(&mut self, name: &str, source: Option<&Service>) {
+        self.by_backend.retain(|(service, addr), _| {
+            service != name
+                || source.is_some_and(|s| s.backends.iter().any(|b| b.socket_addr() == *addr))
+        });
     }
 
     /// Forgets overrides of backends no longer in `source`.

@@ -17,7 +17,7 @@ use std::net::{IpAddr, SocketAddr};
 use std::os::unix::fs::MetadataExt as _;
 use std::path::PathBuf;
 
-use aya::maps::{MapError, PerCpuValues};
+use aya::maps::MapError;
 use mesh_common::{
     ALGORITHM_LEAST_CONN, ALGORITHM_MAGLEV, ALGORITHM_WEIGHTED, BACKEND_ACTIVE, BACKEND_DRAINING,
     BackendId, BackendStats, BackendValue, FAMILY_V4, FAMILY_V6, PolicyKey, PolicyValue,
@@ -26,7 +26,8 @@ use mesh_common::{
 };
 
 use crate::bpf::Maps;
-use crate::state::{Algorithm, BackendState, DesiredState, Service};
+use crate::bpf::batch;
+use crate::state::{Algorithm, BackendState, DesiredState, Service, Workload};
 use crate::{maglev, slots};
 
 #[derive(Debug, thiserror::Error)]
@@ -137,6 +138,12 @@ pub struct Reconciler {
     /// cgroup id → identity id, as written to MESH_WORKLOADS.
     workloads: BTreeMap<u64, u32>,
     policy: BTreeMap<PolicyKey, u8>,
+    service_ids: IdPool,
+    backend_ids: IdPool,
+    /// Slots and backends of all services (kept so an apply that touches a
+    /// few services need not count them all).
+    live_slots: usize,
+    live_backends: usize,
 }
 
 /// What one apply changed.
@@ -159,11 +166,21 @@ pub struct RemovedBackend {
     pub destroy_sockets: bool,
 }
 
-/// A write that can be undone.
+/// Writes that can be undone, in the order they were made.
 enum Undo {
-    Backend(BackendId, Option<BackendValue>),
-    Slot(SlotKey),
-    Service(ServiceKey, Option<ServiceValue>),
+    /// Changed in place; the previous value.
+    Backend(BackendId, BackendValue),
+    /// Were absent.
+    NewBackends(Vec<BackendId>),
+    /// A slot table written under a new generation (perhaps only in part:
+    /// undoing deletes whichever of its slots are there).
+    Table {
+        service_id: u32,
+        generation: u32,
+        count: u32,
+    },
+    Service(ServiceKey, ServiceValue),
+    NewServices(Vec<ServiceKey>),
     Policy(PolicyKey, Option<PolicyValue>),
     Workload(u64, Option<u32>),
 }
@@ -207,7 +224,7 @@ impl Reconciler {
                 orphans.push(id);
             }
         }
-        let services = live
+        let services: BTreeMap<ServiceKey, ProgrammedService> = live
             .into_iter()
             .map(|(key, value)| {
                 let programmed = ProgrammedService {
@@ -242,12 +259,23 @@ impl Reconciler {
             .filter_map(Result::ok)
             .map(|(k, v)| (k, v.verdict))
             .collect();
+        let service_ids = IdPool::from_used(services.values().map(|s| s.id()), capacity.services);
+        let backend_ids = IdPool::from_used(
+            services.values().flat_map(|s| s.backends.values().copied()),
+            capacity.backends,
+        );
+        let live_slots = services.values().map(|s| s.slots.len()).sum();
+        let live_backends = services.values().map(|s| s.backends.len()).sum();
         Self {
             capacity,
             services,
             identities: BTreeMap::new(),
             workloads,
             policy,
+            service_ids,
+            backend_ids,
+            live_slots,
+            live_backends,
         }
     }
 
@@ -261,8 +289,6 @@ impl Reconciler {
 
     /// Entries and capacity of the maps this record covers.
     pub fn fill(&self) -> Vec<(&'static str, u64, u64)> {
-        let backends: usize = self.services.values().map(|s| s.backends.len()).sum();
-        let slots: usize = self.services.values().map(|s| s.slots.len()).sum();
         let c = &self.capacity;
         vec![
             (
@@ -270,8 +296,12 @@ impl Reconciler {
                 self.services.len() as u64,
                 c.services.into(),
             ),
-            (map_names::BACKENDS, backends as u64, c.backends.into()),
-            (map_names::SLOTS, slots as u64, c.slots.into()),
+            (
+                map_names::BACKENDS,
+                self.live_backends as u64,
+                c.backends.into(),
+            ),
+            (map_names::SLOTS, self.live_slots as u64, c.slots.into()),
             (
                 map_names::WORKLOADS,
                 self.workloads.len() as u64,
@@ -289,41 +319,139 @@ impl Reconciler {
             .map(|(name, _)| name.as_str())
     }
 
-    /// Makes the maps hold `desired`, or leaves them as they were.
+    /// Makes the maps hold `desired`, or leaves them as they were. Every
+    /// service is looked at (and only what differs is written); see
+    /// [`Reconciler::apply_changes`] for an update of a few services.
     pub fn apply(
         &mut self,
         desired: &DesiredState,
         maps: &mut Maps,
     ) -> Result<ApplyReport, ReconcileError> {
-        let plan = self.plan(desired)?;
+        self.apply_set(desired.services.iter(), &desired.workloads, maps)
+    }
+
+    /// `apply` for services given one by one.
+    pub fn apply_set<'a>(
+        &mut self,
+        services: impl Iterator<Item = &'a Service>,
+        workloads: &[Workload],
+        maps: &mut Maps,
+    ) -> Result<ApplyReport, ReconcileError> {
+        let mut holders: BTreeMap<ServiceKey, &Service> = BTreeMap::new();
+        for svc in services {
+            for key in service_keys(svc) {
+                holders.insert(key, svc);
+            }
+        }
+        let touched: BTreeSet<ServiceKey> = self
+            .services
+            .keys()
+            .copied()
+            .chain(holders.keys().copied())
+            .collect();
+        self.apply_keys(&touched, &holders, workloads, maps)
+    }
+
+    /// Makes the maps hold a state that differs from the applied one only
+    /// in the services of `changes` (each: what it was, what it becomes;
+    /// `None` for absent), or leaves them as they were. Services not named
+    /// cost nothing: no planning, no new generation, no map write.
+    /// `workloads` is the complete list (identities for policy).
+    pub fn apply_changes(
+        &mut self,
+        changes: &[(Option<&Service>, Option<&Service>)],
+        workloads: &[Workload],
+        maps: &mut Maps,
+    ) -> Result<ApplyReport, ReconcileError> {
+        let mut holders: BTreeMap<ServiceKey, &Service> = BTreeMap::new();
+        let mut touched = BTreeSet::new();
+        for (old, new) in changes {
+            if let Some(old) = old {
+                touched.extend(service_keys(old));
+            }
+            if let Some(new) = new {
+                for key in service_keys(new) {
+                    touched.insert(key);
+                    holders.insert(key, new);
+                }
+            }
+        }
+        self.apply_keys(&touched, &holders, workloads, maps)
+    }
+
+    fn apply_keys(
+        &mut self,
+        touched: &BTreeSet<ServiceKey>,
+        holders: &BTreeMap<ServiceKey, &Service>,
+        workloads: &[Workload],
+        maps: &mut Maps,
+    ) -> Result<ApplyReport, ReconcileError> {
+        let plan = self.plan(touched, holders, workloads)?;
         let mut undo = Vec::new();
-        if let Err(e) = write_plan(&plan, self, maps, &mut undo) {
+        if let Err(e) = write_plan(&plan, holders, self, maps, &mut undo) {
             rollback(undo, maps);
             return Err(e);
         }
         let report = cleanup(self, &plan, maps);
-        self.services = plan.services;
-        self.identities = plan.identities;
-        self.workloads = plan.workloads;
-        self.policy = plan.policy;
+        self.commit(plan);
         Ok(report)
     }
 
-    fn plan(&self, desired: &DesiredState) -> Result<Plan, ReconcileError> {
+    fn commit(&mut self, plan: Plan) {
+        self.service_ids
+            .commit(plan.service_ids_next, &plan.new_service_ids);
+        self.backend_ids
+            .commit(plan.backend_ids_next, &plan.new_backends);
+        for (key, new) in plan.services {
+            let old = match new {
+                Some(new) => {
+                    self.live_slots += new.slots.len();
+                    self.live_backends += new.backends.len();
+                    self.services.insert(key, new)
+                }
+                None => self.services.remove(&key),
+            };
+            if let Some(old) = old {
+                self.live_slots -= old.slots.len();
+                self.live_backends -= old.backends.len();
+                let kept = self.services.get(&key);
+                if kept.is_none() {
+                    self.service_ids.release(old.id());
+                }
+                let kept: BTreeSet<BackendId> = kept
+                    .map(|k| k.backends.values().copied().collect())
+                    .unwrap_or_default();
+                for id in old.backends.values() {
+                    if !kept.contains(id) {
+                        self.backend_ids.release(*id);
+                    }
+                }
+            }
+        }
+        for (key, verdict) in plan.policy {
+            match verdict {
+                Some(v) => self.policy.insert(key, v),
+                None => self.policy.remove(&key),
+            };
+        }
+        self.identities = plan.identities;
+        self.workloads = plan.workloads;
+    }
+
+    fn plan(
+        &self,
+        touched: &BTreeSet<ServiceKey>,
+        holders: &BTreeMap<ServiceKey, &Service>,
+        workloads: &[Workload],
+    ) -> Result<Plan, ReconcileError> {
         let cap = self.capacity;
-        let mut service_ids =
-            IdAllocator::new(self.services.values().map(|s| s.id()), cap.services);
-        let mut backend_ids = IdAllocator::new(
-            self.services
-                .values()
-                .flat_map(|s| s.backends.values().copied()),
-            cap.backends,
-        );
+        let mut service_ids = self.service_ids.allocator();
+        let mut backend_ids = self.backend_ids.allocator();
         let mut plan = Plan {
-            identities: identity_ids(desired, &self.identities),
+            identities: identity_ids(workloads, &self.identities),
             ..Plan::default()
         };
-        for w in &desired.workloads {
+        for w in workloads {
             let cgroup_id = std::fs::metadata(&w.cgroup)
                 .map_err(|source| ReconcileError::Workload {
                     name: w.name.clone(),
@@ -336,104 +464,160 @@ impl Reconciler {
         }
         check_capacity(map_names::WORKLOADS, plan.workloads.len(), cap.workloads)?;
 
-        for svc in &desired.services {
-            for key in service_keys(svc) {
-                let old = self.services.get(&key);
-                let service_id = match old {
-                    Some(old) => old.id(),
-                    None => service_ids
-                        .allocate()
-                        .ok_or_else(|| full(map_names::SERVICES, cap.services))?,
-                };
-                let mut backends = BTreeMap::new();
-                let mut ids = Vec::with_capacity(svc.backends.len());
-                for b in &svc.backends {
-                    let addr = (b.address, b.port);
-                    let id = match old.and_then(|o| o.backends.get(&addr)) {
-                        Some(&existing) => existing,
-                        None => {
-                            let id = backend_ids
-                                .allocate()
-                                .ok_or_else(|| full(map_names::BACKENDS, cap.backends))?;
-                            plan.new_backends.push(id);
-                            id
-                        }
-                    };
-                    backends.insert(addr, id);
-                    ids.push(id);
-                    plan.backend_values.insert(id, backend_value(b, service_id));
+        let mut services_after = self.services.len();
+        let mut new_policy = 0usize;
+        let mut new_slots = 0usize;
+        for key in touched {
+            let old = self.services.get(key);
+            let Some(svc) = holders.get(key).copied() else {
+                if let Some(old) = old {
+                    services_after -= 1;
+                    for (identity, _) in self.policy_of(old.id()) {
+                        plan.policy.insert(
+                            PolicyKey {
+                                identity,
+                                service_id: old.id(),
+                            },
+                            None,
+                        );
+                    }
+                    plan.services.insert(*key, None);
                 }
-                let slots = selection_table(svc, &ids, old.map(|o| o.slots.as_slice()), &cap);
-                let generation = match old {
-                    Some(old) if old.slots == slots => old.value.generation,
-                    Some(old) => {
-                        plan.new_tables.insert(key);
-                        old.value.generation.wrapping_add(1)
+                continue;
+            };
+            let service_id = match old {
+                Some(old) => old.id(),
+                None => {
+                    services_after += 1;
+                    let id = service_ids
+                        .allocate()
+                        .ok_or_else(|| full(map_names::SERVICES, cap.services))?;
+                    plan.new_service_ids.push(id);
+                    id
+                }
+            };
+            let mut backends = BTreeMap::new();
+            let mut ids = Vec::with_capacity(svc.backends.len());
+            for b in &svc.backends {
+                let addr = (b.address, b.port);
+                let value = backend_value(b, service_id);
+                let id = match old.and_then(|o| o.backends.get(&addr)) {
+                    Some(&existing) => {
+                        plan.backend_values.push((existing, value));
+                        existing
                     }
                     None => {
-                        plan.new_tables.insert(key);
-                        1
+                        let id = backend_ids
+                            .allocate()
+                            .ok_or_else(|| full(map_names::BACKENDS, cap.backends))?;
+                        plan.new_backends.push(id);
+                        id
                     }
                 };
-                for name in &svc.policy.allow {
-                    plan.policy.insert(
-                        PolicyKey {
-                            identity: plan.identities[name],
-                            service_id,
-                        },
-                        VERDICT_ALLOW,
-                    );
-                }
-                for name in &svc.policy.deny {
-                    plan.policy.insert(
-                        PolicyKey {
-                            identity: plan.identities[name],
-                            service_id,
-                        },
-                        VERDICT_DENY,
-                    );
-                }
-                let value = service_value(svc, service_id, generation, slots.len() as u32);
-                plan.services.insert(
-                    key,
-                    ProgrammedService {
-                        name: svc.name.clone(),
-                        value,
-                        slots,
-                        backends,
-                        destroy_on_removal: svc.destroys_sockets(key.proto),
-                    },
-                );
+                backends.insert(addr, id);
+                ids.push(id);
             }
+            let slots = selection_table(svc, &ids, old.map(|o| o.slots.as_slice()), &cap);
+            let generation = match old {
+                Some(old) if old.slots == slots => old.value.generation,
+                Some(old) => {
+                    plan.new_tables.insert(*key);
+                    new_slots += slots.len();
+                    old.value.generation.wrapping_add(1)
+                }
+                None => {
+                    plan.new_tables.insert(*key);
+                    new_slots += slots.len();
+                    1
+                }
+            };
+            // This service's verdicts: the new ones, and removal of old ones
+            // that are gone.
+            let mut verdicts: BTreeMap<u32, u8> = BTreeMap::new();
+            for name in &svc.policy.allow {
+                verdicts.insert(plan.identities[name], VERDICT_ALLOW);
+            }
+            for name in &svc.policy.deny {
+                verdicts.insert(plan.identities[name], VERDICT_DENY);
+            }
+            if old.is_some() {
+                for (identity, _) in self.policy_of(service_id) {
+                    if !verdicts.contains_key(&identity) {
+                        plan.policy.insert(
+                            PolicyKey {
+                                identity,
+                                service_id,
+                            },
+                            None,
+                        );
+                    }
+                }
+            }
+            for (identity, verdict) in verdicts {
+                let key = PolicyKey {
+                    identity,
+                    service_id,
+                };
+                if !self.policy.contains_key(&key) {
+                    new_policy += 1;
+                }
+                plan.policy.insert(key, Some(verdict));
+            }
+            let value = service_value(svc, service_id, generation, slots.len() as u32);
+            plan.services.insert(
+                *key,
+                Some(ProgrammedService {
+                    name: svc.name.clone(),
+                    value,
+                    slots,
+                    backends,
+                    destroy_on_removal: svc.destroys_sockets(key.proto),
+                }),
+            );
         }
-        check_capacity(map_names::SERVICES, plan.services.len(), cap.services)?;
+        plan.service_ids_next = service_ids.next;
+        plan.backend_ids_next = backend_ids.next;
+        check_capacity(map_names::SERVICES, services_after, cap.services)?;
         check_capacity(
             map_names::POLICY,
-            plan.policy.len() + self.policy.len(),
+            self.policy.len() + new_policy,
             cap.policy,
         )?;
         // Old and new generations coexist until phase 3.
-        let live_slots: usize = self.services.values().map(|s| s.slots.len()).sum();
-        let new_slots: usize = plan
-            .new_tables
-            .iter()
-            .map(|k| plan.services[k].slots.len())
-            .sum();
-        check_capacity(map_names::SLOTS, live_slots + new_slots, cap.slots)?;
+        check_capacity(map_names::SLOTS, self.live_slots + new_slots, cap.slots)?;
         Ok(plan)
+    }
+
+    /// The policy entries of one service id, as recorded.
+    fn policy_of(&self, service_id: u32) -> Vec<(u32, u8)> {
+        if self.policy.is_empty() {
+            return Vec::new();
+        }
+        self.policy
+            .iter()
+            .filter(|(k, _)| k.service_id == service_id)
+            .map(|(k, &v)| (k.identity, v))
+            .collect()
     }
 }
 
 #[derive(Default)]
 struct Plan {
-    services: BTreeMap<ServiceKey, ProgrammedService>,
+    /// The new record of every touched key; `None`: removed.
+    services: BTreeMap<ServiceKey, Option<ProgrammedService>>,
     /// Services whose slot table is written under a new generation.
     new_tables: BTreeSet<ServiceKey>,
-    backend_values: BTreeMap<BackendId, BackendValue>,
+    /// Backends of the touched services that were there, with their value.
+    backend_values: Vec<(BackendId, BackendValue)>,
+    /// Ids allocated by this plan (ascending, as allocated), and values.
     new_backends: Vec<BackendId>,
+    new_service_ids: Vec<u32>,
+    service_ids_next: u32,
+    backend_ids_next: u32,
     identities: BTreeMap<String, u32>,
     workloads: BTreeMap<u64, u32>,
-    policy: BTreeMap<PolicyKey, u8>,
+    /// Policy entries of the touched services: written, or removed (None).
+    policy: BTreeMap<PolicyKey, Option<u8>>,
 }
 
 /// One kernel key per IP protocol the service answers on.
@@ -451,13 +635,10 @@ pub fn service_keys(svc: &Service) -> impl Iterator<Item = ServiceKey> + '_ {
 }
 
 /// Identity ids: kept for names seen before, fresh ones for new names.
-fn identity_ids(desired: &DesiredState, previous: &BTreeMap<String, u32>) -> BTreeMap<String, u32> {
-    let names: BTreeSet<&str> = desired
-        .workloads
-        .iter()
-        .map(|w| w.identity.as_str())
-        .collect();
-    let mut ids = IdAllocator::new(previous.values().copied(), u32::MAX);
+fn identity_ids(workloads: &[Workload], previous: &BTreeMap<String, u32>) -> BTreeMap<String, u32> {
+    let names: BTreeSet<&str> = workloads.iter().map(|w| w.identity.as_str()).collect();
+    let pool = IdPool::from_used(previous.values().copied(), u32::MAX);
+    let mut ids = pool.allocator();
     names
         .into_iter()
         .map(|name| {
@@ -531,27 +712,83 @@ fn service_value(svc: &Service, service_id: u32, generation: u32, slot_count: u3
 
 fn write_plan(
     plan: &Plan,
+    holders: &BTreeMap<ServiceKey, &Service>,
     old: &Reconciler,
     maps: &mut Maps,
     undo: &mut Vec<Undo>,
 ) -> Result<(), ReconcileError> {
-    // Phase 1a: backends (new, or changed in place, e.g. draining).
-    for (&id, value) in &plan.backend_values {
+    use aya::maps::IterableMap as _;
+    // Phase 1a: backends (new, or changed in place, e.g. draining). New ids
+    // get zeroed counters first, then every new entry in one batch.
+    if !plan.new_backends.is_empty() {
+        let cpus = cpus()?;
+        batch::zero_per_cpu::<BackendStats>(fd(maps.backend_stats.map()), &plan.new_backends, cpus)
+            .map_err(batch_error(map_names::BACKEND_STATS, "reset"))?;
+        batch::zero::<u64>(fd(maps.active.map()), &plan.new_backends)
+            .map_err(batch_error(map_names::ACTIVE, "reset"))?;
+        batch::zero::<mesh_common::BackendHealth>(
+            fd(maps.backend_health.map()),
+            &plan.new_backends,
+        )
+        .map_err(batch_error(map_names::BACKEND_HEALTH, "reset"))?;
+    }
+    for &(id, value) in &plan.backend_values {
         let previous = maps.backends.get(&id, 0).ok();
-        if previous == Some(*value) {
+        if previous == Some(value) {
             continue;
-        }
-        if previous.is_none() {
-            reset_backend_counters(maps, id)?;
         }
         maps.backends
             .insert(id, value, 0)
             .map_err(write_error(map_names::BACKENDS, "insert"))?;
-        undo.push(Undo::Backend(id, previous));
+        match previous {
+            Some(p) => undo.push(Undo::Backend(id, p)),
+            None => undo.push(Undo::NewBackends(vec![id])),
+        }
     }
+    // New backends' values, built and written in chunks (a large config
+    // needs no list of them all).
+    let mut ids = Vec::with_capacity(SLOT_CHUNK);
+    let mut values = Vec::with_capacity(SLOT_CHUNK);
+    let flush = |ids: &mut Vec<BackendId>,
+                 values: &mut Vec<BackendValue>,
+                 maps: &Maps,
+                 undo: &mut Vec<Undo>| {
+        // Undone whole even if the batch stops part way: deleting an
+        // entry that was never written is skipped.
+        undo.push(Undo::NewBackends(ids.clone()));
+        let result = batch::update(fd(maps.backends.map()), ids, values);
+        ids.clear();
+        values.clear();
+        result.map_err(batch_error(map_names::BACKENDS, "insert"))
+    };
+    for (key, programmed) in &plan.services {
+        let (Some(programmed), Some(svc)) = (programmed, holders.get(key)) else {
+            continue;
+        };
+        let before = old.services.get(key);
+        for b in &svc.backends {
+            let addr = (b.address, b.port);
+            let Some(&id) = programmed.backends.get(&addr) else {
+                continue;
+            };
+            if before.is_some_and(|o| o.backends.get(&addr) == Some(&id)) {
+                continue;
+            }
+            ids.push(id);
+            values.push(backend_value(b, programmed.id()));
+            if ids.len() == SLOT_CHUNK {
+                flush(&mut ids, &mut values, maps, undo)?;
+            }
+        }
+    }
+    if !ids.is_empty() {
+        flush(&mut ids, &mut values, maps, undo)?;
+    }
+    drop((ids, values));
     // Phase 1b: policy before workloads, so a client never gets an identity
     // whose verdicts are not there yet.
     for (&key, &verdict) in &plan.policy {
+        let Some(verdict) = verdict else { continue };
         if old.policy.get(&key) == Some(&verdict) {
             continue;
         }
@@ -576,143 +813,218 @@ fn write_plan(
         undo.push(Undo::Workload(cgroup, previous));
     }
     // Phase 1c: slot tables under their new generation.
+    if !plan.new_service_ids.is_empty() {
+        batch::zero_per_cpu::<ServiceStats>(
+            fd(maps.service_stats.map()),
+            &plan.new_service_ids,
+            cpus()?,
+        )
+        .map_err(batch_error(map_names::SERVICE_STATS, "reset"))?;
+    }
+    // In chunks, so a large configuration needs no list of every slot.
+    let mut slot_keys = Vec::with_capacity(SLOT_CHUNK);
+    let mut slot_values = Vec::with_capacity(SLOT_CHUNK);
+    let flush = |keys: &mut Vec<SlotKey>, values: &mut Vec<BackendId>, maps: &Maps| {
+        let result = batch::update(fd(maps.slots.map()), keys, values);
+        keys.clear();
+        values.clear();
+        result.map_err(batch_error(map_names::SLOTS, "insert"))
+    };
     for key in &plan.new_tables {
-        let svc = &plan.services[key];
-        if !old.services.contains_key(key) {
-            reset_service_stats(maps, svc.id())?;
-        }
+        let Some(svc) = &plan.services[key] else {
+            continue;
+        };
+        undo.push(Undo::Table {
+            service_id: svc.id(),
+            generation: svc.value.generation,
+            count: svc.slots.len() as u32,
+        });
         for (slot, backend) in svc.slots.iter().enumerate() {
-            let slot_key = SlotKey {
+            slot_keys.push(SlotKey {
                 service_id: svc.id(),
                 generation: svc.value.generation,
                 slot: slot as u32,
-            };
-            maps.slots
-                .insert(slot_key, backend, 0)
-                .map_err(write_error(map_names::SLOTS, "insert"))?;
-            undo.push(Undo::Slot(slot_key));
+            });
+            slot_values.push(*backend);
+            if slot_keys.len() == SLOT_CHUNK {
+                flush(&mut slot_keys, &mut slot_values, maps)?;
+            }
         }
     }
-    // Phase 2: flip each changed service entry.
+    if !slot_keys.is_empty() {
+        flush(&mut slot_keys, &mut slot_values, maps)?;
+    }
+    drop((slot_keys, slot_values));
+    // Phase 2: flip each changed service entry. New services go in one
+    // batch; each is a single-element update the kernel applies whole.
+    let mut new_keys = Vec::new();
+    let mut new_svc_values = Vec::new();
     for (key, svc) in &plan.services {
-        let previous = old.services.get(key).map(|o| o.value);
-        if previous == Some(svc.value) {
-            continue;
+        let Some(svc) = svc else { continue };
+        match old.services.get(key).map(|o| o.value) {
+            Some(previous) if previous == svc.value => {}
+            Some(previous) => {
+                maps.services
+                    .insert(key, svc.value, 0)
+                    .map_err(write_error(map_names::SERVICES, "insert"))?;
+                undo.push(Undo::Service(*key, previous));
+            }
+            None => {
+                new_keys.push(*key);
+                new_svc_values.push(svc.value);
+            }
         }
-        maps.services
-            .insert(key, svc.value, 0)
-            .map_err(write_error(map_names::SERVICES, "insert"))?;
-        undo.push(Undo::Service(*key, previous));
+    }
+    if !new_keys.is_empty() {
+        let result = batch::update(fd(maps.services.map()), &new_keys, &new_svc_values);
+        let done = result.as_ref().err().map_or(new_keys.len(), |e| e.done);
+        new_keys.truncate(done);
+        undo.push(Undo::NewServices(new_keys));
+        result.map_err(batch_error(map_names::SERVICES, "insert"))?;
     }
     Ok(())
+}
+
+/// Slots written per batch.
+const SLOT_CHUNK: usize = 8192;
+
+fn fd(map: &aya::maps::MapData) -> std::os::fd::BorrowedFd<'_> {
+    use std::os::fd::AsFd as _;
+    map.fd().as_fd()
+}
+
+fn cpus() -> Result<usize, ReconcileError> {
+    aya::util::nr_cpus().map_err(|(_, e)| ReconcileError::PerCpu(e))
 }
 
 /// Undoes writes in reverse order. Best effort: a failure here leaves an
 /// entry nothing points at, which the next apply or restart removes.
 fn rollback(undo: Vec<Undo>, maps: &mut Maps) {
+    use aya::maps::IterableMap as _;
     for step in undo.into_iter().rev() {
-        let _ = match step {
-            Undo::Service(key, Some(v)) => maps.services.insert(key, v, 0),
-            Undo::Service(key, None) => maps.services.remove(&key),
-            Undo::Slot(key) => maps.slots.remove(&key),
-            Undo::Backend(id, Some(v)) => maps.backends.insert(id, v, 0),
-            Undo::Backend(id, None) => maps.backends.remove(&id),
-            Undo::Policy(key, Some(v)) => maps.policy.insert(key, v, 0),
-            Undo::Policy(key, None) => maps.policy.remove(&key),
-            Undo::Workload(cgroup, Some(id)) => maps.workloads.insert(cgroup, id, 0),
-            Undo::Workload(cgroup, None) => maps.workloads.remove(&cgroup),
-        };
+        match step {
+            Undo::Service(key, v) => {
+                let _ = maps.services.insert(key, v, 0);
+            }
+            Undo::NewServices(keys) => {
+                batch::delete_present(fd(maps.services.map()), &keys);
+            }
+            Undo::Table {
+                service_id,
+                generation,
+                count,
+            } => {
+                let keys: Vec<SlotKey> = (0..count)
+                    .map(|slot| SlotKey {
+                        service_id,
+                        generation,
+                        slot,
+                    })
+                    .collect();
+                batch::delete_present(fd(maps.slots.map()), &keys);
+            }
+            Undo::Backend(id, v) => {
+                let _ = maps.backends.insert(id, v, 0);
+            }
+            Undo::NewBackends(ids) => {
+                batch::delete_present(fd(maps.backends.map()), &ids);
+            }
+            Undo::Policy(key, Some(v)) => {
+                let _ = maps.policy.insert(key, v, 0);
+            }
+            Undo::Policy(key, None) => {
+                let _ = maps.policy.remove(&key);
+            }
+            Undo::Workload(cgroup, Some(id)) => {
+                let _ = maps.workloads.insert(cgroup, id, 0);
+            }
+            Undo::Workload(cgroup, None) => {
+                let _ = maps.workloads.remove(&cgroup);
+            }
+        }
     }
 }
 
 /// Phase 3: remove what the new state no longer references.
 fn cleanup(old: &Reconciler, plan: &Plan, maps: &mut Maps) -> ApplyReport {
+    use aya::maps::IterableMap as _;
     let mut report = ApplyReport {
         services_changed: plan
             .services
             .iter()
+            .filter_map(|(k, s)| s.as_ref().map(|s| (k, s)))
             .filter(|(k, s)| old.services.get(k).map(|o| o.value) != Some(s.value))
             .count(),
         backends_added: plan.new_backends.len(),
         ..ApplyReport::default()
     };
-    let mut failures = 0;
-    let mut count = |r: Result<(), MapError>| {
-        if r.is_err() {
-            failures += 1;
-        }
-    };
-    for (key, svc) in &old.services {
-        let current = plan.services.get(key);
+    let mut removed_services = Vec::new();
+    let mut stale_slots = Vec::new();
+    let mut removed_backends = Vec::new();
+    for (key, current) in &plan.services {
+        let Some(svc) = old.services.get(key) else {
+            continue;
+        };
+        let current = current.as_ref();
         if current.is_none() {
-            count(maps.services.remove(key));
+            removed_services.push(*key);
             report.services_removed += 1;
         }
         if current.is_none_or(|c| c.value.generation != svc.value.generation) {
-            for slot in 0..svc.slots.len() as u32 {
-                count(maps.slots.remove(&SlotKey {
-                    service_id: svc.id(),
-                    generation: svc.value.generation,
-                    slot,
-                }));
-            }
+            stale_slots.extend((0..svc.slots.len() as u32).map(|slot| SlotKey {
+                service_id: svc.id(),
+                generation: svc.value.generation,
+                slot,
+            }));
         }
         for (&(ip, port), id) in &svc.backends {
-            if !plan.backend_values.contains_key(id) {
-                count(maps.backends.remove(id));
-                // The service's current setting wins over the one it had.
-                let destroy_sockets =
-                    current.map_or(svc.destroy_on_removal, |c| c.destroy_on_removal);
-                report.removed_backends.push(RemovedBackend {
-                    addr: SocketAddr::new(ip, port),
-                    proto: key.proto,
-                    destroy_sockets,
-                });
+            if current.is_some_and(|c| c.backends.get(&(ip, port)) == Some(id)) {
+                continue;
             }
+            removed_backends.push(*id);
+            // The service's current setting wins over the one it had.
+            let destroy_sockets = current.map_or(svc.destroy_on_removal, |c| c.destroy_on_removal);
+            report.removed_backends.push(RemovedBackend {
+                addr: SocketAddr::new(ip, port),
+                proto: key.proto,
+                destroy_sockets,
+            });
         }
     }
-    for key in old.policy.keys() {
-        if !plan.policy.contains_key(key) {
-            count(maps.policy.remove(key));
+    let mut failures = 0;
+    failures += batch::delete_present(fd(maps.services.map()), &removed_services);
+    failures += batch::delete_present(fd(maps.slots.map()), &stale_slots);
+    failures += batch::delete_present(fd(maps.backends.map()), &removed_backends);
+    for (key, verdict) in &plan.policy {
+        if verdict.is_none() && maps.policy.remove(key).is_err() {
+            failures += 1;
         }
     }
     for cgroup in old.workloads.keys() {
-        if !plan.workloads.contains_key(cgroup) {
-            count(maps.workloads.remove(cgroup));
+        if !plan.workloads.contains_key(cgroup) && maps.workloads.remove(cgroup).is_err() {
+            failures += 1;
         }
     }
     report.cleanup_failures = failures;
     report
 }
 
-/// Counters of a reused id must start from zero.
-fn reset_backend_counters(maps: &mut Maps, id: BackendId) -> Result<(), ReconcileError> {
-    let zeros = per_cpu_zeros::<BackendStats>()?;
-    maps.backend_stats
-        .set(id, zeros, 0)
-        .map_err(write_error(map_names::BACKEND_STATS, "reset"))?;
-    maps.active
-        .set(id, 0, 0)
-        .map_err(write_error(map_names::ACTIVE, "reset"))?;
-    maps.backend_health
-        .set(id, mesh_common::BackendHealth::default(), 0)
-        .map_err(write_error(map_names::BACKEND_HEALTH, "reset"))
-}
-
-fn reset_service_stats(maps: &mut Maps, id: u32) -> Result<(), ReconcileError> {
-    let zeros = per_cpu_zeros::<ServiceStats>()?;
-    maps.service_stats
-        .set(id, zeros, 0)
-        .map_err(write_error(map_names::SERVICE_STATS, "reset"))
-}
-
-fn per_cpu_zeros<T: aya::Pod + Default + Clone>() -> Result<PerCpuValues<T>, ReconcileError> {
-    let cpus = aya::util::nr_cpus().map_err(|(_, e)| ReconcileError::PerCpu(e))?;
-    PerCpuValues::try_from(vec![T::default(); cpus]).map_err(ReconcileError::PerCpu)
-}
-
 fn write_error(map: &'static str, op: &'static str) -> impl FnOnce(MapError) -> ReconcileError {
     move |source| ReconcileError::MapWrite { map, op, source }
+}
+
+fn batch_error(
+    map: &'static str,
+    op: &'static str,
+) -> impl FnOnce(batch::BatchError) -> ReconcileError {
+    move |e| ReconcileError::MapWrite {
+        map,
+        op,
+        source: MapError::SyscallError(aya::sys::SyscallError {
+            call: "bpf_map_batch",
+            io_error: e.source,
+        }),
+    }
 }
 
 fn full(map: &'static str, capacity: u32) -> ReconcileError {
@@ -734,30 +1046,65 @@ fn check_capacity(map: &'static str, needed: usize, capacity: u32) -> Result<(),
     Ok(())
 }
 
-/// Smallest free ids from 1 up (0 means "none" to the kernel), below `limit`
-/// because ids index per-CPU arrays of that size.
-struct IdAllocator {
-    used: BTreeSet<u32>,
-    limit: u32,
+/// Ids in use, handed out smallest free first from 1 up (0 means "none" to
+/// the kernel), below `limit` because ids index per-CPU arrays of that size.
+/// Every id below `next` is in use unless it is in `free`.
+#[derive(Clone, Debug)]
+struct IdPool {
+    free: BTreeSet<u32>,
     next: u32,
+    limit: u32,
 }
 
-impl IdAllocator {
-    fn new(used: impl IntoIterator<Item = u32>, limit: u32) -> Self {
+impl IdPool {
+    fn from_used(used: impl IntoIterator<Item = u32>, limit: u32) -> Self {
+        let used: BTreeSet<u32> = used.into_iter().filter(|&id| id > 0).collect();
+        let next = used.last().map_or(1, |&max| max + 1);
         Self {
-            used: used.into_iter().collect(),
+            free: (1..next).filter(|id| !used.contains(id)).collect(),
+            next,
             limit,
-            next: 1,
         }
     }
 
+    /// Hands out ids for one plan without changing the pool; `commit`
+    /// takes them for good.
+    fn allocator(&self) -> IdAllocator<'_> {
+        IdAllocator {
+            free: self.free.iter(),
+            next: self.next,
+            limit: self.limit,
+        }
+    }
+
+    fn commit(&mut self, next: u32, taken: &[u32]) {
+        for id in taken {
+            self.free.remove(id);
+        }
+        self.next = self.next.max(next);
+    }
+
+    fn release(&mut self, id: u32) {
+        if id > 0 && id < self.next {
+            self.free.insert(id);
+        }
+    }
+}
+
+struct IdAllocator<'a> {
+    free: std::collections::btree_set::Iter<'a, u32>,
+    next: u32,
+    limit: u32,
+}
+
+impl IdAllocator<'_> {
     fn allocate(&mut self) -> Option<u32> {
-        while self.next < self.limit {
-            let candidate = self.next;
+        if let Some(&id) = self.free.next() {
+            return Some(id);
+        }
+        if self.next < self.limit {
             self.next += 1;
-            if self.used.insert(candidate) {
-                return Some(candidate);
-            }
+            return Some(self.next - 1);
         }
         None
     }
@@ -820,9 +1167,28 @@ mod tests {
 
     #[test]
     fn ids_start_at_one_and_skip_used_ones() {
-        let mut ids = IdAllocator::new([1, 3], 5);
+        let pool = IdPool::from_used([1, 3], 5);
+        let mut ids = pool.allocator();
         assert_eq!(ids.allocate(), Some(2));
         assert_eq!(ids.allocate(), Some(4));
         assert_eq!(ids.allocate(), None);
+    }
+
+    #[test]
+    fn released_ids_are_reused_smallest_first_after_commit() {
+        let mut pool = IdPool::from_used([], 100);
+        let mut ids = pool.allocator();
+        let taken: Vec<u32> = (0..5).map(|_| ids.allocate().unwrap()).collect();
+        let next = ids.next;
+        assert_eq!(taken, [1, 2, 3, 4, 5]);
+        // Nothing is taken until the plan commits.
+        assert_eq!(pool.allocator().allocate(), Some(1));
+        pool.commit(next, &taken);
+        pool.release(4);
+        pool.release(2);
+        let mut ids = pool.allocator();
+        assert_eq!(ids.allocate(), Some(2));
+        assert_eq!(ids.allocate(), Some(4));
+        assert_eq!(ids.allocate(), Some(6));
     }
 }

@@ -2,9 +2,11 @@
 //! came from (config file today, Kubernetes later). Sources produce a
 //! `DesiredState`; `reconcile` turns it into map writes.
 
+use std::collections::BTreeMap;
 use std::fmt;
 use std::net::{IpAddr, SocketAddr};
 use std::path::PathBuf;
+use std::sync::Arc;
 
 use serde::Serialize;
 
@@ -15,6 +17,68 @@ pub struct DesiredState {
     pub services: Vec<Service>,
     /// Which cgroups hold which identity, for L4 policy.
     pub workloads: Vec<Workload>,
+}
+
+/// The agent's working form of a desired state: services by name, each
+/// shared (`Arc`), so that a change to one service copies nothing else and
+/// two versions of the state can share every service they have in common.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct ServiceSet {
+    pub services: BTreeMap<String, Arc<Service>>,
+    pub workloads: Arc<Vec<Workload>>,
+}
+
+impl ServiceSet {
+    pub fn get(&self, name: &str) -> Option<&Arc<Service>> {
+        self.services.get(name)
+    }
+
+    pub fn len(&self) -> usize {
+        self.services.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty()
+    }
+
+    /// Services in name order.
+    pub fn iter(&self) -> impl Iterator<Item = &Service> {
+        self.services.values().map(|s| &**s)
+    }
+
+    /// A `DesiredState` of the named services only (those that exist).
+    pub fn subset<'a>(&self, names: impl IntoIterator<Item = &'a String>) -> DesiredState {
+        DesiredState {
+            services: names
+                .into_iter()
+                .filter_map(|n| self.services.get(n))
+                .map(|s| (**s).clone())
+                .collect(),
+            workloads: (*self.workloads).clone(),
+        }
+    }
+}
+
+impl From<DesiredState> for ServiceSet {
+    fn from(state: DesiredState) -> Self {
+        Self {
+            services: state
+                .services
+                .into_iter()
+                .map(|s| (s.name.clone(), Arc::new(s)))
+                .collect(),
+            workloads: Arc::new(state.workloads),
+        }
+    }
+}
+
+impl From<&ServiceSet> for DesiredState {
+    fn from(set: &ServiceSet) -> Self {
+        Self {
+            services: set.iter().cloned().collect(),
+            workloads: (*set.workloads).clone(),
+        }
+    }
 }
 
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -45,6 +109,12 @@ pub struct Service {
 }
 
 impl Service {
+    /// Whether backend health (checks or outlier ejection) can change what
+    /// the kernel gets for this service.
+    pub fn watches_health(&self) -> bool {
+        self.health_check.is_some() || self.outlier_detection.is_some()
+    }
+
     pub fn frontend(&self) -> SocketAddr {
         SocketAddr::new(self.vip, self.port)
     }

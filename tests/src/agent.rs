@@ -15,6 +15,13 @@ const START_TIMEOUT: Duration = Duration::from_secs(20);
 const MESHCTL_TIMEOUT: Duration = Duration::from_secs(10);
 const POLL: Duration = Duration::from_millis(100);
 
+/// What `--config` names.
+#[derive(Clone, Copy)]
+enum Config<'a> {
+    File(&'a str),
+    Dir(&'a [(&'a str, &'a str)]),
+}
+
 pub struct Agent {
     child: Child,
     /// Our own temp dir: config, admin socket, log.
@@ -38,6 +45,14 @@ impl Agent {
     /// Like `start`, with extra `mesh-agent run` flags.
     pub fn start_with(config_yaml: &str, cgroup: &TestCgroup, extra: &[&str]) -> Result<Agent> {
         Self::start_from(&crate::bin_dir()?, config_yaml, cgroup, extra)
+    }
+
+    /// Starts the agent with `--config` a directory holding `files`
+    /// (name, YAML); `write_file` and `remove_file` change it.
+    pub fn start_dir(files: &[(&str, &str)], cgroup: &TestCgroup, extra: &[&str]) -> Result<Agent> {
+        let mut agent = Self::spawn_as(&crate::bin_dir()?, Config::Dir(files), cgroup, extra)?;
+        agent.wait_ready()?;
+        Ok(agent)
     }
 
     fn start_from(
@@ -146,6 +161,15 @@ impl Agent {
         cgroup: &TestCgroup,
         extra: &[&str],
     ) -> Result<Agent> {
+        Self::spawn_as(bin_dir, Config::File(config_yaml), cgroup, extra)
+    }
+
+    fn spawn_as(
+        bin_dir: &Path,
+        config_source: Config<'_>,
+        cgroup: &TestCgroup,
+        extra: &[&str],
+    ) -> Result<Agent> {
         let agent_bin = require_bin_in(bin_dir, "mesh-agent")?;
         let meshctl_bin = require_bin_in(bin_dir, "meshctl")?;
         let (pid, n) = (std::process::id(), crate::next_id());
@@ -153,7 +177,10 @@ impl Agent {
         // A leftover from an earlier process with the same PID is stale.
         let _ = std::fs::remove_dir_all(&dir);
         std::fs::create_dir_all(&dir).with_context(|| format!("creating {}", dir.display()))?;
-        let config = dir.join("mesh.yaml");
+        let config = match config_source {
+            Config::File(_) => dir.join("mesh.yaml"),
+            Config::Dir(_) => dir.join("conf.d"),
+        };
         let admin_socket = dir.join("admin.sock");
         let bpffs = PathBuf::from(format!("/sys/fs/bpf/mesh-test-{pid}-{n}"));
         let log_path = dir.join("agent.log");
@@ -165,7 +192,15 @@ impl Agent {
         args.extend(["--watch-interval-ms".into(), "100".into()]);
         args.extend(extra.iter().map(Into::into));
         let setup = || -> Result<Child> {
-            std::fs::write(&config, config_yaml)?;
+            match config_source {
+                Config::File(yaml) => std::fs::write(&config, yaml)?,
+                Config::Dir(files) => {
+                    std::fs::create_dir_all(&config)?;
+                    for (name, yaml) in files {
+                        std::fs::write(config.join(name), yaml)?;
+                    }
+                }
+            }
             let log = File::create(&log_path)?;
             Command::new(&agent_bin)
                 .args(&args)
@@ -223,6 +258,20 @@ impl Agent {
         let tmp = self.dir.join(".mesh.yaml.tmp");
         std::fs::write(&tmp, yaml)?;
         std::fs::rename(&tmp, &self.config)?;
+        Ok(())
+    }
+
+    /// Replaces (or adds) one file of a directory config atomically.
+    pub fn write_file(&self, name: &str, yaml: &str) -> Result<()> {
+        let tmp = self.config.join(format!(".{name}.tmp"));
+        std::fs::write(&tmp, yaml)?;
+        std::fs::rename(&tmp, self.config.join(name))?;
+        Ok(())
+    }
+
+    /// Removes one file of a directory config.
+    pub fn remove_file(&self, name: &str) -> Result<()> {
+        std::fs::remove_file(self.config.join(name))?;
         Ok(())
     }
 

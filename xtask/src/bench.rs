@@ -41,6 +41,11 @@ pub struct BenchArgs {
     /// then not written, so a partial run never replaces a complete one.
     #[arg(long, value_delimiter = ',')]
     only: Vec<String>,
+    /// With --only: put the re-run scenarios in place of theirs in
+    /// bench/results/latest.json (noted in the file and the report, with
+    /// this run's commit and date) and rebuild BENCHMARKS.md.
+    #[arg(long, requires = "only")]
+    merge: bool,
     /// Interleaved trials per peer [default: 3 quick, 5 full].
     #[arg(long)]
     trials: Option<u32>,
@@ -216,6 +221,46 @@ pub fn run(args: BenchArgs) -> Result<()> {
         }
     }
 
+    if !args.only.is_empty() && args.merge {
+        let root = util::workspace_root();
+        let path = root.join("bench/results/latest.json");
+        let text = std::fs::read_to_string(&path)
+            .with_context(|| format!("reading {}", path.display()))?;
+        let mut base: Results = serde_json::from_str(&text)
+            .with_context(|| format!("{} does not parse", path.display()))?;
+        for new in results.scenarios {
+            let note = format!(
+                "{} at commit `{}`{} on {}{}",
+                new.id,
+                results.meta.commit,
+                if results.meta.dirty {
+                    " plus uncommitted changes"
+                } else {
+                    ""
+                },
+                results.meta.date_utc,
+                if results.meta.quick { " (--quick)" } else { "" },
+            );
+            base.meta
+                .merged
+                .retain(|m| !m.starts_with(&format!("{} at ", new.id)));
+            base.meta.merged.push(note);
+            match base.scenarios.iter_mut().find(|s| s.id == new.id) {
+                Some(old) => *old = new,
+                None => base.scenarios.push(new),
+            }
+        }
+        base.targets = report::targets(&base);
+        std::fs::write(&path, serde_json::to_string_pretty(&base)? + "\n")
+            .with_context(|| format!("writing {}", path.display()))?;
+        report::write_markdown(&base, &root)?;
+        step(format!(
+            "bench: merged {} into {} and rebuilt BENCHMARKS.md",
+            args.only.join(","),
+            path.display()
+        ));
+        return Ok(());
+    }
     if !args.only.is_empty() {
         step(
             "bench: --only given, so bench/results/latest.json and BENCHMARKS.md are left as they were",
@@ -325,6 +370,7 @@ fn meta(ctx: &Ctx) -> Result<Meta> {
         client_threads: ctx.threads,
         tools,
         wall_s: 0.0,
+        merged: Vec::new(),
     })
 }
 

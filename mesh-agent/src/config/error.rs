@@ -61,6 +61,24 @@ pub enum Problem {
         "service name '{name}' is already used on line {first_line}; give each service its own name"
     )]
     DuplicateName { name: String, first_line: usize },
+    #[error(
+        "service name '{name}' is already used in {first_file} on line {first_line}; give each \
+         service its own name (names are unique across the directory)"
+    )]
+    DuplicateNameInFile {
+        name: String,
+        first_file: String,
+        first_line: usize,
+    },
+    #[error(
+        "workload name '{name}' is already used in {first_file} on line {first_line}; give each \
+         workload its own name (names are unique across the directory)"
+    )]
+    DuplicateWorkloadInFile {
+        name: String,
+        first_file: String,
+        first_line: usize,
+    },
     #[error("{field} {text} is not an IP address; write an address such as 127.10.0.1 or fd00::10")]
     BadIp { field: &'static str, text: String },
     #[error(

@@ -8,14 +8,18 @@
 
 use std::{
     collections::BTreeMap,
-    sync::{Mutex, MutexGuard},
+    fmt,
+    sync::{Arc, Mutex, MutexGuard, OnceLock},
 };
 
 use prometheus_client::{
-    encoding::EncodeLabelSet,
-    metrics::{counter::Counter, family::Family, gauge::Gauge},
+    collector::Collector,
+    encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric},
+    metrics::{MetricType, counter::ConstCounter, gauge::ConstGauge},
     registry::Registry,
 };
+
+use super::kernel::KernelCollector;
 
 /// One backend of one service; `backend` is `ip:port` (`[ip]:port` for IPv6).
 #[derive(Clone, Debug, Hash, PartialEq, Eq, PartialOrd, Ord, EncodeLabelSet)]
@@ -33,89 +37,206 @@ impl BackendLabels {
     }
 }
 
-#[derive(Debug)]
+/// A backend's health as the families report it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct State {
+    healthy: bool,
+    transitions: u64,
+}
+
+impl State {
+    const NEW: State = State {
+        healthy: true,
+        transitions: 0,
+    };
+}
+
+/// Which backends the families list, and the state of each that is not
+/// healthy-without-transitions (most backends are, so they take no memory:
+/// at 100,000 backends a label set each would be tens of MB).
+#[derive(Debug, Default)]
+struct Known {
+    /// The backends listed when no view lists them (see `list_from`).
+    listed: Vec<BackendLabels>,
+    /// service → backend → state, for states other than `State::NEW`.
+    sparse: BTreeMap<String, BTreeMap<String, State>>,
+}
+
+#[derive(Clone)]
 pub struct Metrics {
-    health: Family<BackendLabels, Gauge>,
-    transitions: Family<BackendLabels, Counter>,
-    /// The last known state of every backend (true: healthy).
-    known: Mutex<BTreeMap<BackendLabels, bool>>,
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    known: Mutex<Known>,
+    /// Lists the programmed backends from the kernel view on each scrape.
+    lister: OnceLock<Arc<KernelCollector>>,
+}
+
+impl fmt::Debug for Metrics {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("health::Metrics").finish_non_exhaustive()
+    }
 }
 
 impl Metrics {
     pub fn new(registry: &mut Registry) -> Self {
         let metrics = Self {
-            health: Family::default(),
-            transitions: Family::default(),
-            known: Mutex::default(),
+            inner: Arc::new(Inner {
+                known: Mutex::default(),
+                lister: OnceLock::new(),
+            }),
         };
-        registry.register(
-            "mesh_backend_health",
-            "1 while a backend is healthy, 0 while it is unhealthy",
-            metrics.health.clone(),
-        );
-        registry.register(
-            "mesh_backend_health_transitions",
-            "Times a backend changed between healthy and unhealthy",
-            metrics.transitions.clone(),
-        );
+        registry.register_collector(Box::new(metrics.clone()));
         metrics
     }
 
-    fn known(&self) -> MutexGuard<'_, BTreeMap<BackendLabels, bool>> {
+    /// Lists the backends the kernel view has (every programmed backend)
+    /// on each scrape, instead of a list kept by `sync_backends`.
+    pub fn list_from(&self, kernel: Arc<KernelCollector>) {
+        let _ = self.inner.lister.set(kernel);
+    }
+
+    fn known(&self) -> MutexGuard<'_, Known> {
         // Only plain inserts happen under the lock; a poisoned map is whole.
-        self.known.lock().unwrap_or_else(|p| p.into_inner())
+        self.inner.known.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     /// Records a backend's health; returns true when it changed (a
-    /// transition). A backend not seen before starts in this state.
+    /// transition). A backend not seen before starts healthy.
     pub fn set_health(&self, service: &str, backend: impl ToString, healthy: bool) -> bool {
-        let labels = BackendLabels::new(service, backend);
-        let previous = self.known().insert(labels.clone(), healthy);
-        self.health.get_or_create(&labels).set(i64::from(healthy));
-        let changed = previous.is_some_and(|was| was != healthy);
-        if changed {
-            self.transitions.get_or_create(&labels).inc();
+        let backend = backend.to_string();
+        let mut known = self.known();
+        let previous = known
+            .sparse
+            .get(service)
+            .and_then(|b| b.get(&backend))
+            .copied()
+            .unwrap_or(State::NEW);
+        let changed = previous.healthy != healthy;
+        let state = State {
+            healthy,
+            transitions: previous.transitions + u64::from(changed),
+        };
+        if state == State::NEW {
+            if let Some(backends) = known.sparse.get_mut(service) {
+                backends.remove(&backend);
+                if backends.is_empty() {
+                    known.sparse.remove(service);
+                }
+            }
         } else {
-            // Present, at zero, from the first sight of a backend.
-            drop(self.transitions.get_or_create(&labels));
+            known
+                .sparse
+                .entry(service.to_owned())
+                .or_default()
+                .insert(backend, state);
         }
         changed
     }
 
-    /// The last recorded health of a backend.
+    /// The last recorded health of a backend (listed or recorded).
     pub fn health(&self, service: &str, backend: impl ToString) -> Option<bool> {
-        self.known()
-            .get(&BackendLabels::new(service, backend))
-            .copied()
+        let backend = backend.to_string();
+        let known = self.known();
+        if let Some(state) = known.sparse.get(service).and_then(|b| b.get(&backend)) {
+            return Some(state.healthy);
+        }
+        known
+            .listed
+            .iter()
+            .any(|l| l.service == service && l.backend == backend)
+            .then_some(true)
     }
 
     /// Makes the families hold exactly `programmed`: new backends start
     /// healthy, known ones keep their state, removed ones are dropped.
     pub fn sync_backends(&self, programmed: impl IntoIterator<Item = BackendLabels>) {
-        let wanted: BTreeMap<BackendLabels, ()> =
-            programmed.into_iter().map(|label| (label, ())).collect();
-        let (new, gone) = {
-            let known = self.known();
-            let new: Vec<_> = wanted
-                .keys()
-                .filter(|l| !known.contains_key(*l))
-                .cloned()
-                .collect();
-            let gone: Vec<_> = known
-                .keys()
-                .filter(|l| !wanted.contains_key(*l))
-                .cloned()
-                .collect();
-            (new, gone)
+        let listed: Vec<BackendLabels> = programmed.into_iter().collect();
+        let mut known = self.known();
+        let keep: std::collections::BTreeSet<(&str, &str)> = listed
+            .iter()
+            .map(|l| (l.service.as_str(), l.backend.as_str()))
+            .collect();
+        let mut sparse = std::mem::take(&mut known.sparse);
+        for (service, backends) in &mut sparse {
+            backends.retain(|b, _| keep.contains(&(service.as_str(), b.as_str())));
+        }
+        sparse.retain(|_, b| !b.is_empty());
+        drop(keep);
+        known.sparse = sparse;
+        known.listed = listed;
+    }
+
+    /// Forgets the recorded state of `service`'s backends that `keep`
+    /// rejects (they left the configuration).
+    pub fn forget(&self, service: &str, keep: impl Fn(&str) -> bool) {
+        let mut known = self.known();
+        if let Some(backends) = known.sparse.get_mut(service) {
+            backends.retain(|b, _| keep(b));
+            if backends.is_empty() {
+                known.sparse.remove(service);
+            }
+        }
+    }
+
+    /// Services with a recorded state.
+    pub fn recorded_services(&self) -> Vec<String> {
+        self.known().sparse.keys().cloned().collect()
+    }
+}
+
+impl Collector for Metrics {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> fmt::Result {
+        let view = self.inner.lister.get().map(|k| k.view());
+        let known = self.known();
+        let listed: Vec<(&str, &str)> = match &view {
+            Some(view) => view
+                .backends
+                .iter()
+                .map(|b| (b.service.as_str(), b.backend.as_str()))
+                .collect(),
+            None => known
+                .listed
+                .iter()
+                .map(|l| (l.service.as_str(), l.backend.as_str()))
+                .collect(),
         };
-        for labels in new {
-            self.set_health(&labels.service, &labels.backend, true);
+        if listed.is_empty() {
+            // As with a family of labelled samples: nothing until the first.
+            return Ok(());
         }
-        for labels in gone {
-            self.known().remove(&labels);
-            self.health.remove(&labels);
-            self.transitions.remove(&labels);
+        let state = |service: &str, backend: &str| {
+            known
+                .sparse
+                .get(service)
+                .and_then(|b| b.get(backend))
+                .copied()
+                .unwrap_or(State::NEW)
+        };
+        let mut health = encoder.encode_descriptor(
+            "mesh_backend_health",
+            "1 while a backend is healthy, 0 while it is unhealthy",
+            None,
+            MetricType::Gauge,
+        )?;
+        for &(service, backend) in &listed {
+            let labels = [("service", service), ("backend", backend)];
+            ConstGauge::new(i64::from(state(service, backend).healthy))
+                .encode(health.encode_family(&labels)?)?;
         }
+        let mut transitions = encoder.encode_descriptor(
+            "mesh_backend_health_transitions",
+            "Times a backend changed between healthy and unhealthy",
+            None,
+            MetricType::Counter,
+        )?;
+        for &(service, backend) in &listed {
+            let labels = [("service", service), ("backend", backend)];
+            ConstCounter::new(state(service, backend).transitions)
+                .encode(transitions.encode_family(&labels)?)?;
+        }
+        Ok(())
     }
 }
 

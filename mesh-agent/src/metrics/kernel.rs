@@ -28,7 +28,7 @@ use prometheus_client::{
 use super::MetricsError;
 use crate::{
     reconcile::{Capacity, Reconciler, service_keys},
-    state::{BackendState, DesiredState},
+    state::{BackendState, DesiredState, Service},
 };
 
 /// Read-only handles on the maps the collector reads, opened from their pins.
@@ -159,8 +159,17 @@ impl View {
     /// come from the reconciler's record, which mirrors the maps (counting
     /// a hash map's entries in the kernel would take one syscall each).
     pub fn build(desired: &DesiredState, reconciler: &Reconciler, capacity: Capacity) -> Self {
+        Self::build_from(desired.services.iter(), reconciler, capacity)
+    }
+
+    /// The same from services in name order.
+    pub fn build_from<'a>(
+        services: impl Iterator<Item = &'a Service>,
+        reconciler: &Reconciler,
+        capacity: Capacity,
+    ) -> Self {
         let mut view = View::default();
-        for svc in &desired.services {
+        for svc in services {
             let programmed: Vec<_> = service_keys(svc)
                 .filter_map(|key| reconciler.service(&key).map(|p| (key, p)))
                 .collect();
@@ -214,12 +223,24 @@ impl View {
     }
 }
 
+/// Builds the view when a scrape needs it (from the agent's state).
+pub type ViewSource = Box<dyn Fn() -> Option<View> + Send + Sync>;
+
 /// Reads the kernel's counters on every scrape.
-#[derive(Debug, Default)]
+#[derive(Default)]
 pub struct KernelCollector {
     maps: OnceLock<KernelMaps>,
     capacity: OnceLock<Capacity>,
     view: Mutex<Arc<View>>,
+    /// When set, the view is built on each scrape instead of on each apply:
+    /// an apply then costs nothing here, however many services there are.
+    source: OnceLock<ViewSource>,
+}
+
+impl fmt::Debug for KernelCollector {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("KernelCollector").finish_non_exhaustive()
+    }
 }
 
 impl KernelCollector {
@@ -242,7 +263,15 @@ impl KernelCollector {
     }
 
     pub fn view(&self) -> Arc<View> {
+        if let Some(view) = self.source.get().and_then(|source| source()) {
+            return Arc::new(view);
+        }
         self.view.lock().unwrap_or_else(|p| p.into_inner()).clone()
+    }
+
+    /// Builds the view from `source` on every scrape from now on.
+    pub fn set_source(&self, source: ViewSource) {
+        let _ = self.source.set(source);
     }
 }
 

@@ -273,6 +273,32 @@ pub struct MeshAgent {
 
 impl MeshAgent {
     pub fn start(bins: &Bins, cgroup: &Cgroup, capacity: u32, extra: &[&str]) -> Result<Self> {
+        Self::launch(bins, cgroup, capacity, extra, false)
+    }
+
+    /// Like `start`, with `--config` an empty directory (`config_dir()`)
+    /// whose `*.yaml` files make the configuration.
+    pub fn start_conf_d(
+        bins: &Bins,
+        cgroup: &Cgroup,
+        capacity: u32,
+        extra: &[&str],
+    ) -> Result<Self> {
+        Self::launch(bins, cgroup, capacity, extra, true)
+    }
+
+    /// The directory of a `start_conf_d` agent's config files.
+    pub fn config_dir(&self) -> PathBuf {
+        self.dir.path().join("conf.d")
+    }
+
+    fn launch(
+        bins: &Bins,
+        cgroup: &Cgroup,
+        capacity: u32,
+        extra: &[&str],
+        conf_d: bool,
+    ) -> Result<Self> {
         let hint = format!("agent-{}", super::env::next_seq());
         let dir = TempDir::new(&hint)?;
         let bpffs = PathBuf::from(format!(
@@ -280,9 +306,16 @@ impl MeshAgent {
             super::env::PREFIX,
             std::process::id()
         ));
-        let config = dir.path().join("mesh.yaml");
         let socket = dir.path().join("admin.sock");
-        std::fs::write(&config, mesh_config(0, 0, None))?;
+        let config = if conf_d {
+            let config = dir.path().join("conf.d");
+            std::fs::create_dir_all(&config)?;
+            config
+        } else {
+            let config = dir.path().join("mesh.yaml");
+            std::fs::write(&config, mesh_config(0, 0, None))?;
+            config
+        };
         let log = std::fs::File::create(dir.path().join("agent.log"))?;
         // Room for every slot and backend twice: a reload writes the new
         // generation before deleting the old one.

@@ -18,7 +18,7 @@ pub const EXPECTED: &[(&str, &[&str])] = &[
         "same-node",
         &["loopback", "mesh", "mesh-redirect", "haproxy"],
     ),
-    ("control-plane", &["mesh"]),
+    ("control-plane", &["mesh", "mesh-conf.d"]),
     ("kernel-cost", &["mesh_connect4", "mesh_getpeername4"]),
     ("micro", &["criterion"]),
 ];
@@ -49,6 +49,10 @@ pub struct Meta {
     /// Versions of the peers and tools (iptables, nft, haproxy, …).
     pub tools: BTreeMap<String, String>,
     pub wall_s: f64,
+    /// Scenarios re-run later (`--only … --merge`) and put in place of this
+    /// run's: which, from what commit, when.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub merged: Vec<String>,
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]

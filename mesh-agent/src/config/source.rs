@@ -1,0 +1,1407 @@
+//! Where the configuration comes from, read again only where it changed.
+//!
+//! `--config` names a file or a directory. In a directory every `*.yaml`
+//! file (dotfiles aside) contributes services and workloads; names are
+//! unique across the directory and an error names its file. A reload
+//! re-reads only the files whose size, modification time or inode changed
+//! (or only the files inotify named), and re-parses only those whose
+//! content hash changed.
+//!
+//! Within one file, each item of the `services:` list is hashed on its own:
+//! an item whose text the last accepted load already had is not parsed
+//! again. That shortcut is taken only for plainly laid out files (block
+//! style, no anchors or aliases, which could tie one item to another); any
+//! other file, and any file with an error, is parsed whole exactly as
+//! before, so every message and position is the whole-file parser's.
+//!
+//! A load yields an [`Update`]: the services that differ from the state
+//! last committed. [`ConfigSource::commit`] makes it the new base once the
+//! agent has applied it; a refused update leaves the base as it was.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap, HashSet};
+use std::net::SocketAddr;
+use std::ops::Range;
+use std::os::unix::fs::MetadataExt as _;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use super::{ConfigError, Problem, invalid, parse_item, parse_part, parse_str};
+use crate::state::{DesiredState, Service, ServiceSet, Workload};
+
+/// What to look at again.
+#[derive(Clone, Debug)]
+pub enum Scope {
+    /// Everything (SIGHUP, the poll, start).
+    All,
+    /// Only these paths (inotify named them); a directory's other files are
+    /// taken as unchanged.
+    Paths(Vec<PathBuf>),
+}
+
+/// The difference between a load and the committed state.
+#[derive(Debug, Default)]
+pub struct Update {
+    /// Services that changed: the new definition, or None when removed.
+    pub services: BTreeMap<String, Option<Arc<Service>>>,
+    /// The complete workload list, when it changed.
+    pub workloads: Option<Arc<Vec<Workload>>>,
+    next: Pending,
+}
+
+impl Update {
+    pub fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.workloads.is_none()
+    }
+}
+
+/// Bookkeeping that becomes current on commit (changes only, so that a
+/// small change costs little however large the configuration is).
+#[derive(Debug, Default)]
+enum Pending {
+    #[default]
+    Nothing,
+    /// The file's index, replaced whole (items by service name).
+    File(NamedIndex),
+    /// The file's index, changed in place.
+    FileDelta {
+        whole: Hash,
+        removed: Vec<Hash>,
+        added: Vec<(Hash, String)>,
+    },
+    /// The directory's files, replaced whole.
+    Dir(BTreeMap<String, DirEntry>),
+    /// Some of the directory's files, changed.
+    DirDelta {
+        upsert: Vec<(String, DirEntry)>,
+        removed: Vec<String>,
+    },
+}
+
+/// Content hash (xxh3, 128 bits) of a piece of text.
+type Hash = u128;
+
+fn hash(bytes: &[u8]) -> Hash {
+    xxhash_rust::xxh3::xxh3_128(bytes)
+}
+
+/// Hashes a key that is already a hash: takes its low bits (maps keyed by
+/// content hashes need no second hashing).
+#[derive(Clone, Copy, Debug, Default)]
+struct Prehashed(u64);
+
+impl std::hash::Hasher for Prehashed {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+
+    fn write(&mut self, bytes: &[u8]) {
+        for chunk in bytes.chunks(8) {
+            let mut word = [0u8; 8];
+            word[..chunk.len()].copy_from_slice(chunk);
+            self.0 ^= u64::from_ne_bytes(word);
+        }
+    }
+
+    fn write_u128(&mut self, v: u128) {
+        self.0 = v as u64;
+    }
+}
+
+type ByHash = std::hash::BuildHasherDefault<Prehashed>;
+
+/// What a file's last accepted load was made of.
+#[derive(Clone, Debug, Default)]
+struct FileIndex {
+    /// Hash of the whole text.
+    whole: Option<Hash>,
+    /// Hash of the `workloads:` section (0: none), when the file split.
+    workloads: Option<Hash>,
+    /// Hash of each `services:` item → the name of its service.
+    items: HashMap<Hash, Arc<Service>, ByHash>,
+    /// The wrapping sum of the keys of `items`.
+    sum: Hash,
+}
+
+/// A `FileIndex` before commit: items name their service.
+#[derive(Debug, Default)]
+struct NamedIndex {
+    whole: Option<Hash>,
+    workloads: Option<Hash>,
+    items: Vec<(Hash, String)>,
+}
+
+/// One file of a directory, as last accepted.
+#[derive(Clone, Debug)]
+struct DirEntry {
+    stamp: Stamp,
+    hash: Hash,
+    names: Vec<String>,
+    workloads: Vec<Workload>,
+}
+
+/// What tells a changed file from an unchanged one without reading it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Stamp {
+    len: u64,
+    mtime_ns: i128,
+    ctime_ns: i128,
+    ino: u64,
+    dev: u64,
+}
+
+impl Stamp {
+    fn of(meta: &std::fs::Metadata) -> Self {
+        Self {
+            len: meta.len(),
+            mtime_ns: i128::from(meta.mtime()) * 1_000_000_000 + i128::from(meta.mtime_nsec()),
+            ctime_ns: i128::from(meta.ctime()) * 1_000_000_000 + i128::from(meta.ctime_nsec()),
+            ino: meta.ino(),
+            dev: meta.dev(),
+        }
+    }
+}
+
+pub struct ConfigSource {
+    path: PathBuf,
+    dir: bool,
+    /// The committed state: what the agent last applied from here.
+    current: ServiceSet,
+    /// Which service holds each frontend, for clashes of new services.
+    frontends: HashMap<(SocketAddr, u8), Arc<Service>>,
+    file: FileIndex,
+    files: BTreeMap<String, DirEntry>,
+}
+
+impl ConfigSource {
+    /// A source for `path` (a file, or a directory of `*.yaml` files),
+    /// with nothing loaded yet.
+    pub fn new(path: &Path) -> Self {
+        Self {
+            dir: path.is_dir(),
+            path: path.to_owned(),
+            current: ServiceSet::default(),
+            frontends: HashMap::new(),
+            file: FileIndex::default(),
+            files: BTreeMap::new(),
+        }
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+
+    pub fn is_dir(&self) -> bool {
+        self.dir
+    }
+
+    /// The last committed configuration.
+    pub fn current(&self) -> &ServiceSet {
+        &self.current
+    }
+
+    /// Reads what may have changed and returns how it differs from the
+    /// committed state, or why it is refused.
+    pub fn load(&self, scope: &Scope) -> Result<Update, ConfigError> {
+        if self.dir {
+            self.load_dir(scope)
+        } else {
+            self.load_file()
+        }
+    }
+
+    /// Makes `update` the committed state (after the agent applied it).
+    pub fn commit(&mut self, update: Update) {
+        for (name, new) in &update.services {
+            if let Some(old) = self.current.services.get(name) {
+                for &proto in old.protocol.ip_protocols() {
+                    let key = (old.frontend(), proto);
+                    if self.frontends.get(&key).is_some_and(|s| s.name == *name) {
+                        self.frontends.remove(&key);
+                    }
+                }
+            }
+            match new {
+                Some(svc) => {
+                    self.current.services.insert(name.clone(), svc.clone());
+                }
+                None => {
+                    self.current.services.remove(name);
+                }
+            }
+        }
+        for svc in update.services.values().flatten() {
+            for &proto in svc.protocol.ip_protocols() {
+                self.frontends.insert((svc.frontend(), proto), svc.clone());
+            }
+        }
+        if let Some(workloads) = update.workloads {
+            self.current.workloads = workloads;
+        }
+        match update.next {
+            Pending::Nothing => {}
+            Pending::File(index) => {
+                let mut items = HashMap::default();
+                let mut sum: Hash = 0;
+                for (h, name) in index.items {
+                    if let Some(svc) = self.current.services.get(&name)
+                        && items.insert(h, svc.clone()).is_none()
+                    {
+                        sum = sum.wrapping_add(h);
+                    }
+                }
+                self.file = FileIndex {
+                    whole: index.whole,
+                    workloads: index.workloads,
+                    items,
+                    sum,
+                };
+            }
+            Pending::FileDelta {
+                whole,
+                removed,
+                added,
+            } => {
+                self.file.whole = Some(whole);
+                for h in removed {
+                    if self.file.items.remove(&h).is_some() {
+                        self.file.sum = self.file.sum.wrapping_sub(h);
+                    }
+                }
+                for (h, name) in added {
+                    let Some(svc) = self.current.services.get(&name) else {
+                        continue;
+                    };
+                    if self.file.items.insert(h, svc.clone()).is_none() {
+                        self.file.sum = self.file.sum.wrapping_add(h);
+                    }
+                }
+            }
+            Pending::Dir(files) => self.files = files,
+            Pending::DirDelta { upsert, removed } => {
+                for name in removed {
+                    self.files.remove(&name);
+                }
+                self.files.extend(upsert);
+            }
+        }
+    }
+
+    // ------------------------------------------------------------ file ----
+
+    fn load_file(&self) -> Result<Update, ConfigError> {
+        let origin = self.path.display().to_string();
+        let read_error = |source| ConfigError::Read {
+            file: origin.clone(),
+            source,
+        };
+        // Read as a stream of blocks, split into lines and pieces in place:
+        // only new items are kept as text, so a large file is never held
+        // in memory whole (unless it must be parsed whole).
+        let mut file = std::fs::File::open(&self.path).map_err(read_error)?;
+        let mut splitter = Splitter::default();
+        let mut buf = vec![0u8; 1 << 18];
+        let mut filled = 0;
+        // First byte of the line not yet classified.
+        let mut scan = 0;
+        // The open piece: where it starts, and whether it is an item (or
+        // the workloads section).
+        let mut open: Option<(usize, bool)> = None;
+        let mut hashes: Vec<Hash> = Vec::new();
+        let mut new_items: Vec<(Hash, Service)> = Vec::new();
+        let mut workloads_hash: Hash = 0;
+        let mut plain = true;
+        let identities: HashSet<&str> = self
+            .current
+            .workloads
+            .iter()
+            .map(|w| w.identity.as_str())
+            .collect();
+        let mut finish = |open: Option<(usize, bool)>, buf: &[u8], end: usize| -> bool {
+            match open {
+                Some((start, true)) => {
+                    let bytes = &buf[start..end];
+                    let h = hash(bytes);
+                    hashes.push(h);
+                    if !self.file.items.contains_key(&h) {
+                        // Parsed at once: no copy of the text is kept.
+                        match std::str::from_utf8(bytes)
+                            .ok()
+                            .and_then(|t| parse_item(t, &identities))
+                        {
+                            Some(svc) => new_items.push((h, svc)),
+                            None => return false,
+                        }
+                    }
+                }
+                Some((start, false)) => workloads_hash = hash(&buf[start..end]),
+                None => {}
+            }
+            true
+        };
+        loop {
+            if filled == buf.len() {
+                // One piece fills the buffer: make room.
+                buf.resize(buf.len() * 2, 0);
+            }
+            let n = std::io::Read::read(&mut file, &mut buf[filled..]).map_err(read_error)?;
+            let fresh = &buf[filled..filled + n];
+            if plain
+                && (memchr::memchr3(b'&', b'*', b'\t', fresh).is_some() || fresh.contains(&b'\r'))
+            {
+                plain = false;
+            }
+            filled += n;
+            let eof = n == 0;
+            if plain {
+                let base = scan;
+                // Whole lines only, so no character is cut in two.
+                let complete = if eof {
+                    filled
+                } else {
+                    memchr::memrchr(b'\n', &buf[base..filled]).map_or(base, |i| base + i + 1)
+                };
+                if std::str::from_utf8(&buf[base..complete]).is_err() {
+                    // The whole-file read reports it.
+                    plain = false;
+                    break;
+                }
+                let ends = memchr::memchr_iter(b'\n', &buf[base..filled])
+                    .map(|i| base + i + 1)
+                    .chain((eof && scan < filled).then_some(filled));
+                for end in ends {
+                    match splitter.line(&buf[scan..end]) {
+                        None => {
+                            plain = false;
+                            break;
+                        }
+                        Some(Mark::Same) => {}
+                        Some(mark) => {
+                            plain &= finish(open, &buf, scan);
+                            open = match mark {
+                                Mark::Item => Some((scan, true)),
+                                Mark::Workloads => Some((scan, false)),
+                                _ => None,
+                            };
+                        }
+                    }
+                    scan = end;
+                }
+            }
+            if eof {
+                break;
+            }
+            if !plain {
+                // Parsed whole below.
+                break;
+            }
+            // Keep the open piece and the unfinished line; drop the rest.
+            let keep = open.map_or(scan, |(start, _)| start.min(scan));
+            buf.copy_within(keep..filled, 0);
+            filled -= keep;
+            scan -= keep;
+            open = open.map(|(start, item)| (start - keep, item));
+        }
+        if plain {
+            plain &= finish(open, &buf, filled);
+        }
+        drop(buf);
+        // Unchanged items need no whole-file hash: all found, none new,
+        // is an empty update.
+        let whole = 0;
+        if !plain || self.file.workloads != Some(workloads_hash) {
+            // An unusual layout, or the identities (and so every policy)
+            // may have changed.
+            let bytes = std::fs::read(&self.path).map_err(read_error)?;
+            return self.whole_file(&bytes, hash(&bytes), &origin);
+        }
+        match self.items(&hashes, new_items, whole) {
+            Some(update) => Ok(update),
+            None => {
+                let bytes = std::fs::read(&self.path).map_err(read_error)?;
+                self.whole_file(&bytes, hash(&bytes), &origin)
+            }
+        }
+    }
+
+    /// The item shortcut: `hashes` of every item in order, the text of
+    /// those the index lacks. None when anything is wrong (the whole-file
+    /// parser then says what).
+    fn items(&self, hashes: &[Hash], parsed: Vec<(Hash, Service)>, whole: Hash) -> Option<Update> {
+        let matched = hashes.len() - parsed.len();
+        let known: HashSet<Hash, ByHash> = parsed.iter().map(|(h, _)| *h).collect();
+        let matched_sum = hashes
+            .iter()
+            .filter(|h| !known.contains(*h))
+            .fold(0u128, |sum, h| sum.wrapping_add(*h));
+        // Items of the last load that are gone (changed ones included).
+        let mut removed: Vec<Hash> = Vec::new();
+        // Every indexed item is still there (the sum of their hashes tells
+        // the same items from a repeated one), or find those that are not.
+        if matched != self.file.items.len() || matched_sum != self.file.sum {
+            // The usual edit: some services changed in place. Their old
+            // items are the ones holding their current definition, and the
+            // hash sum confirms that nothing else went.
+            let replaced: Vec<&Arc<Service>> = parsed
+                .iter()
+                .filter_map(|(_, svc)| self.current.services.get(&svc.name))
+                .collect();
+            if replaced.len() == parsed.len() && hashes.len() == self.file.items.len() {
+                let gone: Vec<Hash> = self
+                    .file
+                    .items
+                    .iter()
+                    .filter(|(_, svc)| replaced.iter().any(|r| Arc::ptr_eq(r, svc)))
+                    .map(|(h, _)| *h)
+                    .collect();
+                let gone_sum = gone.iter().fold(0u128, |sum, h| sum.wrapping_add(*h));
+                if gone.len() == parsed.len() && self.file.sum.wrapping_sub(gone_sum) == matched_sum
+                {
+                    removed = gone;
+                }
+            }
+        }
+        if removed.is_empty() && (matched != self.file.items.len() || matched_sum != self.file.sum)
+        {
+            let now: HashSet<Hash, ByHash> = hashes.iter().copied().collect();
+            if now.len() != hashes.len() {
+                // The same item twice: a duplicate the full parse reports.
+                return None;
+            }
+            removed.extend(
+                self.file
+                    .items
+                    .keys()
+                    .filter(|h| !now.contains(*h))
+                    .copied(),
+            );
+        }
+        let released: HashSet<&str> = removed
+            .iter()
+            .map(|h| self.file.items[h].name.as_str())
+            .collect();
+        let mut update = Update::default();
+        for name in &released {
+            update.services.insert((*name).to_owned(), None);
+        }
+        let mut added: HashSet<&str> = HashSet::new();
+        let mut frontends: HashSet<(SocketAddr, u8)> = HashSet::new();
+        for (_, svc) in &parsed {
+            let clash = (self.current.services.contains_key(&svc.name)
+                && !released.contains(svc.name.as_str()))
+                || !added.insert(&svc.name)
+                || svc.protocol.ip_protocols().iter().any(|&p| {
+                    let key = (svc.frontend(), p);
+                    !frontends.insert(key)
+                        || self
+                            .frontends
+                            .get(&key)
+                            .is_some_and(|holder| !released.contains(holder.name.as_str()))
+                });
+            if clash {
+                return None;
+            }
+        }
+        drop(added);
+        drop(released);
+        let mut new_items = Vec::with_capacity(parsed.len());
+        for (h, svc) in parsed {
+            new_items.push((h, svc.name.clone()));
+            if self
+                .current
+                .services
+                .get(&svc.name)
+                .is_some_and(|old| **old == svc)
+            {
+                update.services.remove(&svc.name);
+            } else {
+                update
+                    .services
+                    .insert(svc.name.clone(), Some(Arc::new(svc)));
+            }
+        }
+        update.next = Pending::FileDelta {
+            whole,
+            removed,
+            added: new_items,
+        };
+        Some(update)
+    }
+
+    /// The whole file through the whole-file parser: exact errors, and the
+    /// layouts the item shortcut does not take.
+    fn whole_file(&self, bytes: &[u8], whole: Hash, origin: &str) -> Result<Update, ConfigError> {
+        // As `read_to_string` always said of a file that is not UTF-8.
+        let text = std::str::from_utf8(bytes).map_err(|e| ConfigError::Read {
+            file: origin.to_owned(),
+            source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+        })?;
+        let state = parse_str(text, origin)?;
+        let no_workloads = state.workloads.is_empty();
+        let mut update = self.diff(state);
+        // Index the items too, so that the next change takes the shortcut
+        // (this parses the items a second time; it happens when the
+        // workloads change or the layout was unusual, not on every change).
+        let split = std::str::from_utf8(bytes).ok().and_then(split);
+        let mut index = NamedIndex {
+            whole: Some(whole),
+            workloads: match &split {
+                Some(s) => Some(s.workloads.clone().map_or(0, |r| hash(&bytes[r]))),
+                None if no_workloads => Some(0),
+                None => None,
+            },
+            items: Vec::new(),
+        };
+        if let Some(split) = split {
+            let identities: HashSet<&str> = update
+                .workloads
+                .as_deref()
+                .unwrap_or(&self.current.workloads)
+                .iter()
+                .map(|w| w.identity.as_str())
+                .collect();
+            for range in &split.items {
+                let item = &text[range.clone()];
+                if let Some(svc) = parse_item(item, &identities) {
+                    index.items.push((hash(item.as_bytes()), svc.name));
+                }
+            }
+        }
+        update.next = Pending::File(index);
+        Ok(update)
+    }
+
+    /// The update that turns the committed state into `state`.
+    fn diff(&self, state: DesiredState) -> Update {
+        let mut update = Update::default();
+        let mut seen = HashSet::with_capacity(state.services.len());
+        for svc in state.services {
+            seen.insert(svc.name.clone());
+            if self
+                .current
+                .services
+                .get(&svc.name)
+                .is_some_and(|old| **old == svc)
+            {
+                continue;
+            }
+            update
+                .services
+                .insert(svc.name.clone(), Some(Arc::new(svc)));
+        }
+        for name in self.current.services.keys() {
+            if !seen.contains(name) {
+                update.services.insert(name.clone(), None);
+            }
+        }
+        if *self.current.workloads != state.workloads {
+            update.workloads = Some(Arc::new(state.workloads));
+        }
+        update
+    }
+
+    // ------------------------------------------------------- directory ----
+
+    /// The `*.yaml` files of the directory, by file name.
+    fn list_dir(&self) -> Result<BTreeSet<String>, ConfigError> {
+        let entries = std::fs::read_dir(&self.path).map_err(|source| ConfigError::Read {
+            file: self.path.display().to_string(),
+            source,
+        })?;
+        let mut names = BTreeSet::new();
+        for entry in entries.flatten() {
+            let name = entry.file_name().to_string_lossy().into_owned();
+            if is_config_name(&name) {
+                names.insert(name);
+            }
+        }
+        Ok(names)
+    }
+
+    fn load_dir(&self, scope: &Scope) -> Result<Update, ConfigError> {
+        // Which files to look at, and which are gone.
+        let candidates: BTreeSet<String> = match scope {
+            Scope::All => self.list_dir()?,
+            Scope::Paths(paths) => paths
+                .iter()
+                .filter(|p| p.parent() == Some(self.path.as_path()))
+                .filter_map(|p| p.file_name())
+                .map(|n| n.to_string_lossy().into_owned())
+                .filter(|n| is_config_name(n))
+                .collect(),
+        };
+        let mut files: BTreeMap<String, DirEntry> = BTreeMap::new();
+        let mut changed: BTreeMap<String, String> = BTreeMap::new();
+        let mut gone: Vec<String> = Vec::new();
+        if matches!(scope, Scope::All) {
+            gone.extend(
+                self.files
+                    .keys()
+                    .filter(|n| !candidates.contains(*n))
+                    .cloned(),
+            );
+        }
+        for name in &candidates {
+            let path = self.path.join(name);
+            let meta = match std::fs::metadata(&path) {
+                Ok(meta) if meta.is_file() => meta,
+                Ok(_) => continue,
+                Err(e) if e.kind() == std::io::ErrorKind::NotFound => {
+                    if self.files.contains_key(name) {
+                        gone.push(name.clone());
+                    }
+                    continue;
+                }
+                Err(source) => {
+                    return Err(ConfigError::Read {
+                        file: path.display().to_string(),
+                        source,
+                    });
+                }
+            };
+            let stamp = Stamp::of(&meta);
+            if self.files.get(name).is_some_and(|e| e.stamp == stamp) {
+                continue;
+            }
+            let bytes = std::fs::read(&path).map_err(|source| ConfigError::Read {
+                file: path.display().to_string(),
+                source,
+            })?;
+            let h = hash(&bytes);
+            if let Some(entry) = self.files.get(name).filter(|e| e.hash == h) {
+                files.insert(
+                    name.clone(),
+                    DirEntry {
+                        stamp,
+                        ..entry.clone()
+                    },
+                );
+                continue;
+            }
+            files.insert(
+                name.clone(),
+                DirEntry {
+                    stamp,
+                    hash: h,
+                    names: Vec::new(),
+                    workloads: Vec::new(),
+                },
+            );
+            changed.insert(name.clone(), utf8(bytes, &path)?);
+        }
+        if changed.is_empty() && gone.is_empty() {
+            return Ok(Update {
+                next: Pending::DirDelta {
+                    upsert: files.into_iter().collect(),
+                    removed: gone,
+                },
+                ..Update::default()
+            });
+        }
+        // Parse the changed files against the other files' identities.
+        let identities: HashSet<String> = self
+            .current
+            .workloads
+            .iter()
+            .map(|w| w.identity.clone())
+            .collect();
+        let mut parts = BTreeMap::new();
+        let mut workloads_changed = gone
+            .iter()
+            .any(|n| self.files.get(n).is_some_and(|e| !e.workloads.is_empty()));
+        for (name, text) in &changed {
+            let origin = self.path.join(name).display().to_string();
+            let (workloads, services) = match parse_part(text, &origin, &identities) {
+                Ok(part) => part,
+                // Perhaps only an identity from another changed file: the
+                // full check below says.
+                Err(_) => return self.whole_dir(),
+            };
+            let before = self.files.get(name).map(|e| e.workloads.as_slice());
+            if before.unwrap_or_default() != workloads.as_slice() {
+                workloads_changed = true;
+            }
+            parts.insert(name.clone(), (workloads, services));
+        }
+        if workloads_changed {
+            return self.whole_dir();
+        }
+        // Names and frontends of the other files stay; the changed files'
+        // services must not clash with them or with each other.
+        let mut released: HashSet<&str> = HashSet::new();
+        for name in changed.keys().chain(gone.iter()) {
+            if let Some(entry) = self.files.get(name) {
+                released.extend(entry.names.iter().map(String::as_str));
+            }
+        }
+        let mut update = Update::default();
+        for name in &released {
+            update.services.insert((*name).to_owned(), None);
+        }
+        let mut names: HashSet<&str> = HashSet::new();
+        let mut frontends: HashSet<(SocketAddr, u8)> = HashSet::new();
+        for (_, services) in parts.values() {
+            for l in services {
+                let svc = &l.service;
+                let clash = (self.current.services.contains_key(&svc.name)
+                    && !released.contains(svc.name.as_str()))
+                    || !names.insert(&svc.name)
+                    || svc.protocol.ip_protocols().iter().any(|&p| {
+                        let key = (svc.frontend(), p);
+                        !frontends.insert(key)
+                            || self
+                                .frontends
+                                .get(&key)
+                                .is_some_and(|holder| !released.contains(holder.name.as_str()))
+                    });
+                if clash {
+                    return self.whole_dir();
+                }
+            }
+        }
+        for (file, (_, services)) in parts {
+            let entry = files.get_mut(&file).expect("inserted above");
+            entry.names = services.iter().map(|l| l.service.name.clone()).collect();
+            for l in services {
+                let svc = l.service;
+                if self
+                    .current
+                    .services
+                    .get(&svc.name)
+                    .is_some_and(|old| **old == svc)
+                {
+                    update.services.remove(&svc.name);
+                } else {
+                    update
+                        .services
+                        .insert(svc.name.clone(), Some(Arc::new(svc)));
+                }
+            }
+        }
+        update.next = Pending::DirDelta {
+            upsert: files.into_iter().collect(),
+            removed: gone,
+        };
+        Ok(update)
+    }
+
+    /// Every file of the directory checked together, in file-name order:
+    /// the exact error (naming its file), or the complete state.
+    fn whole_dir(&self) -> Result<Update, ConfigError> {
+        let names = self.list_dir()?;
+        let mut files: BTreeMap<String, DirEntry> = BTreeMap::new();
+        let mut texts: BTreeMap<String, String> = BTreeMap::new();
+        for name in &names {
+            let path = self.path.join(name);
+            let read_error = |source| ConfigError::Read {
+                file: path.display().to_string(),
+                source,
+            };
+            let meta = std::fs::metadata(&path).map_err(read_error)?;
+            if !meta.is_file() {
+                continue;
+            }
+            let bytes = std::fs::read(&path).map_err(read_error)?;
+            files.insert(
+                name.clone(),
+                DirEntry {
+                    stamp: Stamp::of(&meta),
+                    hash: hash(&bytes),
+                    names: Vec::new(),
+                    workloads: Vec::new(),
+                },
+            );
+            texts.insert(name.clone(), utf8(bytes, &path)?);
+        }
+        let origin = |name: &str| self.path.join(name).display().to_string();
+        // Workloads first: every file's policies may name any identity.
+        let mut workloads: Vec<Workload> = Vec::new();
+        let mut workload_at: HashMap<String, (String, usize)> = HashMap::new();
+        for (name, text) in &texts {
+            let located = super::workloads_located(text, &origin(name))?;
+            for (w, at) in located {
+                if let Some((first_file, first_line)) = workload_at.get(&w.name) {
+                    return Err(invalid(
+                        &origin(name),
+                        at,
+                        Problem::DuplicateWorkloadInFile {
+                            name: w.name,
+                            first_file: first_file.clone(),
+                            first_line: *first_line,
+                        },
+                    ));
+                }
+                workload_at.insert(w.name.clone(), (origin(name), at.line() as usize));
+                workloads.push(w);
+            }
+        }
+        let identities: HashSet<String> = workloads.iter().map(|w| w.identity.clone()).collect();
+        let mut services: Vec<Service> = Vec::new();
+        let mut name_at: HashMap<String, (String, usize)> = HashMap::new();
+        let mut frontend_of: HashMap<(SocketAddr, u8), String> = HashMap::new();
+        for (name, text) in &texts {
+            let (file_workloads, located) = parse_part(text, &origin(name), &identities)?;
+            let entry = files.get_mut(name).expect("read above");
+            entry.workloads = file_workloads;
+            for l in located {
+                let svc = l.service;
+                if let Some((first_file, first_line)) = name_at.get(&svc.name) {
+                    return Err(invalid(
+                        &origin(name),
+                        l.name_at,
+                        Problem::DuplicateNameInFile {
+                            name: svc.name,
+                            first_file: first_file.clone(),
+                            first_line: *first_line,
+                        },
+                    ));
+                }
+                for &proto in svc.protocol.ip_protocols() {
+                    if let Some(first) = frontend_of.get(&(svc.frontend(), proto)) {
+                        return Err(invalid(
+                            &origin(name),
+                            l.vip_at,
+                            Problem::DuplicateFrontend {
+                                frontend: format!("{}/{}", svc.frontend(), svc.protocol),
+                                service: svc.name,
+                                first: first.clone(),
+                            },
+                        ));
+                    }
+                }
+                name_at.insert(svc.name.clone(), (origin(name), l.name_at.line() as usize));
+                for &proto in svc.protocol.ip_protocols() {
+                    frontend_of.insert((svc.frontend(), proto), svc.name.clone());
+                }
+                entry.names.push(svc.name.clone());
+                services.push(svc);
+            }
+        }
+        services.sort_by(|a, b| a.name.cmp(&b.name));
+        workloads.sort_by(|a, b| a.name.cmp(&b.name));
+        let mut update = self.diff(DesiredState {
+            services,
+            workloads,
+        });
+        update.next = Pending::Dir(files);
+        Ok(update)
+    }
+}
+
+/// A file's text, or the error `read_to_string` gives for one not in UTF-8.
+fn utf8(bytes: Vec<u8>, path: &Path) -> Result<String, ConfigError> {
+    String::from_utf8(bytes).map_err(|e| ConfigError::Read {
+        file: path.display().to_string(),
+        source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
+    })
+}
+
+/// A directory's config files: `*.yaml`, not hidden (editors' and
+/// Kubernetes' `..data` entries start with a dot).
+fn is_config_name(name: &str) -> bool {
+    name.ends_with(".yaml") && !name.starts_with('.')
+}
+
+/// Where a plainly laid out file's pieces are.
+#[derive(Debug, PartialEq)]
+pub(super) struct Split {
+    /// The `workloads:` section, key line included.
+    pub workloads: Option<Range<usize>>,
+    /// Each item of `services:`, from its `-` line to the next item.
+    pub items: Vec<Range<usize>>,
+}
+
+/// Splits a file into its `workloads:` section and `services:` items, or
+/// None when its layout is not one this can split safely (flow style at
+/// the top, anchors or aliases, tabs, several documents, other keys): such
+/// files are parsed whole.
+pub(super) fn split(text: &str) -> Option<Split> {
+    let bytes = text.as_bytes();
+    if memchr::memchr3(b'&', b'*', b'\t', bytes).is_some() || bytes.contains(&b'\r') {
+        return None;
+    }
+    let mut splitter = Splitter::default();
+    let mut items: Vec<Range<usize>> = Vec::new();
+    let mut workloads: Option<Range<usize>> = None;
+    // The open piece: where it starts and whether it is an item.
+    let mut open: Option<(usize, bool)> = None;
+    let mut close = |open: Option<(usize, bool)>, end: usize| match open {
+        Some((start, true)) => items.push(start..end),
+        Some((start, false)) => workloads = Some(start..end),
+        None => {}
+    };
+    let mut start = 0;
+    for end in memchr::memchr_iter(b'\n', bytes)
+        .map(|i| i + 1)
+        .chain((bytes.last() != Some(&b'\n') && !bytes.is_empty()).then_some(bytes.len()))
+    {
+        match splitter.line(&bytes[start..end])? {
+            Mark::Same => {}
+            Mark::Close => close(open.take(), start),
+            Mark::Item => close(open.replace((start, true)), start),
+            Mark::Workloads => close(open.replace((start, false)), start),
+        }
+        start = end;
+    }
+    close(open, bytes.len());
+    Some(Split { workloads, items })
+}
+
+/// What a line does to the pieces of a plainly laid out file.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(super) enum Mark {
+    /// Belongs to the open piece (or to none, if none is open).
+    Same,
+    /// Ends the open piece and belongs to none (a top-level key).
+    Close,
+    /// Ends the open piece and starts a `services:` item.
+    Item,
+    /// Ends the open piece and starts the `workloads:` section.
+    Workloads,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum Section {
+    #[default]
+    None,
+    Services,
+    Workloads,
+}
+
+/// Classifies a file's lines one by one (see `split`); the same rules for
+/// a file in memory and one read as a stream.
+#[derive(Debug, Default)]
+pub(super) struct Splitter {
+    section: Section,
+    seen_services: bool,
+    seen_workloads: bool,
+    item_indent: Option<usize>,
+    in_item: bool,
+}
+
+impl Splitter {
+    /// The mark of one line (with its newline), or None when the file is
+    /// not laid out plainly enough to split.
+    #[inline]
+    pub(super) fn line(&mut self, line: &[u8]) -> Option<Mark> {
+        // The common case first: a line more indented than the items.
+        if self.in_item
+            && self.section == Section::Services
+            && let Some(n) = self.item_indent
+            && line.len() > n + 1
+            && line[..=n].iter().all(|&b| b == b' ')
+        {
+            return Some(Mark::Same);
+        }
+        let indent = line.iter().take_while(|&&b| b == b' ').count();
+        // Most lines continue an item: settle those at once.
+        if indent > 0
+            && (self.section == Section::Workloads
+                || (self.section == Section::Services
+                    && self.in_item
+                    && self.item_indent.is_some_and(|n| indent > n)))
+        {
+            return Some(Mark::Same);
+        }
+        // Bytes, not text: UTF-8 is checked where a piece is parsed.
+        let rest = line[indent..]
+            .strip_suffix(b"\n")
+            .unwrap_or(&line[indent..]);
+        if rest.is_empty() || rest[0] == b'#' {
+            return Some(Mark::Same);
+        }
+        let dash = rest == b"-" || rest.starts_with(b"- ");
+        let top_key = |key: &str| -> bool {
+            rest.strip_prefix(key.as_bytes()).is_some_and(|after| {
+                let spaces = after.iter().take_while(|&&b| b == b' ').count();
+                let after = &after[spaces..];
+                after.is_empty() || after[0] == b'#'
+            })
+        };
+        if indent == 0
+            && !(self.section == Section::Services && self.item_indent == Some(0) && dash)
+        {
+            if top_key("services:") && !self.seen_services {
+                self.seen_services = true;
+                self.section = Section::Services;
+                self.item_indent = None;
+                self.in_item = false;
+                return Some(Mark::Close);
+            }
+            if top_key("workloads:") && !self.seen_workloads {
+                self.seen_workloads = true;
+                self.section = Section::Workloads;
+                self.in_item = false;
+                return Some(Mark::Workloads);
+            }
+            if self.section == Section::Services && self.item_indent.is_none() && dash {
+                self.item_indent = Some(0);
+                self.in_item = true;
+                return Some(Mark::Item);
+            }
+            return None;
+        }
+        match self.section {
+            Section::None => None,
+            Section::Workloads => Some(Mark::Same),
+            Section::Services => match self.item_indent {
+                None if dash => {
+                    self.item_indent = Some(indent);
+                    self.in_item = true;
+                    Some(Mark::Item)
+                }
+                Some(n) if indent == n && dash => Some(Mark::Item),
+                Some(n) if indent > n && self.in_item => Some(Mark::Same),
+                _ => None,
+            },
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pieces(text: &str) -> Option<(Option<&str>, Vec<&str>)> {
+        let s = split(text)?;
+        Some((
+            s.workloads.map(|r| &text[r]),
+            s.items.into_iter().map(|r| &text[r]).collect(),
+        ))
+    }
+
+    #[test]
+    fn plain_files_split_into_items() {
+        let text = "# header\nservices:\n  - name: a\n    port: 1\n\n  # about b\n  - name: b\n    backends: [{address: 1.2.3.4, port: 5}]\nworkloads:\n  - name: w\n    cgroup: /x\n";
+        let (w, items) = pieces(text).unwrap();
+        assert_eq!(
+            items,
+            [
+                "  - name: a\n    port: 1\n\n  # about b\n",
+                "  - name: b\n    backends: [{address: 1.2.3.4, port: 5}]\n"
+            ]
+        );
+        assert_eq!(w, Some("workloads:\n  - name: w\n    cgroup: /x\n"));
+        let (_, items) = pieces("services:\n- name: a\n  port: 1\n- name: b\n").unwrap();
+        assert_eq!(items, ["- name: a\n  port: 1\n", "- name: b\n"]);
+        assert_eq!(pieces("services:\n").unwrap(), (None, vec![]));
+        assert_eq!(pieces("").unwrap(), (None, vec![]));
+    }
+
+    #[test]
+    fn unusual_layouts_are_parsed_whole() {
+        for text in [
+            "services: []\n",
+            "services:\n  - &a {name: a}\n  - *a\n",
+            "version: 2\nservices:\n",
+            "---\nservices:\n",
+            "services:\n  - name: a\n services2:\n",
+            "services:\n  - name: a\nservices:\n  - name: b\n",
+            "services:\n\t- name: a\n",
+            "services:\r\n  - name: a\r\n",
+            "  - name: a\n",
+        ] {
+            assert_eq!(split(text), None, "{text:?}");
+        }
+    }
+
+    fn service_yaml(name: &str, vip: &str, port: u16) -> String {
+        format!(
+            "  - name: {name}\n    vip: {vip}\n    port: 80\n    backends: [{{address: 127.0.0.1, port: {port}}}]\n"
+        )
+    }
+
+    fn temp_dir(tag: &str) -> PathBuf {
+        let dir = std::env::temp_dir().join(format!("mesh-source-{tag}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        dir
+    }
+
+    fn names(update: &Update) -> Vec<(String, bool)> {
+        update
+            .services
+            .iter()
+            .map(|(n, s)| (n.clone(), s.is_some()))
+            .collect()
+    }
+
+    #[test]
+    fn a_file_reload_reports_only_the_changed_items() {
+        let dir = temp_dir("file");
+        let path = dir.join("mesh.yaml");
+        let text = |port_b: u16| {
+            format!(
+                "services:\n{}{}{}",
+                service_yaml("a", "10.0.0.1", 1),
+                service_yaml("b", "10.0.0.2", port_b),
+                service_yaml("c", "10.0.0.3", 3)
+            )
+        };
+        std::fs::write(&path, text(2)).unwrap();
+        let mut source = ConfigSource::new(&path);
+        let first = source.load(&Scope::All).unwrap();
+        assert_eq!(first.services.len(), 3);
+        source.commit(first);
+        assert!(source.load(&Scope::All).unwrap().is_empty());
+        std::fs::write(&path, text(9)).unwrap();
+        let update = source.load(&Scope::All).unwrap();
+        assert_eq!(names(&update), [("b".into(), true)]);
+        source.commit(update);
+        std::fs::write(&path, text(10)).unwrap();
+        let update = source.load(&Scope::All).unwrap();
+        assert_eq!(names(&update), [("b".into(), true)]);
+        source.commit(update);
+        assert_eq!(source.current().get("b").unwrap().backends[0].port, 10);
+        // Removing an item removes its service; a clash goes the whole-file
+        // way and gets its exact message.
+        std::fs::write(
+            &path,
+            format!(
+                "services:\n{}{}",
+                service_yaml("a", "10.0.0.1", 1),
+                service_yaml("c", "10.0.0.3", 3)
+            ),
+        )
+        .unwrap();
+        let update = source.load(&Scope::All).unwrap();
+        assert_eq!(names(&update), [("b".into(), false)]);
+        source.commit(update);
+        std::fs::write(
+            &path,
+            format!(
+                "services:\n{}{}{}",
+                service_yaml("a", "10.0.0.1", 1),
+                service_yaml("c", "10.0.0.3", 3),
+                service_yaml("d", "10.0.0.1", 4)
+            ),
+        )
+        .unwrap();
+        // An item repeated in place of another is a duplicate, not a no-op.
+        std::fs::write(
+            &path,
+            format!(
+                "services:\n{}{}",
+                service_yaml("a", "10.0.0.1", 1),
+                service_yaml("a", "10.0.0.1", 1)
+            ),
+        )
+        .unwrap();
+        let err = source.load(&Scope::All).unwrap_err().to_string();
+        assert!(
+            err.contains(":6:11: service name 'a' is already used on line 2"),
+            "{err}"
+        );
+        std::fs::write(
+            &path,
+            format!(
+                "services:\n{}{}{}",
+                service_yaml("a", "10.0.0.1", 1),
+                service_yaml("c", "10.0.0.3", 3),
+                service_yaml("d", "10.0.0.1", 4)
+            ),
+        )
+        .unwrap();
+        let err = source.load(&Scope::All).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                ":11:10: service 'd' uses 10.0.0.1:80/tcp, which service 'a' already uses"
+            ),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_file_that_is_not_utf8_cannot_be_read_as_before() {
+        let dir = temp_dir("utf8");
+        let path = dir.join("mesh.yaml");
+        let mut bytes = format!("services:\n{}", service_yaml("a", "10.0.0.1", 1)).into_bytes();
+        bytes.extend_from_slice(b"# \xff\n");
+        std::fs::write(&path, bytes).unwrap();
+        let err = ConfigSource::new(&path)
+            .load(&Scope::All)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!("{}: cannot read: ", path.display())),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_directory_combines_its_files_and_rereads_only_changed_ones() {
+        let dir = temp_dir("dir");
+        std::fs::write(
+            dir.join("a.yaml"),
+            format!("services:\n{}", service_yaml("a", "10.0.0.1", 1)),
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("b.yaml"),
+            format!("services:\n{}", service_yaml("b", "10.0.0.2", 2)),
+        )
+        .unwrap();
+        std::fs::write(dir.join("notes.txt"), "not yaml").unwrap();
+        let mut source = ConfigSource::new(&dir);
+        assert!(source.is_dir());
+        let update = source.load(&Scope::All).unwrap();
+        assert_eq!(names(&update), [("a".into(), true), ("b".into(), true)]);
+        source.commit(update);
+        // inotify named b.yaml only.
+        std::fs::write(
+            dir.join("b.yaml"),
+            format!("services:\n{}", service_yaml("b", "10.0.0.2", 7)),
+        )
+        .unwrap();
+        let update = source
+            .load(&Scope::Paths(vec![dir.join("b.yaml")]))
+            .unwrap();
+        assert_eq!(names(&update), [("b".into(), true)]);
+        source.commit(update);
+        // A name used in another file is refused, naming both files.
+        std::fs::write(
+            dir.join("c.yaml"),
+            format!("services:\n{}", service_yaml("a", "10.0.0.9", 1)),
+        )
+        .unwrap();
+        let err = source.load(&Scope::All).unwrap_err().to_string();
+        let c = dir.join("c.yaml").display().to_string();
+        let a = dir.join("a.yaml").display().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "{c}:2:11: service name 'a' is already used in {a} on line 2"
+            )),
+            "{err}"
+        );
+        // A broken file is refused with its name and position.
+        std::fs::write(dir.join("c.yaml"), "services:\n  - name: 'c\n").unwrap();
+        let err = source.load(&Scope::All).unwrap_err().to_string();
+        assert!(err.starts_with(&format!("{c}:2:11: ")), "{err}");
+        std::fs::remove_file(dir.join("c.yaml")).unwrap();
+        std::fs::remove_file(dir.join("a.yaml")).unwrap();
+        let update = source.load(&Scope::All).unwrap();
+        assert_eq!(names(&update), [("a".into(), false)]);
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn policies_may_name_identities_of_other_files() {
+        let dir = temp_dir("ids");
+        std::fs::write(
+            dir.join("w.yaml"),
+            "workloads:\n  - name: frontend\n    cgroup: /sys/fs/cgroup/f\n",
+        )
+        .unwrap();
+        std::fs::write(
+            dir.join("s.yaml"),
+            "services:\n  - name: web\n    vip: 10.0.0.1\n    port: 80\n    policy: {default: deny, allow: [frontend]}\n    backends: [{address: 127.0.0.1, port: 1}]\n",
+        )
+        .unwrap();
+        let mut source = ConfigSource::new(&dir);
+        let update = source.load(&Scope::All).unwrap();
+        assert_eq!(update.workloads.as_ref().map(|w| w.len()), Some(1));
+        source.commit(update);
+        std::fs::write(
+            dir.join("s.yaml"),
+            "services:\n  - name: web\n    vip: 10.0.0.1\n    port: 80\n    policy: {default: deny, allow: [frontnd]}\n    backends: [{address: 127.0.0.1, port: 1}]\n",
+        )
+        .unwrap();
+        let err = source.load(&Scope::All).unwrap_err().to_string();
+        assert!(
+            err.contains("identity 'frontnd' in the policy of service 'web'"),
+            "{err}"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// Timings of the loader at 10,000 services (`cargo test --release --
+    /// --ignored --nocapture loader_timings`).
+    #[test]
+    #[ignore]
+    fn loader_timings() {
+        use std::fmt::Write as _;
+        use std::time::Instant;
+        let text = |changed: Option<u32>| {
+            let mut y = String::from("services:\n");
+            for i in 0..10_000u32 {
+                let _ = write!(
+                    y,
+                    "  - name: s{i:06}\n    vip: 10.96.{}.{}\n    port: 80\n    backends: [",
+                    i / 250,
+                    1 + i % 250
+                );
+                for j in 0..10 {
+                    let sep = if j < 9 { ", " } else { "" };
+                    let port = if changed == Some(i) && j == 0 {
+                        9000
+                    } else {
+                        8080
+                    };
+                    let _ = write!(y, "{{address: 10.200.0.{}, port: {port}}}{sep}", j + 1);
+                }
+                y.push_str("]\n");
+            }
+            y
+        };
+        let dir = temp_dir("timings");
+        let path = dir.join("mesh.yaml");
+        std::fs::write(&path, "services: []\n").unwrap();
+        let mut source = ConfigSource::new(&path);
+        let u = source.load(&Scope::All).unwrap();
+        source.commit(u);
+        std::fs::write(&path, text(None)).unwrap();
+        let t = Instant::now();
+        let u = source.load(&Scope::All).unwrap();
+        eprintln!("first load of 10,000: {:?}", t.elapsed());
+        let t = Instant::now();
+        source.commit(u);
+        eprintln!("commit: {:?}", t.elapsed());
+        let t = Instant::now();
+        let state = parse_str(&text(None), "x").unwrap();
+        eprintln!("parse_str of 10,000: {:?}", t.elapsed());
+        let t = Instant::now();
+        let slow = super::super::parse_yaml(&text(None), "x").unwrap();
+        eprintln!("the YAML library on 10,000: {:?}", t.elapsed());
+        assert_eq!(slow, state);
+        drop(state);
+        for c in 0..5 {
+            std::fs::write(&path, text(Some(c * 7))).unwrap();
+            let t = Instant::now();
+            let u = source.load(&Scope::All).unwrap();
+            let load = t.elapsed();
+            assert!(!u.services.is_empty());
+            let t = Instant::now();
+            source.commit(u);
+            eprintln!("one change: load {load:?}, commit {:?}", t.elapsed());
+        }
+        let t = Instant::now();
+        let bytes = std::fs::read(&path).unwrap();
+        let t_read = t.elapsed();
+        let t = Instant::now();
+        let text = std::str::from_utf8(&bytes).unwrap();
+        let t_utf8 = t.elapsed();
+        let t = Instant::now();
+        let _ = hash(&bytes);
+        let t_hash = t.elapsed();
+        let t = Instant::now();
+        let lines = memchr::memchr_iter(b'\n', &bytes).count();
+        eprintln!("counting {lines} newlines: {:?}", t.elapsed());
+        let t = Instant::now();
+        let sp = split(text).unwrap();
+        let t_split = t.elapsed();
+        let t = Instant::now();
+        let hs: Vec<Hash> = sp.items.iter().map(|r| hash(&bytes[r.clone()])).collect();
+        let t_items = t.elapsed();
+        let t = Instant::now();
+        let n = hs
+            .iter()
+            .filter(|h| source.file.items.contains_key(*h))
+            .count();
+        let t_lookup = t.elapsed();
+        eprintln!(
+            "read {t_read:?} utf8 {t_utf8:?} hash {t_hash:?} split {t_split:?} item hashes {t_items:?} lookups {t_lookup:?} ({n})"
+        );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
