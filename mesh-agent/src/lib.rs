@@ -16,6 +16,7 @@ pub mod drain;
 pub mod events;
 pub mod explain;
 pub mod health;
+pub mod kernel_log;
 pub mod maglev;
 pub mod metrics;
 pub mod overrides;
