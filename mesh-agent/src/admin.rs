@@ -2,11 +2,13 @@
 //! may open. `meshctl` is its client; nothing else is needed to drive a node.
 
 mod client;
+mod debug_log;
 mod redirect;
 mod server;
 mod views;
 
 pub use client::{AdminClientError, get, post};
+pub use debug_log::{DebugLogResponse, SetDebugLogRequest};
 pub use redirect::{RedirectCounters, RedirectResponse, SetRedirectRequest};
 pub use server::{AdminServerError, serve};
 pub use views::{
@@ -27,3 +29,5 @@ pub const PATH_EXPLAIN: &str = "/v1/explain";
 pub const PATH_OVERRIDES: &str = "/v1/overrides";
 /// Same-node redirect: GET shows, POST `{"enabled": bool}` switches.
 pub const PATH_REDIRECT: &str = "/v1/redirect";
+/// Kernel-side debug logs: GET shows, POST `{"enabled": bool}` switches.
+pub const PATH_DEBUG_LOG: &str = "/v1/debug-log";

@@ -8,7 +8,9 @@ use std::{
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
 
-use mesh_common::{CONFIG_EVENTS, CONFIG_FLAG_SAME_NODE_REDIRECT, ConfigValue, Event};
+use mesh_common::{
+    CONFIG_EVENTS, CONFIG_FLAG_DEBUG_LOG, CONFIG_FLAG_SAME_NODE_REDIRECT, ConfigValue, Event,
+};
 use tokio::signal::unix::{SignalKind, signal};
 use tracing::{error, info, warn};
 
@@ -21,6 +23,7 @@ use crate::{
     events::{self, EventFilter},
     explain::{self, ExplainError, ExplainResponse},
     health::HealthMonitor,
+    kernel_log::{DebugLogSwitch, KernelLogError},
     metrics::{KernelMaps, Metrics, MetricsError},
     overrides::{Action, OverrideError, Overrides},
     reconcile::{ApplyReport, Capacity, ReconcileError, Reconciler, service_keys},
@@ -53,6 +56,8 @@ pub struct AgentOptions {
     pub schema_version: u32,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; None: nowhere.
     pub metrics_addr: Option<std::net::SocketAddr>,
+    /// Kernel-side debug logs (aya-log) at start; switchable at runtime.
+    pub kernel_debug_log: bool,
 }
 
 /// How often the node's own addresses are re-read for same-node redirect.
@@ -82,6 +87,8 @@ pub enum AgentError {
     Redirect(#[from] RedirectError),
     #[error("metrics: {0}")]
     Metrics(#[from] MetricsError),
+    #[error("kernel debug log: {0}")]
+    KernelLog(#[from] KernelLogError),
 }
 
 /// State shared between the reload loop and the admin API.
@@ -90,6 +97,7 @@ pub struct Shared {
     meta: Meta,
     redirect: RedirectHandle,
     metrics: Arc<Metrics>,
+    debug_log: Mutex<DebugLogSwitch>,
 }
 
 struct Inner {
@@ -162,7 +170,25 @@ impl Shared {
         &self.metrics
     }
 
+    /// Switches the kernel's debug logs. Holds the redirect lock too: both
+    /// switches read-modify-write the same `MESH_CONFIG` word.
+    pub fn set_debug_log(&self, on: bool) -> Result<(), KernelLogError> {
+        let _redirect = self.redirect.lock();
+        let mut switch = self.debug_log.lock().unwrap_or_else(|p| p.into_inner());
+        switch.set(on)?;
+        info!(on, "kernel debug log switched");
+        Ok(())
+    }
+
+    pub fn debug_log_enabled(&self) -> bool {
+        self.debug_log
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .enabled()
+    }
+
     pub fn status(&self) -> StatusResponse {
+        let kernel_debug_log = self.debug_log_enabled();
         let inner = self.lock();
         StatusResponse {
             ready: inner.reloads.generation > 0,
@@ -190,6 +216,7 @@ impl Shared {
             programs: self.meta.programs.clone(),
             services: inner.desired.services.len(),
             metrics_addr: self.meta.metrics_addr.map(|a| a.to_string()),
+            kernel_debug_log,
         }
     }
 
@@ -655,12 +682,19 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                 CONFIG_FLAG_SAME_NODE_REDIRECT
             } else {
                 0
+            }
+            | if opts.kernel_debug_log {
+                CONFIG_FLAG_DEBUG_LOG
+            } else {
+                0
             },
         host_netns_cookie: events::own_netns_cookie().map_err(AgentError::NetnsCookie)?,
     };
     maps.config
         .set(0, agent_config, 0)
         .map_err(AgentError::ConfigMap)?;
+    let kernel_log_task = crate::kernel_log::forward(&mut ebpf)?;
+    let debug_log = DebugLogSwitch::open(&pins.maps_dir())?;
     let redirect_maps = bpf::RedirectMaps::take_from(&mut ebpf).map_err(BpfError::from)?;
     let redirect_opts = RedirectOptions {
         workload_cgroup: Some(cgroup.clone()),
@@ -737,6 +771,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         },
         redirect: redirect.clone(),
         metrics: metrics.clone(),
+        debug_log: Mutex::new(debug_log),
     });
     // What the kernel's ids mean, built when Prometheus asks (not on each
     // apply, which would cost a pass over every backend).
@@ -781,6 +816,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
 
     admin_task.abort();
     events_task.abort();
+    kernel_log_task.abort();
     refresher.abort();
     heartbeat.abort();
     drop(metrics_server);

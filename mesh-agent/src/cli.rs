@@ -5,6 +5,7 @@
 //! Exit codes: 0 success, 1 the command failed, 2 bad usage, 3 no agent
 //! answered on the admin socket (a read-only view may still be printed).
 
+mod debug_log;
 mod offline;
 mod redirect;
 mod table;
@@ -119,6 +120,13 @@ enum Command {
     /// switches it at runtime (connections already redirected go back to TCP
     /// when switched off and stay there).
     Redirect {
+        #[arg(value_enum)]
+        switch: Option<redirect::Switch>,
+    },
+    /// Kernel-side debug logs at the balancing decisions, forwarded into the
+    /// agent's log (target `mesh_kernel`); `on`/`off` switches them. Off,
+    /// they cost one branch per decision.
+    DebugLog {
         #[arg(value_enum)]
         switch: Option<redirect::Switch>,
     },
@@ -257,6 +265,10 @@ async fn execute(cli: &Cli) -> Result<String, CliError> {
         Command::Redirect { switch } => {
             let view = redirect::execute(socket, *switch).await?;
             render(out, &view, redirect::render)
+        }
+        Command::DebugLog { switch } => {
+            let view = debug_log::execute(socket, *switch).await?;
+            render(out, &view, debug_log::render)
         }
     }
 }
@@ -537,6 +549,10 @@ fn render_status(s: &StatusResponse) -> String {
     t.row(["maps (entries/capacity)", &maps.join(", ")]);
     t.row(["services", &s.services.to_string()]);
     t.row(["metrics", s.metrics_addr.as_deref().unwrap_or("off")]);
+    t.row([
+        "kernel debug log",
+        if s.kernel_debug_log { "on" } else { "off" },
+    ]);
     t.render()
 }
 

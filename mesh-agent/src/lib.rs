@@ -17,6 +17,7 @@ pub mod events;
 pub mod explain;
 pub mod health;
 pub mod inotify;
+pub mod kernel_log;
 pub mod maglev;
 pub mod metrics;
 pub mod overrides;

@@ -104,6 +104,12 @@ enum Command {
         /// status` shows it), or `off`.
         #[arg(long, env = "MESH_METRICS_ADDR", default_value = metrics::DEFAULT_ADDR)]
         metrics_addr: metrics::MetricsAddr,
+        /// Kernel-side debug logs (aya-log) at the balancing decisions,
+        /// forwarded into this log with target `mesh_kernel` (switch at
+        /// runtime with `meshctl debug-log on|off`). Off costs the hot path
+        /// one branch per decision.
+        #[arg(long, value_enum, default_value_t = Switch::Off)]
+        kernel_debug_log: Switch,
     },
     /// Validate a configuration file and exit.
     Check {
@@ -183,6 +189,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             no_discover_local_addresses,
             redirect_exclude_ports,
             metrics_addr,
+            kernel_debug_log,
         } => {
             let opts = agent::AgentOptions {
                 config,
@@ -207,6 +214,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
                     exclude_ports: redirect_exclude_ports,
                 },
                 metrics_addr: metrics_addr.0,
+                kernel_debug_log: kernel_debug_log == Switch::On,
             };
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)

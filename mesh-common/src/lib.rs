@@ -103,6 +103,9 @@ pub const VERDICT_DENY: u8 = 2;
 
 /// `ConfigValue::flags` (bit 0 is `CONFIG_FLAG_SAME_NODE_REDIRECT`).
 pub const CONFIG_EVENTS: u32 = 1 << 1;
+/// Kernel-side debug logs (aya-log) at the balancing decisions. Checked
+/// before any log call, so with it off a decision pays one branch per site.
+pub const CONFIG_FLAG_DEBUG_LOG: u32 = 1 << 2;
 
 /// `Event::verdict`.
 pub const EVENT_FORWARDED: u8 = 0;

@@ -22,6 +22,7 @@ use mesh_common::{
 };
 
 use crate::{
+    debug_log,
     maps::{
         MESH_ACTIVE, MESH_AFFINITY, MESH_BACKENDS, MESH_BE_HEALTH, MESH_BE_STATS, MESH_CONFIG,
         MESH_CONNS, MESH_EVENTS, MESH_POLICY, MESH_REV_NAT, MESH_SERVICES, MESH_SLOTS,
@@ -88,6 +89,7 @@ pub fn balance(ctx: &SockAddrContext, dst: Addr, port: u16, call: Call) -> Outco
         if !allowed(event.identity, &svc) {
             count_service(svc.service_id, |s| s.denied += 1);
             event.verdict = EVENT_DENIED;
+            debug_log::denied(ctx, &config, svc.service_id, event.identity);
             emit(&config, &event);
             return Outcome::Refuse(EPERM);
         }
@@ -110,9 +112,19 @@ pub fn balance(ctx: &SockAddrContext, dst: Addr, port: u16, call: Call) -> Outco
     let Some(choice) = choose(&key, &svc, event.client) else {
         count_service(svc.service_id, |s| s.no_backend += 1);
         event.verdict = EVENT_NO_BACKEND;
+        debug_log::no_backend(ctx, &config, svc.service_id, svc.slot_count);
         emit(&config, &event);
         return Outcome::Refuse(ECONNREFUSED);
     };
+    if choice.generation != svc.generation {
+        debug_log::generation_retry(
+            ctx,
+            &config,
+            svc.service_id,
+            svc.generation,
+            choice.generation,
+        );
+    }
     let be = choice.backend;
     let backend = backend_addr(&be);
 
@@ -158,6 +170,14 @@ pub fn balance(ctx: &SockAddrContext, dst: Addr, port: u16, call: Call) -> Outco
     event.slot = choice.slot;
     event.affinity_hit = choice.affinity_hit as u8;
     event.verdict = EVENT_FORWARDED;
+    debug_log::forwarded(
+        ctx,
+        &config,
+        svc.service_id,
+        choice.backend_id,
+        choice.slot,
+        choice.affinity_hit,
+    );
     emit(&config, &event);
     Outcome::Forward(backend, be.port)
 }
@@ -167,6 +187,10 @@ struct Choice {
     backend: BackendValue,
     slot: u32,
     affinity_hit: bool,
+    /// The slot table generation it came from: not the one first read
+    /// after a concurrent update. (A plain u32, not an Option: LLVM leaves a
+    /// None's payload undefined, and the verifier refuses to copy it.)
+    generation: u32,
 }
 
 #[inline(always)]
@@ -190,6 +214,7 @@ fn choose(key: &ServiceKey, svc: &ServiceValue, client: u64) -> Option<Choice> {
                 backend,
                 slot: u32::MAX,
                 affinity_hit: true,
+                generation: svc.generation,
             });
         }
     }
@@ -244,6 +269,7 @@ fn pick(svc: &ServiceValue, client: u64) -> Option<Choice> {
         backend,
         slot,
         affinity_hit: false,
+        generation: svc.generation,
     })
 }
 

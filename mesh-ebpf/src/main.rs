@@ -13,6 +13,8 @@
 #[cfg(target_arch = "bpf")]
 mod connect;
 #[cfg(target_arch = "bpf")]
+mod debug_log;
+#[cfg(target_arch = "bpf")]
 mod getpeername;
 #[cfg(target_arch = "bpf")]
 mod lb;

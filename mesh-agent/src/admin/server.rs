@@ -54,6 +54,11 @@ pub async fn serve(
                                 super::redirect::handle(req, &shared).await,
                             );
                         }
+                        if req.uri().path() == super::PATH_DEBUG_LOG {
+                            return Ok::<_, Infallible>(
+                                super::debug_log::handle(req, &shared).await,
+                            );
+                        }
                         if req.uri().path() == PATH_OVERRIDES {
                             return Ok::<_, Infallible>(set_override(req, &shared).await);
                         }

@@ -30,6 +30,9 @@ pub struct StatusResponse {
     /// the chosen port when started with port 0); None when off.
     #[serde(default)]
     pub metrics_addr: Option<String>,
+    /// Kernel-side debug logs on (`MESH_CONFIG` as the kernel reads it).
+    #[serde(default)]
+    pub kernel_debug_log: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
