@@ -98,6 +98,8 @@ pub struct Shared {
     redirect: RedirectHandle,
     metrics: Arc<Metrics>,
     debug_log: Mutex<DebugLogSwitch>,
+    /// The kernel's event ring, once the reader runs.
+    event_ring: std::sync::OnceLock<events::Ring>,
 }
 
 struct Inner {
@@ -298,6 +300,11 @@ impl Shared {
     /// The newest `limit` decisions after sequence number `after`, of one
     /// service and one client if named.
     pub fn events(&self, filter: &EventFilter) -> EventsResponse {
+        // Decisions still waiting in the ring count: a caller that just
+        // made connections sees them.
+        if let Some(ring) = self.event_ring.get() {
+            events::drain_into(ring, |batch| self.record_events(batch));
+        }
         let inner = self.lock();
         let names = events::Names::new(&inner.reconciler);
         let mut views: Vec<_> = inner
@@ -772,6 +779,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         redirect: redirect.clone(),
         metrics: metrics.clone(),
         debug_log: Mutex::new(debug_log),
+        event_ring: std::sync::OnceLock::new(),
     });
     // What the kernel's ids mean, built when Prometheus asks (not on each
     // apply, which would cost a pass over every backend).
@@ -790,11 +798,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     }
     let events_task = {
         let shared = shared.clone();
-        let reader = events::Reader::new(ring).map_err(AgentError::Events)?;
+        let mut reader = events::Reader::new(ring).map_err(AgentError::Events)?;
+        let _ = shared.event_ring.set(reader.ring());
         tokio::spawn(async move {
-            let mut reader = reader;
-            while let Ok(batch) = reader.next_batch().await {
-                shared.record_events(batch);
+            while reader.wait().await.is_ok() {
+                events::drain_into(&reader.ring(), |batch| shared.record_events(batch));
             }
         })
     };

@@ -23,38 +23,57 @@ pub struct EventFilter {
     pub limit: usize,
 }
 
-/// Reads batches of events as the kernel submits them.
+/// The kernel's event ring, shared by the reader task and by queries that
+/// must see every decision made before they were asked.
+pub type Ring = std::sync::Arc<std::sync::Mutex<RingBuf<MapData>>>;
+
+/// Waits for events; the ring itself sits behind `Ring`'s lock so a query
+/// can drain it too (`drain_into`).
 pub struct Reader {
-    ring: AsyncFd<RingBuf<MapData>>,
+    ready: AsyncFd<OwnedFd>,
+    ring: Ring,
 }
 
 impl Reader {
     pub fn new(ring: RingBuf<MapData>) -> std::io::Result<Self> {
-        // SAFETY: the ring buffer owns its fd and is moved into the AsyncFd,
-        // so the fd stays open exactly as long as it is registered.
-        let ring = unsafe { AsyncFd::register_with_interest(ring, tokio::io::Interest::READABLE) }
+        use std::os::fd::AsFd as _;
+        // Readiness is watched on a duplicate of the ring's fd (the same
+        // open map), so the ring can live behind a lock.
+        let fd = ring.as_fd().try_clone_to_owned()?;
+        // SAFETY: the fd is owned and moved into the AsyncFd, so it stays
+        // open exactly as long as it is registered.
+        let ready = unsafe { AsyncFd::register_with_interest(fd, tokio::io::Interest::READABLE) }
             .map_err(std::io::Error::from)?;
-        Ok(Self { ring })
+        Ok(Self {
+            ready,
+            ring: std::sync::Arc::new(std::sync::Mutex::new(ring)),
+        })
     }
 
-    /// Waits for events and returns all that are ready. The programs do
-    /// not wake the reader for each event (see `EVENTS_WAKEUP_BYTES`), so
-    /// the ring is also read every `POLL_INTERVAL`.
-    pub async fn next_batch(&mut self) -> std::io::Result<Vec<Event>> {
-        loop {
-            let batch = match tokio::time::timeout(POLL_INTERVAL, self.ring.readable_mut()).await {
-                Ok(guard) => {
-                    let mut guard = guard?;
-                    let batch = drain(guard.get_inner_mut());
-                    guard.clear_ready();
-                    batch
-                }
-                Err(_elapsed) => drain(self.ring.get_mut()),
-            };
-            if !batch.is_empty() {
-                return Ok(batch);
-            }
+    pub fn ring(&self) -> Ring {
+        self.ring.clone()
+    }
+
+    /// Waits until events may be ready: a wakeup from the kernel, or
+    /// `POLL_INTERVAL`, since the programs do not wake the reader for each
+    /// event (see `EVENTS_WAKEUP_BYTES`).
+    pub async fn wait(&mut self) -> std::io::Result<()> {
+        if let Ok(guard) = tokio::time::timeout(POLL_INTERVAL, self.ready.readable()).await {
+            guard?.clear_ready();
         }
+        Ok(())
+    }
+}
+
+/// Takes every event waiting in the ring and hands the batch to `record`
+/// while still holding the ring, so batches are recorded in kernel order.
+pub fn drain_into(ring: &Ring, record: impl FnOnce(Vec<Event>)) {
+    let mut ring = ring
+        .lock()
+        .unwrap_or_else(std::sync::PoisonError::into_inner);
+    let batch = drain(&mut ring);
+    if !batch.is_empty() {
+        record(batch);
     }
 }
 
