@@ -5,14 +5,11 @@
 use std::net::IpAddr;
 
 use bytes::Bytes;
-use http_body_util::{BodyExt, Full, Limited};
+use http_body_util::Full;
 use hyper::{Method, Request, Response, StatusCode, body::Incoming};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::Shared;
-
-/// Largest request body accepted (the only one is `{"enabled": …}`).
-const MAX_BODY: usize = 4096;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct RedirectResponse {
@@ -56,26 +53,12 @@ pub async fn handle(req: Request<Incoming>, shared: &Shared) -> Response<Full<By
     match *req.method() {
         Method::GET => super::server::json(&shared.redirect().lock().view()),
         Method::POST => {
-            let body = match Limited::new(req.into_body(), MAX_BODY).collect().await {
-                Ok(b) => b.to_bytes(),
-                Err(e) => {
-                    return super::server::error(
-                        StatusCode::BAD_REQUEST,
-                        &format!("reading the body (at most {MAX_BODY} bytes): {e}"),
-                    );
-                }
-            };
-            let set: SetRedirectRequest = match serde_json::from_slice(&body) {
-                Ok(s) => s,
-                Err(e) => {
-                    return super::server::error(
-                        StatusCode::BAD_REQUEST,
-                        &format!("expected {{\"enabled\": true|false}}: {e}"),
-                    );
-                }
+            let enabled = match super::server::read_switch(req).await {
+                Ok(enabled) => enabled,
+                Err(response) => return response,
             };
             let mut redirect = shared.redirect().lock();
-            match redirect.set_enabled(set.enabled) {
+            match redirect.set_enabled(enabled) {
                 Ok(()) => super::server::json(&redirect.view()),
                 Err(e) => super::server::error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
             }

@@ -3,7 +3,7 @@
 use std::{convert::Infallible, os::unix::fs::PermissionsExt, path::Path, sync::Arc};
 
 use bytes::Bytes;
-use http_body_util::Full;
+use http_body_util::{BodyExt as _, Full, Limited};
 use hyper::{Method, Request, Response, StatusCode, body::Incoming, service::service_fn};
 use hyper_util::rt::TokioIo;
 use tokio::net::UnixListener;
@@ -194,6 +194,36 @@ fn percent_decode(value: &str) -> String {
         i += 1;
     }
     String::from_utf8_lossy(&out).into_owned()
+}
+
+/// Largest body of a switch request (`{"enabled": …}`).
+const MAX_SWITCH_BODY: usize = 4096;
+
+/// Reads the `{"enabled": true|false}` body of a POST to a runtime switch;
+/// the error is the response to send back.
+pub(super) async fn read_switch(req: Request<Incoming>) -> Result<bool, Response<Full<Bytes>>> {
+    #[derive(serde::Deserialize)]
+    struct Switch {
+        enabled: bool,
+    }
+    let body = Limited::new(req.into_body(), MAX_SWITCH_BODY)
+        .collect()
+        .await
+        .map_err(|e| {
+            error(
+                StatusCode::BAD_REQUEST,
+                &format!("reading the body (at most {MAX_SWITCH_BODY} bytes): {e}"),
+            )
+        })?
+        .to_bytes();
+    serde_json::from_slice::<Switch>(&body)
+        .map(|s| s.enabled)
+        .map_err(|e| {
+            error(
+                StatusCode::BAD_REQUEST,
+                &format!("expected {{\"enabled\": true|false}}: {e}"),
+            )
+        })
 }
 
 #[cfg(test)]
