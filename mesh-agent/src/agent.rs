@@ -808,14 +808,11 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     };
     let refresher = redirect.spawn_refresher(LOCAL_ADDR_REFRESH);
     // An agent of another map layout left its programs attached; ours now
-    // serve the full state beside them, so theirs can go (upgrade/downgrade).
+    // serve the full state beside them, so its socket state is carried over
+    // and then its programs and maps go (upgrade/downgrade).
     for old in pins.other_versions() {
-        match std::fs::remove_dir_all(&old) {
-            Ok(()) => {
-                info!(pins = %old.display(), "migrated: removed the other layout's programs and maps")
-            }
-            Err(e) => warn!(pins = %old.display(), "could not remove the other layout's pins: {e}"),
-        }
+        let report = crate::migrate::upgrade_from(&old, &pins.maps_dir());
+        metrics.reconcile.migrated(report.carried());
     }
     let admin_task = admin::serve(&opts.admin_socket, shared.clone()).await?;
     info!(socket = %opts.admin_socket.display(), "ready");

@@ -20,6 +20,7 @@ pub mod inotify;
 pub mod kernel_log;
 pub mod maglev;
 pub mod metrics;
+pub mod migrate;
 pub mod overrides;
 pub mod reconcile;
 pub mod redirect;

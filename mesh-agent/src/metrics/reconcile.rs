@@ -1,5 +1,6 @@
 //! Metrics of the reconcile loop: how long `Reconciler::apply` takes, how
-//! reloads end, and the sockets destroyed for removed backends.
+//! reloads end, the sockets destroyed for removed backends, and the socket
+//! state an upgrade carried.
 
 use std::{
     sync::atomic::AtomicU64,
@@ -32,6 +33,7 @@ pub struct Metrics {
     reloads: Family<ReloadLabels, Counter>,
     last_success: Gauge<f64, AtomicU64>,
     sockets_destroyed: Counter,
+    migrated: Counter,
 }
 
 /// Buckets from 100 µs to about 3.3 s: a small config applies in well
@@ -47,6 +49,7 @@ impl Metrics {
             reloads: Family::default(),
             last_success: Gauge::default(),
             sockets_destroyed: Counter::default(),
+            migrated: Counter::default(),
         };
         // The unit is in the name but not declared with `# UNIT`: some
         // OpenMetrics parsers (openmetrics-parser 0.5) refuse a unit on a
@@ -71,6 +74,11 @@ impl Metrics {
             "mesh_sockets_destroyed",
             "Established sockets destroyed because their backend was removed",
             metrics.sockets_destroyed.clone(),
+        );
+        registry.register(
+            "mesh_upgrade_migrated_entries",
+            "Socket-state map entries carried from another map layout's pins at start",
+            metrics.migrated.clone(),
         );
         // Both results exist from the start, so rate() works from the first scrape.
         for result in [RESULT_SUCCESS, RESULT_FAILURE] {
@@ -110,6 +118,10 @@ impl Metrics {
     pub fn sockets_destroyed(&self, count: u64) {
         self.sockets_destroyed.inc_by(count);
     }
+
+    pub fn migrated(&self, entries: u64) {
+        self.migrated.inc_by(entries);
+    }
 }
 
 #[cfg(test)]
@@ -133,12 +145,14 @@ mod tests {
         metrics.reload(true);
         metrics.reload(false);
         metrics.sockets_destroyed(5);
+        metrics.migrated(4);
         let text = encode(&registry);
         assert!(text.contains("mesh_config_reloads_total{result=\"success\"} 2\n"));
         assert!(text.contains("mesh_config_reloads_total{result=\"failure\"} 1\n"));
         assert!(text.contains("mesh_reconcile_duration_seconds_count 2\n"));
         assert!(text.contains("mesh_reconcile_duration_seconds_bucket{le=\"0.0001\"}"));
         assert!(text.contains("mesh_sockets_destroyed_total 5\n"));
+        assert!(text.contains("mesh_upgrade_migrated_entries_total 4\n"));
         let stamp = text
             .lines()
             .find_map(|l| l.strip_prefix("mesh_config_last_reload_success_timestamp_seconds "))
