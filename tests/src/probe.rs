@@ -304,6 +304,7 @@ pub struct HeldConnections {
     /// What opening the connections gave.
     pub result: ProbeResult,
     stdout: std::io::BufReader<std::process::ChildStdout>,
+    stdin: std::process::ChildStdin,
 }
 
 impl Drop for HeldConnections {
@@ -354,14 +355,17 @@ fn spawn_hold(
         .args(["hold", "--target", &target.to_string()])
         .args(["--count", &count.to_string()])
         .args(extra)
+        .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .context("spawning mesh-probe hold")?;
     let stdout = child.stdout.take().context("probe stdout")?;
+    let stdin = child.stdin.take().context("probe stdin")?;
     let mut held = HeldConnections {
         child,
         result: ProbeResult::default(),
         stdout: std::io::BufReader::new(stdout),
+        stdin,
     };
     held.result = held.next_report()?;
     Ok(held)
@@ -381,6 +385,17 @@ impl HeldConnections {
     /// Waits for the watch to end (its `--watch-ms`) and returns what the
     /// held sockets saw: `errors` by kind and `event_unix_ms`.
     pub fn watch_report(&mut self) -> Result<ProbeResult> {
+        self.next_report()
+    }
+
+    /// What getpeername() says now on each held socket (`peers`; an error
+    /// is counted under its errno name). Not with a watch.
+    pub fn peers_now(&mut self) -> Result<ProbeResult> {
+        use std::io::Write as _;
+        self.stdin
+            .write_all(b"peers\n")
+            .and_then(|()| self.stdin.flush())
+            .context("asking mesh-probe hold for its peers")?;
         self.next_report()
     }
 }

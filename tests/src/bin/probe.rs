@@ -168,13 +168,14 @@ fn hold_udp(
     finish_hold(&fds, watch_ms)
 }
 
-/// Without a watch, sleeps until killed (60 s at most). With one, waits up
-/// to `watch_ms` for each socket's first error or EOF and prints a second
-/// report: `errors` by kind ("EOF" for an orderly close) and when each came.
+/// Without a watch, keeps the sockets until killed (60 s at most) and
+/// answers each `peers` line on stdin with a report of their getpeername()
+/// now. With one, waits up to `watch_ms` for each socket's first error or
+/// EOF and prints a second report: `errors` by kind ("EOF" for an orderly
+/// close) and when each came.
 fn finish_hold(fds: &[i32], watch_ms: Option<u64>) -> Result<(), String> {
     let Some(watch_ms) = watch_ms else {
-        std::thread::sleep(Duration::from_secs(60));
-        return Ok(());
+        return answer_until_killed(fds, std::time::Instant::now() + Duration::from_secs(60));
     };
     let deadline = std::time::Instant::now() + Duration::from_millis(watch_ms.min(60_000));
     let mut report = ProbeResult::default();
@@ -222,6 +223,52 @@ fn finish_hold(fds: &[i32], watch_ms: Option<u64>) -> Result<(), String> {
         }
     }
     print_result(&report)
+}
+
+fn answer_until_killed(fds: &[i32], deadline: std::time::Instant) -> Result<(), String> {
+    let mut stdin = std::io::stdin().lines();
+    loop {
+        let left = deadline.saturating_duration_since(std::time::Instant::now());
+        if left.is_zero() {
+            return Ok(());
+        }
+        let mut poll = libc::pollfd {
+            fd: libc::STDIN_FILENO,
+            events: libc::POLLIN,
+            revents: 0,
+        };
+        // SAFETY: one valid pollfd for our own stdin.
+        if unsafe { libc::poll(&mut poll, 1, left.as_millis() as i32) } <= 0 {
+            continue;
+        }
+        match stdin.next() {
+            Some(Ok(line)) if line.trim() == "peers" => {
+                let mut report = ProbeResult::default();
+                for &fd in fds {
+                    let key = match peer_of(fd) {
+                        Ok(peer) => peer.to_string(),
+                        Err(e) => mesh_tests::probe::errno_name(&e),
+                    };
+                    *report.peers.entry(key).or_default() += 1;
+                }
+                print_result(&report)?;
+            }
+            Some(Ok(_)) => {}
+            // stdin closed: keep the sockets until killed, as before.
+            _ => {
+                std::thread::sleep(left);
+                return Ok(());
+            }
+        }
+    }
+}
+
+/// getpeername() of a socket this process holds.
+fn peer_of(fd: i32) -> std::io::Result<SocketAddr> {
+    use std::os::fd::FromRawFd as _;
+    // SAFETY: `fd` is an open socket we own; ManuallyDrop keeps it open.
+    let stream = std::mem::ManuallyDrop::new(unsafe { std::net::TcpStream::from_raw_fd(fd) });
+    stream.peer_addr()
 }
 
 /// True when this process's network namespace is not the host's (PID 1's).
