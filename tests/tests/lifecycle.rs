@@ -2,11 +2,15 @@
 //! flows, without a single failed connection: programs stay attached
 //! through their pinned links, and a new agent takes over from pinned state.
 
-use std::{collections::BTreeSet, net::SocketAddr, time::Duration};
+use std::{
+    collections::{BTreeMap, BTreeSet},
+    net::SocketAddr,
+    time::{Duration, Instant},
+};
 
-use anyhow::Result;
+use anyhow::{Context as _, Result};
 use mesh_agent::{bpf::Maps, config::parse_str, reconcile::service_keys};
-use mesh_tests::{Agent, TestBackend, TestCgroup, spawn_probe};
+use mesh_tests::{Agent, TestBackend, TestCgroup, hold_connections, run_probe, spawn_probe};
 
 fn vip(last: u8) -> SocketAddr {
     format!("127.15.{}.{last}:80", std::process::id() % 250 + 1)
@@ -15,8 +19,13 @@ fn vip(last: u8) -> SocketAddr {
 }
 
 fn config(vip: SocketAddr, backends: &[(&TestBackend, u32)]) -> String {
+    format!("services:\n{}", service("web", vip, "", backends))
+}
+
+/// One item of `services:`; `extra` holds more of its fields (indented).
+fn service(name: &str, vip: SocketAddr, extra: &str, backends: &[(&TestBackend, u32)]) -> String {
     let mut yaml = format!(
-        "services:\n  - name: web\n    vip: {}\n    port: {}\n    backends:\n",
+        "  - name: {name}\n    vip: {}\n    port: {}\n{extra}    backends:\n",
         vip.ip(),
         vip.port()
     );
@@ -131,5 +140,149 @@ fn an_upgrade_to_another_map_layout_fails_no_connection_and_removes_old_pins() -
         "the new layout is attached"
     );
     assert_maps_match(&agent, &yaml, new_version)?;
+    Ok(())
+}
+
+/// Backend ids by port in one layout's pinned maps.
+fn backend_ids(agent: &Agent, version: u32) -> Result<BTreeMap<u16, u32>> {
+    let maps = Maps::from_pins(&agent.bpffs().join(format!("v{version}/maps")))?;
+    maps.backends
+        .iter()
+        .map(|r| Ok(r.map(|(id, b)| (u16::from_be(b.port), id))?))
+        .collect()
+}
+
+/// Live TCP connections per backend port of one service, as `meshctl`
+/// reads them from the agent's `MESH_ACTIVE`.
+fn live_by_port(agent: &Agent, service: &str) -> Result<BTreeMap<u16, u64>> {
+    let services = agent.meshctl_json(&["services"])?;
+    let svc = services["services"]
+        .as_array()
+        .and_then(|all| all.iter().find(|s| s["name"] == service))
+        .with_context(|| format!("service {service} in {services}"))?;
+    svc["backends"]
+        .as_array()
+        .context("backends")?
+        .iter()
+        .map(|b| {
+            let port = b["port"].as_u64().context("port")? as u16;
+            Ok((port, b["active"].as_u64().context("active")?))
+        })
+        .collect()
+}
+
+#[test]
+fn an_upgrade_to_another_map_layout_carries_socket_state() -> Result<()> {
+    let least = [TestBackend::new(1)?, TestBackend::new(2)?];
+    let sticky = [TestBackend::new(3)?, TestBackend::new(4)?];
+    let filler = TestBackend::new(5)?;
+    let cgroup = TestCgroup::new("migrate")?;
+    let (filler_vip, lc_vip, sticky_vip) = (vip(1), vip(3), vip(4));
+    let lc = service(
+        "least",
+        lc_vip,
+        "    algorithm: least-conn\n",
+        &[(&least[0], 1), (&least[1], 1)],
+    );
+    let affinity = "    affinity: true\n    affinity_timeout_seconds: 300\n";
+    let old_yaml = format!(
+        "services:\n{lc}{}",
+        service(
+            "sticky",
+            sticky_vip,
+            affinity,
+            &[(&sticky[0], 1), (&sticky[1], 1)]
+        )
+    );
+    let mut agent = Agent::start(&old_yaml, &cgroup)?;
+
+    let mut held = hold_connections(&cgroup, lc_vip, 6)?;
+    assert_eq!(held.result.ok, 6, "{:?}", held.result);
+    let held_per_port: BTreeMap<u16, u64> = least
+        .iter()
+        .map(|b| (b.port(), held.result.id_count(b.id())))
+        .collect();
+    assert_eq!(
+        live_by_port(&agent, "least")?,
+        held_per_port,
+        "counted before"
+    );
+    let first = run_probe(&cgroup, sticky_vip, 1)?;
+    let chosen = sticky
+        .iter()
+        .find(|b| first.id_count(b.id()) == 1)
+        .with_context(|| format!("{first:?}"))?;
+    // Same backend order as before, so each backend's id moves by the
+    // filler's.
+    let sticky_weights: Vec<(&TestBackend, u32)> = sticky
+        .iter()
+        .map(|b| (b, u32::from(b.id() != chosen.id())))
+        .collect();
+    let old_ids = backend_ids(&agent, mesh_common::SCHEMA_VERSION)?;
+
+    // The new agent: another layout, a service first in its config that
+    // takes the smallest ids (so every id changes), and the backend this
+    // client sticks to no longer gets new clients (weight 0): only the
+    // carried affinity can send it there.
+    agent.kill()?;
+    agent.write_config(&format!(
+        "services:\n{}{lc}{}",
+        service("a-first", filler_vip, "", &[(&filler, 1)]),
+        service("sticky", sticky_vip, affinity, &sticky_weights)
+    ))?;
+    let new_version = mesh_common::SCHEMA_VERSION + 1;
+    agent.kill_and_restart(&["--schema-version", &new_version.to_string()])?;
+    let new_ids = backend_ids(&agent, new_version)?;
+    for b in least.iter().chain(&sticky) {
+        assert_ne!(
+            old_ids.get(&b.port()),
+            new_ids.get(&b.port()),
+            "ids must change for the test to prove their translation"
+        );
+    }
+    assert!(
+        !agent
+            .bpffs()
+            .join(format!("v{}", mesh_common::SCHEMA_VERSION))
+            .exists(),
+        "the old layout's pins are gone"
+    );
+
+    // (a) Sockets connected before the upgrade still see the VIP.
+    let peers = held.peers_now()?;
+    assert_eq!(
+        peers.peers,
+        BTreeMap::from([(lc_vip.to_string(), 6)]),
+        "getpeername after the upgrade"
+    );
+    // (b) The new MESH_ACTIVE counts exactly the held connections...
+    assert_eq!(
+        live_by_port(&agent, "least")?,
+        held_per_port,
+        "live counts after the upgrade"
+    );
+    // (c) ...and the client keeps its backend.
+    let after = run_probe(&cgroup, sticky_vip, 20)?;
+    assert_eq!(
+        after.id_count(chosen.id()),
+        20,
+        "affinity after the upgrade: {after:?}"
+    );
+
+    // Closing the held connections brings the counts to zero.
+    drop(held);
+    let zero: BTreeMap<u16, u64> = least.iter().map(|b| (b.port(), 0)).collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let mut live = live_by_port(&agent, "least")?;
+    while live != zero && Instant::now() < deadline {
+        std::thread::sleep(Duration::from_millis(100));
+        live = live_by_port(&agent, "least")?;
+    }
+    assert_eq!(live, zero, "every close uncounted once");
+    assert!(
+        agent.log().contains("migrated: carried socket state"),
+        "{}",
+        agent.log()
+    );
     Ok(())
 }
