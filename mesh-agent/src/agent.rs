@@ -811,7 +811,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     // serve the full state beside them, so its socket state is carried over
     // and then its programs and maps go (upgrade/downgrade).
     for old in pins.other_versions() {
-        let report = crate::migrate::upgrade_from(&old, &pins.maps_dir());
+        let report = crate::migrate::upgrade_from(&old, &pins.maps_dir(), &cgroup);
         metrics.reconcile.migrated(report.carried());
     }
     let admin_task = admin::serve(&opts.admin_socket, shared.clone()).await?;

@@ -72,7 +72,10 @@ pub fn destroy_sockets(
             let mut n = 0;
             for &proto in &targets.iter().map(|(_, p)| *p).collect::<BTreeSet<u8>>() {
                 for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
-                    for socket in diag.dump(family, proto).map_err(DestroyError::Netlink)? {
+                    for socket in diag
+                        .dump(family, proto, STATES)
+                        .map_err(DestroyError::Netlink)?
+                    {
                         if cookies.contains(&socket.cookie())
                             && targets.contains(&(socket.peer(), proto))
                             && diag.destroy(family, proto, &socket).is_ok()
@@ -88,6 +91,32 @@ pub fn destroy_sockets(
         .expect("destroy thread does not panic")?;
     }
     Ok(destroyed)
+}
+
+/// Cookies of the TCP sockets of `cgroup`'s network namespaces that have
+/// not closed yet (sock_ops will still see their `TCP_CLOSE`): the upgrade
+/// (`migrate`) uses it to tell live sockets from closed ones.
+pub fn open_tcp_cookies(cgroup: &Path) -> Result<BTreeSet<u64>, DestroyError> {
+    let mut cookies = BTreeSet::new();
+    for pid in one_pid_per_netns(cgroup) {
+        cookies.extend(
+            std::thread::spawn(move || -> Result<Vec<u64>, DestroyError> {
+                enter_netns(pid)?;
+                let diag = SockDiag::open().map_err(DestroyError::Netlink)?;
+                let mut cookies = Vec::new();
+                for family in [libc::AF_INET as u8, libc::AF_INET6 as u8] {
+                    let sockets = diag
+                        .dump(family, libc::IPPROTO_TCP as u8, NOT_CLOSED)
+                        .map_err(DestroyError::Netlink)?;
+                    cookies.extend(sockets.iter().map(DiagMsg::cookie));
+                }
+                Ok(cookies)
+            })
+            .join()
+            .expect("sock_diag thread does not panic")?,
+        );
+    }
+    Ok(cookies)
 }
 
 /// Walks the cgroup subtree and keeps one pid per network namespace.
@@ -144,6 +173,9 @@ const NLMSG_ERROR: u16 = 2;
 const NLMSG_DONE: u16 = 3;
 /// Every TCP state but LISTEN: a listener has no peer to lose.
 const STATES: u32 = !(1 << 10);
+/// Full sockets not yet through `TCP_CLOSE`: every state but TIME_WAIT (6),
+/// CLOSE (7), LISTEN (10) and NEW_SYN_RECV (12).
+const NOT_CLOSED: u32 = STATES & !(1 << 6 | 1 << 7 | 1 << 12);
 
 #[repr(C)]
 #[derive(Clone, Copy, Default)]
@@ -296,11 +328,11 @@ impl SockDiag {
         }
     }
 
-    fn dump(&self, family: u8, protocol: u8) -> io::Result<Vec<DiagMsg>> {
+    fn dump(&self, family: u8, protocol: u8, states: u32) -> io::Result<Vec<DiagMsg>> {
         let request = Request {
             family,
             protocol,
-            states: STATES,
+            states,
             ..Default::default()
         };
         self.send(
@@ -381,7 +413,7 @@ mod tests {
         let diag = SockDiag::open().unwrap();
         let tcp = libc::IPPROTO_TCP as u8;
         let ours: Vec<DiagMsg> = diag
-            .dump(libc::AF_INET as u8, tcp)
+            .dump(libc::AF_INET as u8, tcp, STATES)
             .unwrap()
             .into_iter()
             .filter(|s| s.peer() == server && u16::from_be(s.id.sport) == local.port())

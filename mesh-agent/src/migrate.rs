@@ -134,8 +134,9 @@ impl Report {
 
 /// Migrates from the pins of another schema version (`old`, a `v<N>`
 /// directory) into `new_maps`, then removes `old` (detaching its programs).
+/// `cgroup`: the one the programs are attached to (its sockets).
 /// Never fails: what could not be carried is logged.
-pub fn upgrade_from(old: &Path, new_maps: &Path) -> Report {
+pub fn upgrade_from(old: &Path, new_maps: &Path, cgroup: &Path) -> Report {
     let mut migration = Migration::open(&old.join("maps"), new_maps);
     migration.copy_while_both_attached();
     // The old programs detach when their link pins go (their agent is gone,
@@ -145,7 +146,7 @@ pub fn upgrade_from(old: &Path, new_maps: &Path) -> Report {
         Err(e) if e.kind() == io::ErrorKind::NotFound => {}
         Err(e) => warn!(pins = %old.display(), "could not detach the other layout's programs: {e}"),
     }
-    migration.copy_new_arrivals();
+    migration.copy_new_arrivals(cgroup);
     let report = migration.report;
     match std::fs::remove_dir_all(old) {
         Ok(()) => info!(
@@ -292,6 +293,7 @@ impl Migration {
     /// VIP away), and both see every close.
     fn copy_while_both_attached(&mut self) {
         self.copy_hash_maps(true);
+        self.copy_conns();
         if let (Some(ids), Some(pair)) = (&self.ids, &self.backend_health) {
             let tally = &mut self.report.backend_health;
             for (&old_id, &new_id) in &ids.backends {
@@ -314,31 +316,15 @@ impl Migration {
 
     /// Second pass, after the old programs were detached: what they
     /// recorded after the first pass, inserted only where absent (the new
-    /// programs' own entries win).
-    fn copy_new_arrivals(&mut self) {
-        let arrivals = self.copy_hash_maps(false);
-        // The new programs now count into MESH_ACTIVE themselves, so each
-        // late arrival adds one (read-modify-write; see the race note in
-        // `derive_active`).
-        let (Some(conns), Some(active)) = (&self.conns, &self.active) else {
-            return;
-        };
-        for cookie in arrivals {
-            let Ok(conn) = conns.new.get(&cookie, 0) else {
-                continue;
-            };
-            if conn.counted == 1 {
-                let now = active.get(&conn.backend_id, 0).unwrap_or(0);
-                if set_array(active, conn.backend_id, now + 1).is_ok() {
-                    self.report.live_connections += 1;
-                }
-            }
-        }
+    /// programs' own entries win). `cgroup`: where the sockets live.
+    fn copy_new_arrivals(&mut self, cgroup: &Path) {
+        self.copy_hash_maps(false);
+        self.copy_late_conns(cgroup);
     }
 
-    /// Copies the hash maps; returns the cookies of the `MESH_CONNS` entries
-    /// written. `first`: drops are counted (the second pass sees them again).
-    fn copy_hash_maps(&mut self, first: bool) -> Vec<u64> {
+    /// Copies the maps without counters; `first`: drops are counted (the
+    /// second pass sees them again).
+    fn copy_hash_maps(&mut self, first: bool) {
         let report = &mut self.report;
         // Reverse translations carry no ids: a socket keeps its VIP even if
         // the service is gone.
@@ -346,7 +332,7 @@ impl Migration {
             copy(pair, &mut report.rev_nat, first, |k, v| Some((k, v)));
         }
         let Some(ids) = &self.ids else {
-            return Vec::new();
+            return;
         };
         if let Some(pair) = &self.sock_lb {
             copy(pair, &mut report.sock_lb, first, |k, v| {
@@ -374,37 +360,110 @@ impl Migration {
                 Some((key, value))
             });
         }
-        let Some(pair) = &mut self.conns else {
-            return Vec::new();
+    }
+
+    /// First pass of `MESH_CONNS` (both datapaths attached).
+    fn copy_conns(&mut self) {
+        let (Some(ids), Some(pair)) = (&self.ids, &self.conns) else {
+            return;
         };
-        let written = copy(pair, &mut report.conns, first, |cookie, v| {
+        let tally = &mut self.report.conns;
+        let written = copy(pair, tally, true, |cookie, v| {
             let value = ConnValue {
                 backend_id: ids.backend(v.backend_id)?,
                 ..v
             };
             Some((cookie, value))
         });
-        if !first {
-            return written;
-        }
         // A socket that closed between being read from the old map and
         // written to the new one left a stale entry (its close found nothing
         // on the new side). The old program forgets a socket at its close,
         // so an entry gone from the old map is one of those: delete it. A
         // close that comes later is handled by the new program.
-        let mut kept = Vec::with_capacity(written.len());
         for cookie in written {
-            match pair.old.get(&cookie, 0) {
-                Err(MapError::KeyNotFound) => {
-                    if pair.new.remove(&cookie).is_ok() {
-                        report.conns.carried -= 1;
-                        report.conns.dropped += 1;
-                    }
-                }
-                _ => kept.push(cookie),
+            if matches!(pair.old.get(&cookie, 0), Err(MapError::KeyNotFound))
+                && remove(&pair.new, &cookie)
+            {
+                tally.carried -= 1;
+                tally.dropped += 1;
             }
         }
-        kept
+    }
+
+    /// Second pass of `MESH_CONNS`: sockets the old programs balanced after
+    /// the first pass. Their closes from the detach on were seen by no
+    /// program, so each is counted before its entry exists (a close the new
+    /// program sees then takes back exactly that), and afterwards those no
+    /// longer open (sock_diag) are taken back here.
+    fn copy_late_conns(&mut self, cgroup: &Path) {
+        let (Some(ids), Some(pair), Some(active)) = (&self.ids, &self.conns, &self.active) else {
+            return;
+        };
+        let tally = &mut self.report.conns;
+        let mut added = Vec::new();
+        for (cookie, old) in pair
+            .old
+            .iter()
+            .take(pair.old_capacity)
+            .filter_map(Result::ok)
+        {
+            let Some(backend_id) = ids.backend(old.backend_id) else {
+                continue;
+            };
+            if pair.new.get(&cookie, 0).is_ok() {
+                continue;
+            }
+            let value = ConnValue { backend_id, ..old };
+            let counted = value.counted == 1;
+            if counted && add_active(active, backend_id, 1).is_err() {
+                tally.failed += 1;
+                continue;
+            }
+            match insert_absent(&pair.new, &cookie, &value) {
+                Ok(true) => {
+                    tally.carried += 1;
+                    added.push((cookie, value));
+                }
+                result => {
+                    if counted {
+                        let _ = add_active(active, backend_id, -1);
+                    }
+                    tally.failed += u64::from(result.is_err());
+                }
+            }
+        }
+        if added.is_empty() {
+            return;
+        }
+        let open = match crate::destroy::open_tcp_cookies(cgroup) {
+            Ok(open) => open,
+            Err(e) => {
+                warn!(
+                    sockets = added.len(),
+                    "cannot tell which late sockets are still open, keeping them all: {e}"
+                );
+                self.report.live_connections +=
+                    added.iter().filter(|(_, v)| v.counted == 1).count() as u64;
+                return;
+            }
+        };
+        for (cookie, value) in added {
+            let counted = value.counted == 1;
+            if open.contains(&cookie) {
+                self.report.live_connections += u64::from(counted);
+                continue;
+            }
+            // Closed. Unless the new program saw the close (entry gone or
+            // uncounted: it took its count back), take entry and count back.
+            let unchanged = pair.new.get(&cookie, 0).is_ok_and(|now| now == value);
+            if unchanged && remove(&pair.new, &cookie) {
+                if counted {
+                    let _ = add_active(active, value.backend_id, -1);
+                }
+                tally.carried -= 1;
+                tally.dropped += 1;
+            }
+        }
     }
 
     /// Sets every backend's live count in the new `MESH_ACTIVE` to the number
@@ -416,13 +475,12 @@ impl Migration {
     ///   zero or is overwritten). Reading again and rewriting until nothing
     ///   changes (at most `ACTIVE_ROUNDS`) leaves only a close inside the
     ///   last round's read-to-write window (microseconds) counting one high.
-    /// - Second pass: a socket the old programs balanced after the first
-    ///   pass and that closes after the old links go but before it is copied
-    ///   stays counted (no program sees its close any more); one that gets
-    ///   established in that gap is never counted; and its +1 is a
-    ///   read-modify-write that can lose a concurrent kernel update of the
-    ///   same backend. Each needs a connect and a state change inside the
-    ///   few milliseconds between the passes.
+    /// - Second pass (`copy_late_conns`): a close between reading an entry
+    ///   and removing it, and the read-modify-writes of `MESH_ACTIVE` racing
+    ///   the kernel's own updates of the same backend, can each leave one
+    ///   count off; a socket established between the detach and its copy is
+    ///   never counted (nor uncounted). Each needs a connect or close within
+    ///   microseconds of the agent's own access to the same entry.
     fn derive_active(&mut self) {
         let (Some(ids), Some(conns), Some(active)) = (&self.ids, &self.conns, &self.active) else {
             return;
@@ -510,6 +568,23 @@ fn insert_absent<K: Pod, V: Pod>(
     }
 }
 
+/// Deletes a key; true when this call removed it.
+fn remove<K: Pod, V: Pod>(map: &HashMap<MapData, K, V>, key: &K) -> bool {
+    let mut attr = ElemAttr {
+        map_fd: map_fd(map).as_raw_fd() as u32,
+        key: key as *const K as u64,
+        ..ElemAttr::default()
+    };
+    bpf(BPF_MAP_DELETE_ELEM, &mut attr).is_ok()
+}
+
+/// Adds `delta` to a live count, never below zero (read-modify-write: the
+/// kernel's atomic adds cannot be joined from user space).
+fn add_active(active: &Array<MapData, u64>, backend_id: BackendId, delta: i64) -> io::Result<()> {
+    let now = active.get(&backend_id, 0).map_err(io::Error::other)?;
+    set_array(active, backend_id, now.saturating_add_signed(delta))
+}
+
 fn set_array<V: Pod>(map: &Array<MapData, V>, index: u32, value: V) -> io::Result<()> {
     update_elem(map_fd(map), &index, &value, 0)
 }
@@ -529,6 +604,7 @@ struct ElemAttr {
 }
 
 const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
 const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 
 fn bpf(cmd: libc::c_long, attr: &mut ElemAttr) -> io::Result<()> {
@@ -827,7 +903,8 @@ mod tests {
         pinned_map(&new_maps, map_names::ACTIVE, ARRAY, 4, 8);
         // MESH_SOCK_LB and MESH_BE_HEALTH are missing on both sides.
 
-        let report = upgrade_from(&old, &new_maps);
+        // Every entry goes in the first pass, so no socket is looked up.
+        let report = upgrade_from(&old, &new_maps, Path::new("/nonexistent"));
 
         assert_eq!(
             report.conns,

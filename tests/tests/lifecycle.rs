@@ -171,6 +171,22 @@ fn live_by_port(agent: &Agent, service: &str) -> Result<BTreeMap<u16, u64>> {
         .collect()
 }
 
+/// Polls (≤ 10 s) until a service's live counts are `want`; returns the last.
+fn wait_for_live(
+    agent: &Agent,
+    service: &str,
+    want: &BTreeMap<u16, u64>,
+) -> Result<BTreeMap<u16, u64>> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let live = live_by_port(agent, service)?;
+        if &live == want || Instant::now() > deadline {
+            return Ok(live);
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}
+
 #[test]
 fn an_upgrade_to_another_map_layout_carries_socket_state() -> Result<()> {
     let least = [TestBackend::new(1)?, TestBackend::new(2)?];
@@ -271,14 +287,12 @@ fn an_upgrade_to_another_map_layout_carries_socket_state() -> Result<()> {
 
     // Closing the held connections brings the counts to zero.
     drop(held);
-    let zero: BTreeMap<u16, u64> = least.iter().map(|b| (b.port(), 0)).collect();
-    let deadline = Instant::now() + Duration::from_secs(10);
-    let mut live = live_by_port(&agent, "least")?;
-    while live != zero && Instant::now() < deadline {
-        std::thread::sleep(Duration::from_millis(100));
-        live = live_by_port(&agent, "least")?;
-    }
-    assert_eq!(live, zero, "every close uncounted once");
+    let zero = least.iter().map(|b| (b.port(), 0)).collect();
+    assert_eq!(
+        wait_for_live(&agent, "least", &zero)?,
+        zero,
+        "every close uncounted once"
+    );
     assert!(
         agent.log().contains("migrated: carried socket state"),
         "{}",
