@@ -36,6 +36,10 @@ use mesh_common::{
 };
 use tracing::{info, warn};
 
+use crate::bpf::batch::{
+    BPF_MAP_DELETE_ELEM, BPF_MAP_GET_NEXT_KEY, BPF_MAP_UPDATE_ELEM, ElemAttr, bpf,
+};
+
 /// `BPF_NOEXIST`: insert only if the key is absent.
 const NOEXIST: u64 = 1;
 /// Rounds of "derive the counts, write, read again" (see `derive_active`).
@@ -593,38 +597,6 @@ fn map_fd<K: Pod, V: Pod>(map: &impl IterableMap<K, V>) -> BorrowedFd<'_> {
     map.map().fd().as_fd()
 }
 
-#[repr(C)]
-#[derive(Default)]
-struct ElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value_or_next_key: u64,
-    flags: u64,
-}
-
-const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
-const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
-
-fn bpf(cmd: libc::c_long, attr: &mut ElemAttr) -> io::Result<()> {
-    // SAFETY: `attr` is a valid bpf_attr prefix for the element commands,
-    // its pointers point at buffers of the map's key and value sizes.
-    let rc = unsafe {
-        libc::syscall(
-            libc::SYS_bpf,
-            cmd,
-            attr as *mut ElemAttr as *mut libc::c_void,
-            size_of::<ElemAttr>() as libc::c_uint,
-        )
-    };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
-}
-
 fn update_elem<K: Pod, V: Pod>(
     fd: BorrowedFd<'_>,
     key: &K,
@@ -634,7 +606,7 @@ fn update_elem<K: Pod, V: Pod>(
     let mut attr = ElemAttr {
         map_fd: fd.as_raw_fd() as u32,
         key: key as *const K as u64,
-        value_or_next_key: value as *const V as u64,
+        value: value as *const V as u64,
         flags,
         ..ElemAttr::default()
     };
@@ -653,7 +625,7 @@ fn count_keys(fd: BorrowedFd<'_>, key_size: u32, limit: u32) -> u64 {
             map_fd: fd.as_raw_fd() as u32,
             // A null key asks for the first one.
             key: if first { 0 } else { key.as_ptr() as u64 },
-            value_or_next_key: next.as_mut_ptr() as u64,
+            value: next.as_mut_ptr() as u64,
             ..ElemAttr::default()
         };
         if bpf(BPF_MAP_GET_NEXT_KEY, &mut attr).is_err() {

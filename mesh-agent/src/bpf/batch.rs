@@ -14,8 +14,9 @@ use std::os::fd::{AsRawFd, BorrowedFd};
 
 use aya::Pod;
 
-const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
-const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+pub(crate) const BPF_MAP_UPDATE_ELEM: libc::c_long = 2;
+pub(crate) const BPF_MAP_DELETE_ELEM: libc::c_long = 3;
+pub(crate) const BPF_MAP_GET_NEXT_KEY: libc::c_long = 4;
 const BPF_MAP_UPDATE_BATCH: libc::c_long = 26;
 const BPF_MAP_DELETE_BATCH: libc::c_long = 27;
 /// The kernel's ENOTSUPP (not in libc): "operation not supported" for a map
@@ -38,15 +39,16 @@ struct BatchAttr {
     flags: u64,
 }
 
-/// `union bpf_attr`, the part the element commands use.
+/// `union bpf_attr`, the part the element commands use (`value` is the
+/// next-key buffer for `BPF_MAP_GET_NEXT_KEY`).
 #[repr(C)]
 #[derive(Default)]
-struct ElemAttr {
-    map_fd: u32,
-    _pad: u32,
-    key: u64,
-    value: u64,
-    flags: u64,
+pub(crate) struct ElemAttr {
+    pub(crate) map_fd: u32,
+    pub(crate) _pad: u32,
+    pub(crate) key: u64,
+    pub(crate) value: u64,
+    pub(crate) flags: u64,
 }
 
 /// A batch that stopped part way: `done` elements (the first ones) were
@@ -59,7 +61,7 @@ pub struct BatchError {
     pub source: io::Error,
 }
 
-fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
+pub(crate) fn bpf<T>(cmd: libc::c_long, attr: &mut T) -> io::Result<()> {
     // SAFETY: `attr` is a valid, initialised bpf_attr prefix of the size we
     // pass; the kernel reads it and may write `count` back.
     let rc = unsafe {
