@@ -10,6 +10,7 @@
 mod connect;
 mod control;
 mod env;
+mod health;
 mod kstats;
 mod load;
 mod micro;
@@ -98,6 +99,7 @@ fn scenarios() -> Vec<Box<dyn Scenario>> {
         Box::new(connect::Connect),
         Box::new(same_node::SameNode),
         Box::new(control::ControlPlane),
+        Box::new(health::HealthChecks),
         Box::new(micro::Micro),
     ]
 }

@@ -8,8 +8,16 @@ use anyhow::{Context, Result};
 
 use super::results::{Row, Status};
 
-/// mesh's programs as the kernel names them (names are cut at 15 bytes).
-pub const PROGRAMS: [&str; 2] = ["mesh_connect4", "mesh_getpeername4"];
+/// The programs a connection to a service runs through: the socket load
+/// balancer, the reverse translation, and the two sock_ops programs (load
+/// balancer accounting, same-node redirect), which the kernel calls at every
+/// TCP state change of the socket. Names are cut at 15 bytes by the kernel.
+pub const PROGRAMS: [&str; 4] = [
+    "mesh_connect4",
+    "mesh_getpeername4",
+    "mesh_sockops",
+    "mesh_redir_sockops",
+];
 
 /// Program name → (run_time_ns, run_cnt).
 pub type Snapshot = BTreeMap<&'static str, (u64, u64)>;
@@ -101,6 +109,10 @@ impl ProgStats {
                         (
                             "runs_per_connection".into(),
                             c as f64 / connections.max(1) as f64,
+                        ),
+                        (
+                            "ns_per_connection".into(),
+                            t as f64 / connections.max(1) as f64,
                         ),
                     ]),
                 ),

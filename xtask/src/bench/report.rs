@@ -200,6 +200,20 @@ pub fn targets(r: &Results) -> Vec<Target> {
          service"
             .into(),
     ));
+    out.push(target(
+        "Health checks of 1,000 backends",
+        "≤ 5% of one core",
+        r.metric(
+            "health-checks",
+            "mesh-http-checks",
+            Some(1_000),
+            "cpu_percent",
+        ),
+        |v| v <= 5.0,
+        "the whole agent's CPU (user + system, all threads) while it checks 1,000 backends \
+         by HTTP GET every second, in % of one core"
+            .into(),
+    ));
     out
 }
 
@@ -219,6 +233,8 @@ fn fmt_target(t: &Target) -> (String, &'static str) {
             format!("{v:.2}×")
         } else if t.goal.contains("ms") {
             format!("{v:.2} ms")
+        } else if t.goal.contains('%') {
+            format!("{v:.2}%")
         } else if t.goal.contains("MB") {
             format!("{v:.1} MB")
         } else {
@@ -642,10 +658,15 @@ pub fn write_markdown(r: &Results, root: &Path) -> Result<()> {
                 ("ns per run", "ns_per_run"),
                 ("runs", "runs"),
                 ("runs per connection", "runs_per_connection"),
+                ("ns per connection", "ns_per_connection"),
             ],
         ));
         md.push('\n');
-        let ok: Vec<&Row> = s.rows.iter().filter(|x| x.status == Status::Ok).collect();
+        let ok: Vec<&Row> = s
+            .rows
+            .iter()
+            .filter(|x| x.peer == "mesh_connect4" && x.status == Status::Ok)
+            .collect();
         let groups: Vec<String> = ok
             .iter()
             .map(|x| format!("{} services", int(x.scale.unwrap_or(0))))
@@ -664,8 +685,24 @@ pub fn write_markdown(r: &Results, root: &Path) -> Result<()> {
         md.push_str("![kernel cost](bench/charts/kernel-ns.svg)\n\n");
     }
 
-    if let Some(s) = r.scenario("micro") {
+    if let Some(s) = r.scenario("health-checks") {
         let _ = write!(md, "## 5. {}\n\n{}\n\n", s.title, s.method);
+        let rows: Vec<&Row> = s.rows.iter().collect();
+        md.push_str(&table(
+            &rows,
+            &|row| row.peer.clone(),
+            &[
+                ("agent CPU, % of a core", "cpu_percent"),
+                ("CPU µs per check", "cpu_us_per_check"),
+                ("checks/s at the backends", "checks_per_s"),
+                ("% measured in the window", "cpu_percent_measured"),
+            ],
+        ));
+        md.push('\n');
+    }
+
+    if let Some(s) = r.scenario("micro") {
+        let _ = write!(md, "## 6. {}\n\n{}\n\n", s.title, s.method);
         let rows: Vec<&Row> = s.rows.iter().collect();
         md.push_str(&table(
             &rows,

@@ -19,7 +19,8 @@ pub const EXPECTED: &[(&str, &[&str])] = &[
         &["loopback", "mesh", "mesh-redirect", "haproxy"],
     ),
     ("control-plane", &["mesh", "mesh-conf.d"]),
-    ("kernel-cost", &["mesh_connect4", "mesh_getpeername4"]),
+    ("kernel-cost", &super::kstats::PROGRAMS),
+    ("health-checks", &super::health::PEERS),
     ("micro", &["criterion"]),
 ];
 

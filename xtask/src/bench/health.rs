@@ -1,0 +1,475 @@
+//! Scenario 6, health-check cost: the agent's CPU time while it actively
+//! checks 1,000 backends (100 services × 10) once a second, with TCP and
+//! with HTTP checks, against the same agent with no checks. The backends
+//! are real listeners on loopback addresses, answered by one epoll thread
+//! of this process, which also counts the checks that arrive: a row's
+//! check rate is what the backends saw, not what the agent claims.
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::io::{self, Read as _, Write as _};
+use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
+use std::os::fd::AsRawFd;
+use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use socket2::{Domain, Protocol, SockAddr, Socket, Type};
+
+use super::env::Cgroup;
+use super::peers::MeshAgent;
+use super::results::{Row, ScenarioResult, Status};
+use super::{Ctx, Scenario};
+use crate::util::step;
+
+const SERVICES: u32 = 100;
+const BACKENDS_PER_SERVICE: u32 = 10;
+const BACKENDS: u32 = SERVICES * BACKENDS_PER_SERVICE;
+const INTERVAL_MS: u32 = 1_000;
+/// Backend j of service i listens on 127.0.78.(j+1):(FIRST_PORT+i).
+const FIRST_PORT: u16 = 22_000;
+
+/// The three ways the same 1,000 backends are configured, interleaved.
+#[derive(Copy, Clone, PartialEq, Eq)]
+#[repr(u8)]
+enum Checks {
+    None,
+    Tcp,
+    Http,
+}
+
+impl Checks {
+    const ALL: [Checks; 3] = [Checks::None, Checks::Tcp, Checks::Http];
+
+    fn peer(self) -> &'static str {
+        match self {
+            Checks::None => "mesh-no-checks",
+            Checks::Tcp => "mesh-tcp-checks",
+            Checks::Http => "mesh-http-checks",
+        }
+    }
+
+    fn yaml(self) -> &'static str {
+        match self {
+            Checks::None => "{type: none}",
+            Checks::Tcp => "{type: tcp, interval_ms: 1000}",
+            Checks::Http => "{type: http, path: /healthz, interval_ms: 1000}",
+        }
+    }
+}
+
+/// The peers this scenario reports, for the results' completeness check.
+pub const PEERS: [&str; 3] = ["mesh-no-checks", "mesh-tcp-checks", "mesh-http-checks"];
+
+pub struct HealthChecks;
+
+impl Scenario for HealthChecks {
+    fn id(&self) -> &'static str {
+        "health-checks"
+    }
+
+    fn run(&self, ctx: &Ctx) -> Result<Vec<ScenarioResult>> {
+        let window = Duration::from_millis(if ctx.quick { 5_000 } else { 10_000 });
+        let rows = match measure(ctx, window) {
+            Ok(rows) => rows,
+            Err(e) => Checks::ALL
+                .iter()
+                .map(|c| {
+                    Row::without(
+                        c.peer(),
+                        Some(u64::from(BACKENDS)),
+                        Status::Failed(format!("{e:#}")),
+                    )
+                })
+                .collect(),
+        };
+        Ok(vec![ScenarioResult {
+            id: "health-checks".into(),
+            title: "Health checks: agent CPU for 1,000 actively checked backends".into(),
+            method: format!(
+                "One agent, {SERVICES} services × {BACKENDS_PER_SERVICE} backends on loopback \
+                 listeners, checked every {INTERVAL_MS} ms (10% jitter) by TCP connect or HTTP \
+                 GET, or not at all; the three configurations are interleaved, {} trials of \
+                 {} s each, after every backend has seen a check. CPU is the agent's utime + \
+                 stime from /proc (all threads, including the kernel work of its check \
+                 sockets; on loopback that includes the backends' side of each handshake) \
+                 over the window. The check rate is measured at the backends (each \
+                 backend's mean interval between checks). Checks start in phase at a reload, \
+                 so a window holds a whole number of rounds: the agent's CPU is therefore \
+                 given as the idle agent's plus the CPU per check seen in the window times \
+                 the steady rate (median trials).",
+                ctx.trials,
+                window.as_secs()
+            ),
+            rows,
+        }])
+    }
+}
+
+fn measure(ctx: &Ctx, window: Duration) -> Result<Vec<Row>> {
+    let backends = Backends::start()?;
+    let cg = Cgroup::new("health")?;
+    let agent = MeshAgent::start(&ctx.bins, &cg, SERVICES, &[])?;
+    let mut trials: BTreeMap<&str, Vec<Trial>> = BTreeMap::new();
+    for trial in 0..ctx.trials {
+        for checks in Checks::ALL {
+            agent.reload(&config(checks), ctx.setup_timeout, |a| {
+                a.meshctl_json(&ctx.bins, &["services"]).is_ok_and(|v| {
+                    v["services"]
+                        .as_array()
+                        .is_some_and(|s| s.len() == SERVICES as usize)
+                })
+            })?;
+            settle(&backends, checks, ctx.setup_timeout)
+                .with_context(|| format!("{}: agent log: {}", checks.peer(), agent.log()))?;
+            backends.start_window();
+            let cpu_before = cpu_ticks(agent.pid())?;
+            let start = Instant::now();
+            thread::sleep(window);
+            let cpu_after = cpu_ticks(agent.pid())?;
+            let secs = start.elapsed().as_secs_f64();
+            let window_stats = backends.end_window();
+            let percent = (cpu_after - cpu_before) as f64 / clock_ticks() / secs * 100.0;
+            step(format!(
+                "bench: health-checks: trial {}: {:<17} agent CPU {percent:5.2}% of a core over {} checks; steady rate {:6.0} checks/s",
+                trial + 1,
+                checks.peer(),
+                window_stats.checks,
+                window_stats.rate
+            ));
+            if checks == Checks::None && window_stats.checks > 0 {
+                bail!(
+                    "the backends saw {} checks with checks off",
+                    window_stats.checks
+                );
+            }
+            trials.entry(checks.peer()).or_default().push(Trial {
+                percent,
+                secs,
+                window: window_stats,
+            });
+        }
+    }
+    drop(agent);
+    let idle = median(trials[Checks::None.peer()].iter().map(|t| t.percent));
+    Ok(Checks::ALL
+        .iter()
+        .map(|c| {
+            let ts = &trials[c.peer()];
+            let mut m = BTreeMap::from([
+                (
+                    "cpu_percent_measured".into(),
+                    median(ts.iter().map(|t| t.percent)),
+                ),
+                (
+                    "checks_per_s".into(),
+                    median(ts.iter().map(|t| t.window.rate)),
+                ),
+            ]);
+            if *c == Checks::None {
+                m.insert("cpu_percent".into(), idle);
+            } else {
+                // CPU above the idle agent per check the backends saw in the
+                // window; at the steady rate that is the checks' share of a
+                // core. (All checks start at a reload, in phase, so a short
+                // window holds a whole number of rounds, not the mean rate.)
+                let per_check = median(ts.iter().map(|t| {
+                    (t.percent - idle) / 100.0 * t.secs / t.window.checks.max(1) as f64 * 1e6
+                }));
+                let rate = m["checks_per_s"];
+                m.insert("cpu_us_per_check".into(), per_check);
+                m.insert("cpu_percent".into(), idle + per_check * rate / 1e4);
+            }
+            Row::ok(c.peer(), Some(u64::from(BACKENDS)), m)
+        })
+        .collect())
+}
+
+/// One measured window of one configuration.
+struct Trial {
+    /// The agent's CPU over the window, % of one core.
+    percent: f64,
+    secs: f64,
+    window: WindowStats,
+}
+
+/// Waits until the agent runs `checks` on every backend: the last check
+/// each backend saw is of that kind (or, with checks off, none arrive for
+/// longer than an interval with its jitter).
+fn settle(backends: &Backends, checks: Checks, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    let quiet = Duration::from_millis(u64::from(INTERVAL_MS) * 3 / 2);
+    let mut last = (backends.checks(), Instant::now());
+    loop {
+        let done = match checks {
+            Checks::None => {
+                let now = backends.checks();
+                if now != last.0 {
+                    last = (now, Instant::now());
+                }
+                last.1.elapsed() > quiet
+            }
+            _ => backends.last_checked_by(checks) == BACKENDS,
+        };
+        if done {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!(
+                "the backends did not settle within {timeout:?}: {} of {BACKENDS} last saw this kind of check",
+                backends.last_checked_by(checks)
+            );
+        }
+        thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn backend_addr(service: u32, backend: u32) -> SocketAddrV4 {
+    SocketAddrV4::new(
+        Ipv4Addr::new(127, 0, 78, backend as u8 + 1),
+        FIRST_PORT + service as u16,
+    )
+}
+
+/// The agent's config: VIPs are loopback addresses too (nothing connects to
+/// them; the agent's cgroup is empty).
+fn config(checks: Checks) -> String {
+    let mut y = String::from("services:\n");
+    for i in 0..SERVICES {
+        let _ = write!(
+            y,
+            "  - name: hc{i:03}\n    vip: 127.0.79.{}\n    port: 80\n    health_check: {}\n    backends: [",
+            i + 1,
+            checks.yaml()
+        );
+        for j in 0..BACKENDS_PER_SERVICE {
+            let a = backend_addr(i, j);
+            let sep = if j + 1 < BACKENDS_PER_SERVICE {
+                ", "
+            } else {
+                ""
+            };
+            let _ = write!(y, "{{address: {}, port: {}}}{sep}", a.ip(), a.port());
+        }
+        y.push_str("]\n");
+    }
+    y
+}
+
+/// utime + stime of all of a process's threads, in clock ticks.
+fn cpu_ticks(pid: u32) -> Result<u64> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // The command name may hold spaces; the fields after it do not.
+    let rest = stat
+        .rsplit_once(')')
+        .context("malformed /proc/<pid>/stat")?
+        .1;
+    let fields: Vec<&str> = rest.split_whitespace().collect();
+    // After the name: state is field 3, utime 14 and stime 15 (1-based).
+    let field = |n: usize| -> Result<u64> {
+        fields
+            .get(n - 3)
+            .and_then(|v| v.parse().ok())
+            .context("malformed /proc/<pid>/stat")
+    };
+    Ok(field(14)? + field(15)?)
+}
+
+fn clock_ticks() -> f64 {
+    // SAFETY: sysconf has no preconditions.
+    unsafe { libc::sysconf(libc::_SC_CLK_TCK) as f64 }
+}
+
+fn median(v: impl Iterator<Item = f64>) -> f64 {
+    let mut v: Vec<f64> = v.collect();
+    v.sort_by(f64::total_cmp);
+    v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
+}
+
+/// 1,000 listeners served by one epoll thread: a connection that sends an
+/// HTTP request gets `200 OK`; one that closes at once (a TCP check) is
+/// closed. Each accepted connection counts as a check.
+struct Backends {
+    stop: Arc<AtomicBool>,
+    counters: Arc<Counters>,
+    thread: Option<JoinHandle<()>>,
+}
+
+/// What the backends saw, shared with their thread.
+struct Counters {
+    checks: AtomicU64,
+    /// The kind of the last check each backend saw (a `Checks` as u8).
+    last_kind: Vec<AtomicU8>,
+    /// Checks each backend saw since `start_window`.
+    window: Mutex<Vec<Tally>>,
+}
+
+#[derive(Clone, Default)]
+struct Tally {
+    checks: u32,
+    first: Option<Instant>,
+    last: Option<Instant>,
+}
+
+/// Checks in a window, and the steady rate: each backend's own mean
+/// interval between the checks it saw, summed over backends.
+struct WindowStats {
+    checks: u64,
+    rate: f64,
+}
+
+impl Backends {
+    fn start() -> Result<Self> {
+        let mut listeners = Vec::new();
+        for i in 0..SERVICES {
+            for j in 0..BACKENDS_PER_SERVICE {
+                let addr = backend_addr(i, j);
+                let s = Socket::new(Domain::IPV4, Type::STREAM, Some(Protocol::TCP))?;
+                s.set_reuse_address(true)?;
+                s.bind(&SockAddr::from(addr))
+                    .with_context(|| format!("health backends: cannot bind {addr}"))?;
+                s.listen(1024)?;
+                s.set_nonblocking(true)?;
+                listeners.push(TcpListener::from(s));
+            }
+        }
+        // SAFETY: plain syscall; the fd is closed by `Epoll`'s drop.
+        let epfd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
+        if epfd < 0 {
+            return Err(io::Error::last_os_error()).context("epoll_create1");
+        }
+        let epoll = Epoll(epfd);
+        for (i, l) in listeners.iter().enumerate() {
+            let mut ev = libc::epoll_event {
+                events: libc::EPOLLIN as u32,
+                u64: i as u64,
+            };
+            // SAFETY: valid epoll fd and listener fd; `ev` outlives the call.
+            if unsafe { libc::epoll_ctl(epfd, libc::EPOLL_CTL_ADD, l.as_raw_fd(), &mut ev) } != 0 {
+                return Err(io::Error::last_os_error()).context("epoll_ctl");
+            }
+        }
+        let stop = Arc::new(AtomicBool::new(false));
+        let counters = Arc::new(Counters {
+            checks: AtomicU64::new(0),
+            last_kind: (0..listeners.len())
+                .map(|_| AtomicU8::new(Checks::None as u8))
+                .collect(),
+            window: Mutex::new(vec![Tally::default(); listeners.len()]),
+        });
+        let thread = {
+            let (stop, counters) = (stop.clone(), counters.clone());
+            thread::spawn(move || serve(epoll, &listeners, &stop, &counters))
+        };
+        Ok(Self {
+            stop,
+            counters,
+            thread: Some(thread),
+        })
+    }
+
+    fn checks(&self) -> u64 {
+        self.counters.checks.load(Ordering::Relaxed)
+    }
+
+    fn last_checked_by(&self, checks: Checks) -> u32 {
+        self.counters
+            .last_kind
+            .iter()
+            .filter(|k| k.load(Ordering::Relaxed) == checks as u8)
+            .count() as u32
+    }
+
+    fn start_window(&self) {
+        self.counters.window().fill(Tally::default());
+    }
+
+    fn end_window(&self) -> WindowStats {
+        let window = self.counters.window();
+        let checks = window.iter().map(|t| u64::from(t.checks)).sum();
+        let rate = window
+            .iter()
+            .filter_map(|t| {
+                let span = t.last?.duration_since(t.first?).as_secs_f64();
+                (t.checks > 1 && span > 0.0).then(|| f64::from(t.checks - 1) / span)
+            })
+            .sum();
+        WindowStats { checks, rate }
+    }
+}
+
+impl Counters {
+    fn window(&self) -> std::sync::MutexGuard<'_, Vec<Tally>> {
+        self.window.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn record(&self, backend: usize, kind: Checks) {
+        self.checks.fetch_add(1, Ordering::Relaxed);
+        self.last_kind[backend].store(kind as u8, Ordering::Relaxed);
+        let now = Instant::now();
+        let tally = &mut self.window()[backend];
+        tally.checks += 1;
+        tally.first.get_or_insert(now);
+        tally.last = Some(now);
+    }
+}
+
+impl Drop for Backends {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+struct Epoll(libc::c_int);
+
+impl Drop for Epoll {
+    fn drop(&mut self) {
+        // SAFETY: we own the fd.
+        unsafe { libc::close(self.0) };
+    }
+}
+
+fn serve(epoll: Epoll, listeners: &[TcpListener], stop: &AtomicBool, counters: &Counters) {
+    let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+    while !stop.load(Ordering::Relaxed) {
+        // SAFETY: `events` has room for the count passed.
+        let n = unsafe { libc::epoll_wait(epoll.0, events.as_mut_ptr(), 256, 100) };
+        for ev in events.iter().take(n.max(0) as usize) {
+            let i = ev.u64 as usize;
+            while let Ok((conn, _)) = listeners[i].accept() {
+                if let Ok(kind) = answer(conn) {
+                    counters.record(i, kind);
+                }
+            }
+        }
+    }
+}
+
+/// Reads the request head (or EOF, for a TCP check) and answers HTTP ones.
+fn answer(mut conn: std::net::TcpStream) -> io::Result<Checks> {
+    conn.set_nonblocking(false)?;
+    conn.set_read_timeout(Some(Duration::from_millis(200)))?;
+    let mut head = Vec::with_capacity(256);
+    let mut buf = [0u8; 512];
+    loop {
+        let n = match conn.read(&mut buf) {
+            // A TCP check closes at once, with FIN or (like HAProxy's) RST.
+            Ok(0) => return Ok(Checks::Tcp),
+            Err(e) if e.kind() == io::ErrorKind::ConnectionReset && head.is_empty() => {
+                return Ok(Checks::Tcp);
+            }
+            r => r?,
+        };
+        head.extend_from_slice(&buf[..n]);
+        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.len() > 4096 {
+            break;
+        }
+    }
+    conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
+    Ok(Checks::Http)
+}
