@@ -13,7 +13,7 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use mesh_common::{
-    ALGORITHM_LEAST_CONN, ALGORITHM_MAGLEV, AffinityKey, AffinityValue, BACKEND_ACTIVE,
+    ALGORITHM_LEAST_CONN, ALGORITHM_MAGLEV, AffinityKey, AffinityValue, BACKEND_ACTIVE, BackendId,
     BackendValue, CONFIG_EVENTS, ConfigValue, ConnValue, ECONNREFUSED, EPERM, EVENT_DENIED,
     EVENT_FORWARDED, EVENT_NO_BACKEND, EVENTS_WAKEUP_BYTES, Event, IDENTITY_UNKNOWN, PROTO_TCP,
     PROTO_UDP, PolicyKey, RevNatKey, RevNatValue, SERVICE_AFFINITY, SERVICE_DEFAULT_DENY,
@@ -473,7 +473,23 @@ pub fn conn(cookie: u64) -> Option<*mut ConnValue> {
     MESH_CONNS.get_ptr_mut(cookie)
 }
 
+/// A balanced TCP socket closed: drop its tracking entry and its reverse
+/// translation (getpeername() of a closed socket fails anyway). Left to the
+/// LRU, dead entries would fill MESH_REV_NAT and make every later insert
+/// evict. Keyed by the backend the socket was sent to; if a reload has
+/// since given that backend id to another address, the entry stays for the
+/// LRU to reclaim (keys carry the cookie, so no other socket is touched).
 #[inline(always)]
-pub fn forget_conn(cookie: u64) {
+pub fn forget_conn(cookie: u64, backend_id: BackendId) {
+    if let Some(be) = unsafe { MESH_BACKENDS.get(backend_id) } {
+        let key = RevNatKey {
+            cookie,
+            addr: be.addr,
+            port: be.port,
+            family: be.family,
+            _pad: [0; 5],
+        };
+        let _ = MESH_REV_NAT.remove(key);
+    }
     let _ = MESH_CONNS.remove(cookie);
 }

@@ -77,5 +77,5 @@ fn closed(ctx: &SockOpsContext, old_state: u32) {
     } else if old_state == TCP_SYN_SENT {
         lb::connect_failed(conn.backend_id);
     }
-    lb::forget_conn(cookie);
+    lb::forget_conn(cookie, conn.backend_id);
 }

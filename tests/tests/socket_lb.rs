@@ -467,3 +467,38 @@ fn policy_denies_with_eperm_allows_by_identity_and_counts_both() -> Result<()> {
     );
     Ok(())
 }
+
+/// A closed TCP socket takes its reverse translation with it: left to the
+/// LRU, dead entries would fill MESH_REV_NAT and make every later connect
+/// pay for an eviction.
+#[test]
+fn closed_connections_leave_no_reverse_translation_behind() -> Result<()> {
+    let backends = [TestBackend::new(1)?, TestBackend::new(2)?];
+    let cgroup = TestCgroup::new("revnat")?;
+    let vip = vip4(10, 80);
+    let pairs: Vec<_> = backends.iter().map(|b| (b.addr(), 1)).collect();
+    let agent = Agent::start(&config(&[service("web", vip, "", &pairs)]), &cgroup)?;
+
+    let result = run_probe(&cgroup, vip, 300)?;
+    assert_eq!(result.ok, 300, "{result:?}");
+    // While open, every socket's peer was the VIP: the entries were there.
+    assert_eq!(result.peers.get(&vip.to_string()), Some(&300), "{result:?}");
+
+    let maps = mesh_agent::bpf::Maps::from_pins(
+        &agent
+            .bpffs()
+            .join(format!("v{}/maps", mesh_common::SCHEMA_VERSION)),
+    )?;
+    let deadline = std::time::Instant::now() + WAIT;
+    loop {
+        let left = maps.rev_nat.keys().count();
+        if left == 0 {
+            return Ok(());
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "{left} reverse translations of closed sockets are still in MESH_REV_NAT"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
