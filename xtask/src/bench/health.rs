@@ -71,7 +71,7 @@ impl Scenario for HealthChecks {
     }
 
     fn run(&self, ctx: &Ctx) -> Result<Vec<ScenarioResult>> {
-        let window = Duration::from_millis(if ctx.quick { 5_000 } else { 10_000 });
+        let window = Duration::from_millis(if ctx.quick { 3_000 } else { 10_000 });
         let rows = match measure(ctx, window) {
             Ok(rows) => rows,
             Err(e) => Checks::ALL
