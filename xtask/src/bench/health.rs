@@ -395,7 +395,8 @@ impl Backends {
                 let span = t.last?.duration_since(t.first?).as_secs_f64();
                 (t.checks > 1 && span > 0.0).then(|| f64::from(t.checks - 1) / span)
             })
-            .sum();
+            // Not `sum()`: an empty f64 sum is -0.0.
+            .fold(0.0, |a, b| a + b);
         WindowStats { checks, rate }
     }
 }
