@@ -726,13 +726,10 @@ mod tests {
     //! layout does not match, maps missing on both sides, and ids that
     //! differ between the layouts.
 
-    use std::os::fd::{FromRawFd as _, OwnedFd};
-
     use mesh_common::{FAMILY_V4, PROTO_TCP};
 
     use super::*;
 
-    const BPF_MAP_CREATE: libc::c_long = 0;
     const HASH: u32 = 1;
     const ARRAY: u32 = 2;
     const LRU_HASH: u32 = 9;
@@ -746,38 +743,10 @@ mod tests {
         }
     }
 
-    #[repr(C)]
-    #[derive(Default)]
-    struct CreateAttr {
-        map_type: u32,
-        key_size: u32,
-        value_size: u32,
-        max_entries: u32,
-    }
-
     fn pinned_map(dir: &Path, name: &str, map_type: u32, key: usize, value: usize) -> MapData {
-        let mut attr = CreateAttr {
-            map_type,
-            key_size: key as u32,
-            value_size: value as u32,
-            max_entries: 16,
-        };
-        // SAFETY: BPF_MAP_CREATE with a valid attr; returns a new fd.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_CREATE,
-                &mut attr as *mut CreateAttr,
-                size_of::<CreateAttr>() as libc::c_uint,
-            )
-        };
-        assert!(
-            fd >= 0,
-            "creating a BPF map (run as root): {}",
-            io::Error::last_os_error()
-        );
-        // SAFETY: the kernel just returned this fd to us.
-        let data = MapData::from_fd(unsafe { OwnedFd::from_raw_fd(fd as i32) }).unwrap();
+        let fd = crate::bpf::batch::create_map(map_type, key as u32, value as u32, 16)
+            .unwrap_or_else(|e| panic!("creating a BPF map (run as root): {e}"));
+        let data = MapData::from_fd(fd).unwrap();
         data.pin(dir.join(name)).unwrap();
         data
     }

@@ -129,13 +129,7 @@ pub fn balance(ctx: &SockAddrContext, dst: Addr, port: u16, call: Call) -> Outco
     let backend = backend_addr(&be);
 
     // Remember the VIP for getpeername()/recvmsg() on this socket.
-    let rev_key = RevNatKey {
-        cookie,
-        addr: backend.words,
-        port: be.port,
-        family: backend.family,
-        _pad: [0; 5],
-    };
+    let rev_key = rev_nat_key(cookie, &be);
     let vip = RevNatValue {
         addr: dst.words,
         port,
@@ -482,14 +476,20 @@ pub fn conn(cookie: u64) -> Option<*mut ConnValue> {
 #[inline(always)]
 pub fn forget_conn(cookie: u64, backend_id: BackendId) {
     if let Some(be) = unsafe { MESH_BACKENDS.get(backend_id) } {
-        let key = RevNatKey {
-            cookie,
-            addr: be.addr,
-            port: be.port,
-            family: be.family,
-            _pad: [0; 5],
-        };
-        let _ = MESH_REV_NAT.remove(key);
+        let _ = MESH_REV_NAT.remove(rev_nat_key(cookie, be));
     }
     let _ = MESH_CONNS.remove(cookie);
+}
+
+/// A socket's reverse-translation key: its cookie and the backend it was
+/// sent to (the peer getpeername() would otherwise show).
+#[inline(always)]
+fn rev_nat_key(cookie: u64, be: &BackendValue) -> RevNatKey {
+    RevNatKey {
+        cookie,
+        addr: be.addr,
+        port: be.port,
+        family: be.family,
+        _pad: [0; 5],
+    }
 }

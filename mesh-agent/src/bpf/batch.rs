@@ -253,19 +253,19 @@ pub fn delete_present<K: Pod>(fd: BorrowedFd<'_>, keys: &[K]) -> usize {
     failures
 }
 
+/// A new, unpinned BPF map, for tests that need a real kernel map of a
+/// given shape (needs root).
 #[cfg(test)]
-mod tests {
-    use std::os::fd::{AsFd, FromRawFd, OwnedFd};
-
-    use super::*;
+pub(crate) fn create_map(
+    map_type: u32,
+    key_size: u32,
+    value_size: u32,
+    max_entries: u32,
+) -> io::Result<std::os::fd::OwnedFd> {
+    use std::os::fd::FromRawFd as _;
 
     const BPF_MAP_CREATE: libc::c_long = 0;
-    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
-    const BPF_MAP_TYPE_HASH: u32 = 1;
-    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
-
     #[repr(C)]
-    #[derive(Default)]
     struct CreateAttr {
         map_type: u32,
         key_size: u32,
@@ -273,34 +273,44 @@ mod tests {
         max_entries: u32,
         map_flags: u32,
     }
+    let mut attr = CreateAttr {
+        map_type,
+        key_size,
+        value_size,
+        max_entries,
+        map_flags: 0,
+    };
+    // SAFETY: BPF_MAP_CREATE with a valid attr; returns a new fd or -1.
+    let fd = unsafe {
+        libc::syscall(
+            libc::SYS_bpf,
+            BPF_MAP_CREATE,
+            &mut attr as *mut CreateAttr,
+            size_of::<CreateAttr>() as libc::c_uint,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: the kernel just returned this fd to us.
+    Ok(unsafe { std::os::fd::OwnedFd::from_raw_fd(fd as i32) })
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::fd::{AsFd, OwnedFd};
+
+    use super::*;
+
+    const BPF_MAP_LOOKUP_ELEM: libc::c_long = 1;
+    const BPF_MAP_TYPE_HASH: u32 = 1;
+    const BPF_MAP_TYPE_PERCPU_ARRAY: u32 = 6;
 
     /// A fresh map, or None where this process may not create BPF maps.
     fn map(map_type: u32, key_size: u32, value_size: u32, max_entries: u32) -> Option<OwnedFd> {
-        let mut attr = CreateAttr {
-            map_type,
-            key_size,
-            value_size,
-            max_entries,
-            map_flags: 0,
-        };
-        // SAFETY: BPF_MAP_CREATE with a valid attr; returns a new fd.
-        let fd = unsafe {
-            libc::syscall(
-                libc::SYS_bpf,
-                BPF_MAP_CREATE,
-                &mut attr as *mut CreateAttr,
-                size_of::<CreateAttr>() as libc::c_uint,
-            )
-        };
-        if fd < 0 {
-            eprintln!(
-                "skipped: cannot create a BPF map here ({})",
-                io::Error::last_os_error()
-            );
-            return None;
-        }
-        // SAFETY: the kernel just returned this fd to us.
-        Some(unsafe { OwnedFd::from_raw_fd(fd as i32) })
+        create_map(map_type, key_size, value_size, max_entries)
+            .map_err(|e| eprintln!("skipped: cannot create a BPF map here ({e})"))
+            .ok()
     }
 
     fn lookup<K: Pod, V: Pod + Default>(fd: BorrowedFd<'_>, key: &K) -> Option<V> {
