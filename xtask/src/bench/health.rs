@@ -44,11 +44,7 @@ impl Checks {
     const ALL: [Checks; 3] = [Checks::None, Checks::Tcp, Checks::Http];
 
     fn peer(self) -> &'static str {
-        match self {
-            Checks::None => "mesh-no-checks",
-            Checks::Tcp => "mesh-tcp-checks",
-            Checks::Http => "mesh-http-checks",
-        }
+        PEERS[self as usize]
     }
 
     fn yaml(self) -> &'static str {
@@ -60,7 +56,8 @@ impl Checks {
     }
 }
 
-/// The peers this scenario reports, for the results' completeness check.
+/// The peers this scenario reports, in `Checks` order (also for the
+/// results' completeness check).
 pub const PEERS: [&str; 3] = ["mesh-no-checks", "mesh-tcp-checks", "mesh-http-checks"];
 
 pub struct HealthChecks;
