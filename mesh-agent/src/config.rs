@@ -395,7 +395,9 @@ fn service(
     let raw_backends = required(raw.backends, at, &what, "backends")?;
     let own_frontend = SocketAddr::new(vip_address, port);
 
-    let mut backends = Vec::new();
+    // Exact capacity: the agent keeps every service's backends for as long as
+    // it runs, and growth by doubling would leave up to half of it unused.
+    let mut backends = Vec::with_capacity(raw_backends.value.len());
     let mut seen: HashMap<SocketAddr, Location> = HashMap::new();
     for raw_backend in raw_backends.value {
         let (backend, address_at) = backend(raw_backend, &name.value)?;

@@ -36,10 +36,16 @@ pub fn stable_layout(previous: &[u32], counts: &[(u32, u32)]) -> Vec<u32> {
     let mut refill = counts
         .iter()
         .flat_map(|&(owner, _)| std::iter::repeat_n(owner, remaining[&owner] as usize));
-    table
-        .into_iter()
-        .map(|slot| slot.or_else(|| refill.next()).expect("sizes match"))
-        .collect()
+    // Built apart rather than mapped in place: in-place collection would
+    // keep the twice-as-large allocation of `table` for as long as the agent
+    // keeps the layout.
+    let mut layout = Vec::with_capacity(size);
+    layout.extend(
+        table
+            .into_iter()
+            .map(|slot| slot.or_else(|| refill.next()).expect("sizes match")),
+    );
+    layout
 }
 
 /// How many slots each backend gets.
