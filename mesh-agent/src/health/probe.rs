@@ -81,6 +81,14 @@ async fn connect(addr: SocketAddr, mark: u32) -> Result<TcpStream, CheckError> {
     socket.connect(addr).await.map_err(CheckError::Connect)
 }
 
+/// A kept connection with nothing to read. Anything there (the backend's
+/// close, or a last word such as a `408` sent as it closed) would be taken
+/// for the next check's response; such a connection is not used again.
+fn still_idle(conn: &TcpStream) -> bool {
+    let mut byte = [0u8; 1];
+    matches!(conn.try_read(&mut byte), Err(e) if e.kind() == io::ErrorKind::WouldBlock)
+}
+
 pub struct HttpCheck {
     addr: SocketAddr,
     mark: u32,
@@ -111,7 +119,7 @@ impl HttpCheck {
     pub async fn run(&mut self) -> Result<(), CheckError> {
         // Taken for the exchange and put back only after a complete
         // response: an error, or the timeout dropping this future, closes it.
-        if let Some(conn) = self.conn.take() {
+        if let Some(conn) = self.conn.take().filter(still_idle) {
             match self.exchange(conn).await {
                 // A backend may close an idle connection at any time (its
                 // keep-alive timeout, a restart); that says nothing about
@@ -266,6 +274,47 @@ mod tests {
             }
         });
         assert_eq!(server.join().unwrap(), 3);
+    }
+
+    #[test]
+    fn words_sent_on_an_idle_connection_are_not_taken_for_the_answer() {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let (checked_tx, checked_rx) = std::sync::mpsc::channel();
+        let (closed_tx, closed_rx) = std::sync::mpsc::channel();
+        let server = std::thread::spawn(move || {
+            let mut buf = [0u8; 1024];
+            let ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+            // The first connection answers once; once the check is over it
+            // says 408 and closes, as some servers do when their idle
+            // timeout fires.
+            let (mut conn, _) = listener.accept().unwrap();
+            let _ = conn.read(&mut buf).unwrap();
+            conn.write_all(ok).unwrap();
+            checked_rx.recv().unwrap();
+            conn.write_all(
+                b"HTTP/1.1 408 Request Timeout\r\nConnection: close\r\nContent-Length: 0\r\n\r\n",
+            )
+            .unwrap();
+            drop(conn);
+            closed_tx.send(()).unwrap();
+            let (mut conn, _) = listener.accept().unwrap();
+            let _ = conn.read(&mut buf).unwrap();
+            conn.write_all(ok).unwrap();
+        });
+        let mut check = HttpCheck::new(addr, 0, "/", 200);
+        let rt = runtime();
+        rt.block_on(check.run()).unwrap();
+        checked_tx.send(()).unwrap();
+        closed_rx.recv().unwrap();
+        // Let the reactor see the 408 and the close arrive.
+        rt.block_on(async {
+            let mut byte = [0u8; 1];
+            let conn = check.conn.as_ref().expect("kept after the first check");
+            conn.peek(&mut byte).await.unwrap();
+        });
+        rt.block_on(check.run()).unwrap();
+        server.join().unwrap();
     }
 
     #[test]
