@@ -4,19 +4,22 @@
 //! connections until they recover; when a whole service is unhealthy, its
 //! panic mode decides.
 
+mod probe;
+mod response;
+
 use std::collections::{BTreeMap, BTreeSet};
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tracing::{info, warn};
+use tracing::{debug, info, warn};
 
 use crate::bpf::Maps;
 use crate::reconcile::{Reconciler, service_keys};
-use crate::state::{BackendState, CheckKind, DesiredState, HealthCheck, PanicMode};
+use crate::state::{BackendState, DesiredState, HealthCheck, PanicMode};
+use probe::Probe;
 
 /// One backend of one service.
 type Target = (String, SocketAddr);
@@ -280,12 +283,22 @@ async fn run_checks(
 ) {
     let interval = Duration::from_millis(u64::from(check.interval_ms));
     let timeout = Duration::from_millis(u64::from(check.timeout_ms));
+    // Lives as long as the task: an HTTP check keeps its connection here.
+    let mut probe = Probe::new(target.1, &check.kind, mark);
     loop {
         let jitter = jitter(interval, check.jitter_percent);
         tokio::time::sleep(interval + jitter).await;
-        let passed = tokio::time::timeout(timeout, probe(target.1, &check.kind, mark))
-            .await
-            .is_ok_and(|r| r.is_ok());
+        let passed = match tokio::time::timeout(timeout, probe.run()).await {
+            Ok(Ok(())) => true,
+            Ok(Err(e)) => {
+                debug!(service = %target.0, backend = %target.1, error = %e, "check failed");
+                false
+            }
+            Err(_) => {
+                debug!(service = %target.0, backend = %target.1, ?timeout, "check timed out");
+                false
+            }
+        };
         let flipped = {
             let mut statuses = statuses.lock().unwrap_or_else(|p| p.into_inner());
             let status = statuses.entry(target.clone()).or_default();
@@ -335,56 +348,11 @@ fn jitter(interval: Duration, percent: u32) -> Duration {
     interval.mul_f64(f64::from(percent) / 100.0 * f64::from(nanos % 1000) / 1000.0)
 }
 
-/// One check from a socket carrying the agent's mark.
-async fn probe(addr: SocketAddr, kind: &CheckKind, mark: u32) -> std::io::Result<()> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()?
-    } else {
-        tokio::net::TcpSocket::new_v6()?
-    };
-    socket2::SockRef::from(&socket).set_mark(mark)?;
-    let mut stream = socket.connect(addr).await?;
-    let CheckKind::Http {
-        path,
-        expected_status,
-    } = kind
-    else {
-        return Ok(());
-    };
-    let request = format!(
-        "GET {path} HTTP/1.1\r\nHost: {addr}\r\nUser-Agent: mesh-agent health check\r\nConnection: close\r\n\r\n"
-    );
-    stream.write_all(request.as_bytes()).await?;
-    let mut head = [0u8; 64];
-    let mut n = 0;
-    while n < 12 {
-        let got = stream.read(&mut head[n..]).await?;
-        if got == 0 {
-            break;
-        }
-        n += got;
-    }
-    let status =
-        parse_status(&head[..n]).ok_or_else(|| std::io::Error::other("not an HTTP response"))?;
-    if status == *expected_status {
-        Ok(())
-    } else {
-        Err(std::io::Error::other(format!("status {status}")))
-    }
-}
-
-/// The status code of an HTTP/1.x status line.
-fn parse_status(head: &[u8]) -> Option<u16> {
-    let line = std::str::from_utf8(head.get(..12)?).ok()?;
-    if !line.starts_with("HTTP/1.") {
-        return None;
-    }
-    line.get(9..12)?.parse().ok()
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    use crate::state::CheckKind;
 
     fn check() -> HealthCheck {
         HealthCheck {
@@ -415,14 +383,6 @@ mod tests {
             "two successes in a row flip back"
         );
         assert_eq!(s.transitions, 2);
-    }
-
-    #[test]
-    fn parses_http_status_lines() {
-        assert_eq!(parse_status(b"HTTP/1.1 200 OK\r\n"), Some(200));
-        assert_eq!(parse_status(b"HTTP/1.0 503 Service"), Some(503));
-        assert_eq!(parse_status(b"SSH-2.0-OpenSSH"), None);
-        assert_eq!(parse_status(b"HTTP/1.1"), None);
     }
 
     #[test]

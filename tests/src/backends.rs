@@ -186,41 +186,66 @@ impl Drop for UdpBackend {
     }
 }
 
+/// How an `HttpBackend` treats a connection after answering a request.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum KeepAlive {
+    /// HTTP/1.1 keep-alive: the next request may come on the same connection.
+    Keep,
+    /// Answers `Connection: close` and closes.
+    Close,
+    /// Closes without saying so, as a server whose idle timeout is shorter
+    /// than the time to the next request.
+    DropIdle,
+}
+
 /// A loopback TCP backend that answers HTTP health checks (`GET ...`) with
 /// a status the test controls, and anything else (a probe that just reads)
-/// with its id line, like `TestBackend`.
+/// with its id line, like `TestBackend`. Counts connections and requests
+/// apart, so a test can see whether checks reuse a connection.
 pub struct HttpBackend {
-    inner: TestBackend,
+    addr: SocketAddr,
     status: Arc<std::sync::atomic::AtomicU16>,
+    counts: Arc<HttpCounts>,
+    stop: Arc<AtomicBool>,
+    thread: Option<JoinHandle<()>>,
+}
+
+#[derive(Default)]
+struct HttpCounts {
+    connections: AtomicU64,
+    requests: AtomicU64,
 }
 
 impl HttpBackend {
+    /// Keeps connections alive between requests.
     pub fn new(id: u32) -> Result<Self> {
+        Self::with(id, KeepAlive::Keep)
+    }
+
+    pub fn with(id: u32, keep_alive: KeepAlive) -> Result<Self> {
         let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0))?;
+        listener.set_nonblocking(true)?;
         let addr = listener.local_addr()?;
         let status = Arc::new(std::sync::atomic::AtomicU16::new(200));
-        let accepted = Arc::new(AtomicU64::new(0));
+        let counts = Arc::new(HttpCounts::default());
         let stop = Arc::new(AtomicBool::new(false));
         let thread = std::thread::Builder::new()
             .name(format!("http-backend-{id}"))
             .spawn({
-                let (status, accepted, stop) = (status.clone(), accepted.clone(), stop.clone());
-                move || serve_http(listener, id, &status, &accepted, &stop)
+                let (status, counts, stop) = (status.clone(), counts.clone(), stop.clone());
+                move || accept_http(listener, id, keep_alive, &status, &counts, &stop)
             })?;
         Ok(Self {
-            inner: TestBackend {
-                addr,
-                id,
-                accepted,
-                stop,
-                thread: Some(thread),
-            },
+            addr,
             status,
+            counts,
+            stop,
+            thread: Some(thread),
         })
     }
 
     pub fn addr(&self) -> SocketAddr {
-        self.inner.addr()
+        self.addr
     }
 
     /// The status its health endpoint answers from now on.
@@ -228,41 +253,117 @@ impl HttpBackend {
         self.status.store(status, Ordering::Relaxed);
     }
 
-    /// HTTP requests and plain connections served.
-    pub fn accepted(&self) -> u64 {
-        self.inner.accepted()
+    /// Connections accepted so far (HTTP or plain).
+    pub fn connections(&self) -> u64 {
+        self.counts.connections.load(Ordering::Relaxed)
+    }
+
+    /// HTTP requests received (and answered) so far.
+    pub fn requests(&self) -> u64 {
+        self.counts.requests.load(Ordering::Relaxed)
     }
 }
 
-fn serve_http(
+impl Drop for HttpBackend {
+    fn drop(&mut self) {
+        self.stop.store(true, Ordering::Relaxed);
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
+/// Accepts until stopped, one thread per connection; joins them all before
+/// returning, so a dropped backend has closed every connection.
+fn accept_http(
     listener: TcpListener,
     id: u32,
-    status: &std::sync::atomic::AtomicU16,
-    accepted: &AtomicU64,
-    stop: &AtomicBool,
+    keep_alive: KeepAlive,
+    status: &Arc<std::sync::atomic::AtomicU16>,
+    counts: &Arc<HttpCounts>,
+    stop: &Arc<AtomicBool>,
 ) {
-    use std::io::Read as _;
-    listener
-        .set_nonblocking(true)
-        .expect("nonblocking listener");
+    let mut conns = Vec::new();
     while !stop.load(Ordering::Relaxed) {
-        let Ok((mut conn, _)) = listener.accept() else {
+        let Ok((conn, _)) = listener.accept() else {
             std::thread::sleep(std::time::Duration::from_millis(5));
             continue;
         };
-        accepted.fetch_add(1, Ordering::Relaxed);
-        let _ = conn.set_nonblocking(false);
-        // A health check speaks first; a probe only listens.
-        let _ = conn.set_read_timeout(Some(std::time::Duration::from_millis(10)));
-        let mut buf = [0u8; 512];
-        let reply = match conn.read(&mut buf) {
-            Ok(n) if buf[..n].starts_with(b"GET ") => {
-                let code = status.load(Ordering::Relaxed);
-                format!("HTTP/1.1 {code} X\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")
+        counts.connections.fetch_add(1, Ordering::Relaxed);
+        let (status, counts, stop) = (status.clone(), counts.clone(), stop.clone());
+        let spawned = std::thread::Builder::new()
+            .name(format!("http-conn-{id}"))
+            .spawn(move || serve_http(conn, id, keep_alive, &status, &counts, &stop));
+        if let Ok(t) = spawned {
+            conns.push(t);
+        }
+        conns.retain(|t| !t.is_finished());
+    }
+    for t in conns {
+        let _ = t.join();
+    }
+}
+
+/// Serves one connection: requests in turn until the client closes, the
+/// backend stops, or `keep_alive` ends it.
+fn serve_http(
+    mut conn: std::net::TcpStream,
+    id: u32,
+    keep_alive: KeepAlive,
+    status: &std::sync::atomic::AtomicU16,
+    counts: &HttpCounts,
+    stop: &AtomicBool,
+) {
+    use std::io::Read as _;
+    let _ = conn.set_nonblocking(false);
+    // Short reads so a stop is noticed while the connection idles.
+    let _ = conn.set_read_timeout(Some(std::time::Duration::from_millis(10)));
+    let mut request = Vec::new();
+    let mut buf = [0u8; 1024];
+    let mut first = true;
+    while !stop.load(Ordering::Relaxed) {
+        match conn.read(&mut buf) {
+            Ok(0) => return,
+            Ok(n) => request.extend_from_slice(&buf[..n]),
+            // A probe only listens: it gets the id line, as from `TestBackend`.
+            Err(_) if first && request.is_empty() => {
+                let _ = conn.write_all(format!("{id}\n").as_bytes());
+                return;
             }
-            _ => format!("{id}\n"),
-        };
-        let _ = conn.write_all(reply.as_bytes());
+            Err(e)
+                if matches!(
+                    e.kind(),
+                    std::io::ErrorKind::WouldBlock | std::io::ErrorKind::TimedOut
+                ) =>
+            {
+                continue;
+            }
+            Err(_) => return,
+        }
+        first = false;
+        if request.len() > 64 * 1024 {
+            return;
+        }
+        // Health checks send a head and no body; answer each complete one.
+        while let Some(end) = request.windows(4).position(|w| w == b"\r\n\r\n") {
+            request.drain(..end + 4);
+            let code = status.load(Ordering::Relaxed);
+            let close = if keep_alive == KeepAlive::Close {
+                "Connection: close\r\n"
+            } else {
+                ""
+            };
+            let reply = format!("HTTP/1.1 {code} X\r\nContent-Length: 3\r\n{close}\r\nok\n");
+            // Counted before the answer, so a client that has its answer
+            // sees it counted.
+            counts.requests.fetch_add(1, Ordering::Relaxed);
+            if conn.write_all(reply.as_bytes()).is_err() {
+                return;
+            }
+            if keep_alive != KeepAlive::Keep {
+                return;
+            }
+        }
     }
 }
 
@@ -301,5 +402,36 @@ mod tests {
         assert_eq!(b.addr().ip().to_string(), "127.10.0.5");
         assert_eq!(fetch(b.addr()), "42\n");
         assert!(listener_on("10.0.0.1:80".parse().unwrap(), 1).is_err());
+    }
+
+    #[test]
+    fn http_backend_counts_requests_and_connections_apart() {
+        let b = HttpBackend::new(3).unwrap();
+        let mut s = TcpStream::connect(b.addr()).unwrap();
+        let mut answer = [0u8; 256];
+        for _ in 0..3 {
+            s.write_all(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+                .unwrap();
+            let n = s.read(&mut answer).unwrap();
+            assert!(answer[..n].starts_with(b"HTTP/1.1 200 "));
+            assert!(
+                answer[..n].ends_with(b"\r\n\r\nok\n"),
+                "one whole response per read here"
+            );
+        }
+        assert_eq!((b.connections(), b.requests()), (1, 3));
+        assert_eq!(
+            fetch(b.addr()),
+            "3\n",
+            "a client that only listens gets the id"
+        );
+
+        let closing = HttpBackend::with(4, KeepAlive::Close).unwrap();
+        let mut s = TcpStream::connect(closing.addr()).unwrap();
+        s.write_all(b"GET / HTTP/1.1\r\n\r\n").unwrap();
+        let mut text = String::new();
+        s.read_to_string(&mut text).unwrap();
+        assert!(text.contains("Connection: close\r\n"), "{text}");
+        assert_eq!(closing.requests(), 1);
     }
 }

@@ -17,7 +17,7 @@ pub mod probe;
 pub mod stats;
 
 pub use agent::Agent;
-pub use backends::{HttpBackend, TestBackend, UdpBackend, listener_on};
+pub use backends::{HttpBackend, KeepAlive, TestBackend, UdpBackend, listener_on};
 
 pub use bulk::BulkReport;
 pub use bulk_harness::{BulkServer, link_bytes, run_bulk, veth_pair};

@@ -1,7 +1,9 @@
 //! Health: active checks take a dead backend out of rotation within
 //! interval × threshold and bring it back when it recovers; passive outlier
 //! detection ejects a backend whose connects fail, with no active checks at
-//! all; panic mode decides what happens when nothing is healthy.
+//! all; panic mode decides what happens when nothing is healthy. HTTP
+//! checks keep their connection open between checks, and a backend that
+//! closes it stays healthy.
 
 use std::{
     net::SocketAddr,
@@ -9,7 +11,7 @@ use std::{
 };
 
 use anyhow::{Result, bail};
-use mesh_tests::{Agent, HttpBackend, TestBackend, TestCgroup, listener_on, run_probe};
+use mesh_tests::{Agent, HttpBackend, KeepAlive, TestBackend, TestCgroup, listener_on, run_probe};
 use serde_json::Value;
 
 fn vip(last: u8) -> SocketAddr {
@@ -118,6 +120,91 @@ fn http_checks_follow_the_status_the_backend_reports() -> Result<()> {
     a.set_status(200);
     wait_health(&agent, 0, "healthy", Duration::from_secs(5))?;
     assert!(run_probe(&cgroup, vip, 60)?.id_count(1) > 0);
+    Ok(())
+}
+
+/// Polls until every backend has answered `n` health checks.
+fn wait_requests(backends: &[&HttpBackend], n: u64, timeout: Duration) -> Result<()> {
+    let deadline = Instant::now() + timeout;
+    while backends.iter().any(|b| b.requests() < n) {
+        if Instant::now() > deadline {
+            let seen: Vec<u64> = backends.iter().map(|b| b.requests()).collect();
+            bail!("fewer than {n} checks arrived within {timeout:?}: {seen:?}");
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    Ok(())
+}
+
+/// The agent's mark (its default `--socket-mark`) as `ss -e` shows it.
+const AGENT_FWMARK: &str = "fwmark:0x4d455348";
+
+#[test]
+fn http_checks_reuse_one_marked_connection() -> Result<()> {
+    let a = HttpBackend::new(1)?;
+    let cgroup = TestCgroup::new("hckeep")?;
+    let vip = vip(6);
+    let check = "    health_check: {type: http, path: /healthz, interval_ms: 100, timeout_ms: 100, unhealthy_threshold: 2, healthy_threshold: 2, jitter_percent: 0}\n";
+    let agent = Agent::start(&config(vip, check, &[a.addr()]), &cgroup)?;
+
+    wait_requests(&[&a], 20, Duration::from_secs(10))?;
+    // A check that times out on a loaded machine drops its connection, so
+    // allow a reconnect or two; a connection per check would be 20 or more.
+    assert!(
+        a.connections() <= 3,
+        "{} connections for {} checks",
+        a.connections(),
+        a.requests()
+    );
+    let services = agent.meshctl_json(&["services"])?;
+    assert_eq!(services["services"][0]["backends"][0]["health"], "healthy");
+
+    // The kept connection is the agent's and carries its mark.
+    let out = std::process::Command::new("ss")
+        .args(["-tnHe", "state", "established", "dst"])
+        .arg(a.addr().to_string())
+        .output()?;
+    let ss = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "ss failed: {out:?}");
+    assert!(
+        ss.lines().any(|l| l.contains(AGENT_FWMARK)),
+        "no connection to {} with {AGENT_FWMARK}:\n{ss}",
+        a.addr()
+    );
+    Ok(())
+}
+
+#[test]
+fn backends_that_close_the_connection_stay_healthy_and_keep_being_checked() -> Result<()> {
+    // One says `Connection: close`; the other closes an idle connection
+    // without warning, so each check finds its kept connection dead.
+    let closing = HttpBackend::with(1, KeepAlive::Close)?;
+    let dropping = HttpBackend::with(2, KeepAlive::DropIdle)?;
+    let cgroup = TestCgroup::new("hcclose")?;
+    let vip = vip(7);
+    // One failure would flip a backend: a dead kept connection must not
+    // count as one.
+    let check = "    health_check: {type: http, path: /healthz, interval_ms: 200, timeout_ms: 200, unhealthy_threshold: 1, healthy_threshold: 1, jitter_percent: 0}\n";
+    let agent = Agent::start(
+        &config(vip, check, &[closing.addr(), dropping.addr()]),
+        &cgroup,
+    )?;
+
+    wait_requests(&[&closing, &dropping], 10, Duration::from_secs(15))?;
+    let services = agent.meshctl_json(&["services"])?;
+    for (i, b) in [&closing, &dropping].into_iter().enumerate() {
+        let view = &services["services"][0]["backends"][i];
+        assert_eq!(view["health"], "healthy", "backend {i}: {services}");
+        assert_eq!(view["health_transitions"], 0, "backend {i}: {services}");
+        // Every check on a new connection (the one being accepted now may
+        // not have sent its request yet).
+        assert!(
+            b.connections() >= b.requests(),
+            "backend {i}: {} connections, {} checks",
+            b.connections(),
+            b.requests()
+        );
+    }
     Ok(())
 }
 

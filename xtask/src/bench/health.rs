@@ -5,7 +5,7 @@
 //! of this process, which also counts the checks that arrive: a row's
 //! check rate is what the backends saw, not what the agent claims.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::fmt::Write as _;
 use std::io::{self, Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
@@ -93,7 +93,8 @@ impl Scenario for HealthChecks {
                  stime from /proc (all threads, including the kernel work of its check \
                  sockets; on loopback that includes the backends' side of each handshake) \
                  over the window. The check rate is measured at the backends (each \
-                 backend's mean interval between checks). Checks start in phase at a reload, \
+                 backend's mean interval between checks; an HTTP check is a request, on a \
+                 connection the agent keeps open). Checks start in phase at a reload, \
                  so a window holds a whole number of rounds: the agent's CPU is therefore \
                  given as the idle agent's plus the CPU per check seen in the window times \
                  the steady rate (median trials).",
@@ -285,9 +286,10 @@ fn median(v: impl Iterator<Item = f64>) -> f64 {
     v.get(v.len() / 2).copied().unwrap_or(f64::NAN)
 }
 
-/// 1,000 listeners served by one epoll thread: a connection that sends an
-/// HTTP request gets `200 OK`; one that closes at once (a TCP check) is
-/// closed. Each accepted connection counts as a check.
+/// 1,000 listeners served by one epoll thread: every HTTP request gets
+/// `200 OK` and the connection stays open for the next (keep-alive), each
+/// request counting as a check; a connection that closes before sending
+/// anything is a TCP check.
 struct Backends {
     stop: Arc<AtomicBool>,
     counters: Arc<Counters>,
@@ -432,42 +434,93 @@ impl Drop for Epoll {
     }
 }
 
+/// epoll tokens at and above this are connections; below, listeners.
+const CONN_TOKEN: u64 = 1 << 32;
+/// A request head longer than this closes the connection.
+const MAX_REQUEST: usize = 4096;
+const RESPONSE: &[u8] = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n";
+
+/// An accepted connection: its backend, and the request bytes so far.
+struct Conn {
+    stream: std::net::TcpStream,
+    backend: usize,
+    buf: Vec<u8>,
+    requests: u32,
+}
+
 fn serve(epoll: Epoll, listeners: &[TcpListener], stop: &AtomicBool, counters: &Counters) {
     let mut events = vec![libc::epoll_event { events: 0, u64: 0 }; 256];
+    let mut conns: HashMap<u64, Conn> = HashMap::new();
+    let mut next_token = CONN_TOKEN;
     while !stop.load(Ordering::Relaxed) {
         // SAFETY: `events` has room for the count passed.
         let n = unsafe { libc::epoll_wait(epoll.0, events.as_mut_ptr(), 256, 100) };
         for ev in events.iter().take(n.max(0) as usize) {
-            let i = ev.u64 as usize;
-            while let Ok((conn, _)) = listeners[i].accept() {
-                if let Ok(kind) = answer(conn) {
-                    counters.record(i, kind);
+            let token = ev.u64;
+            if token < CONN_TOKEN {
+                let i = token as usize;
+                while let Ok((stream, _)) = listeners[i].accept() {
+                    if stream.set_nonblocking(true).is_err() {
+                        continue;
+                    }
+                    let mut ev = libc::epoll_event {
+                        events: (libc::EPOLLIN | libc::EPOLLRDHUP) as u32,
+                        u64: next_token,
+                    };
+                    // SAFETY: valid epoll fd and stream fd; `ev` outlives the call.
+                    let added = unsafe {
+                        libc::epoll_ctl(epoll.0, libc::EPOLL_CTL_ADD, stream.as_raw_fd(), &mut ev)
+                    };
+                    if added == 0 {
+                        let conn = Conn {
+                            stream,
+                            backend: i,
+                            buf: Vec::new(),
+                            requests: 0,
+                        };
+                        conns.insert(next_token, conn);
+                        next_token += 1;
+                    }
                 }
+            } else if let Some(conn) = conns.get_mut(&token)
+                && !answer(conn, counters)
+            {
+                // Closing the fd takes it out of the epoll set.
+                conns.remove(&token);
             }
         }
     }
 }
 
-/// Reads the request head (or EOF, for a TCP check) and answers HTTP ones.
-fn answer(mut conn: std::net::TcpStream) -> io::Result<Checks> {
-    conn.set_nonblocking(false)?;
-    conn.set_read_timeout(Some(Duration::from_millis(200)))?;
-    let mut head = Vec::with_capacity(256);
-    let mut buf = [0u8; 512];
+/// Reads what a connection has, answers every complete request head, and
+/// counts a connection closed before sending anything as a TCP check.
+/// False when the connection is done.
+fn answer(conn: &mut Conn, counters: &Counters) -> bool {
+    let mut buf = [0u8; 1024];
     loop {
-        let n = match conn.read(&mut buf) {
-            // A TCP check closes at once, with FIN or (like HAProxy's) RST.
-            Ok(0) => return Ok(Checks::Tcp),
-            Err(e) if e.kind() == io::ErrorKind::ConnectionReset && head.is_empty() => {
-                return Ok(Checks::Tcp);
+        match conn.stream.read(&mut buf) {
+            Ok(0) => break,
+            Ok(n) => conn.buf.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+            // A TCP check may close with RST (like HAProxy's) instead of FIN.
+            Err(_) => break,
+        }
+        while let Some(end) = conn.buf.windows(4).position(|w| w == b"\r\n\r\n") {
+            conn.buf.drain(..end + 4);
+            // 38 bytes into an idle socket's empty send buffer: all or error.
+            if conn.stream.write_all(RESPONSE).is_err() {
+                return false;
             }
-            r => r?,
-        };
-        head.extend_from_slice(&buf[..n]);
-        if head.windows(4).any(|w| w == b"\r\n\r\n") || head.len() > 4096 {
-            break;
+            conn.requests += 1;
+            counters.record(conn.backend, Checks::Http);
+        }
+        if conn.buf.len() > MAX_REQUEST {
+            return false;
         }
     }
-    conn.write_all(b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\nConnection: close\r\n\r\n")?;
-    Ok(Checks::Http)
+    if conn.requests == 0 && conn.buf.is_empty() {
+        counters.record(conn.backend, Checks::Tcp);
+    }
+    false
 }
