@@ -152,6 +152,33 @@ fn main() -> ExitCode {
     }
 }
 
+/// Lifts the soft limit on open files to the hard one, as Go's runtime and
+/// Envoy's docs do: HTTP health checks hold one connection per backend, so a
+/// node with a thousand backends would hit the common soft limit of 1024.
+fn raise_open_files_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: getrlimit/setrlimit only read and write the struct given.
+    if unsafe { libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) } != 0
+        || limit.rlim_cur >= limit.rlim_max
+    {
+        return;
+    }
+    let soft = limit.rlim_cur;
+    limit.rlim_cur = limit.rlim_max;
+    if unsafe { libc::setrlimit(libc::RLIMIT_NOFILE, &limit) } == 0 {
+        tracing::debug!(from = soft, to = limit.rlim_max, "open-file limit raised");
+    } else {
+        tracing::warn!(
+            soft,
+            "cannot raise the open-file limit: {}",
+            std::io::Error::last_os_error()
+        );
+    }
+}
+
 /// The error and its causes on one line, skipping causes whose text the
 /// message before already includes (typed errors quote their source).
 fn report(e: &anyhow::Error) -> String {
@@ -216,6 +243,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 metrics_addr: metrics_addr.0,
                 kernel_debug_log: kernel_debug_log == Switch::On,
             };
+            raise_open_files_limit();
             let runtime = tokio::runtime::Builder::new_multi_thread()
                 .worker_threads(2)
                 .enable_all()
@@ -263,5 +291,30 @@ fn init_logging(format: LogFormat) {
     match format {
         LogFormat::Text => builder.init(),
         LogFormat::Json => builder.json().init(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// The soft limit this test process starts with is lowered first, so the
+    /// raise has something to do whatever the machine's defaults are.
+    #[test]
+    fn the_open_file_limit_is_raised_to_the_hard_limit() {
+        let mut limit = libc::rlimit {
+            rlim_cur: 0,
+            rlim_max: 0,
+        };
+        // SAFETY: plain rlimit calls on this test's own process (nextest
+        // runs each test in a process of its own).
+        unsafe {
+            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+            let hard = limit.rlim_max;
+            assert!(hard > 64, "hard limit {hard} too low to test");
+            limit.rlim_cur = 64;
+            assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
+            super::raise_open_files_limit();
+            assert_eq!(libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit), 0);
+            assert_eq!(limit.rlim_cur, hard);
+        }
     }
 }
