@@ -134,7 +134,7 @@ impl<'a> Names<'a> {
         let mut backends = HashMap::new();
         for (_, svc) in reconciler.services() {
             services.insert(svc.id(), svc.name.as_str());
-            for (&(ip, port), &id) in &svc.backends {
+            for (&(ip, port), &id) in svc.backends.iter() {
                 backends.insert(id, std::net::SocketAddr::new(ip, port).to_string());
             }
         }

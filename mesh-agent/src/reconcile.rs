@@ -117,9 +117,57 @@ pub struct ProgrammedService {
     pub value: ServiceValue,
     /// Backend id of every slot, in slot order.
     pub slots: Vec<BackendId>,
-    pub backends: BTreeMap<BackendAddr, BackendId>,
+    pub backends: BackendIds,
     /// Destroy sockets to a backend when it is removed.
     pub destroy_on_removal: bool,
+}
+
+/// A service's backend ids by address, sorted by address. A boxed slice,
+/// not a map: the agent keeps one per service for as long as it runs, and
+/// for the usual handful of backends a map node is mostly empty room.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub struct BackendIds(Box<[(BackendAddr, BackendId)]>);
+
+impl BackendIds {
+    pub fn get(&self, addr: &BackendAddr) -> Option<&BackendId> {
+        self.0
+            .binary_search_by(|(a, _)| a.cmp(addr))
+            .ok()
+            .map(|i| &self.0[i].1)
+    }
+
+    pub fn values(&self) -> impl Iterator<Item = &BackendId> {
+        self.0.iter().map(|(_, id)| id)
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = (&BackendAddr, &BackendId)> {
+        self.0.iter().map(|(addr, id)| (addr, id))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.0.is_empty()
+    }
+}
+
+/// The last id given for an address wins, as with a map's `insert`.
+impl FromIterator<(BackendAddr, BackendId)> for BackendIds {
+    fn from_iter<I: IntoIterator<Item = (BackendAddr, BackendId)>>(iter: I) -> Self {
+        let mut ids: Vec<(BackendAddr, BackendId)> = iter.into_iter().collect();
+        // Stable, so equal addresses keep their order and the last is kept.
+        ids.sort_by_key(|&(addr, _)| addr);
+        ids.dedup_by(|later, kept| {
+            let same = later.0 == kept.0;
+            if same {
+                kept.1 = later.1;
+            }
+            same
+        });
+        Self(ids.into_boxed_slice())
+    }
 }
 
 impl ProgrammedService {
@@ -239,7 +287,9 @@ impl Reconciler {
                         .collect(),
                     backends: backends_by_service
                         .remove(&value.service_id)
-                        .unwrap_or_default(),
+                        .unwrap_or_default()
+                        .into_iter()
+                        .collect(),
                 };
                 (key, programmed)
             })
@@ -496,7 +546,7 @@ impl Reconciler {
                     id
                 }
             };
-            let mut backends = BTreeMap::new();
+            let mut backends = Vec::with_capacity(svc.backends.len());
             let mut ids = Vec::with_capacity(svc.backends.len());
             for b in &svc.backends {
                 let addr = (b.address, b.port);
@@ -514,7 +564,7 @@ impl Reconciler {
                         id
                     }
                 };
-                backends.insert(addr, id);
+                backends.push((addr, id));
                 ids.push(id);
             }
             let slots = selection_table(svc, &ids, old.map(|o| o.slots.as_slice()), &cap);
@@ -570,7 +620,7 @@ impl Reconciler {
                     name: svc.name.clone(),
                     value,
                     slots,
-                    backends,
+                    backends: backends.into_iter().collect(),
                     destroy_on_removal: svc.destroys_sockets(key.proto),
                 }),
             );
@@ -977,7 +1027,7 @@ fn cleanup(old: &Reconciler, plan: &Plan, maps: &mut Maps) -> ApplyReport {
                 slot,
             }));
         }
-        for (&(ip, port), id) in &svc.backends {
+        for (&(ip, port), id) in svc.backends.iter() {
             if current.is_some_and(|c| c.backends.get(&(ip, port)) == Some(id)) {
                 continue;
             }
@@ -1151,6 +1201,19 @@ pub fn ip_from_words(family: u8, words: [u32; 4]) -> IpAddr {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn backend_ids_look_up_by_address_and_keep_the_last_id_given() {
+        let a = |last: u8, port| (std::net::IpAddr::from([10, 0, 0, last]), port);
+        let ids: BackendIds = [(a(3, 80), 7), (a(1, 80), 5), (a(3, 80), 9), (a(1, 81), 6)]
+            .into_iter()
+            .collect();
+        assert_eq!(ids.len(), 3);
+        assert_eq!(ids.get(&a(3, 80)), Some(&9));
+        assert_eq!(ids.get(&a(1, 81)), Some(&6));
+        assert_eq!(ids.get(&a(2, 80)), None);
+        assert_eq!(ids.values().copied().collect::<Vec<_>>(), [5, 6, 9]);
+    }
+
     use super::*;
 
     #[test]

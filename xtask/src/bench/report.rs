@@ -200,20 +200,29 @@ pub fn targets(r: &Results) -> Vec<Target> {
          service"
             .into(),
     ));
-    out.push(target(
-        "Health checks of 1,000 backends",
-        "≤ 5% of one core",
-        r.metric(
-            "health-checks",
+    for (peer, kind, how) in [
+        (
             "mesh-http-checks",
-            Some(1_000),
-            "cpu_percent",
+            "HTTP",
+            "by HTTP GET on kept connections",
         ),
-        |v| v <= 5.0,
-        "the whole agent's CPU (user + system, all threads) while it checks 1,000 backends \
-         by HTTP GET every second, in % of one core"
-            .into(),
-    ));
+        (
+            "mesh-tcp-checks",
+            "TCP",
+            "by TCP connect (a new connection each)",
+        ),
+    ] {
+        out.push(target(
+            &format!("{kind} health checks of 1,000 backends"),
+            "≤ 5% of one core",
+            r.metric("health-checks", peer, Some(1_000), "cpu_percent"),
+            |v| v <= 5.0,
+            format!(
+                "the whole agent's CPU (user + system, all threads) while it checks 1,000 \
+                 backends {how} every second, in % of one core"
+            ),
+        ));
+    }
     out
 }
 
