@@ -288,7 +288,9 @@ impl ConfigSource {
                         self.file.sum = self.file.sum.wrapping_add(h);
                     }
                 }
-                // `items` (checked by `items()`) now holds every hash of it.
+                // Every hash of this load is now a key of `items` (matched
+                // ones were, new ones were just added); `items()` checks
+                // before it relies on that.
                 self.file.order = order;
             }
             Pending::Dir(files) => self.files = files,

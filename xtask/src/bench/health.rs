@@ -31,7 +31,7 @@ const INTERVAL_MS: u32 = 1_000;
 /// Backend j of service i listens on 127.0.78.(j+1):(FIRST_PORT+i).
 const FIRST_PORT: u16 = 22_000;
 
-/// The three ways the same 1,000 backends are configured, interleaved.
+/// The kinds of check the backends tell apart.
 #[derive(Copy, Clone, PartialEq, Eq)]
 #[repr(u8)]
 enum Checks {
@@ -41,12 +41,6 @@ enum Checks {
 }
 
 impl Checks {
-    const ALL: [Checks; 3] = [Checks::None, Checks::Tcp, Checks::Http];
-
-    fn peer(self) -> &'static str {
-        PEERS[self as usize]
-    }
-
     fn yaml(self) -> &'static str {
         match self {
             Checks::None => "{type: none}",
@@ -56,9 +50,53 @@ impl Checks {
     }
 }
 
-/// The peers this scenario reports, in `Checks` order (also for the
+/// Who checks the same 1,000 backends, and how; interleaved in this order.
+#[derive(Copy, Clone, PartialEq, Eq)]
+enum Checker {
+    Mesh(Checks),
+    /// HAProxy's own health checks (`check inter 1s`, TCP or `option
+    /// httpchk`), the same backends and interval: the userspace proxy's
+    /// cost for the same job.
+    Haproxy(Checks),
+}
+
+impl Checker {
+    const ALL: [Checker; 5] = [
+        Checker::Mesh(Checks::None),
+        Checker::Mesh(Checks::Tcp),
+        Checker::Mesh(Checks::Http),
+        Checker::Haproxy(Checks::Tcp),
+        Checker::Haproxy(Checks::Http),
+    ];
+
+    fn peer(self) -> &'static str {
+        let at = Self::ALL.iter().position(|c| *c == self).expect("listed");
+        PEERS[at]
+    }
+
+    fn checks(self) -> Checks {
+        match self {
+            Checker::Mesh(c) | Checker::Haproxy(c) => c,
+        }
+    }
+
+    /// HAProxy's connect-only checks never reach the backends' accept: it
+    /// turns quick-ack off, so the handshake's last ACK is not sent before
+    /// its RST, and the backend's kernel drops the half-open connection.
+    fn seen_by_backends(self) -> bool {
+        self != Checker::Haproxy(Checks::Tcp)
+    }
+}
+
+/// The peers this scenario reports, in `Checker::ALL` order (also for the
 /// results' completeness check).
-pub const PEERS: [&str; 3] = ["mesh-no-checks", "mesh-tcp-checks", "mesh-http-checks"];
+pub const PEERS: [&str; 5] = [
+    "mesh-no-checks",
+    "mesh-tcp-checks",
+    "mesh-http-checks",
+    "haproxy-tcp-checks",
+    "haproxy-http-checks",
+];
 
 pub struct HealthChecks;
 
@@ -71,7 +109,7 @@ impl Scenario for HealthChecks {
         let window = Duration::from_millis(if ctx.quick { 3_000 } else { 10_000 });
         let rows = match measure(ctx, window) {
             Ok(rows) => rows,
-            Err(e) => Checks::ALL
+            Err(e) => Checker::ALL
                 .iter()
                 .map(|c| {
                     Row::without(
@@ -88,11 +126,18 @@ impl Scenario for HealthChecks {
             method: format!(
                 "One agent, {SERVICES} services × {BACKENDS_PER_SERVICE} backends on loopback \
                  listeners, checked every {INTERVAL_MS} ms (10% jitter) by TCP connect or HTTP \
-                 GET, or not at all; the three configurations are interleaved, {} trials of \
-                 {} s each, after every backend has seen a check. CPU is the agent's utime + \
-                 stime from /proc (all threads, including the kernel work of its check \
-                 sockets; on loopback that includes the backends' side of each handshake) \
-                 over the window. The check rate is measured at the backends (each \
+                 GET, or not at all; then HAProxy checks the same backends the same way \
+                 (`check inter 1s`, `spread-checks 10`, `option httpchk` for HTTP, which \
+                 opens a connection per check), with the agent's checks off (left out of \
+                 --quick runs). HAProxy's TCP checks end with a RST before the handshake's \
+                 last ACK (quick-ack off), so the backends never accept them and cannot \
+                 count them: that row gives the CPU measured in the window (HAProxy spreads \
+                 its checks evenly over the interval). The configurations are interleaved, \
+                 {} trials of {} s each, \
+                 after every backend has seen a check. CPU is the checker's utime + stime \
+                 from /proc (all threads, including the kernel work of its check sockets; \
+                 on loopback that includes the backends' side of each handshake) over the \
+                 window. The check rate is measured at the backends (each \
                  backend's mean interval between checks; an HTTP check is a request, on a \
                  connection the agent keeps open). Checks start in phase at a reload, \
                  so a window holds a whole number of rounds: the agent's CPU is therefore \
@@ -110,30 +155,73 @@ fn measure(ctx: &Ctx, window: Duration) -> Result<Vec<Row>> {
     let backends = Backends::start()?;
     let cg = Cgroup::new("health")?;
     let agent = MeshAgent::start(&ctx.bins, &cg, SERVICES, &[])?;
+    let dir = super::env::TempDir::new("health-haproxy")?;
+    // HAProxy adds a minute to a run; --quick runs stay under five.
+    let checkers: Vec<Checker> = Checker::ALL
+        .into_iter()
+        .filter(|c| !ctx.quick || matches!(c, Checker::Mesh(_)))
+        .collect();
+    let reload = |checks: Checks| {
+        agent.reload(&config(checks), ctx.setup_timeout, |a| {
+            a.meshctl_json(&ctx.bins, &["services"]).is_ok_and(|v| {
+                v["services"]
+                    .as_array()
+                    .is_some_and(|s| s.len() == SERVICES as usize)
+            })
+        })
+    };
     let mut trials: BTreeMap<&str, Vec<Trial>> = BTreeMap::new();
     for trial in 0..ctx.trials {
-        for checks in Checks::ALL {
-            agent.reload(&config(checks), ctx.setup_timeout, |a| {
-                a.meshctl_json(&ctx.bins, &["services"]).is_ok_and(|v| {
-                    v["services"]
-                        .as_array()
-                        .is_some_and(|s| s.len() == SERVICES as usize)
-                })
+        for &checker in &checkers {
+            let checks = checker.checks();
+            let haproxy = match checker {
+                Checker::Mesh(checks) => {
+                    reload(checks)?;
+                    None
+                }
+                Checker::Haproxy(checks) => {
+                    // Only HAProxy's checks reach the backends.
+                    reload(Checks::None)?;
+                    Some(start_haproxy(dir.path(), checks)?)
+                }
+            };
+            let pid = haproxy.as_ref().map_or(agent.pid(), |h| h.pid());
+            let alive = || match &haproxy {
+                Some(h) => h.try_wait().is_ok_and(|status| status.is_none()),
+                None => true,
+            };
+            let settled = if checker.seen_by_backends() {
+                settle(&backends, checks, alive, ctx.setup_timeout)
+            } else {
+                // Its first round (spread over an interval) is done by then.
+                thread::sleep(Duration::from_millis(u64::from(INTERVAL_MS) * 2));
+                if alive() {
+                    Ok(())
+                } else {
+                    Err(anyhow::anyhow!("the checker exited"))
+                }
+            };
+            settled.with_context(|| {
+                format!(
+                    "{}: agent log: {}; HAProxy log: {}",
+                    checker.peer(),
+                    agent.log(),
+                    std::fs::read_to_string(dir.path().join("haproxy.log")).unwrap_or_default()
+                )
             })?;
-            settle(&backends, checks, ctx.setup_timeout)
-                .with_context(|| format!("{}: agent log: {}", checks.peer(), agent.log()))?;
             backends.start_window();
-            let cpu_before = cpu_ticks(agent.pid())?;
+            let cpu_before = cpu_ticks(pid)?;
             let start = Instant::now();
             thread::sleep(window);
-            let cpu_after = cpu_ticks(agent.pid())?;
+            let cpu_after = cpu_ticks(pid)?;
             let secs = start.elapsed().as_secs_f64();
             let window_stats = backends.end_window();
+            drop(haproxy);
             let percent = (cpu_after - cpu_before) as f64 / clock_ticks() / secs * 100.0;
             step(format!(
-                "bench: health-checks: trial {}: {:<17} agent CPU {percent:5.2}% of a core over {} checks; steady rate {:6.0} checks/s",
+                "bench: health-checks: trial {}: {:<19} CPU {percent:5.2}% of a core over {} checks; steady rate {:6.0} checks/s",
                 trial + 1,
-                checks.peer(),
+                checker.peer(),
                 window_stats.checks,
                 window_stats.rate
             ));
@@ -143,7 +231,7 @@ fn measure(ctx: &Ctx, window: Duration) -> Result<Vec<Row>> {
                     window_stats.checks
                 );
             }
-            trials.entry(checks.peer()).or_default().push(Trial {
+            trials.entry(checker.peer()).or_default().push(Trial {
                 percent,
                 secs,
                 window: window_stats,
@@ -151,11 +239,21 @@ fn measure(ctx: &Ctx, window: Duration) -> Result<Vec<Row>> {
         }
     }
     drop(agent);
-    let idle = median(trials[Checks::None.peer()].iter().map(|t| t.percent));
-    Ok(Checks::ALL
+    let idle = median(
+        trials[Checker::Mesh(Checks::None).peer()]
+            .iter()
+            .map(|t| t.percent),
+    );
+    Ok(Checker::ALL
         .iter()
         .map(|c| {
-            let ts = &trials[c.peer()];
+            let Some(ts) = trials.get(c.peer()) else {
+                return Row::without(
+                    c.peer(),
+                    Some(u64::from(BACKENDS)),
+                    Status::Skipped("left out of --quick runs".into()),
+                );
+            };
             let mut m = BTreeMap::from([
                 (
                     "cpu_percent_measured".into(),
@@ -166,19 +264,31 @@ fn measure(ctx: &Ctx, window: Duration) -> Result<Vec<Row>> {
                     median(ts.iter().map(|t| t.window.rate)),
                 ),
             ]);
-            if *c == Checks::None {
+            // HAProxy idles at no measurable CPU; the agent's idle share is
+            // measured (its no-checks row).
+            let base = match c {
+                Checker::Mesh(_) => idle,
+                Checker::Haproxy(_) => 0.0,
+            };
+            if c.checks() == Checks::None {
                 m.insert("cpu_percent".into(), idle);
+            } else if !c.seen_by_backends() {
+                // No count to divide by; HAProxy spreads its checks evenly
+                // (spread-checks), so the window holds its mean rate.
+                m.remove("checks_per_s");
+                m.insert("cpu_percent".into(), m["cpu_percent_measured"]);
             } else {
-                // CPU above the idle agent per check the backends saw in the
-                // window; at the steady rate that is the checks' share of a
-                // core. (All checks start at a reload, in phase, so a short
-                // window holds a whole number of rounds, not the mean rate.)
+                // CPU above idle per check the backends saw in the window;
+                // at the steady rate that is the checks' share of a core.
+                // (The agent's checks start at a reload, in phase, so a
+                // short window holds a whole number of rounds, not the mean
+                // rate.)
                 let per_check = median(ts.iter().map(|t| {
-                    (t.percent - idle) / 100.0 * t.secs / t.window.checks.max(1) as f64 * 1e6
+                    (t.percent - base) / 100.0 * t.secs / t.window.checks.max(1) as f64 * 1e6
                 }));
                 let rate = m["checks_per_s"];
                 m.insert("cpu_us_per_check".into(), per_check);
-                m.insert("cpu_percent".into(), idle + per_check * rate / 1e4);
+                m.insert("cpu_percent".into(), base + per_check * rate / 1e4);
             }
             Row::ok(c.peer(), Some(u64::from(BACKENDS)), m)
         })
@@ -196,7 +306,12 @@ struct Trial {
 /// Waits until the agent runs `checks` on every backend: the last check
 /// each backend saw is of that kind (or, with checks off, none arrive for
 /// longer than an interval with its jitter).
-fn settle(backends: &Backends, checks: Checks, timeout: Duration) -> Result<()> {
+fn settle(
+    backends: &Backends,
+    checks: Checks,
+    checker_alive: impl Fn() -> bool,
+    timeout: Duration,
+) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let quiet = Duration::from_millis(u64::from(INTERVAL_MS) * 3 / 2);
     let mut last = (backends.checks(), Instant::now());
@@ -214,6 +329,9 @@ fn settle(backends: &Backends, checks: Checks, timeout: Duration) -> Result<()> 
         if done {
             return Ok(());
         }
+        if !checker_alive() {
+            bail!("the checker exited");
+        }
         if Instant::now() > deadline {
             bail!(
                 "the backends did not settle within {timeout:?}: {} of {BACKENDS} last saw this kind of check",
@@ -229,6 +347,39 @@ fn backend_addr(service: u32, backend: u32) -> SocketAddrV4 {
         Ipv4Addr::new(127, 0, 78, backend as u8 + 1),
         FIRST_PORT + service as u16,
     )
+}
+
+/// HAProxy checking every backend `checks`' way once a second, in the
+/// foreground (the PID held is HAProxy's); stopped when dropped.
+fn start_haproxy(dir: &std::path::Path, checks: Checks) -> Result<super::env::Proc> {
+    let mut cfg = String::from(
+        "global\n    spread-checks 10\n    maxconn 256\n\
+         defaults\n    mode tcp\n    timeout connect 1s\n    timeout check 1s\n    \
+         timeout client 5s\n    timeout server 5s\n    \
+         default-server inter 1s fall 3 rise 2\n\
+         # HAProxy will not start without a listener; nothing connects to it.\n\
+         frontend idle\n    bind 127.0.78.250:21999\n    default_backend hc000\n",
+    );
+    for i in 0..SERVICES {
+        let _ = writeln!(cfg, "backend hc{i:03}");
+        if checks == Checks::Http {
+            cfg.push_str("    option httpchk GET /healthz\n    http-check expect status 200\n");
+        }
+        for j in 0..BACKENDS_PER_SERVICE {
+            let _ = writeln!(cfg, "    server b{j} {} check", backend_addr(i, j));
+        }
+    }
+    let path = dir.join("haproxy.cfg");
+    std::fs::write(&path, cfg)?;
+    let log = std::fs::File::create(dir.join("haproxy.log"))?;
+    let mut cmd = std::process::Command::new("haproxy");
+    cmd.arg("-db")
+        .arg("-f")
+        .arg(&path)
+        .stdin(std::process::Stdio::null())
+        .stdout(log.try_clone()?)
+        .stderr(log);
+    super::env::Proc::spawn("haproxy", &mut cmd)
 }
 
 /// The agent's config: VIPs are loopback addresses too (nothing connects to
