@@ -701,7 +701,7 @@ pub fn write_markdown(r: &Results, root: &Path) -> Result<()> {
             &rows,
             &|row| row.peer.clone(),
             &[
-                ("agent CPU, % of a core", "cpu_percent"),
+                ("checker CPU, % of a core", "cpu_percent"),
                 ("CPU µs per check", "cpu_us_per_check"),
                 ("checks/s at the backends", "checks_per_s"),
                 ("% measured in the window", "cpu_percent_measured"),
