@@ -1,5 +1,6 @@
 //! One backend's checks, from sockets carrying the agent's mark. A TCP
-//! check connects anew every time (that is what it tests). An HTTP check
+//! check connects anew every time (that is what it tests), half-open (see
+//! `half_open`). An HTTP check
 //! keeps its connection open between checks (HTTP/1.1 keep-alive, as
 //! Envoy's checker does by default): on loopback most of a per-check
 //! connection's cost is the kernel's handshake and teardown.
@@ -60,7 +61,7 @@ impl Probe {
     /// it was using, so the next check starts on a new one.
     pub async fn run(&mut self) -> Result<(), CheckError> {
         match self {
-            Probe::Tcp { addr, mark } => connect(*addr, *mark).await.map(drop),
+            Probe::Tcp { addr, mark } => half_open(*addr, *mark).await,
             Probe::Http(http) => http.run().await,
         }
     }
@@ -79,6 +80,31 @@ async fn connect(addr: SocketAddr, mark: u32) -> Result<TcpStream, CheckError> {
         .set_mark(mark)
         .map_err(CheckError::Connect)?;
     socket.connect(addr).await.map_err(CheckError::Connect)
+}
+
+/// A TCP check that ends at the backend's SYN-ACK, as HAProxy's do: with
+/// quick-ack off the handshake's last ACK waits, and the close sends a RST
+/// first, so the backend's kernel drops the half-open connection. The
+/// application never accepts it, and neither side pays for a full
+/// connection, its FIN exchange and its TIME_WAIT. What it proves is what a
+/// full connect proves: the backend's kernel answers on that port.
+async fn half_open(addr: SocketAddr, mark: u32) -> Result<(), CheckError> {
+    let socket = if addr.is_ipv4() {
+        tokio::net::TcpSocket::new_v4()
+    } else {
+        tokio::net::TcpSocket::new_v6()
+    }
+    .map_err(CheckError::Connect)?;
+    let sock = socket2::SockRef::from(&socket);
+    sock.set_mark(mark)
+        .and_then(|()| sock.set_tcp_quickack(false))
+        .map_err(CheckError::Connect)?;
+    let stream = socket.connect(addr).await.map_err(CheckError::Connect)?;
+    // Close with a RST (no FIN, no TIME_WAIT).
+    socket2::SockRef::from(&stream)
+        .set_linger(Some(std::time::Duration::ZERO))
+        .map_err(CheckError::Connect)?;
+    Ok(())
 }
 
 /// A kept connection with nothing to read. Anything there (the backend's
@@ -246,6 +272,32 @@ mod tests {
             .enable_all()
             .build()
             .unwrap()
+    }
+
+    /// The listener's kernel answers, its application never gets a
+    /// connection to accept, and a closed port fails the check.
+    #[test]
+    fn tcp_checks_end_half_open() {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        listener.set_nonblocking(true).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut check = Probe::new(addr, &CheckKind::Tcp, 0);
+        runtime().block_on(async {
+            for _ in 0..20 {
+                check.run().await.unwrap();
+            }
+        });
+        // Anything the checks left in the accept queue is there by now.
+        std::thread::sleep(std::time::Duration::from_millis(100));
+        let accepted = listener.accept();
+        assert!(
+            matches!(&accepted, Err(e) if e.kind() == io::ErrorKind::WouldBlock),
+            "a check reached accept(): {accepted:?}"
+        );
+        drop(listener);
+        let mut closed = Probe::new(addr, &CheckKind::Tcp, 0);
+        let failed = runtime().block_on(closed.run());
+        assert!(matches!(failed, Err(CheckError::Connect(_))), "{failed:?}");
     }
 
     #[test]

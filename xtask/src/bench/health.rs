@@ -80,11 +80,12 @@ impl Checker {
         }
     }
 
-    /// HAProxy's connect-only checks never reach the backends' accept: it
-    /// turns quick-ack off, so the handshake's last ACK is not sent before
-    /// its RST, and the backend's kernel drops the half-open connection.
+    /// TCP checks (the agent's and HAProxy's) never reach the backends'
+    /// accept: quick-ack off, the handshake's last ACK is not sent before
+    /// the RST, and the backend's kernel drops the half-open connection.
+    /// They are counted by the kernel instead (`embryonic_rsts`).
     fn seen_by_backends(self) -> bool {
-        self != Checker::Haproxy(Checks::Tcp)
+        self.checks() != Checks::Tcp
     }
 }
 
@@ -129,20 +130,19 @@ impl Scenario for HealthChecks {
                  GET, or not at all; then HAProxy checks the same backends the same way \
                  (`check inter 1s`, `spread-checks 10`, `option httpchk` for HTTP, which \
                  opens a connection per check), with the agent's checks off (left out of \
-                 --quick runs). HAProxy's TCP checks end with a RST before the handshake's \
-                 last ACK (quick-ack off), so the backends never accept them and cannot \
-                 count them: that row gives the CPU measured in the window (HAProxy spreads \
-                 its checks evenly over the interval). The configurations are interleaved, \
-                 {} trials of {} s each, \
-                 after every backend has seen a check. CPU is the checker's utime + stime \
-                 from /proc (all threads, including the kernel work of its check sockets; \
-                 on loopback that includes the backends' side of each handshake) over the \
-                 window. The check rate is measured at the backends (each \
-                 backend's mean interval between checks; an HTTP check is a request, on a \
-                 connection the agent keeps open). Checks start in phase at a reload, \
-                 so a window holds a whole number of rounds: the agent's CPU is therefore \
-                 given as the idle agent's plus the CPU per check seen in the window times \
-                 the steady rate (median trials).",
+                 --quick runs). The configurations are interleaved, {} trials of {} s each, \
+                 once the checks have settled. CPU is the checker's utime + stime from /proc \
+                 (all threads, including the kernel work of its check sockets; on loopback \
+                 that includes the backends' side of each handshake) over the window. An \
+                 HTTP check is counted at the backends (a request; the agent keeps its \
+                 connection open, HAProxy opens one per check), and the steady rate is each \
+                 backend's mean interval between checks. A TCP check (the agent's and \
+                 HAProxy's alike) ends half-open: quick-ack off, RST before the handshake's \
+                 last ACK, so the backends never accept it; it is counted by the kernel \
+                 (TcpExt EmbryonicRsts over the window), and its rate is that count over \
+                 the window. The checker's CPU is the idle agent's (0 for HAProxy) plus the \
+                 CPU per check seen in the window times the rate (median trials); the \
+                 agent's checks start in phase at a reload, so a window holds whole rounds.",
                 ctx.trials,
                 window.as_secs()
             ),
@@ -193,13 +193,9 @@ fn measure(ctx: &Ctx, window: Duration) -> Result<Vec<Row>> {
             let settled = if checker.seen_by_backends() {
                 settle(&backends, checks, alive, ctx.setup_timeout)
             } else {
-                // Its first round (spread over an interval) is done by then.
-                thread::sleep(Duration::from_millis(u64::from(INTERVAL_MS) * 2));
-                if alive() {
-                    Ok(())
-                } else {
-                    Err(anyhow::anyhow!("the checker exited"))
-                }
+                // Until the checks the backends see have stopped; by then a
+                // round of half-open checks has run too.
+                settle(&backends, Checks::None, alive, ctx.setup_timeout)
             };
             settled.with_context(|| {
                 format!(
@@ -210,12 +206,21 @@ fn measure(ctx: &Ctx, window: Duration) -> Result<Vec<Row>> {
                 )
             })?;
             backends.start_window();
+            let rsts_before = embryonic_rsts()?;
             let cpu_before = cpu_ticks(pid)?;
             let start = Instant::now();
             thread::sleep(window);
             let cpu_after = cpu_ticks(pid)?;
             let secs = start.elapsed().as_secs_f64();
-            let window_stats = backends.end_window();
+            let rsts = embryonic_rsts()? - rsts_before;
+            let window_stats = if checker.seen_by_backends() {
+                backends.end_window()
+            } else {
+                WindowStats {
+                    checks: rsts,
+                    rate: rsts as f64 / secs,
+                }
+            };
             drop(haproxy);
             let percent = (cpu_after - cpu_before) as f64 / clock_ticks() / secs * 100.0;
             step(format!(
@@ -272,11 +277,6 @@ fn measure(ctx: &Ctx, window: Duration) -> Result<Vec<Row>> {
             };
             if c.checks() == Checks::None {
                 m.insert("cpu_percent".into(), idle);
-            } else if !c.seen_by_backends() {
-                // No count to divide by; HAProxy spreads its checks evenly
-                // (spread-checks), so the window holds its mean rate.
-                m.remove("checks_per_s");
-                m.insert("cpu_percent".into(), m["cpu_percent_measured"]);
             } else {
                 // CPU above idle per check the backends saw in the window;
                 // at the steady rate that is the checks' share of a core.
@@ -405,6 +405,24 @@ fn config(checks: Checks) -> String {
         y.push_str("]\n");
     }
     y
+}
+
+/// Resets the kernel received for connections still in SYN-RECV (TcpExt
+/// EmbryonicRsts of this network namespace): one per half-open TCP check.
+fn embryonic_rsts() -> Result<u64> {
+    let text = std::fs::read_to_string("/proc/net/netstat")?;
+    let mut lines = text.lines().filter(|l| l.starts_with("TcpExt:"));
+    let (names, values) = (lines.next(), lines.next());
+    names
+        .zip(values)
+        .and_then(|(names, values)| {
+            names
+                .split_whitespace()
+                .zip(values.split_whitespace())
+                .find(|(name, _)| *name == "EmbryonicRsts")
+                .and_then(|(_, v)| v.parse().ok())
+        })
+        .context("/proc/net/netstat has no TcpExt EmbryonicRsts")
 }
 
 /// utime + stime of all of a process's threads, in clock ticks.

@@ -209,7 +209,7 @@ pub fn targets(r: &Results) -> Vec<Target> {
         (
             "mesh-tcp-checks",
             "TCP",
-            "by TCP connect (a new connection each)",
+            "by half-open TCP connect (SYN-ACK, then RST)",
         ),
     ] {
         out.push(target(
