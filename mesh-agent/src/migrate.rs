@@ -181,6 +181,17 @@ struct Pair<T> {
 
 type HashPair<K, V> = Pair<HashMap<MapData, K, V>>;
 
+impl<K: Pod, V: Pod> HashPair<K, V> {
+    /// The old map's entries. Bounded: a hash map whose entries change
+    /// while it is walked may restart the walk.
+    fn old_entries(&self) -> impl Iterator<Item = (K, V)> + '_ {
+        self.old
+            .iter()
+            .take(self.old_capacity)
+            .filter_map(Result::ok)
+    }
+}
+
 /// Old id → new id, from both versions' service and backend maps.
 #[derive(Debug, Default)]
 struct Ids {
@@ -405,12 +416,7 @@ impl Migration {
         };
         let tally = &mut self.report.conns;
         let mut added = Vec::new();
-        for (cookie, old) in pair
-            .old
-            .iter()
-            .take(pair.old_capacity)
-            .filter_map(Result::ok)
-        {
+        for (cookie, old) in pair.old_entries() {
             let Some(backend_id) = ids.backend(old.backend_id) else {
                 continue;
             };
@@ -531,14 +537,7 @@ fn copy<K: Pod, V: Pod>(
     translate: impl Fn(K, V) -> Option<(K, V)>,
 ) -> Vec<K> {
     let mut written = Vec::new();
-    // Bounded: a hash map whose entries change while it is walked may
-    // restart the walk.
-    for (key, value) in pair
-        .old
-        .iter()
-        .take(pair.old_capacity)
-        .filter_map(Result::ok)
-    {
+    for (key, value) in pair.old_entries() {
         let Some((key, value)) = translate(key, value) else {
             if count_drops {
                 tally.dropped += 1;

@@ -67,18 +67,21 @@ impl Probe {
     }
 }
 
-/// A TCP connection from a socket carrying the agent's mark, so the
-/// programs leave it alone.
-async fn connect(addr: SocketAddr, mark: u32) -> Result<TcpStream, CheckError> {
+/// A socket carrying the agent's mark, so the programs leave its
+/// connection alone.
+fn marked_socket(addr: SocketAddr, mark: u32) -> io::Result<tokio::net::TcpSocket> {
     let socket = if addr.is_ipv4() {
         tokio::net::TcpSocket::new_v4()
     } else {
         tokio::net::TcpSocket::new_v6()
-    }
-    .map_err(CheckError::Connect)?;
-    socket2::SockRef::from(&socket)
-        .set_mark(mark)
-        .map_err(CheckError::Connect)?;
+    }?;
+    socket2::SockRef::from(&socket).set_mark(mark)?;
+    Ok(socket)
+}
+
+/// A TCP connection from a marked socket.
+async fn connect(addr: SocketAddr, mark: u32) -> Result<TcpStream, CheckError> {
+    let socket = marked_socket(addr, mark).map_err(CheckError::Connect)?;
     socket.connect(addr).await.map_err(CheckError::Connect)
 }
 
@@ -89,15 +92,11 @@ async fn connect(addr: SocketAddr, mark: u32) -> Result<TcpStream, CheckError> {
 /// connection, its FIN exchange and its TIME_WAIT. What it proves is what a
 /// full connect proves: the backend's kernel answers on that port.
 async fn half_open(addr: SocketAddr, mark: u32) -> Result<(), CheckError> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()
-    } else {
-        tokio::net::TcpSocket::new_v6()
-    }
-    .map_err(CheckError::Connect)?;
-    let sock = socket2::SockRef::from(&socket);
-    sock.set_mark(mark)
-        .and_then(|()| sock.set_tcp_quickack(false))
+    let socket = marked_socket(addr, mark)
+        .and_then(|socket| {
+            socket2::SockRef::from(&socket).set_tcp_quickack(false)?;
+            Ok(socket)
+        })
         .map_err(CheckError::Connect)?;
     let stream = socket.connect(addr).await.map_err(CheckError::Connect)?;
     // Close with a RST (no FIN, no TIME_WAIT).
@@ -300,16 +299,21 @@ mod tests {
         assert!(matches!(failed, Err(CheckError::Connect(_))), "{failed:?}");
     }
 
+    /// Runs `n` checks, each of which must pass.
+    fn pass(check: &mut HttpCheck, n: usize) {
+        runtime().block_on(async {
+            for _ in 0..n {
+                check.run().await.unwrap();
+            }
+        });
+    }
+
     #[test]
     fn keeps_one_connection_across_checks() {
         const OK: &str = "HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nfine\n";
         let (addr, server) = serve(vec![OK.to_string(); 4], vec![]);
         let mut check = HttpCheck::new(addr, 0, "/healthz", 200);
-        runtime().block_on(async {
-            for _ in 0..4 {
-                check.run().await.unwrap();
-            }
-        });
+        pass(&mut check, 4);
         assert_eq!(server.join().unwrap(), 1);
     }
 
@@ -320,11 +324,7 @@ mod tests {
         // saying so: each later check finds its kept connection dead.
         let (addr, server) = serve(vec![OK.to_string(); 3], vec![1, 2, 3]);
         let mut check = HttpCheck::new(addr, 0, "/", 200);
-        runtime().block_on(async {
-            for _ in 0..3 {
-                check.run().await.unwrap();
-            }
-        });
+        pass(&mut check, 3);
         assert_eq!(server.join().unwrap(), 3);
     }
 

@@ -10,7 +10,7 @@ use std::fmt::Write as _;
 use std::io::{self, Read as _, Write as _};
 use std::net::{Ipv4Addr, SocketAddrV4, TcpListener};
 use std::os::fd::AsRawFd;
-use std::sync::atomic::{AtomicBool, AtomicU8, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -190,14 +190,7 @@ fn measure(ctx: &Ctx, window: Duration) -> Result<Vec<Row>> {
                 Some(h) => h.try_wait().is_ok_and(|status| status.is_none()),
                 None => true,
             };
-            let settled = if checker.seen_by_backends() {
-                settle(&backends, checks, alive, ctx.setup_timeout)
-            } else {
-                // Until the checks the backends see have stopped; by then a
-                // round of half-open checks has run too.
-                settle(&backends, Checks::None, alive, ctx.setup_timeout)
-            };
-            settled.with_context(|| {
+            settle(&backends, checks, alive, ctx.setup_timeout).with_context(|| {
                 format!(
                     "{}: agent log: {}; HAProxy log: {}",
                     checker.peer(),
@@ -303,9 +296,9 @@ struct Trial {
     window: WindowStats,
 }
 
-/// Waits until the agent runs `checks` on every backend: the last check
-/// each backend saw is of that kind (or, with checks off, none arrive for
-/// longer than an interval with its jitter).
+/// Waits until the checks settle: with HTTP checks, every backend saw one
+/// after this call; otherwise (checks off, or TCP checks the backends never
+/// see) no check arrives for longer than an interval with its jitter.
 fn settle(
     backends: &Backends,
     checks: Checks,
@@ -314,17 +307,17 @@ fn settle(
 ) -> Result<()> {
     let deadline = Instant::now() + timeout;
     let quiet = Duration::from_millis(u64::from(INTERVAL_MS) * 3 / 2);
+    backends.forget_checked();
     let mut last = (backends.checks(), Instant::now());
     loop {
-        let done = match checks {
-            Checks::None => {
-                let now = backends.checks();
-                if now != last.0 {
-                    last = (now, Instant::now());
-                }
-                last.1.elapsed() > quiet
+        let done = if checks == Checks::Http {
+            backends.checked() == BACKENDS
+        } else {
+            let now = backends.checks();
+            if now != last.0 {
+                last = (now, Instant::now());
             }
-            _ => backends.last_checked_by(checks) == BACKENDS,
+            last.1.elapsed() > quiet
         };
         if done {
             return Ok(());
@@ -334,8 +327,8 @@ fn settle(
         }
         if Instant::now() > deadline {
             bail!(
-                "the backends did not settle within {timeout:?}: {} of {BACKENDS} last saw this kind of check",
-                backends.last_checked_by(checks)
+                "the backends did not settle within {timeout:?}: {} of {BACKENDS} saw a check",
+                backends.checked()
             );
         }
         thread::sleep(Duration::from_millis(20));
@@ -457,8 +450,8 @@ fn median(v: impl Iterator<Item = f64>) -> f64 {
 
 /// 1,000 listeners served by one epoll thread: every HTTP request gets
 /// `200 OK` and the connection stays open for the next (keep-alive), each
-/// request counting as a check; a connection that closes before sending
-/// anything is a TCP check.
+/// request counting as a check. (TCP checks end half-open and never get
+/// here: see `embryonic_rsts`.)
 struct Backends {
     stop: Arc<AtomicBool>,
     counters: Arc<Counters>,
@@ -468,8 +461,8 @@ struct Backends {
 /// What the backends saw, shared with their thread.
 struct Counters {
     checks: AtomicU64,
-    /// The kind of the last check each backend saw (a `Checks` as u8).
-    last_kind: Vec<AtomicU8>,
+    /// Whether each backend saw a check since `forget_checked`.
+    checked: Vec<AtomicBool>,
     /// Checks each backend saw since `start_window`.
     window: Mutex<Vec<Tally>>,
 }
@@ -522,8 +515,8 @@ impl Backends {
         let stop = Arc::new(AtomicBool::new(false));
         let counters = Arc::new(Counters {
             checks: AtomicU64::new(0),
-            last_kind: (0..listeners.len())
-                .map(|_| AtomicU8::new(Checks::None as u8))
+            checked: (0..listeners.len())
+                .map(|_| AtomicBool::new(false))
                 .collect(),
             window: Mutex::new(vec![Tally::default(); listeners.len()]),
         });
@@ -542,12 +535,19 @@ impl Backends {
         self.counters.checks.load(Ordering::Relaxed)
     }
 
-    fn last_checked_by(&self, checks: Checks) -> u32 {
+    /// Backends that saw a check since `forget_checked`.
+    fn checked(&self) -> u32 {
         self.counters
-            .last_kind
+            .checked
             .iter()
-            .filter(|k| k.load(Ordering::Relaxed) == checks as u8)
+            .filter(|c| c.load(Ordering::Relaxed))
             .count() as u32
+    }
+
+    fn forget_checked(&self) {
+        for c in &self.counters.checked {
+            c.store(false, Ordering::Relaxed);
+        }
     }
 
     fn start_window(&self) {
@@ -574,9 +574,9 @@ impl Counters {
         self.window.lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    fn record(&self, backend: usize, kind: Checks) {
+    fn record(&self, backend: usize) {
         self.checks.fetch_add(1, Ordering::Relaxed);
-        self.last_kind[backend].store(kind as u8, Ordering::Relaxed);
+        self.checked[backend].store(true, Ordering::Relaxed);
         let now = Instant::now();
         let tally = &mut self.window()[backend];
         tally.checks += 1;
@@ -614,7 +614,6 @@ struct Conn {
     stream: std::net::TcpStream,
     backend: usize,
     buf: Vec<u8>,
-    requests: u32,
 }
 
 fn serve(epoll: Epoll, listeners: &[TcpListener], stop: &AtomicBool, counters: &Counters) {
@@ -645,7 +644,6 @@ fn serve(epoll: Epoll, listeners: &[TcpListener], stop: &AtomicBool, counters: &
                             stream,
                             backend: i,
                             buf: Vec::new(),
-                            requests: 0,
                         };
                         conns.insert(next_token, conn);
                         next_token += 1;
@@ -661,9 +659,8 @@ fn serve(epoll: Epoll, listeners: &[TcpListener], stop: &AtomicBool, counters: &
     }
 }
 
-/// Reads what a connection has, answers every complete request head, and
-/// counts a connection closed before sending anything as a TCP check.
-/// False when the connection is done.
+/// Reads what a connection has and answers (and counts) every complete
+/// request head. False when the connection is done.
 fn answer(conn: &mut Conn, counters: &Counters) -> bool {
     let mut buf = [0u8; 1024];
     loop {
@@ -672,7 +669,6 @@ fn answer(conn: &mut Conn, counters: &Counters) -> bool {
             Ok(n) => conn.buf.extend_from_slice(&buf[..n]),
             Err(e) if e.kind() == io::ErrorKind::WouldBlock => return true,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            // A TCP check may close with RST (like HAProxy's) instead of FIN.
             Err(_) => break,
         }
         while let Some(end) = conn.buf.windows(4).position(|w| w == b"\r\n\r\n") {
@@ -681,15 +677,11 @@ fn answer(conn: &mut Conn, counters: &Counters) -> bool {
             if conn.stream.write_all(RESPONSE).is_err() {
                 return false;
             }
-            conn.requests += 1;
-            counters.record(conn.backend, Checks::Http);
+            counters.record(conn.backend);
         }
         if conn.buf.len() > MAX_REQUEST {
             return false;
         }
-    }
-    if conn.requests == 0 && conn.buf.is_empty() {
-        counters.record(conn.backend, Checks::Tcp);
     }
     false
 }
