@@ -1,13 +1,18 @@
 //! One backend's checks, from sockets carrying the agent's mark. A TCP
-//! check connects anew every time (that is what it tests), half-open (see
-//! `half_open`). An HTTP check
-//! keeps its connection open between checks (HTTP/1.1 keep-alive, as
-//! Envoy's checker does by default): on loopback most of a per-check
-//! connection's cost is the kernel's handshake and teardown.
+//! check connects anew every time (that is what it tests) and ends
+//! half-open, on one socket reused from check to check (see `TcpCheck`). An
+//! HTTP check keeps its connection open between checks (HTTP/1.1
+//! keep-alive, as Envoy's checker does by default). On loopback most of a
+//! check's cost is the kernel's: handshake, teardown, and making and
+//! freeing sockets, which is why neither kind makes a socket per check.
 
 use std::io;
 use std::net::SocketAddr;
+use std::os::fd::AsRawFd as _;
 
+use socket2::{Domain, Socket, Type};
+use tokio::io::Interest;
+use tokio::io::unix::AsyncFd;
 use tokio::io::{AsyncReadExt as _, AsyncWriteExt as _};
 use tokio::net::TcpStream;
 
@@ -42,14 +47,14 @@ pub enum CheckError {
 
 /// The checks of one backend, and what they keep between runs.
 pub enum Probe {
-    Tcp { addr: SocketAddr, mark: u32 },
+    Tcp(TcpCheck),
     Http(HttpCheck),
 }
 
 impl Probe {
     pub fn new(addr: SocketAddr, kind: &CheckKind, mark: u32) -> Self {
         match kind {
-            CheckKind::Tcp => Probe::Tcp { addr, mark },
+            CheckKind::Tcp => Probe::Tcp(TcpCheck::new(addr, mark)),
             CheckKind::Http {
                 path,
                 expected_status,
@@ -57,52 +62,136 @@ impl Probe {
         }
     }
 
-    /// One check. Cancelling it (the check's timeout) drops any connection
-    /// it was using, so the next check starts on a new one.
+    /// One check. Cancelling it (the check's timeout) drops the socket it
+    /// was using, so the next check starts on a new one.
     pub async fn run(&mut self) -> Result<(), CheckError> {
         match self {
-            Probe::Tcp { addr, mark } => half_open(*addr, *mark).await,
+            Probe::Tcp(tcp) => tcp.run().await,
             Probe::Http(http) => http.run().await,
         }
     }
 }
 
-/// A socket carrying the agent's mark, so the programs leave its
-/// connection alone.
-fn marked_socket(addr: SocketAddr, mark: u32) -> io::Result<tokio::net::TcpSocket> {
-    let socket = if addr.is_ipv4() {
-        tokio::net::TcpSocket::new_v4()
-    } else {
-        tokio::net::TcpSocket::new_v6()
-    }?;
-    socket2::SockRef::from(&socket).set_mark(mark)?;
+/// A non-blocking socket carrying the agent's mark, so the programs leave
+/// its connection alone.
+fn marked_socket(addr: SocketAddr, mark: u32) -> io::Result<Socket> {
+    let socket = Socket::new(
+        Domain::for_address(addr),
+        Type::STREAM.nonblocking().cloexec(),
+        None,
+    )?;
+    socket.set_mark(mark)?;
     Ok(socket)
 }
 
 /// A TCP connection from a marked socket.
 async fn connect(addr: SocketAddr, mark: u32) -> Result<TcpStream, CheckError> {
     let socket = marked_socket(addr, mark).map_err(CheckError::Connect)?;
-    socket.connect(addr).await.map_err(CheckError::Connect)
+    tokio::net::TcpSocket::from_std_stream(socket.into())
+        .connect(addr)
+        .await
+        .map_err(CheckError::Connect)
 }
 
 /// A TCP check that ends at the backend's SYN-ACK, as HAProxy's do: with
-/// quick-ack off the handshake's last ACK waits, and the close sends a RST
-/// first, so the backend's kernel drops the half-open connection. The
-/// application never accepts it, and neither side pays for a full
-/// connection, its FIN exchange and its TIME_WAIT. What it proves is what a
-/// full connect proves: the backend's kernel answers on that port.
-async fn half_open(addr: SocketAddr, mark: u32) -> Result<(), CheckError> {
-    let socket = marked_socket(addr, mark)
-        .and_then(|socket| {
-            socket2::SockRef::from(&socket).set_tcp_quickack(false)?;
-            Ok(socket)
-        })
-        .map_err(CheckError::Connect)?;
-    let stream = socket.connect(addr).await.map_err(CheckError::Connect)?;
-    // Close with a RST (no FIN, no TIME_WAIT).
-    socket2::SockRef::from(&stream)
-        .set_linger(Some(std::time::Duration::ZERO))
-        .map_err(CheckError::Connect)?;
+/// quick-ack off the handshake's last ACK waits, and the reset that ends
+/// the check goes out first, so the backend's kernel drops the half-open
+/// connection. The application never accepts it, and neither side pays for
+/// a full connection, its FIN exchange and its TIME_WAIT. What it proves is
+/// what a full connect proves: the backend's kernel answers on that port.
+///
+/// One socket serves every check: `connect(AF_UNSPEC)` resets the
+/// connection and leaves the socket unconnected, ready to connect again, so
+/// a check makes no socket, no reactor registration and no close.
+pub struct TcpCheck {
+    addr: SocketAddr,
+    mark: u32,
+    /// Kept between checks, registered with the reactor once.
+    socket: Option<AsyncFd<Socket>>,
+}
+
+impl TcpCheck {
+    pub fn new(addr: SocketAddr, mark: u32) -> Self {
+        Self {
+            addr,
+            mark,
+            socket: None,
+        }
+    }
+
+    pub async fn run(&mut self) -> Result<(), CheckError> {
+        // Taken for the check and put back only after a clean reset: an
+        // error, or the timeout dropping this future, closes it.
+        let socket = match self.socket.take() {
+            Some(socket) => socket,
+            None => marked_socket(self.addr, self.mark)
+                .and_then(registered)
+                .map_err(CheckError::Connect)?,
+        };
+        // Resetting the connection also resets quick-ack mode.
+        socket
+            .get_ref()
+            .set_tcp_quickack(false)
+            .map_err(CheckError::Connect)?;
+        match socket.get_ref().connect(&self.addr.into()) {
+            Ok(()) => {}
+            Err(e) if e.raw_os_error() == Some(libc::EINPROGRESS) => connected(&socket).await?,
+            Err(e) => return Err(CheckError::Connect(e)),
+        }
+        if reset(socket.get_ref()).is_ok() {
+            self.socket = Some(socket);
+        }
+        Ok(())
+    }
+}
+
+fn registered(socket: Socket) -> io::Result<AsyncFd<Socket>> {
+    // SAFETY: the socket owns its descriptor, open until the AsyncFd drops it.
+    Ok(unsafe { AsyncFd::register_with_interest(socket, Interest::WRITABLE) }?)
+}
+
+/// Waits for a connect in progress to end; Ok once it is established.
+async fn connected(socket: &AsyncFd<Socket>) -> Result<(), CheckError> {
+    loop {
+        // On loopback the handshake is usually over when connect() returns.
+        match socket.get_ref().peer_addr() {
+            Ok(_) => return Ok(()),
+            Err(e) if e.raw_os_error() == Some(libc::ENOTCONN) => {}
+            Err(e) => return Err(CheckError::Connect(e)),
+        }
+        if let Some(e) = socket.get_ref().take_error().map_err(CheckError::Connect)? {
+            return Err(CheckError::Connect(e));
+        }
+        // Readiness may be left over from the last check, so it is cleared
+        // and the state asked again rather than trusted.
+        socket
+            .writable()
+            .await
+            .map_err(CheckError::Connect)?
+            .clear_ready();
+    }
+}
+
+/// `connect(AF_UNSPEC)`: the kernel sends the peer a RST and makes the
+/// socket unconnected. It leaves `ECONNRESET` pending on the socket, which
+/// is taken here so the next check does not read it as its own.
+fn reset(socket: &Socket) -> io::Result<()> {
+    let unspec = libc::sockaddr {
+        sa_family: libc::AF_UNSPEC as libc::sa_family_t,
+        sa_data: [0; 14],
+    };
+    // SAFETY: a valid sockaddr of the length given, on an open socket.
+    let rc = unsafe {
+        libc::connect(
+            socket.as_raw_fd(),
+            &unspec,
+            size_of::<libc::sockaddr>() as libc::socklen_t,
+        )
+    };
+    if rc != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    socket.take_error()?;
     Ok(())
 }
 
@@ -297,6 +386,52 @@ mod tests {
         let mut closed = Probe::new(addr, &CheckKind::Tcp, 0);
         let failed = runtime().block_on(closed.run());
         assert!(matches!(failed, Err(CheckError::Connect(_))), "{failed:?}");
+    }
+
+    /// One socket serves check after check; a failed check drops it and
+    /// the next one starts on a new socket.
+    #[test]
+    fn tcp_checks_reuse_one_socket_and_recover_after_a_failure() {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let mut check = TcpCheck::new(addr, 0);
+        let fd = |check: &TcpCheck| check.socket.as_ref().map(|s| s.as_raw_fd());
+        let rt = runtime();
+        rt.block_on(check.run()).unwrap();
+        let first = fd(&check).expect("kept after a passing check");
+        for _ in 0..5 {
+            rt.block_on(check.run()).unwrap();
+            assert_eq!(fd(&check), Some(first));
+        }
+        drop(listener);
+        assert!(matches!(
+            rt.block_on(check.run()),
+            Err(CheckError::Connect(_))
+        ));
+        assert_eq!(fd(&check), None, "a failed check keeps no socket");
+        let _listener = TcpListener::bind(addr).unwrap();
+        rt.block_on(check.run()).unwrap();
+        assert!(fd(&check).is_some());
+    }
+
+    /// The reset leaves the socket unconnected with no error pending: a
+    /// check whose handshake is slower than `connect()` reads the socket's
+    /// error, and must not find the last check's reset there.
+    #[test]
+    fn a_reset_socket_is_clean_and_connects_again() {
+        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
+        let addr = listener.local_addr().unwrap();
+        let socket = Socket::new(Domain::IPV4, Type::STREAM, None).unwrap();
+        for _ in 0..3 {
+            socket.connect(&addr.into()).unwrap();
+            reset(&socket).unwrap();
+            assert!(socket.take_error().unwrap().is_none());
+            let peer = socket.peer_addr();
+            assert!(
+                matches!(&peer, Err(e) if e.raw_os_error() == Some(libc::ENOTCONN)),
+                "{peer:?}"
+            );
+        }
     }
 
     /// Runs `n` checks, each of which must pass.
