@@ -138,7 +138,9 @@ impl Scenario for HealthChecks {
                  connection open, HAProxy opens one per check), and the steady rate is each \
                  backend's mean interval between checks. A TCP check (the agent's and \
                  HAProxy's alike) ends half-open: quick-ack off, RST before the handshake's \
-                 last ACK, so the backends never accept it; it is counted by the kernel \
+                 last ACK, so the backends never accept it (the agent resets one kept \
+                 socket per backend with connect(AF_UNSPEC), HAProxy opens one per check); \
+                 it is counted by the kernel \
                  (TcpExt EmbryonicRsts over the window), and its rate is that count over \
                  the window. The checker's CPU is the idle agent's (0 for HAProxy) plus the \
                  CPU per check seen in the window times the rate (median trials); the \
