@@ -112,6 +112,9 @@ pub struct Params {
     pub conns: u32,
     /// Whole-run deadline.
     pub timeout: Duration,
+    /// Bulk server: read nothing until this file exists (within the
+    /// deadline), so a test can change the node while bytes wait unread.
+    pub hold_until: Option<std::path::PathBuf>,
 }
 
 impl Default for Params {
@@ -120,6 +123,7 @@ impl Default for Params {
             bytes: 64 << 20,
             conns: 1000,
             timeout: Duration::from_secs(30),
+            hold_until: None,
         }
     }
 }
@@ -482,6 +486,15 @@ pub fn serve_one(sc: Scenario, mut s: TcpStream, p: &Params) -> Result<BulkRepor
             r.observe("server_write_after", w);
         }
         Scenario::Bulk => {
+            if let Some(go) = &p.hold_until {
+                let deadline = Instant::now() + p.timeout;
+                while !go.exists() {
+                    if Instant::now() > deadline {
+                        bail!("{} did not appear within {:?}", go.display(), p.timeout);
+                    }
+                    std::thread::sleep(Duration::from_millis(10));
+                }
+            }
             let stream = Stream::new(99);
             let mut buf = vec![0u8; 1 << 18];
             let mut off = 0u64;
@@ -1087,6 +1100,7 @@ mod tests {
             bytes: 8 << 20,
             conns: 50,
             timeout: Duration::from_secs(20),
+            hold_until: None,
         };
         run_local(sc, "127.0.0.1:0".parse().unwrap(), &p).unwrap()
     }

@@ -488,3 +488,85 @@ fn a_bad_excluded_port_is_refused_with_a_clear_error() -> Result<()> {
     }
     Ok(())
 }
+
+/// Holds 1 MiB redirected into a server's socket, unread, while `change`
+/// does something to the agent; then lets the server read. Every byte must
+/// arrive: the sockets keep their psock, which holds the sk_msg program,
+/// which holds the sockhash, whatever happens to the pins.
+fn unread_redirected_bytes_survive(
+    hint: &str,
+    change: impl FnOnce(Agent) -> Result<Option<Agent>>,
+) -> Result<()> {
+    let cgroup = TestCgroup::new(hint)?;
+    let agent = Agent::start("services: []\n", &cgroup)?;
+    let go = std::env::temp_dir().join(format!("mesh-test-{hint}-{}", std::process::id()));
+    let _ = std::fs::remove_file(&go);
+    let held = go.to_string_lossy().into_owned();
+    let server = BulkServer::start(
+        &cgroup,
+        None,
+        &[
+            "--scenario",
+            "bulk",
+            "--bind",
+            "127.0.0.1:0",
+            "--hold-until",
+            &held,
+        ],
+    )?;
+    let before = counter(&counters(&agent)?, "bytes_redirected");
+    let result = std::thread::scope(|scope| -> Result<_> {
+        let client = scope.spawn(|| {
+            let args = ["client", "--scenario", "bulk", "--target", &server.addr];
+            run_bulk(
+                &cgroup,
+                None,
+                &[&args[..], &["--bytes", "1048576"]].concat(),
+                LIMIT,
+            )
+        });
+        // The client's bytes are in the server's queue once redirected.
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while counter(&counters(&agent)?, "bytes_redirected") < before + MIB {
+            anyhow::ensure!(
+                std::time::Instant::now() < deadline,
+                "1 MiB was never redirected"
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        let agent = change(agent)?;
+        std::fs::write(&go, b"go")?;
+        let client = client.join().expect("client thread")?;
+        Ok((agent, client))
+    });
+    let _ = std::fs::remove_file(&go);
+    let (_agent, client) = result?;
+    assert_ok(&client);
+    assert_eq!(client.bytes, MIB);
+    assert_ok(&server.finish(LIMIT)?);
+    Ok(())
+}
+
+#[test]
+fn unread_redirected_bytes_survive_an_upgrade_to_another_map_layout() -> Result<()> {
+    unread_redirected_bytes_survive("redir-upgrade", |mut agent| {
+        let old = agent
+            .bpffs()
+            .join(format!("v{}", mesh_common::SCHEMA_VERSION));
+        let new_version = (mesh_common::SCHEMA_VERSION + 1).to_string();
+        agent.kill_and_restart(&["--schema-version", &new_version])?;
+        assert!(!old.exists(), "the old layout's pins are gone");
+        Ok(Some(agent))
+    })
+}
+
+#[test]
+fn unread_redirected_bytes_survive_the_agent_cleanup() -> Result<()> {
+    unread_redirected_bytes_survive("redir-cleanup", |agent| {
+        let bpffs = agent.bpffs().to_path_buf();
+        // Dropping the agent stops it and runs `mesh-agent cleanup`.
+        drop(agent);
+        assert!(!bpffs.exists(), "no pins left");
+        Ok(None)
+    })
+}

@@ -2,7 +2,7 @@
 //! mesh_tests::bulk). Prints one JSON object (mesh_tests::BulkReport).
 //!
 //! mesh-bulk local  --scenario S [--bind IP:PORT] [--bytes N] [--conns N] [--timeout-ms T]
-//! mesh-bulk serve  --scenario S --bind IP:PORT [--conns N] [--timeout-ms T]
+//! mesh-bulk serve  --scenario S --bind IP:PORT [--conns N] [--timeout-ms T] [--hold-until FILE]
 //! mesh-bulk client --scenario S --target IP:PORT [--bytes N] [--conns N] [--timeout-ms T]
 //!
 //! `serve` prints "listening IP:PORT" on stderr once bound. Non-loopback
@@ -14,7 +14,7 @@ use std::time::Duration;
 
 use mesh_tests::bulk::{self, Params, Scenario};
 
-const USAGE: &str = "usage: mesh-bulk local|serve|client --scenario S [--bind A] [--target A] [--bytes N] [--conns N] [--timeout-ms T]";
+const USAGE: &str = "usage: mesh-bulk local|serve|client --scenario S [--bind A] [--target A] [--bytes N] [--conns N] [--timeout-ms T] [--hold-until FILE]";
 
 fn main() -> ExitCode {
     match run() {
@@ -52,6 +52,7 @@ fn run() -> anyhow::Result<String> {
             "--bytes" => p.bytes = value.parse()?,
             "--conns" => p.conns = value.parse()?,
             "--timeout-ms" => p.timeout = Duration::from_millis(value.parse()?),
+            "--hold-until" => p.hold_until = Some(value.into()),
             _ => anyhow::bail!("unknown flag {flag}"),
         }
     }
