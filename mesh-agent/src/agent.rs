@@ -23,7 +23,7 @@ use crate::{
     events::{self, EventFilter},
     explain::{self, ExplainError, ExplainResponse},
     health::HealthMonitor,
-    kernel_log::{DebugLogSwitch, KernelLogError},
+    kernel_log::{DebugLogSwitch, KernelDebugLog, KernelLogError},
     metrics::{KernelMaps, Metrics, MetricsError},
     overrides::{Action, OverrideError, Overrides},
     reconcile::{ApplyReport, Capacity, ReconcileError, Reconciler, service_keys},
@@ -56,8 +56,9 @@ pub struct AgentOptions {
     pub schema_version: u32,
     /// Where `/metrics`, `/healthz` and `/readyz` are served; None: nowhere.
     pub metrics_addr: Option<std::net::SocketAddr>,
-    /// Kernel-side debug logs (aya-log) at start; switchable at runtime.
-    pub kernel_debug_log: bool,
+    /// Kernel-side debug logs (aya-log) at start; switchable at runtime
+    /// unless `Never`.
+    pub kernel_debug_log: KernelDebugLog,
 }
 
 /// How often the node's own addresses are re-read for same-node redirect.
@@ -680,7 +681,12 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         mut maps,
         events: ring,
         attached,
-    } = Datapath::load(&pins, &cgroup, opts.map_sizes)?;
+    } = Datapath::load(
+        &pins,
+        &cgroup,
+        opts.map_sizes,
+        opts.kernel_debug_log.log_sites(),
+    )?;
     let agent_config = ConfigValue {
         agent_mark: opts.socket_mark,
         // Both switches at once, so a restart never briefly turns one off.
@@ -690,7 +696,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             } else {
                 0
             }
-            | if opts.kernel_debug_log {
+            | if opts.kernel_debug_log == KernelDebugLog::On {
                 CONFIG_FLAG_DEBUG_LOG
             } else {
                 0
@@ -701,7 +707,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         .set(0, agent_config, 0)
         .map_err(AgentError::ConfigMap)?;
     let kernel_log_task = crate::kernel_log::forward(&mut ebpf)?;
-    let debug_log = DebugLogSwitch::open(&pins.maps_dir())?;
+    let debug_log = DebugLogSwitch::open(&pins.maps_dir(), opts.kernel_debug_log.log_sites())?;
     let redirect_maps = bpf::RedirectMaps::take_from(&mut ebpf).map_err(BpfError::from)?;
     let redirect_opts = RedirectOptions {
         workload_cgroup: Some(cgroup.clone()),

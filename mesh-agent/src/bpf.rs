@@ -140,6 +140,20 @@ impl PinLayout {
     }
 }
 
+/// Whether the programs keep their kernel debug-log sites (switchable at run
+/// time) or are loaded with them removed (`--kernel-debug-log never`): a
+/// read-only global the verifier treats as a constant, so it drops the
+/// sites as dead code.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum LogSites {
+    #[default]
+    Kept,
+    Removed,
+}
+
+/// The global of `mesh-ebpf/src/debug_log.rs`.
+const LOG_SITES_GLOBAL: &str = "MESH_LOG_SITES";
+
 /// How many entries the maps are created with. Maps that an earlier agent
 /// pinned keep the size they were created with.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -174,7 +188,12 @@ impl Datapath {
     /// them to `cgroup` and pins their links. An earlier agent's links are
     /// replaced only after the new ones are attached, so no connect is ever
     /// missed in between.
-    pub fn load(pins: &PinLayout, cgroup: &Path, sizes: MapSizes) -> Result<Self, BpfError> {
+    pub fn load(
+        pins: &PinLayout,
+        cgroup: &Path,
+        sizes: MapSizes,
+        log_sites: LogSites,
+    ) -> Result<Self, BpfError> {
         ensure_bpffs(pins.root())?;
         for dir in [pins.maps_dir(), pins.links_dir()] {
             std::fs::create_dir_all(&dir)
@@ -190,6 +209,11 @@ impl Datapath {
             .map_max_entries(map_names::ACTIVE, sizes.backends)
             .map_max_entries(map_names::BACKEND_HEALTH, sizes.backends)
             .map_max_entries(map_names::SLOTS, sizes.slots)
+            .override_global(
+                LOG_SITES_GLOBAL,
+                &u8::from(log_sites == LogSites::Kept),
+                true,
+            )
             .load(KERNEL_OBJECT)
             .map_err(BpfError::Load)?;
         let cgroup_file = File::open(cgroup).map_err(|source| BpfError::Cgroup {

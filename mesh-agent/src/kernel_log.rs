@@ -14,6 +14,8 @@ use mesh_common::{CONFIG_FLAG_DEBUG_LOG, ConfigValue, map_names};
 use tokio::io::unix::AsyncFd;
 use tracing::warn;
 
+use crate::bpf::LogSites;
+
 #[derive(Debug, thiserror::Error)]
 pub enum KernelLogError {
     #[error("kernel log ring buffer (AYA_LOGS) not usable: {0}")]
@@ -32,6 +34,32 @@ pub enum KernelLogError {
         #[source]
         source: aya::maps::MapError,
     },
+    #[error(
+        "the agent loaded the programs with --kernel-debug-log never, so they have no log \
+         sites; restart it with --kernel-debug-log off (or on) to be able to switch them on"
+    )]
+    SitesRemoved,
+}
+
+/// `mesh-agent run --kernel-debug-log`.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum KernelDebugLog {
+    /// On from the start; switchable.
+    On,
+    /// Off from the start; switchable.
+    #[default]
+    Off,
+    /// The programs are loaded without their log sites; the switch refuses.
+    Never,
+}
+
+impl KernelDebugLog {
+    pub fn log_sites(self) -> LogSites {
+        match self {
+            KernelDebugLog::Never => LogSites::Removed,
+            KernelDebugLog::On | KernelDebugLog::Off => LogSites::Kept,
+        }
+    }
 }
 
 /// Writes each kernel record as one tracing event. Always at INFO: the
@@ -82,10 +110,11 @@ pub fn forward(ebpf: &mut Ebpf) -> Result<tokio::task::JoinHandle<()>, KernelLog
 /// The runtime switch: its own handle on the pinned `MESH_CONFIG`.
 pub struct DebugLogSwitch {
     config: Array<MapData, ConfigValue>,
+    sites: LogSites,
 }
 
 impl DebugLogSwitch {
-    pub fn open(maps_dir: &Path) -> Result<Self, KernelLogError> {
+    pub fn open(maps_dir: &Path, sites: LogSites) -> Result<Self, KernelLogError> {
         let path = maps_dir.join(map_names::CONFIG);
         let open_error = |source| KernelLogError::Open {
             path: path.display().to_string(),
@@ -93,12 +122,15 @@ impl DebugLogSwitch {
         };
         let data = MapData::from_pin(&path).map_err(open_error)?;
         let config = Array::try_from(Map::Array(data)).map_err(open_error)?;
-        Ok(Self { config })
+        Ok(Self { config, sites })
     }
 
     /// Read-modify-write of the flags word; the caller serialises it with
     /// every other writer of `MESH_CONFIG`.
     pub fn set(&mut self, on: bool) -> Result<(), KernelLogError> {
+        if on && self.sites == LogSites::Removed {
+            return Err(KernelLogError::SitesRemoved);
+        }
         let map_error = |source| KernelLogError::Map {
             map: map_names::CONFIG,
             source,

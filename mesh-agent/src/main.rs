@@ -7,7 +7,9 @@ use clap::{Parser, Subcommand, ValueEnum};
 use mesh_agent::{
     admin, agent,
     bpf::{MapSizes, PinLayout},
-    config, metrics,
+    config,
+    kernel_log::KernelDebugLog,
+    metrics,
 };
 
 #[derive(Parser, Debug)]
@@ -107,9 +109,10 @@ enum Command {
         /// Kernel-side debug logs (aya-log) at the balancing decisions,
         /// forwarded into this log with target `mesh_kernel` (switch at
         /// runtime with `meshctl debug-log on|off`). Off costs the hot path
-        /// one branch per decision.
-        #[arg(long, value_enum, default_value_t = Switch::Off)]
-        kernel_debug_log: Switch,
+        /// one branch per decision; `never` loads the programs without their
+        /// log sites (the verifier removes them) and cannot be switched on.
+        #[arg(long, value_enum, default_value_t = KernelDebugLog::Off)]
+        kernel_debug_log: KernelDebugLog,
     },
     /// Validate a configuration file and exit.
     Check {
@@ -241,7 +244,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
                     exclude_ports: redirect_exclude_ports,
                 },
                 metrics_addr: metrics_addr.0,
-                kernel_debug_log: kernel_debug_log == Switch::On,
+                kernel_debug_log,
             };
             raise_open_files_limit();
             let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -4,7 +4,9 @@
 //! log ring buffer: with the switch off a decision pays one load-free branch
 //! per site (the config is already on the stack). The agent forwards the
 //! records into its own log (`mesh-agent run --kernel-debug-log on`,
-//! `meshctl debug-log on|off`).
+//! `meshctl debug-log on|off`). With `--kernel-debug-log never` the agent
+//! loads the programs with `MESH_LOG_SITES` = 0, and the verifier removes
+//! every site as dead code: the benchmark compares the two.
 
 use aya_ebpf::programs::SockAddrContext;
 use aya_log_ebpf::debug;
@@ -13,9 +15,17 @@ use mesh_common::{CONFIG_FLAG_DEBUG_LOG, ConfigValue};
 /// Log target the agent recognises and shows as `mesh_kernel`.
 const TARGET: &str = "mesh_kernel";
 
+/// Set by the agent at load time, in read-only global data that the kernel
+/// freezes: the verifier knows its value and drops the branch it decides
+/// (the log sites when 0, the test itself when 1).
+#[unsafe(no_mangle)]
+static MESH_LOG_SITES: u8 = 1;
+
 #[inline(always)]
 fn on(config: &ConfigValue) -> bool {
-    config.flags & CONFIG_FLAG_DEBUG_LOG != 0
+    // A volatile read, so that the compiler does not fold the default in.
+    let sites = unsafe { core::ptr::read_volatile(&raw const MESH_LOG_SITES) };
+    sites != 0 && config.flags & CONFIG_FLAG_DEBUG_LOG != 0
 }
 
 #[inline(always)]

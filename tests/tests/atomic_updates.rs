@@ -13,7 +13,7 @@ use std::{
 
 use anyhow::Result;
 use mesh_agent::{
-    bpf::{Datapath, MapSizes, PinLayout},
+    bpf::{Datapath, LogSites, MapSizes, PinLayout},
     reconcile::{Capacity, Reconciler},
     state::{Algorithm, Backend, BackendState, DesiredState, PanicMode, Policy, Protocol, Service},
 };
@@ -82,7 +82,7 @@ fn connections_never_see_a_partial_backend_set_during_rapid_updates() -> Result<
         "/sys/fs/bpf/mesh-test-atomic-{}",
         std::process::id()
     )));
-    let mut datapath = Datapath::load(&pins.0, cgroup.path(), MapSizes::default())?;
+    let mut datapath = Datapath::load(&pins.0, cgroup.path(), MapSizes::default(), LogSites::Kept)?;
     let mut reconciler = Reconciler::recover(Capacity::of(&datapath.maps), &mut datapath.maps);
     reconciler.apply(&set_a, &mut datapath.maps)?;
 

@@ -131,3 +131,65 @@ fn kernel_debug_log_flag_at_start_and_denials() -> Result<()> {
     }
     Ok(())
 }
+
+/// Instructions the verifier processed, summed over the programs process
+/// `pid` holds (from /proc/PID/fdinfo).
+fn verified_insns(pid: u32) -> Result<u64> {
+    let mut total = 0;
+    for entry in std::fs::read_dir(format!("/proc/{pid}/fd"))? {
+        let entry = entry?;
+        let is_prog = std::fs::read_link(entry.path())
+            .is_ok_and(|target| target.as_os_str() == "anon_inode:bpf-prog");
+        if !is_prog {
+            continue;
+        }
+        let info = std::fs::read_to_string(format!(
+            "/proc/{pid}/fdinfo/{}",
+            entry.file_name().to_string_lossy()
+        ))?;
+        total += info
+            .lines()
+            .find_map(|l| l.strip_prefix("verified_insns:"))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .unwrap_or(0);
+    }
+    Ok(total)
+}
+
+/// `--kernel-debug-log never`: the same object loaded with its log sites
+/// marked absent is smaller to the verifier (it never walks the sites, so it
+/// removes them as dead code), it still balances, and the switch refuses
+/// with an error that says what to do.
+#[test]
+fn never_loads_the_programs_without_their_log_sites() -> Result<()> {
+    let backend = TestBackend::new(1)?;
+    let kept_cgroup = TestCgroup::new("klogkept")?;
+    let removed_cgroup = TestCgroup::new("klognever")?;
+    let vip = vip(3);
+    let yaml = format!(
+        "services:\n  - name: web\n    vip: {}\n    port: {}\n    backends:\n      - {{address: 127.0.0.1, port: {}}}\n",
+        vip.ip(),
+        vip.port(),
+        backend.port()
+    );
+    let kept = Agent::start(&yaml, &kept_cgroup)?;
+    let removed = Agent::start_with(&yaml, &removed_cgroup, &["--kernel-debug-log", "never"])?;
+    let (with_sites, without) = (verified_insns(kept.pid())?, verified_insns(removed.pid())?);
+    assert!(
+        without > 0 && without < with_sites,
+        "verified instructions: {without} without log sites, {with_sites} with"
+    );
+
+    assert_eq!(run_probe(&removed_cgroup, vip, 3)?.ok, 3);
+    let out = removed.meshctl(&["debug-log", "on"])?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "switching on must fail");
+    assert!(stderr.contains("--kernel-debug-log never"), "{stderr}");
+    assert_eq!(
+        removed.status()?["kernel_debug_log"],
+        serde_json::Value::from(false)
+    );
+    assert_eq!(run_probe(&removed_cgroup, vip, 2)?.ok, 2);
+    assert_eq!(hits(&removed.log()), 0, "{}", removed.log());
+    Ok(())
+}

@@ -7,6 +7,7 @@ use hyper::{Method, Request, Response, StatusCode, body::Incoming};
 use serde::{Deserialize, Serialize};
 
 use crate::agent::Shared;
+use crate::kernel_log::KernelLogError;
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct DebugLogResponse {
@@ -33,6 +34,9 @@ pub async fn handle(req: Request<Incoming>, shared: &Shared) -> Response<Full<By
             };
             match shared.set_debug_log(enabled) {
                 Ok(()) => super::server::json(&view(shared)),
+                Err(e @ KernelLogError::SitesRemoved) => {
+                    super::server::error(StatusCode::CONFLICT, &e.to_string())
+                }
                 Err(e) => super::server::error(StatusCode::INTERNAL_SERVER_ERROR, &e.to_string()),
             }
         }
