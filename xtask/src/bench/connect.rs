@@ -75,7 +75,10 @@ impl Scenario for Connect {
                      (direct: a random backend), sending 64 bytes, reading 64 bytes, closing \
                      with RST; {} interleaved trials of {} ms per peer; {BACKENDS_PER_SERVICE} \
                      backends per service. Connections/s is the median trial; latency \
-                     percentiles are over all trials.",
+                     percentiles are over all trials. \"mesh-log-never\" is the same agent \
+                     started with `--kernel-debug-log never`: its programs are loaded with \
+                     the debug-log sites removed, where \"mesh\" keeps them behind the off \
+                     switch.",
                     ctx.threads, ctx.trials, ctx.trial_ms
                 ),
                 rows,
@@ -85,7 +88,9 @@ impl Scenario for Connect {
                 title: "Kernel cost of mesh's programs (BPF run-time statistics)".into(),
                 method: "run_time_ns / run_cnt of each program of the benchmark's agent, \
                          over the mesh trials of the connect scenario at each scale, with \
-                         the kernel's BPF statistics enabled (BPF_ENABLE_STATS) for the run."
+                         the kernel's BPF statistics enabled (BPF_ENABLE_STATS) for the run. \
+                         Rows marked \"(log sites removed)\" are the connect program of the \
+                         mesh-log-never agent, measured in the same interleaved trials."
                     .into(),
                 rows: krows,
             },
@@ -93,12 +98,27 @@ impl Scenario for Connect {
     }
 }
 
-const PEERS: [&str; 5] = ["direct", "mesh", "iptables", "nftables", "haproxy"];
+const PEERS: [&str; 6] = [
+    "direct",
+    "mesh",
+    "mesh-log-never",
+    "iptables",
+    "nftables",
+    "haproxy",
+];
+
+/// The agent with `--kernel-debug-log never`: its programs are loaded with
+/// the debug-log sites removed, beside "mesh" whose sites stay (switch off),
+/// so the run shows what the off switch costs.
+const LOG_NEVER: &str = "mesh-log-never";
+/// Kernel-cost rows of that agent: `mesh_connect4` + this.
+pub const LOG_NEVER_SUFFIX: &str = " (log sites removed)";
 
 impl Connect {
     fn scale(&self, ctx: &Ctx, n: u32, rows: &mut Vec<Row>, krows: &mut Vec<Row>) -> Result<()> {
         step(format!(
-            "bench: connect: setting up 5 peers with {n} services"
+            "bench: connect: setting up {} peers with {n} services",
+            PEERS.len()
         ));
         let mut peers = Vec::new();
         for name in PEERS {
@@ -138,7 +158,7 @@ impl Connect {
             max_ops: 5_000_000,
         };
         let mut reports: Vec<Vec<ClientReport>> = peers.iter().map(|_| Vec::new()).collect();
-        let mut kernel = ProgStats::default();
+        let mut kernel: Vec<ProgStats> = peers.iter().map(|_| ProgStats::default()).collect();
         for t in 0..ctx.trials {
             for k in trial_order(peers.len(), t) {
                 let p = &peers[k];
@@ -148,12 +168,12 @@ impl Connect {
                 if let Some(Ok(before)) = before
                     && let Ok(after) = kstats::of_process(p.agent.as_ref().map_or(0, |a| a.pid()))
                 {
-                    kernel.add_delta(&before, &after);
+                    kernel[k].add_delta(&before, &after);
                 }
                 reports[k].push(r);
             }
         }
-        for (p, reps) in peers.iter().zip(&reports) {
+        for ((p, reps), kernel) in peers.iter().zip(&reports).zip(&kernel) {
             let mut m = connect_metrics(reps);
             m.insert("setup_s".into(), p.setup_s);
             step(format!(
@@ -161,9 +181,17 @@ impl Connect {
                 p.name, m["conn_per_s"], m["p50_us"], m["p99_us"], m["errors"]
             ));
             rows.push(Row::ok(p.name, Some(u64::from(n)), m));
+            let conns: u64 = reps.iter().map(|r| r.ops).sum();
             if p.name == "mesh" {
-                let conns: u64 = reps.iter().map(|r| r.ops).sum();
-                krows.extend(kernel.rows(Some(u64::from(n)), conns));
+                krows.extend(kernel.rows(Some(u64::from(n)), conns, ""));
+            } else if p.name == LOG_NEVER {
+                // Only the connect program has log sites.
+                krows.extend(
+                    kernel
+                        .rows(Some(u64::from(n)), conns, LOG_NEVER_SUFFIX)
+                        .into_iter()
+                        .filter(|r| r.peer.starts_with(kstats::PROGRAMS[0])),
+                );
             }
         }
         if !peers.iter().any(|p| p.name == "mesh") {
@@ -254,9 +282,14 @@ fn setup(ctx: &Ctx, name: &'static str, n: u32) -> Result<Peer> {
             peer.first = SocketAddrV4::new(backend(0), BACKEND_PORT);
             peer.targets = b;
         }
-        "mesh" => {
+        "mesh" | LOG_NEVER => {
             let cg = Cgroup::new(&hint)?;
-            let agent = MeshAgent::start(&ctx.bins, &cg, n, &[])?;
+            let extra: &[&str] = if name == LOG_NEVER {
+                &["--kernel-debug-log", "never"]
+            } else {
+                &[]
+            };
+            let agent = MeshAgent::start(&ctx.bins, &cg, n, extra)?;
             agent.program(n, ctx.setup_timeout)?;
             peer.agent = Some(agent);
             peer.cgroup = Some(cg);

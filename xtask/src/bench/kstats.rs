@@ -95,13 +95,14 @@ impl ProgStats {
         }
     }
 
-    /// One row per program; `connections` is what the load completed.
-    pub fn rows(&self, scale: Option<u64>, connections: u64) -> Vec<Row> {
+    /// One row per program, named `<program><suffix>`; `connections` is what
+    /// the load completed.
+    pub fn rows(&self, scale: Option<u64>, connections: u64, suffix: &str) -> Vec<Row> {
         PROGRAMS
             .iter()
             .map(|&p| match self.total.get(p) {
                 Some(&(t, c)) if c > 0 => Row::ok(
-                    p,
+                    &format!("{p}{suffix}"),
                     scale,
                     BTreeMap::from([
                         ("ns_per_run".into(), t as f64 / c as f64),
@@ -117,14 +118,14 @@ impl ProgStats {
                     ]),
                 ),
                 Some(_) => Row::without(
-                    p,
+                    &format!("{p}{suffix}"),
                     scale,
                     Status::Skipped(
                         "not run by this load (the client never calls getpeername())".into(),
                     ),
                 ),
                 None => Row::without(
-                    p,
+                    &format!("{p}{suffix}"),
                     scale,
                     Status::Failed("program not found among the agent's fds".into()),
                 ),

@@ -125,6 +125,31 @@ pub fn targets(r: &Results) -> Vec<Target> {
         |v| v >= 5.0,
         "mesh conn/s ÷ iptables (kube-proxy layout) conn/s, both at 10,000 services".into(),
     ));
+    // The debug-log switch when off, against the same connect program loaded
+    // with its log sites removed, in the same interleaved trials.
+    let ns = |peer: &str, n: u64| r.metric("kernel-cost", peer, Some(n), "ns_per_run");
+    let removed = format!("mesh_connect4{}", super::connect::LOG_NEVER_SUFFIX);
+    let pairs: Vec<(u64, f64, f64)> = scales
+        .iter()
+        .filter_map(|&n| Some((n, ns("mesh_connect4", n)?, ns(&removed, n)?)))
+        .collect();
+    let pooled = (!pairs.is_empty())
+        .then(|| pairs.iter().map(|p| p.1).sum::<f64>() / pairs.iter().map(|p| p.2).sum::<f64>());
+    out.push(target(
+        "Kernel debug log switched off",
+        "≤ 1.05× the connect program's time with its log sites removed",
+        pooled,
+        |v| v <= 1.05,
+        format!(
+            "mesh_connect4 ns per run with the switch off ÷ with the sites removed at load \
+             (`--kernel-debug-log never`), summed over the scales: {}",
+            pairs
+                .iter()
+                .map(|(n, on, off)| format!("{}: {on:.0} / {off:.0} ns", int(*n)))
+                .collect::<Vec<_>>()
+                .join(", ")
+        ),
+    ));
     let redirect = r
         .scenario("same-node")
         .and_then(|s| s.rows.iter().find(|row| row.peer == "mesh-redirect"));
@@ -475,7 +500,14 @@ pub fn write_markdown(r: &Results, root: &Path) -> Result<()> {
 
     if let Some(s) = r.scenario("connect") {
         let _ = write!(md, "## 1. {}\n\n{}\n\n", s.title, s.method);
-        let peers = ["direct", "mesh", "iptables", "nftables", "haproxy"];
+        let peers = [
+            "direct",
+            "mesh",
+            "mesh-log-never",
+            "iptables",
+            "nftables",
+            "haproxy",
+        ];
         let mut scales: Vec<u64> = s.rows.iter().filter_map(|x| x.scale).collect();
         scales.sort();
         scales.dedup();

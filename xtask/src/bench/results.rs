@@ -12,7 +12,14 @@ pub const SCHEMA: u32 = 1;
 pub const EXPECTED: &[(&str, &[&str])] = &[
     (
         "connect",
-        &["direct", "mesh", "iptables", "nftables", "haproxy"],
+        &[
+            "direct",
+            "mesh",
+            "mesh-log-never",
+            "iptables",
+            "nftables",
+            "haproxy",
+        ],
     ),
     (
         "same-node",
