@@ -177,7 +177,7 @@ impl Connect {
             let mut m = connect_metrics(reps);
             m.insert("setup_s".into(), p.setup_s);
             step(format!(
-                "bench: connect: {n:>6} services {:<9} {:>9.0} conn/s  p50 {:>7.1} µs  p99 {:>7.1} µs  errors {}",
+                "bench: connect: {n:>6} services {:<14} {:>9.0} conn/s  p50 {:>7.1} µs  p99 {:>7.1} µs  errors {}",
                 p.name, m["conn_per_s"], m["p50_us"], m["p99_us"], m["errors"]
             ));
             rows.push(Row::ok(p.name, Some(u64::from(n)), m));
