@@ -14,6 +14,17 @@ fn vip(last: u8) -> SocketAddr {
         .unwrap()
 }
 
+/// One service `web` at `vip` with `backend`; `extra` goes into the
+/// backend's entry.
+fn web(vip: SocketAddr, backend: &TestBackend, extra: &str) -> String {
+    format!(
+        "services:\n  - name: web\n    vip: {}\n    port: {}\n    backends:\n      - {{address: 127.0.0.1, port: {}{extra}}}\n",
+        vip.ip(),
+        vip.port(),
+        backend.port()
+    )
+}
+
 /// Lines the kernel logged for a forwarded connect.
 fn hits(log: &str) -> usize {
     log.lines()
@@ -59,12 +70,7 @@ fn kernel_debug_log_follows_its_switch() -> Result<()> {
     let backend = TestBackend::new(1)?;
     let cgroup = TestCgroup::new("klog")?;
     let vip = vip(1);
-    let yaml = format!(
-        "services:\n  - name: web\n    vip: {}\n    port: {}\n    backends:\n      - {{address: 127.0.0.1, port: {}}}\n",
-        vip.ip(),
-        vip.port(),
-        backend.port()
-    );
+    let yaml = web(vip, &backend, "");
     let agent = Agent::start(&yaml, &cgroup)?;
     let out = agent.meshctl(&["status"])?;
     let table = String::from_utf8_lossy(&out.stdout).into_owned();
@@ -105,12 +111,7 @@ fn kernel_debug_log_flag_at_start_and_denials() -> Result<()> {
     let backend = TestBackend::new(1)?;
     let cgroup = TestCgroup::new("klogdeny")?;
     let vip = vip(2);
-    let yaml = format!(
-        "services:\n  - name: web\n    vip: {}\n    port: {}\n    backends:\n      - {{address: 127.0.0.1, port: {}, state: draining}}\n",
-        vip.ip(),
-        vip.port(),
-        backend.port()
-    );
+    let yaml = web(vip, &backend, ", state: draining");
     let agent = Agent::start_with(&yaml, &cgroup, &["--kernel-debug-log", "on"])?;
     assert_eq!(
         agent.status()?["kernel_debug_log"],
@@ -166,12 +167,7 @@ fn never_loads_the_programs_without_their_log_sites() -> Result<()> {
     let kept_cgroup = TestCgroup::new("klogkept")?;
     let removed_cgroup = TestCgroup::new("klognever")?;
     let vip = vip(3);
-    let yaml = format!(
-        "services:\n  - name: web\n    vip: {}\n    port: {}\n    backends:\n      - {{address: 127.0.0.1, port: {}}}\n",
-        vip.ip(),
-        vip.port(),
-        backend.port()
-    );
+    let yaml = web(vip, &backend, "");
     let kept = Agent::start(&yaml, &kept_cgroup)?;
     let removed = Agent::start_with(&yaml, &removed_cgroup, &["--kernel-debug-log", "never"])?;
     let (with_sites, without) = (verified_insns(kept.pid())?, verified_insns(removed.pid())?);

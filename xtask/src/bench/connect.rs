@@ -98,7 +98,7 @@ impl Scenario for Connect {
     }
 }
 
-const PEERS: [&str; 6] = [
+pub const PEERS: [&str; 6] = [
     "direct",
     "mesh",
     "mesh-log-never",

@@ -500,14 +500,7 @@ pub fn write_markdown(r: &Results, root: &Path) -> Result<()> {
 
     if let Some(s) = r.scenario("connect") {
         let _ = write!(md, "## 1. {}\n\n{}\n\n", s.title, s.method);
-        let peers = [
-            "direct",
-            "mesh",
-            "mesh-log-never",
-            "iptables",
-            "nftables",
-            "haproxy",
-        ];
+        let peers = super::connect::PEERS;
         let mut scales: Vec<u64> = s.rows.iter().filter_map(|x| x.scale).collect();
         scales.sort();
         scales.dedup();

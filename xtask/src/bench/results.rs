@@ -10,17 +10,7 @@ pub const SCHEMA: u32 = 1;
 /// Every scenario a full results file has, and the peers each must list
 /// (a peer that could not run is still listed, with its reason).
 pub const EXPECTED: &[(&str, &[&str])] = &[
-    (
-        "connect",
-        &[
-            "direct",
-            "mesh",
-            "mesh-log-never",
-            "iptables",
-            "nftables",
-            "haproxy",
-        ],
-    ),
+    ("connect", &super::connect::PEERS),
     (
         "same-node",
         &["loopback", "mesh", "mesh-redirect", "haproxy"],
