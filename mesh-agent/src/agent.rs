@@ -16,7 +16,7 @@ use tracing::{error, info, warn};
 
 use crate::{
     admin::{self, BackendView, EventsResponse, ServiceView, ServicesResponse, StatusResponse},
-    bpf::{self, BpfError, Datapath, MapSizes, Maps, PinLayout},
+    bpf::{self, BpfError, Datapath, LogSites, MapSizes, Maps, PinLayout},
     config::{ConfigError, ConfigSource, Scope, Update},
     destroy,
     drain::Draining,
@@ -191,7 +191,10 @@ impl Shared {
     }
 
     pub fn status(&self) -> StatusResponse {
-        let kernel_debug_log = self.debug_log_enabled();
+        let (kernel_debug_log, sites) = {
+            let switch = self.debug_log.lock().unwrap_or_else(|p| p.into_inner());
+            (switch.enabled(), switch.sites())
+        };
         let inner = self.lock();
         StatusResponse {
             ready: inner.reloads.generation > 0,
@@ -220,6 +223,7 @@ impl Shared {
             services: inner.desired.services.len(),
             metrics_addr: self.meta.metrics_addr.map(|a| a.to_string()),
             kernel_debug_log,
+            kernel_log_sites_removed: sites == LogSites::Removed,
         }
     }
 

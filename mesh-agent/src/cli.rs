@@ -551,7 +551,11 @@ fn render_status(s: &StatusResponse) -> String {
     t.row(["metrics", s.metrics_addr.as_deref().unwrap_or("off")]);
     t.row([
         "kernel debug log",
-        if s.kernel_debug_log { "on" } else { "off" },
+        match (s.kernel_debug_log, s.kernel_log_sites_removed) {
+            (true, _) => "on",
+            (false, false) => "off",
+            (false, true) => "off (log sites removed at load: --kernel-debug-log never)",
+        },
     ]);
     t.render()
 }

@@ -144,6 +144,10 @@ impl DebugLogSwitch {
         self.config.set(0, value, 0).map_err(map_error)
     }
 
+    pub fn sites(&self) -> LogSites {
+        self.sites
+    }
+
     /// The switch as the kernel reads it.
     pub fn enabled(&self) -> bool {
         self.config

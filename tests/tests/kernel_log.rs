@@ -181,10 +181,14 @@ fn never_loads_the_programs_without_their_log_sites() -> Result<()> {
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "switching on must fail");
     assert!(stderr.contains("--kernel-debug-log never"), "{stderr}");
+    let status = removed.status()?;
+    assert_eq!(status["kernel_debug_log"], serde_json::Value::from(false));
     assert_eq!(
-        removed.status()?["kernel_debug_log"],
-        serde_json::Value::from(false)
+        status["kernel_log_sites_removed"],
+        serde_json::Value::from(true)
     );
+    let table = String::from_utf8_lossy(&removed.meshctl(&["status"])?.stdout).into_owned();
+    assert!(table.contains("log sites removed"), "{table}");
     assert_eq!(run_probe(&removed_cgroup, vip, 2)?.ok, 2);
     assert_eq!(hits(&removed.log()), 0, "{}", removed.log());
     Ok(())

@@ -33,6 +33,10 @@ pub struct StatusResponse {
     /// Kernel-side debug logs on (`MESH_CONFIG` as the kernel reads it).
     #[serde(default)]
     pub kernel_debug_log: bool,
+    /// The programs were loaded without their log sites
+    /// (`--kernel-debug-log never`): the switch cannot turn them on.
+    #[serde(default)]
+    pub kernel_log_sites_removed: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
