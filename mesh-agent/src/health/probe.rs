@@ -392,26 +392,32 @@ mod tests {
     /// the next one starts on a new socket.
     #[test]
     fn tcp_checks_reuse_one_socket_and_recover_after_a_failure() {
-        let listener = TcpListener::bind((Ipv4Addr::LOCALHOST, 0)).unwrap();
-        let addr = listener.local_addr().unwrap();
-        let mut check = TcpCheck::new(addr, 0);
-        let fd = |check: &TcpCheck| check.socket.as_ref().map(|s| s.as_raw_fd());
-        let rt = runtime();
-        rt.block_on(check.run()).unwrap();
-        let first = fd(&check).expect("kept after a passing check");
-        for _ in 0..5 {
+        let loopbacks: [std::net::IpAddr; 2] = [
+            Ipv4Addr::LOCALHOST.into(),
+            std::net::Ipv6Addr::LOCALHOST.into(),
+        ];
+        for ip in loopbacks {
+            let listener = TcpListener::bind((ip, 0)).unwrap();
+            let addr = listener.local_addr().unwrap();
+            let mut check = TcpCheck::new(addr, 0);
+            let fd = |check: &TcpCheck| check.socket.as_ref().map(|s| s.as_raw_fd());
+            let rt = runtime();
             rt.block_on(check.run()).unwrap();
-            assert_eq!(fd(&check), Some(first));
+            let first = fd(&check).expect("kept after a passing check");
+            for _ in 0..5 {
+                rt.block_on(check.run()).unwrap();
+                assert_eq!(fd(&check), Some(first), "{addr}");
+            }
+            drop(listener);
+            assert!(matches!(
+                rt.block_on(check.run()),
+                Err(CheckError::Connect(_))
+            ));
+            assert_eq!(fd(&check), None, "a failed check keeps no socket");
+            let _listener = TcpListener::bind(addr).unwrap();
+            rt.block_on(check.run()).unwrap();
+            assert!(fd(&check).is_some(), "{addr}");
         }
-        drop(listener);
-        assert!(matches!(
-            rt.block_on(check.run()),
-            Err(CheckError::Connect(_))
-        ));
-        assert_eq!(fd(&check), None, "a failed check keeps no socket");
-        let _listener = TcpListener::bind(addr).unwrap();
-        rt.block_on(check.run()).unwrap();
-        assert!(fd(&check).is_some());
     }
 
     /// The reset leaves the socket unconnected with no error pending: a
