@@ -680,17 +680,13 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         None => None,
     };
     let pins = PinLayout::new(&opts.bpffs).with_version(opts.schema_version);
+    let log_sites = opts.kernel_debug_log.log_sites();
     let Datapath {
         mut ebpf,
         mut maps,
         events: ring,
         attached,
-    } = Datapath::load(
-        &pins,
-        &cgroup,
-        opts.map_sizes,
-        opts.kernel_debug_log.log_sites(),
-    )?;
+    } = Datapath::load(&pins, &cgroup, opts.map_sizes, log_sites)?;
     let agent_config = ConfigValue {
         agent_mark: opts.socket_mark,
         // Both switches at once, so a restart never briefly turns one off.
@@ -711,7 +707,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         .set(0, agent_config, 0)
         .map_err(AgentError::ConfigMap)?;
     let kernel_log_task = crate::kernel_log::forward(&mut ebpf)?;
-    let debug_log = DebugLogSwitch::open(&pins.maps_dir(), opts.kernel_debug_log.log_sites())?;
+    let debug_log = DebugLogSwitch::open(&pins.maps_dir(), log_sites)?;
     let redirect_maps = bpf::RedirectMaps::take_from(&mut ebpf).map_err(BpfError::from)?;
     let redirect_opts = RedirectOptions {
         workload_cgroup: Some(cgroup.clone()),

@@ -255,8 +255,7 @@ impl Reconciler {
                 stale_slots.push(key);
             }
         }
-        let mut backends_by_service: BTreeMap<u32, BTreeMap<BackendAddr, BackendId>> =
-            BTreeMap::new();
+        let mut backends_by_service: BTreeMap<u32, Vec<(BackendAddr, BackendId)>> = BTreeMap::new();
         let mut orphans = Vec::new();
         for (id, value) in maps.backends.iter().filter_map(Result::ok) {
             if generations.contains_key(&value.service_id) {
@@ -267,7 +266,7 @@ impl Reconciler {
                 backends_by_service
                     .entry(value.service_id)
                     .or_default()
-                    .insert(addr, id);
+                    .push((addr, id));
             } else {
                 orphans.push(id);
             }

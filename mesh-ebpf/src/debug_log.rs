@@ -16,8 +16,8 @@ use mesh_common::{CONFIG_FLAG_DEBUG_LOG, ConfigValue};
 const TARGET: &str = "mesh_kernel";
 
 /// Set by the agent at load time, in read-only global data that the kernel
-/// freezes: the verifier knows its value and drops the branch it decides
-/// (the log sites when 0, the test itself when 1).
+/// freezes: the verifier knows its value, so it removes the log sites when
+/// 0 and, when 1, turns the test into a plain jump (the load stays).
 #[unsafe(no_mangle)]
 static MESH_LOG_SITES: u8 = 1;
 

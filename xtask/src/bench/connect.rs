@@ -182,16 +182,12 @@ impl Connect {
             ));
             rows.push(Row::ok(p.name, Some(u64::from(n)), m));
             let conns: u64 = reps.iter().map(|r| r.ops).sum();
+            let scale = Some(u64::from(n));
             if p.name == "mesh" {
-                krows.extend(kernel.rows(Some(u64::from(n)), conns, ""));
+                krows.extend(kernel.rows(&kstats::PROGRAMS, scale, conns, ""));
             } else if p.name == LOG_NEVER {
                 // Only the connect program has log sites.
-                krows.extend(
-                    kernel
-                        .rows(Some(u64::from(n)), conns, LOG_NEVER_SUFFIX)
-                        .into_iter()
-                        .filter(|r| r.peer.starts_with(kstats::PROGRAMS[0])),
-                );
+                krows.extend(kernel.rows(&kstats::PROGRAMS[..1], scale, conns, LOG_NEVER_SUFFIX));
             }
         }
         if !peers.iter().any(|p| p.name == "mesh") {

@@ -95,40 +95,49 @@ impl ProgStats {
         }
     }
 
-    /// One row per program, named `<program><suffix>`; `connections` is what
-    /// the load completed.
-    pub fn rows(&self, scale: Option<u64>, connections: u64, suffix: &str) -> Vec<Row> {
-        PROGRAMS
+    /// One row per program of `programs`, named `<program><suffix>`;
+    /// `connections` is what the load completed.
+    pub fn rows(
+        &self,
+        programs: &[&'static str],
+        scale: Option<u64>,
+        connections: u64,
+        suffix: &str,
+    ) -> Vec<Row> {
+        programs
             .iter()
-            .map(|&p| match self.total.get(p) {
-                Some(&(t, c)) if c > 0 => Row::ok(
-                    &format!("{p}{suffix}"),
-                    scale,
-                    BTreeMap::from([
-                        ("ns_per_run".into(), t as f64 / c as f64),
-                        ("runs".into(), c as f64),
-                        (
-                            "runs_per_connection".into(),
-                            c as f64 / connections.max(1) as f64,
-                        ),
-                        (
-                            "ns_per_connection".into(),
-                            t as f64 / connections.max(1) as f64,
-                        ),
-                    ]),
-                ),
-                Some(_) => Row::without(
-                    &format!("{p}{suffix}"),
-                    scale,
-                    Status::Skipped(
-                        "not run by this load (the client never calls getpeername())".into(),
+            .map(|&p| {
+                let name = format!("{p}{suffix}");
+                match self.total.get(p) {
+                    Some(&(t, c)) if c > 0 => Row::ok(
+                        &name,
+                        scale,
+                        BTreeMap::from([
+                            ("ns_per_run".into(), t as f64 / c as f64),
+                            ("runs".into(), c as f64),
+                            (
+                                "runs_per_connection".into(),
+                                c as f64 / connections.max(1) as f64,
+                            ),
+                            (
+                                "ns_per_connection".into(),
+                                t as f64 / connections.max(1) as f64,
+                            ),
+                        ]),
                     ),
-                ),
-                None => Row::without(
-                    &format!("{p}{suffix}"),
-                    scale,
-                    Status::Failed("program not found among the agent's fds".into()),
-                ),
+                    Some(_) => Row::without(
+                        &name,
+                        scale,
+                        Status::Skipped(
+                            "not run by this load (the client never calls getpeername())".into(),
+                        ),
+                    ),
+                    None => Row::without(
+                        &name,
+                        scale,
+                        Status::Failed("program not found among the agent's fds".into()),
+                    ),
+                }
             })
             .collect()
     }
