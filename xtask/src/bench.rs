@@ -7,6 +7,7 @@
 //! cross-node encrypted traffic between namespace "nodes") is one more
 //! module and one more line in [`scenarios`].
 
+mod bare;
 mod connect;
 mod control;
 mod env;
@@ -153,6 +154,7 @@ pub fn run(args: BenchArgs) -> Result<()> {
         xtask: release.join("xtask"),
         agent: release.join("mesh-agent"),
         meshctl: release.join("meshctl"),
+        bare_redirect: bare::build()?,
     };
 
     let quick = args.quick;

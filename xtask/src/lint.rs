@@ -15,7 +15,8 @@ pub fn run() -> Result<()> {
     }
 
     // mesh-ebpf is not a host crate (no_std, panic=abort only on BPF), so it
-    // is left out here and linted on its own target below.
+    // is left out here and linted on its own target below (bare-redirect
+    // builds on the host as an empty binary, and is linted on both).
     step("lint: clippy on the workspace");
     if let Err(e) = util::run(util::cargo().args([
         "clippy",
@@ -31,10 +32,13 @@ pub fn run() -> Result<()> {
         failed.push("clippy (workspace)");
     }
 
-    step("lint: clippy on mesh-ebpf for bpfel-unknown-none (nightly)");
-    let mut ebpf = util::cargo_nightly();
-    ebpf.current_dir(util::workspace_root().join("mesh-ebpf"))
-        .args([
+    // The BPF crates: mesh's programs and the bench's bare redirect.
+    for krate in ["mesh-ebpf", "xtask/bare-redirect"] {
+        step(format!(
+            "lint: clippy on {krate} for bpfel-unknown-none (nightly)"
+        ));
+        let mut ebpf = util::cargo_nightly();
+        ebpf.current_dir(util::workspace_root().join(krate)).args([
             "clippy",
             "--target",
             "bpfel-unknown-none",
@@ -45,9 +49,10 @@ pub fn run() -> Result<()> {
             "-D",
             "warnings",
         ]);
-    if let Err(e) = util::run(&mut ebpf) {
-        eprintln!("{e:#}");
-        failed.push("clippy (mesh-ebpf)");
+        if let Err(e) = util::run(&mut ebpf) {
+            eprintln!("{e:#}");
+            failed.push(krate);
+        }
     }
 
     if !failed.is_empty() {

@@ -156,6 +156,7 @@ impl Connect {
             threads: ctx.threads,
             duration_ms: ctx.trial_ms,
             max_ops: 5_000_000,
+            cpu: None,
         };
         let mut reports: Vec<Vec<ClientReport>> = peers.iter().map(|_| Vec::new()).collect();
         let mut kernel: Vec<ProgStats> = peers.iter().map(|_| ProgStats::default()).collect();

@@ -49,6 +49,9 @@ pub struct ClientArgs {
     /// …or after this many operations per thread, whichever comes first.
     #[arg(long, default_value_t = 10_000_000)]
     pub max_ops: u64,
+    /// Run on this CPU only (the scheduler's choice when absent).
+    #[arg(long)]
+    pub cpu: Option<usize>,
 }
 
 /// What `bench-client` prints: one JSON object.
@@ -76,6 +79,10 @@ impl ClientReport {
 }
 
 pub fn client(args: ClientArgs) -> Result<()> {
+    if let Some(cpu) = args.cpu {
+        // Before any worker starts: threads inherit it.
+        pin(0, Some(cpu)).with_context(|| format!("bench-client: cannot pin to CPU {cpu}"))?;
+    }
     let started = Instant::now();
     let deadline = started + Duration::from_millis(args.duration_ms);
     let workers: Vec<_> = (0..args.threads)
@@ -306,5 +313,27 @@ fn serve(mut conn: TcpStream) -> io::Result<()> {
             return conn.write_all(&total.to_be_bytes());
         }
         conn.write_all(&resp)?;
+    }
+}
+
+/// Restricts thread `tid` (0: the caller) to `cpu`, or frees it to run on
+/// every CPU with None.
+pub fn pin(tid: libc::pid_t, cpu: Option<usize>) -> io::Result<()> {
+    // SAFETY: cpu_set_t is plain bits; all-zero is the empty set.
+    let mut set: libc::cpu_set_t = unsafe { std::mem::zeroed() };
+    // Every CPU: the kernel keeps the ones that exist.
+    let all = 0..libc::CPU_SETSIZE as usize;
+    for c in cpu.map_or(all.clone(), |c| c..c + 1) {
+        if all.contains(&c) {
+            // SAFETY: c is below CPU_SETSIZE, so inside the set.
+            unsafe { libc::CPU_SET(c, &mut set) };
+        }
+    }
+    // SAFETY: `set` is a valid cpu_set_t of the size given.
+    let rc = unsafe { libc::sched_setaffinity(tid, std::mem::size_of_val(&set), &set) };
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(io::Error::last_os_error())
     }
 }

@@ -39,6 +39,8 @@ pub struct Bins {
     pub xtask: PathBuf,
     pub agent: PathBuf,
     pub meshctl: PathBuf,
+    /// The bare redirect object (BPF), the same-node scenario's yardstick.
+    pub bare_redirect: PathBuf,
 }
 
 /// How the VIPs are reached inside a node.
@@ -136,6 +138,17 @@ impl Node {
         })
     }
 
+    /// Puts every thread of the backends' server on `cpu` (None: on any).
+    pub fn pin_server(&self, cpu: Option<usize>) -> Result<()> {
+        let tasks = format!("/proc/{}/task", self._server.pid());
+        for task in std::fs::read_dir(&tasks).with_context(|| format!("reading {tasks}"))? {
+            let tid: libc::pid_t = task?.file_name().to_string_lossy().parse()?;
+            super::load::pin(tid, cpu)
+                .with_context(|| format!("pinning bench-server thread {tid} to {cpu:?}"))?;
+        }
+        Ok(())
+    }
+
     /// Runs the load generator inside this node (and `cgroup`).
     pub fn client(
         &self,
@@ -163,6 +176,9 @@ impl Node {
             .arg(load.duration_ms.to_string())
             .arg("--max-ops")
             .arg(load.max_ops.to_string());
+        if let Some(cpu) = load.cpu {
+            cmd.arg("--cpu").arg(cpu.to_string());
+        }
         cgroup.join_on_exec(&mut cmd);
         let timeout = Duration::from_millis(load.duration_ms) + Duration::from_secs(30);
         let out = output_within("bench-client", &mut cmd, timeout)?;
@@ -186,6 +202,7 @@ impl Node {
             threads: 1,
             duration_ms: 2000,
             max_ops: 200,
+            cpu: None,
         };
         loop {
             if let Some((proc, log)) = serving
@@ -218,6 +235,8 @@ pub struct Load {
     pub threads: u32,
     pub duration_ms: u64,
     pub max_ops: u64,
+    /// The CPU the client runs on; None leaves it to the scheduler.
+    pub cpu: Option<usize>,
 }
 
 // ---------------------------------------------------------------- mesh ----

@@ -161,25 +161,48 @@ pub fn targets(r: &Results) -> Vec<Target> {
             }
         })
         .unwrap_or_default();
-    let sn = |peer: &str, m: &str| r.metric("same-node", peer, None, m);
-    out.push(target(
-        "Same-node round-trip time",
-        "≤ 0.65× plain loopback TCP",
-        sn("mesh-redirect", "rtt_p50_us")
-            .zip(sn("loopback", "rtt_p50_us"))
-            .map(|(a, b)| a / b),
-        |v| v <= 0.65,
-        format!("mesh-redirect p50 RTT ÷ loopback p50 RTT{why}"),
-    ));
-    out.push(target(
-        "Same-node throughput",
-        "≥ 1.3× plain loopback TCP",
-        sn("mesh-redirect", "gbit_s")
-            .zip(sn("loopback", "gbit_s"))
-            .map(|(a, b)| a / b),
-        |v| v >= 1.3,
-        format!("mesh-redirect Gbit/s ÷ loopback Gbit/s{why}"),
-    ));
+    for placement in super::same_node::PLACEMENTS {
+        let cpus = Some(placement.cpus);
+        let on = placement.label();
+        let sn = |peer: &str, m: &str| r.metric("same-node", peer, cpus, m);
+        out.push(target(
+            &format!("Same-node round-trip time, {on}"),
+            "≤ 0.65× plain loopback TCP",
+            sn("mesh-redirect", "rtt_p50_us")
+                .zip(sn("loopback", "rtt_p50_us"))
+                .map(|(a, b)| a / b),
+            |v| v <= 0.65,
+            format!("mesh-redirect p50 RTT ÷ loopback p50 RTT, client and server on {on}{why}"),
+        ));
+        out.push(target(
+            &format!("Same-node throughput, {on}"),
+            "≥ 1.3× plain loopback TCP",
+            sn("mesh-redirect", "gbit_s")
+                .zip(sn("loopback", "gbit_s"))
+                .map(|(a, b)| a / b),
+            |v| v >= 1.3,
+            format!("mesh-redirect Gbit/s ÷ loopback Gbit/s, client and server on {on}{why}"),
+        ));
+        let bare = super::same_node::BARE;
+        out.push(target(
+            &format!("Same-node redirect vs bare mechanism, RTT, {on}"),
+            "≤ 1.05× the bare sock_ops + sk_msg program's RTT",
+            sn("mesh-redirect", "rtt_p50_us")
+                .zip(sn(bare, "rtt_p50_us"))
+                .map(|(a, b)| a / b),
+            |v| v <= 1.05,
+            format!("mesh-redirect p50 RTT ÷ {bare} p50 RTT, client and server on {on}{why}"),
+        ));
+        out.push(target(
+            &format!("Same-node redirect vs bare mechanism, throughput, {on}"),
+            "≥ 0.95× the bare sock_ops + sk_msg program's Gbit/s",
+            sn("mesh-redirect", "gbit_s")
+                .zip(sn(bare, "gbit_s"))
+                .map(|(a, b)| a / b),
+            |v| v >= 0.95,
+            format!("mesh-redirect Gbit/s ÷ {bare} Gbit/s, client and server on {on}{why}"),
+        ));
+    }
     let cp = |m: &str| r.metric("control-plane", "mesh", Some(10_000), m);
     out.push(target(
         "Programming 10,000 services",
@@ -306,8 +329,9 @@ pub fn print_summary(r: &Results) {
                 String::new()
             };
             println!(
-                "      {:<14} {}  {gbit}",
+                "      {:<14} {:<9} {}  {gbit}",
                 row.peer,
+                super::same_node::label(row.scale),
                 cell(row, "rr_per_s", 0, "rtt_p99_us")
             );
         }
@@ -590,9 +614,11 @@ pub fn write_markdown(r: &Results, root: &Path) -> Result<()> {
     if let Some(s) = r.scenario("same-node") {
         let _ = write!(md, "## 2. {}\n\n{}\n\n", s.title, s.method);
         let rows: Vec<&Row> = s.rows.iter().collect();
+        let same_node_label =
+            |row: &Row| format!("{}, {}", row.peer, super::same_node::label(row.scale));
         md.push_str(&table(
             &rows,
-            &|row| row.peer.clone(),
+            &|row| same_node_label(row),
             &[
                 ("round trips/s", "rr_per_s"),
                 ("RTT p50 µs", "rtt_p50_us"),
@@ -605,7 +631,7 @@ pub fn write_markdown(r: &Results, root: &Path) -> Result<()> {
             ],
         ));
         md.push('\n');
-        let groups: Vec<String> = s.rows.iter().map(|x| x.peer.clone()).collect();
+        let groups: Vec<String> = s.rows.iter().map(same_node_label).collect();
         let one = |metric: &str| {
             vec![(
                 metric.to_string(),

@@ -11,10 +11,7 @@ pub const SCHEMA: u32 = 1;
 /// (a peer that could not run is still listed, with its reason).
 pub const EXPECTED: &[(&str, &[&str])] = &[
     ("connect", &super::connect::PEERS),
-    (
-        "same-node",
-        &["loopback", "mesh", "mesh-redirect", "haproxy"],
-    ),
+    ("same-node", &super::same_node::PEERS),
     ("control-plane", &["mesh", "mesh-conf.d"]),
     ("kernel-cost", &super::kstats::PROGRAMS),
     ("health-checks", &super::health::PEERS),

@@ -8,6 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context as _, Result, bail};
 
+use super::bare::BareRedirect;
 use super::env::{Cgroup, Proc, TempDir};
 use super::kstats;
 use super::load::{ClientReport, Mode, new_hist};
@@ -25,13 +26,58 @@ struct Peer {
     name: &'static str,
     _agent: Option<MeshAgent>,
     _proxy: Option<Proc>,
+    _bare: Option<BareRedirect>,
     cgroup: Option<Cgroup>,
     node: Node,
     _dir: TempDir,
     target: SocketAddrV4,
 }
 
-const PEERS: [&str; 4] = ["loopback", "mesh", "mesh-redirect", "haproxy"];
+pub const PEERS: [&str; 5] = ["loopback", "mesh", "mesh-redirect", BARE, "haproxy"];
+
+/// The bare sock_ops + sk_msg redirect, mesh-redirect's yardstick.
+pub const BARE: &str = "bare-redirect";
+
+/// Where the client and the backends' server run, both pinned: two pods of
+/// a node on two cores, or sharing one. Left to the scheduler, a trial
+/// would be one or the other by chance, and the two differ by more than
+/// the peers do (a wakeup across cores costs this VM an interrupt between
+/// virtual CPUs).
+#[derive(Clone, Copy)]
+pub struct Placement {
+    /// The row's scale: how many CPUs the pair is spread over.
+    pub cpus: u64,
+    client: usize,
+    server: usize,
+}
+
+pub const PLACEMENTS: [Placement; 2] = [
+    Placement {
+        cpus: 2,
+        client: 0,
+        server: 1,
+    },
+    Placement {
+        cpus: 1,
+        client: 0,
+        server: 0,
+    },
+];
+
+impl Placement {
+    pub fn label(self) -> &'static str {
+        label(Some(self.cpus))
+    }
+}
+
+/// How a row's scale (CPUs) reads in reports.
+pub fn label(cpus: Option<u64>) -> &'static str {
+    match cpus {
+        Some(1) => "one CPU",
+        Some(2) => "two CPUs",
+        _ => "unpinned",
+    }
+}
 
 impl Scenario for SameNode {
     fn id(&self) -> &'static str {
@@ -43,94 +89,154 @@ impl Scenario for SameNode {
         let mut peers = Vec::new();
         let has_redirect = peers::agent_has_flag(&ctx.bins.agent, REDIRECT_FLAG);
         for name in PEERS {
-            if name == "mesh-redirect" && !has_redirect {
-                rows.push(Row::without(
-                    name,
-                    None,
-                    Status::NotAvailable(format!(
-                        "not available in this build: `mesh-agent run --help` has no {REDIRECT_FLAG}"
-                    )),
-                ));
-                continue;
-            }
-            match setup(ctx, name) {
-                Ok(p) => peers.push(p),
-                Err(e) => rows.push(Row::without(name, None, Status::Failed(format!("{e:#}")))),
+            let status = if name == "mesh-redirect" && !has_redirect {
+                Status::NotAvailable(format!(
+                    "not available in this build: `mesh-agent run --help` has no {REDIRECT_FLAG}"
+                ))
+            } else {
+                match setup(ctx, name) {
+                    Ok(p) => {
+                        peers.push(p);
+                        continue;
+                    }
+                    Err(e) => Status::Failed(format!("{e:#}")),
+                }
+            };
+            for placement in PLACEMENTS {
+                rows.push(Row::without(name, Some(placement.cpus), status.clone()));
             }
         }
-        let rr = Load {
+        let mut rr = Load {
             mode: Mode::Rr,
             threads: 1,
             duration_ms: ctx.trial_ms,
             max_ops: 50_000_000,
+            cpu: None,
         };
-        let bulk = Load {
+        let mut bulk = Load {
             mode: Mode::Bulk,
             threads: 1,
             duration_ms: ctx.trial_ms,
             // 128 KiB writes: 1 TiB at most.
             max_ops: 8_000_000,
+            cpu: None,
         };
-        let mut reports: Vec<(Vec<ClientReport>, Vec<ClientReport>)> =
-            peers.iter().map(|_| (Vec::new(), Vec::new())).collect();
-        for t in 0..ctx.trials {
-            for k in trial_order(peers.len(), t) {
-                let p = &peers[k];
-                let cg = p.cgroup.as_ref().unwrap_or(&ctx.plain);
-                reports[k]
-                    .0
-                    .push(p.node.client(&ctx.bins, cg, &rr, p.target, 1)?);
-                reports[k]
-                    .1
-                    .push(p.node.client(&ctx.bins, cg, &bulk, p.target, 1)?);
+        let online = std::thread::available_parallelism().map_or(1, |n| n.get());
+        for placement in PLACEMENTS {
+            if placement.server >= online {
+                for p in &peers {
+                    rows.push(Row::without(
+                        p.name,
+                        Some(placement.cpus),
+                        Status::NotAvailable(format!("this machine has {online} CPU(s)")),
+                    ));
+                }
+                continue;
             }
-        }
-        // Kernel cost of the redirect path, from a pass of its own after the
-        // measured trials (the kernel's run-time accounting adds a little
-        // to every program run, so it never overlaps them).
-        let mut profile = BTreeMap::new();
-        if let Some(p) = peers.iter().find(|p| p.name == "mesh-redirect") {
-            match self::profile(ctx, p, &rr, &bulk) {
-                Ok(m) => profile = m,
-                Err(e) => step(format!("bench: same-node: no kernel profile: {e:#}")),
-            }
-        }
-        for (p, (rr, bulk)) in peers.iter().zip(&reports) {
-            let m = metrics(rr, bulk);
-            step(format!(
-                "bench: same-node: {:<13} {:>9.0} round trips/s  p50 {:>6.1} µs  p99 {:>6.1} µs  {:>6.2} Gbit/s",
-                p.name, m["rr_per_s"], m["rtt_p50_us"], m["rtt_p99_us"], m["gbit_s"]
-            ));
-            let mut m = m;
-            if let Some(agent) = &p._agent
-                && has_redirect
-            {
-                let r = redirect_metrics(ctx, agent)?;
-                step(format!(
-                    "bench: same-node: {:<13} redirect: {} sockets, {:.0} MiB redirected, {:.0} MiB fallback",
-                    p.name, r["redir_sockets"], r["redir_mib"], r["fallback_mib"]
-                ));
-                m.extend(r);
-                if p.name == "mesh-redirect" {
-                    m.extend(profile.clone());
+            (rr.cpu, bulk.cpu) = (Some(placement.client), Some(placement.client));
+            let counters_before = peers
+                .iter()
+                .map(|p| p.redirect_counters(ctx, has_redirect))
+                .collect::<Result<Vec<_>>>()?;
+            let mut reports: Vec<(Vec<ClientReport>, Vec<ClientReport>)> =
+                peers.iter().map(|_| (Vec::new(), Vec::new())).collect();
+            for t in 0..ctx.trials {
+                for k in trial_order(peers.len(), t) {
+                    let p = &peers[k];
+                    p.node.pin_server(Some(placement.server))?;
+                    let cg = p.cgroup.as_ref().unwrap_or(&ctx.plain);
+                    reports[k]
+                        .0
+                        .push(p.node.client(&ctx.bins, cg, &rr, p.target, 1)?);
+                    reports[k]
+                        .1
+                        .push(p.node.client(&ctx.bins, cg, &bulk, p.target, 1)?);
                 }
             }
-            rows.push(Row::ok(p.name, None, m));
+            // Kernel cost of the redirect programs, from a pass of its own
+            // after the measured trials (the kernel's run-time accounting
+            // adds a little to every program run, so it never overlaps them).
+            let mut profiles = Vec::new();
+            for p in &peers {
+                let programs = p.redirect_programs();
+                if placement.cpus != 2 || programs.is_none() {
+                    profiles.push(BTreeMap::new());
+                    continue;
+                }
+                p.node.pin_server(Some(placement.server))?;
+                profiles.push(self::profile(ctx, p, &rr, &bulk).unwrap_or_else(|e| {
+                    step(format!(
+                        "bench: same-node: {}: no kernel profile: {e:#}",
+                        p.name
+                    ));
+                    BTreeMap::new()
+                }));
+            }
+            let measured = peers
+                .iter()
+                .zip(&reports)
+                .zip(counters_before)
+                .zip(profiles);
+            for (((p, (rr, bulk)), before), profile) in measured {
+                let mut m = metrics(rr, bulk);
+                m.extend(profile);
+                step(format!(
+                    "bench: same-node: {:<13} {}  {:>9.0} round trips/s  p50 {:>6.1} µs  p99 {:>6.1} µs  {:>6.2} Gbit/s",
+                    p.name,
+                    placement.label(),
+                    m["rr_per_s"],
+                    m["rtt_p50_us"],
+                    m["rtt_p99_us"],
+                    m["gbit_s"]
+                ));
+                if let (Some(before), Some(after)) =
+                    (before, p.redirect_counters(ctx, has_redirect)?)
+                {
+                    let r: BTreeMap<String, f64> = after
+                        .iter()
+                        .map(|(k, v)| (k.clone(), v - before.get(k).copied().unwrap_or(0.0)))
+                        .collect();
+                    step(format!(
+                        "bench: same-node: {:<13} {}  redirect: {} sockets, {:.0} MiB redirected, {:.0} MiB fallback",
+                        p.name,
+                        placement.label(),
+                        r["redir_sockets"],
+                        r["redir_mib"],
+                        r["fallback_mib"]
+                    ));
+                    m.extend(r);
+                }
+                rows.push(Row::ok(p.name, Some(placement.cpus), m));
+            }
         }
-        rows.sort_by_key(|r| PEERS.iter().position(|p| *p == r.peer));
+        for p in &peers {
+            p.node.pin_server(None)?;
+        }
+        rows.sort_by_key(|r| {
+            (
+                std::cmp::Reverse(r.scale),
+                PEERS.iter().position(|p| *p == r.peer),
+            )
+        });
         Ok(vec![ScenarioResult {
             id: "same-node".into(),
             title: "Same-node request/response and bulk throughput".into(),
             method: format!(
                 "One established connection inside one network namespace. Round trips: \
                  64-byte request, 64-byte response, back to back, for {} ms. Bulk: 128 KiB \
-                 writes for {} ms, the receiver counts and confirms the bytes. {} interleaved \
-                 trials per peer; rates are the median trial, percentiles over all trials. \
-                 \"loopback\" connects straight to the backend; the others go through a \
-                 service VIP. The mesh peers' backend server runs in the agent's cgroup (a \
-                 workload of that node), and the agent learns the namespace's addresses by \
-                 itself; the redirect columns are the agent's own kernel counters \
-                 (MESH_REDIR_STAT) over all of the peer's trials.",
+                 writes for {} ms, the receiver counts and confirms the bytes. The client and \
+                 the backends' server are pinned: on two CPUs (client on CPU 0, server on CPU \
+                 1, as two pods on two cores) and then both on CPU 0 (pods sharing a core); \
+                 the agent and HAProxy are left to the scheduler. {} interleaved trials per \
+                 peer and placement; rates are the median trial, percentiles over all trials. \
+                 \"loopback\" connects straight to the backend, and so does \"bare-redirect\": \
+                 the least sock_ops + sk_msg program that redirects (every established IPv4 \
+                 socket of its cgroup in a sockhash, every message to its peer; \
+                 xtask/bare-redirect), the mechanism alone as the yardstick for mesh-redirect. \
+                 The others go through a service VIP. The mesh peers' backend server runs in \
+                 the agent's cgroup (a workload of that node), and the agent learns the \
+                 namespace's addresses by itself; the redirect columns are the agent's own kernel counters \
+                 (MESH_REDIR_STAT) over the peer's trials in that placement.",
                 ctx.trial_ms, ctx.trial_ms, ctx.trials
             ),
             rows,
@@ -139,22 +245,23 @@ impl Scenario for SameNode {
 }
 
 /// One round-trip and one bulk trial on `p` with BPF_ENABLE_STATS on:
-/// ns per run of each program and runs per round trip / per MiB.
+/// ns per run of each redirect program and runs per round trip / per MiB.
 fn profile(ctx: &Ctx, p: &Peer, rr: &Load, bulk: &Load) -> Result<BTreeMap<String, f64>> {
-    let agent = p._agent.as_ref().context("no agent")?;
+    let (pid, programs) = p.redirect_programs().context("no redirect programs")?;
     let cg = p.cgroup.as_ref().context("no cgroup")?;
     let _stats = aya::sys::enable_stats(aya::sys::Stats::RunTime)
         .map_err(|e| anyhow::anyhow!("BPF_ENABLE_STATS: {e}"))?;
     let mut out = BTreeMap::new();
+    // The same columns for mesh's programs and the bare ones.
     let short = |l: &str| match l {
-        "mesh_redir_sockops" => "redir_sockops",
-        "mesh_redir_msg" => "redir_msg",
+        "mesh_redir_sockops" | "bare_sockops" => "redir_sockops",
+        "mesh_redir_msg" | "bare_msg" => "redir_msg",
         _ => "lb_sockops",
     };
     for (load, unit, per) in [(rr, "rt", 0u8), (bulk, "mib", 1)] {
-        let before = kstats::of_process_named(agent.pid(), &kstats::REDIRECT_PROGRAMS)?;
+        let before = kstats::of_process_named(pid, programs)?;
         let r = p.node.client(&ctx.bins, cg, load, p.target, 1)?;
-        let after = kstats::of_process_named(agent.pid(), &kstats::REDIRECT_PROGRAMS)?;
+        let after = kstats::of_process_named(pid, programs)?;
         let units = if per == 0 {
             r.ops as f64
         } else {
@@ -172,7 +279,8 @@ fn profile(ctx: &Ctx, p: &Peer, rr: &Load, bulk: &Load) -> Result<BTreeMap<Strin
     }
     let line: Vec<String> = out.iter().map(|(k, v)| format!("{k}={v:.1}")).collect();
     step(format!(
-        "bench: same-node: kernel profile: {}",
+        "bench: same-node: {}: kernel profile: {}",
+        p.name,
         line.join(" ")
     ));
     Ok(out)
@@ -216,9 +324,10 @@ fn setup(ctx: &Ctx, name: &'static str) -> Result<Peer> {
         VipRoute::Routed
     };
     // The mesh peers' backend server is a workload of their agent, in its
-    // cgroup, as a pod on the same node is.
-    let mesh = matches!(name, "mesh" | "mesh-redirect");
-    let cgroup = if mesh {
+    // cgroup, as a pod on the same node is (and the bare program's, in the
+    // cgroup it is attached to).
+    let own_cgroup = matches!(name, "mesh" | "mesh-redirect" | BARE);
+    let cgroup = if own_cgroup {
         Some(Cgroup::new(&hint)?)
     } else {
         None
@@ -228,6 +337,7 @@ fn setup(ctx: &Ctx, name: &'static str) -> Result<Peer> {
         name,
         _agent: None,
         _proxy: None,
+        _bare: None,
         cgroup,
         node,
         _dir: dir,
@@ -235,6 +345,12 @@ fn setup(ctx: &Ctx, name: &'static str) -> Result<Peer> {
     };
     match name {
         "loopback" => peer.target = SocketAddrV4::new(backend(0), BACKEND_PORT),
+        BARE => {
+            // No load balancer: straight to the backend, as loopback.
+            peer.target = SocketAddrV4::new(backend(0), BACKEND_PORT);
+            let cg = peer.cgroup.as_ref().expect("made above");
+            peer._bare = Some(BareRedirect::attach(&ctx.bins.bare_redirect, cg)?);
+        }
         "mesh" | "mesh-redirect" => {
             let cg = peer.cgroup.as_ref().expect("made above");
             // The agent redirects by default; "mesh" is the socket LB alone.
@@ -288,26 +404,47 @@ fn wait_local(ctx: &Ctx, agent: &MeshAgent) -> Result<()> {
     }
 }
 
-/// The agent's redirect counters, as metrics of the row.
-fn redirect_metrics(ctx: &Ctx, agent: &MeshAgent) -> Result<BTreeMap<String, f64>> {
-    let v = agent.meshctl_json(&ctx.bins, &["redirect"])?;
-    let c = &v["counters"];
-    let get = |k: &str| {
-        c[k].as_u64()
-            .map(|n| n as f64)
-            .context(format!("no counter {k}"))
-    };
-    Ok(BTreeMap::from([
-        ("redir_sockets".into(), get("sockets_added")?),
-        (
-            "redir_mib".into(),
-            get("bytes_redirected")? / (1024.0 * 1024.0),
-        ),
-        (
-            "fallback_mib".into(),
-            get("bytes_fallback")? / (1024.0 * 1024.0),
-        ),
-    ]))
+impl Peer {
+    /// The process holding this peer's redirect programs, and their names.
+    fn redirect_programs(&self) -> Option<(u32, &'static [&'static str])> {
+        match (&self._agent, &self._bare) {
+            (Some(agent), _) if self.name == "mesh-redirect" => {
+                Some((agent.pid(), &kstats::REDIRECT_PROGRAMS))
+            }
+            (_, Some(_)) => Some((std::process::id(), &super::bare::PROGRAMS)),
+            _ => None,
+        }
+    }
+
+    /// The agent's redirect counters, as metrics of a row; None for peers
+    /// without a redirecting agent build.
+    fn redirect_counters(
+        &self,
+        ctx: &Ctx,
+        has_redirect: bool,
+    ) -> Result<Option<BTreeMap<String, f64>>> {
+        let Some(agent) = self._agent.as_ref().filter(|_| has_redirect) else {
+            return Ok(None);
+        };
+        let v = agent.meshctl_json(&ctx.bins, &["redirect"])?;
+        let c = &v["counters"];
+        let get = |k: &str| {
+            c[k].as_u64()
+                .map(|n| n as f64)
+                .context(format!("no counter {k}"))
+        };
+        Ok(Some(BTreeMap::from([
+            ("redir_sockets".into(), get("sockets_added")?),
+            (
+                "redir_mib".into(),
+                get("bytes_redirected")? / (1024.0 * 1024.0),
+            ),
+            (
+                "fallback_mib".into(),
+                get("bytes_fallback")? / (1024.0 * 1024.0),
+            ),
+        ])))
+    }
 }
 
 fn has_redirect_flag(agent: &std::path::Path) -> bool {
