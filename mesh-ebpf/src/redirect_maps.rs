@@ -14,8 +14,9 @@ pub static MESH_SOCKS: SockHash<SockKey> =
     SockHash::pinned(redirect_limits::MAX_REDIRECT_SOCKETS, 0);
 
 /// Whether a socket in `MESH_SOCKS` may still be redirected (see
-/// `mesh_common::SOCK_REDIRECT_NEVER`). LRU: entries of closed sockets age
-/// out; a socket whose entry is gone is treated as "never", which is safe.
+/// `mesh_common::SOCK_REDIRECT_NEVER`). `mesh_redir_sockops` removes a
+/// socket's entry when it closes; the LRU only bounds the map, and a socket
+/// whose entry is gone is treated as "never", which is safe.
 #[map(name = "MESH_SOCK_STATE")]
 pub static MESH_SOCK_STATE: LruHashMap<SockKey, u32> =
     LruHashMap::pinned(redirect_limits::MAX_REDIRECT_SOCKETS, 0);

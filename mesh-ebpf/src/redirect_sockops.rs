@@ -1,10 +1,13 @@
 //! `sock_ops` (cgroup): when a TCP connection becomes ESTABLISHED and both
 //! of its ends are on this node, put the socket in `MESH_SOCKS` so that
-//! `mesh_redir_msg` can hand its messages straight to the peer.
+//! `mesh_redir_msg` can hand its messages straight to the peer. When such a
+//! socket closes, its `MESH_SOCK_STATE` entry goes too (the kernel takes it
+//! out of the sockhash by itself).
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, bpf_sock_ops,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
+        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sock_ops,
     },
     helpers::bpf_get_netns_cookie,
     macros::sock_ops,
@@ -27,10 +30,19 @@ pub fn mesh_redir_sockops(ctx: SockOpsContext) -> u32 {
     1
 }
 
+/// The kernel's TCP_CLOSE state.
+const TCP_CLOSE: u32 = 7;
+
 #[inline(always)]
 fn try_sockops(ctx: &SockOpsContext) {
     let ops = ctx.ops;
     let op = unsafe { read_volatile(addr_of!((*ops).op)) };
+    if op == BPF_SOCK_OPS_STATE_CB {
+        if ctx.arg(1) == TCP_CLOSE {
+            forget(ops);
+        }
+        return;
+    }
     if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         return;
     }
@@ -60,16 +72,37 @@ fn try_sockops(ctx: &SockOpsContext) {
         return;
     }
     match MESH_SOCKS.update(key, unsafe { &mut *ops }, 0) {
-        Ok(()) => redirect::count(|s| s.sockets_added += 1),
-        Err(_) => redirect::count(|s| s.sockets_failed += 1),
+        Ok(()) => {
+            redirect::count(|s| s.sockets_added += 1);
+            // See the close, to drop the state entry with the socket rather
+            // than leave it to the LRU (which, under churn, would evict
+            // entries of live sockets and send them back to TCP for good).
+            let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_STATE_CB_FLAG as i32);
+        }
+        Err(_) => {
+            let _ = MESH_SOCK_STATE.remove(key);
+            redirect::count(|s| s.sockets_failed += 1);
+        }
     }
 }
 
-/// The socket's key when both ends are node-local; `netns` is 1 as a marker
-/// when the namespace cookie must be filled in.
+/// A closing socket's state entry goes. Also called for balanced sockets
+/// that were never redirected (the load balancer watches their states
+/// too); for them there is nothing to remove.
 #[inline(always)]
-fn local_key(ops: *mut bpf_sock_ops) -> Option<SockKey> {
-    let t = unsafe {
+fn forget(ops: *mut bpf_sock_ops) {
+    let Some((mut key, loopback)) = redirect::key_of(&tuple(ops)) else {
+        return;
+    };
+    if loopback {
+        key.netns = unsafe { bpf_get_netns_cookie(ops.cast()) };
+    }
+    let _ = MESH_SOCK_STATE.remove(key);
+}
+
+#[inline(always)]
+fn tuple(ops: *mut bpf_sock_ops) -> Tuple {
+    unsafe {
         Tuple {
             family: read_volatile(addr_of!((*ops).family)),
             local_ip4: read_volatile(addr_of!((*ops).local_ip4)),
@@ -79,8 +112,14 @@ fn local_key(ops: *mut bpf_sock_ops) -> Option<SockKey> {
             local_port: read_volatile(addr_of!((*ops).local_port)),
             remote_port: read_volatile(addr_of!((*ops).remote_port)),
         }
-    };
-    let (mut key, loopback) = redirect::key_of(&t)?;
+    }
+}
+
+/// The socket's key when both ends are node-local; `netns` is 1 as a marker
+/// when the namespace cookie must be filled in.
+#[inline(always)]
+fn local_key(ops: *mut bpf_sock_ops) -> Option<SockKey> {
+    let (mut key, loopback) = redirect::key_of(&tuple(ops))?;
     if !redirect::is_local(&key.local_addr, key.family)
         || !redirect::is_local(&key.remote_addr, key.family)
     {
