@@ -161,46 +161,42 @@ pub fn targets(r: &Results) -> Vec<Target> {
             }
         })
         .unwrap_or_default();
+    let bare = super::same_node::BARE;
     for placement in super::same_node::PLACEMENTS {
-        let cpus = Some(placement.cpus);
         let on = placement.label();
-        let sn = |peer: &str, m: &str| r.metric("same-node", peer, cpus, m);
+        // metric of peer a ÷ the same metric of peer b, in this placement.
+        let ratio = |a: &str, b: &str, m: &str| {
+            let sn = |peer: &str| r.metric("same-node", peer, Some(placement.cpus), m);
+            sn(a).zip(sn(b)).map(|(x, y)| x / y)
+        };
+        let how = |what: &str| format!("{what}, client and server on {on}{why}");
         out.push(target(
             &format!("Same-node round-trip time, {on}"),
             "≤ 0.65× plain loopback TCP",
-            sn("mesh-redirect", "rtt_p50_us")
-                .zip(sn("loopback", "rtt_p50_us"))
-                .map(|(a, b)| a / b),
+            ratio("mesh-redirect", "loopback", "rtt_p50_us"),
             |v| v <= 0.65,
-            format!("mesh-redirect p50 RTT ÷ loopback p50 RTT, client and server on {on}{why}"),
+            how("mesh-redirect p50 RTT ÷ loopback p50 RTT"),
         ));
         out.push(target(
             &format!("Same-node throughput, {on}"),
             "≥ 1.3× plain loopback TCP",
-            sn("mesh-redirect", "gbit_s")
-                .zip(sn("loopback", "gbit_s"))
-                .map(|(a, b)| a / b),
+            ratio("mesh-redirect", "loopback", "gbit_s"),
             |v| v >= 1.3,
-            format!("mesh-redirect Gbit/s ÷ loopback Gbit/s, client and server on {on}{why}"),
+            how("mesh-redirect Gbit/s ÷ loopback Gbit/s"),
         ));
-        let bare = super::same_node::BARE;
         out.push(target(
             &format!("Same-node redirect vs bare mechanism, RTT, {on}"),
             "≤ 1.05× the bare sock_ops + sk_msg program's RTT",
-            sn("mesh-redirect", "rtt_p50_us")
-                .zip(sn(bare, "rtt_p50_us"))
-                .map(|(a, b)| a / b),
+            ratio("mesh-redirect", bare, "rtt_p50_us"),
             |v| v <= 1.05,
-            format!("mesh-redirect p50 RTT ÷ {bare} p50 RTT, client and server on {on}{why}"),
+            how(&format!("mesh-redirect p50 RTT ÷ {bare} p50 RTT")),
         ));
         out.push(target(
             &format!("Same-node redirect vs bare mechanism, throughput, {on}"),
             "≥ 0.95× the bare sock_ops + sk_msg program's Gbit/s",
-            sn("mesh-redirect", "gbit_s")
-                .zip(sn(bare, "gbit_s"))
-                .map(|(a, b)| a / b),
+            ratio("mesh-redirect", bare, "gbit_s"),
             |v| v >= 0.95,
-            format!("mesh-redirect Gbit/s ÷ {bare} Gbit/s, client and server on {on}{why}"),
+            how(&format!("mesh-redirect Gbit/s ÷ {bare} Gbit/s")),
         ));
     }
     let cp = |m: &str| r.metric("control-plane", "mesh", Some(10_000), m);
