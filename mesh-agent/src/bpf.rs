@@ -24,7 +24,7 @@ use aya::{
 };
 use mesh_common::{SCHEMA_VERSION, limits, map_names, program_names};
 
-pub use maps::{Maps, MapsError};
+pub use maps::{Maps, MapsError, sum_over_cpus};
 pub use mounts::{MountError, cgroup2_mount, ensure_bpffs};
 pub use redirect::{REDIRECT_PROGRAMS, RedirectMaps};
 

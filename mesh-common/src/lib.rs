@@ -275,6 +275,14 @@ pub struct BackendStats {
     pub udp_flows: u64,
 }
 
+/// Summing the per-CPU copies.
+impl core::ops::AddAssign for BackendStats {
+    fn add_assign(&mut self, o: Self) {
+        self.connections += o.connections;
+        self.udp_flows += o.udp_flows;
+    }
+}
+
 /// Connect outcomes of one backend, kept by sock_ops for outlier detection;
 /// indexed by backend id.
 #[repr(C)]
@@ -297,6 +305,16 @@ pub struct ServiceStats {
     pub no_backend: u64,
     /// Connects refused by policy.
     pub denied: u64,
+}
+
+/// Summing the per-CPU copies.
+impl core::ops::AddAssign for ServiceStats {
+    fn add_assign(&mut self, o: Self) {
+        self.connections += o.connections;
+        self.udp_flows += o.udp_flows;
+        self.no_backend += o.no_backend;
+        self.denied += o.denied;
+    }
 }
 
 /// One balancing decision, sent to the agent through `MESH_EVENTS`.

@@ -126,6 +126,19 @@ pub struct RedirectStats {
     pub bytes_fallback: u64,
 }
 
+/// Summing the per-CPU copies.
+impl core::ops::AddAssign for RedirectStats {
+    fn add_assign(&mut self, o: Self) {
+        self.sockets_added += o.sockets_added;
+        self.sockets_failed += o.sockets_failed;
+        self.sockets_skipped += o.sockets_skipped;
+        self.msgs_redirected += o.msgs_redirected;
+        self.bytes_redirected += o.bytes_redirected;
+        self.msgs_fallback += o.msgs_fallback;
+        self.bytes_fallback += o.bytes_fallback;
+    }
+}
+
 const _: () = {
     assert!(core::mem::size_of::<SockKey>() == 48);
     assert!(core::mem::size_of::<LocalAddrKey>() == 20);

@@ -2,6 +2,8 @@
 //! from `bpf_sock_ops` and `sk_msg_md`, deciding what is node-local, the
 //! on/off switch and the counters.
 
+use core::ptr::read_volatile;
+
 use mesh_common::{
     CONFIG_FLAG_SAME_NODE_REDIRECT, FAMILY_V4, FAMILY_V6, LocalAddrKey, RedirectStats, SockKey,
 };
@@ -26,6 +28,20 @@ pub struct Tuple {
     /// Network byte order in the upper 16 bits (the kernel shifts `skc_dport`
     /// left by 16 on little-endian machines).
     pub remote_port: u32,
+}
+
+/// Each word on its own: the verifier refuses wider loads of context fields.
+#[inline(always)]
+pub unsafe fn read_ip6(p: *const [u32; 4]) -> [u32; 4] {
+    let w = p.cast::<u32>();
+    unsafe {
+        [
+            read_volatile(w),
+            read_volatile(w.add(1)),
+            read_volatile(w.add(2)),
+            read_volatile(w.add(3)),
+        ]
+    }
 }
 
 /// Whether the agent switched same-node redirect on.

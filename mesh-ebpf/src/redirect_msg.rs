@@ -13,7 +13,7 @@ use core::ptr::{addr_of, read_volatile};
 use mesh_common::{SOCK_REDIRECT_NEVER, SOCK_REDIRECT_OK};
 
 use crate::{
-    redirect::{self, Tuple},
+    redirect::{self, Tuple, read_ip6},
     redirect_maps::{MESH_SOCK_STATE, MESH_SOCKS},
 };
 
@@ -70,17 +70,4 @@ fn try_msg(ctx: &SkMsgContext) {
     // redirected bytes before TCP ones, and these may still be unread.
     let _ = MESH_SOCK_STATE.insert(key, SOCK_REDIRECT_NEVER, 0);
     redirect::count(fallback);
-}
-
-#[inline(always)]
-unsafe fn read_ip6(p: *const [u32; 4]) -> [u32; 4] {
-    let w = p.cast::<u32>();
-    unsafe {
-        [
-            read_volatile(w),
-            read_volatile(w.add(1)),
-            read_volatile(w.add(2)),
-            read_volatile(w.add(3)),
-        ]
-    }
 }

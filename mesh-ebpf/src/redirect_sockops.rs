@@ -18,7 +18,7 @@ use mesh_common::{SOCK_REDIRECT_OK, SockKey};
 
 use crate::{
     lb,
-    redirect::{self, Tuple},
+    redirect::{self, Tuple, read_ip6},
     redirect_maps::{MESH_REDIR_EXCL, MESH_SOCK_STATE, MESH_SOCKS},
 };
 
@@ -138,20 +138,6 @@ fn excluded(key: &SockKey) -> bool {
     unsafe {
         MESH_REDIR_EXCL.get(key.local_port).is_some()
             || MESH_REDIR_EXCL.get(key.remote_port).is_some()
-    }
-}
-
-/// Each word on its own: the verifier refuses wider loads of context fields.
-#[inline(always)]
-unsafe fn read_ip6(p: *const [u32; 4]) -> [u32; 4] {
-    let w = p.cast::<u32>();
-    unsafe {
-        [
-            read_volatile(w),
-            read_volatile(w.add(1)),
-            read_volatile(w.add(2)),
-            read_volatile(w.add(3)),
-        ]
     }
 }
 

@@ -98,14 +98,7 @@ impl Maps {
 
     /// A backend's counters, summed over CPUs.
     pub fn backend_stats(&self, id: BackendId) -> BackendStats {
-        let mut total = BackendStats::default();
-        if let Ok(per_cpu) = self.backend_stats.get(&id, 0) {
-            for s in per_cpu.iter() {
-                total.connections += s.connections;
-                total.udp_flows += s.udp_flows;
-            }
-        }
-        total
+        sum_over_cpus(&self.backend_stats, id)
     }
 
     /// Live TCP connections to a backend right now.
@@ -115,15 +108,22 @@ impl Maps {
 
     /// A service's counters, summed over CPUs.
     pub fn service_stats(&self, id: u32) -> ServiceStats {
-        let mut total = ServiceStats::default();
-        if let Ok(per_cpu) = self.service_stats.get(&id, 0) {
-            for s in per_cpu.iter() {
-                total.connections += s.connections;
-                total.udp_flows += s.udp_flows;
-                total.no_backend += s.no_backend;
-                total.denied += s.denied;
-            }
-        }
-        total
+        sum_over_cpus(&self.service_stats, id)
     }
+}
+
+/// Entry `index` of a per-CPU counters map, summed over CPUs; zero when it
+/// cannot be read.
+pub fn sum_over_cpus<T, V>(map: &PerCpuArray<T, V>, index: u32) -> V
+where
+    T: std::borrow::Borrow<MapData>,
+    V: aya::Pod + Default + std::ops::AddAssign,
+{
+    let mut total = V::default();
+    if let Ok(per_cpu) = map.get(&index, 0) {
+        for s in per_cpu.iter() {
+            total += *s;
+        }
+    }
+    total
 }

@@ -161,19 +161,7 @@ impl RedirectMaps {
 
     /// The counters, summed over CPUs.
     pub fn stats(&self) -> RedirectStats {
-        let mut t = RedirectStats::default();
-        if let Ok(per_cpu) = self.stats.get(&0, 0) {
-            for s in per_cpu.iter() {
-                t.sockets_added += s.sockets_added;
-                t.sockets_failed += s.sockets_failed;
-                t.sockets_skipped += s.sockets_skipped;
-                t.msgs_redirected += s.msgs_redirected;
-                t.bytes_redirected += s.bytes_redirected;
-                t.msgs_fallback += s.msgs_fallback;
-                t.bytes_fallback += s.bytes_fallback;
-            }
-        }
-        t
+        super::sum_over_cpus(&self.stats, 0)
     }
 
     /// Sockets in the sockhash right now (at most `limit` are counted).

@@ -27,6 +27,7 @@ use prometheus_client::{
 
 use super::MetricsError;
 use crate::{
+    bpf::sum_over_cpus,
     reconcile::{Capacity, Reconciler, service_keys},
     state::{BackendState, DesiredState, Service},
 };
@@ -71,43 +72,16 @@ impl KernelMaps {
     }
 
     fn service(&self, id: u32) -> ServiceStats {
-        let mut total = ServiceStats::default();
-        if let Ok(per_cpu) = self.service_stats.get(&id, 0) {
-            for s in per_cpu.iter() {
-                total.connections += s.connections;
-                total.udp_flows += s.udp_flows;
-                total.no_backend += s.no_backend;
-                total.denied += s.denied;
-            }
-        }
-        total
+        sum_over_cpus(&self.service_stats, id)
     }
 
     fn backend(&self, id: BackendId) -> (BackendStats, u64) {
-        let mut total = BackendStats::default();
-        if let Ok(per_cpu) = self.backend_stats.get(&id, 0) {
-            for s in per_cpu.iter() {
-                total.connections += s.connections;
-                total.udp_flows += s.udp_flows;
-            }
-        }
-        (total, self.active.get(&id, 0).unwrap_or(0))
+        let active = self.active.get(&id, 0).unwrap_or(0);
+        (sum_over_cpus(&self.backend_stats, id), active)
     }
 
     fn redirect(&self) -> RedirectStats {
-        let mut t = RedirectStats::default();
-        if let Ok(per_cpu) = self.redirect.get(&0, 0) {
-            for s in per_cpu.iter() {
-                t.sockets_added += s.sockets_added;
-                t.sockets_failed += s.sockets_failed;
-                t.sockets_skipped += s.sockets_skipped;
-                t.msgs_redirected += s.msgs_redirected;
-                t.bytes_redirected += s.bytes_redirected;
-                t.msgs_fallback += s.msgs_fallback;
-                t.bytes_fallback += s.bytes_fallback;
-            }
-        }
-        t
+        sum_over_cpus(&self.redirect, 0)
     }
 }
 
