@@ -44,6 +44,33 @@ pub fn next_id() -> u32 {
     NEXT.fetch_add(1, Ordering::Relaxed)
 }
 
+/// A loopback service VIP for this test process:
+/// `127.<block>.<from the PID>.<last>:<port>`. Each test file keeps its own
+/// `block`, so tests running side by side seldom pick the same address (and
+/// sharing one is harmless: each agent balances only its own cgroup).
+pub fn loopback_vip(block: u8, last: u8, port: u16) -> std::net::SocketAddr {
+    let third = (std::process::id() % 250 + 1) as u8;
+    std::net::SocketAddr::from(([127, block, third, last], port))
+}
+
+/// A config with one TCP service "web" at `vip` over `backends`; `extra`
+/// holds more keys of the service, each line indented by four spaces.
+pub fn one_service_yaml(
+    vip: std::net::SocketAddr,
+    extra: &str,
+    backends: &[std::net::SocketAddr],
+) -> String {
+    let mut yaml = format!(
+        "services:\n  - name: web\n    vip: {}\n    port: {}\n{extra}    backends:\n",
+        vip.ip(),
+        vip.port()
+    );
+    for b in backends {
+        yaml += &format!("      - {{address: {}, port: {}}}\n", b.ip(), b.port());
+    }
+    yaml
+}
+
 /// Keeps a caller's hint usable inside cgroup, netns and file names.
 pub(crate) fn sanitize(hint: &str) -> String {
     let s: String = hint

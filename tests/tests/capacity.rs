@@ -8,9 +8,7 @@ use mesh_tests::{Agent, TestBackend, TestCgroup, run_probe};
 use serde_json::Value;
 
 fn vip(last: u8) -> SocketAddr {
-    format!("127.11.{}.{last}:80", std::process::id() % 250 + 1)
-        .parse()
-        .unwrap()
+    mesh_tests::loopback_vip(11, last, 80)
 }
 
 fn service(name: &str, vip: SocketAddr, backends: &[(&TestBackend, u32)]) -> String {

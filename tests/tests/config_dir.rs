@@ -11,9 +11,7 @@ use mesh_tests::{Agent, TestBackend, TestCgroup, run_probe};
 const WAIT: Duration = Duration::from_secs(10);
 
 fn vip(last: u8) -> SocketAddr {
-    format!("127.16.{}.{last}:80", std::process::id() % 250 + 1)
-        .parse()
-        .unwrap()
+    mesh_tests::loopback_vip(16, last, 80)
 }
 
 fn service(name: &str, vip: SocketAddr, backend: SocketAddr) -> String {

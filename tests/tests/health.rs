@@ -11,25 +11,14 @@ use std::{
 };
 
 use anyhow::{Result, bail};
-use mesh_tests::{Agent, HttpBackend, KeepAlive, TestBackend, TestCgroup, listener_on, run_probe};
+use mesh_tests::{
+    Agent, HttpBackend, KeepAlive, TestBackend, TestCgroup, listener_on, one_service_yaml,
+    run_probe,
+};
 use serde_json::Value;
 
 fn vip(last: u8) -> SocketAddr {
-    format!("127.16.{}.{last}:80", std::process::id() % 250 + 1)
-        .parse()
-        .unwrap()
-}
-
-fn config(vip: SocketAddr, extra: &str, backends: &[SocketAddr]) -> String {
-    let mut yaml = format!(
-        "services:\n  - name: web\n    vip: {}\n    port: {}\n{extra}    backends:\n",
-        vip.ip(),
-        vip.port()
-    );
-    for b in backends {
-        yaml += &format!("      - {{address: {}, port: {}}}\n", b.ip(), b.port());
-    }
-    yaml
+    mesh_tests::loopback_vip(16, last, 80)
 }
 
 /// Polls `meshctl services` until backend `index` has `health` and the
@@ -79,7 +68,10 @@ fn a_killed_backend_leaves_rotation_within_interval_times_threshold_and_returns(
     let b = TestBackend::new(2)?;
     let cgroup = TestCgroup::new("activetcp")?;
     let vip = vip(1);
-    let agent = Agent::start(&config(vip, TCP_CHECK, &[a_addr, b.addr()]), &cgroup)?;
+    let agent = Agent::start(
+        &one_service_yaml(vip, TCP_CHECK, &[a_addr, b.addr()]),
+        &cgroup,
+    )?;
     assert_eq!(run_probe(&cgroup, vip, 100)?.ok, 100);
 
     let killed_at = Instant::now();
@@ -112,7 +104,10 @@ fn http_checks_follow_the_status_the_backend_reports() -> Result<()> {
     let cgroup = TestCgroup::new("activehttp")?;
     let vip = vip(2);
     let check = "    health_check: {type: http, path: /healthz, interval_ms: 100, timeout_ms: 100, unhealthy_threshold: 2, healthy_threshold: 2}\n";
-    let agent = Agent::start(&config(vip, check, &[a.addr(), b.addr()]), &cgroup)?;
+    let agent = Agent::start(
+        &one_service_yaml(vip, check, &[a.addr(), b.addr()]),
+        &cgroup,
+    )?;
 
     a.set_status(503);
     wait_health(&agent, 0, "unhealthy", Duration::from_secs(5))?;
@@ -145,7 +140,7 @@ fn http_checks_reuse_one_marked_connection() -> Result<()> {
     let cgroup = TestCgroup::new("hckeep")?;
     let vip = vip(6);
     let check = "    health_check: {type: http, path: /healthz, interval_ms: 100, timeout_ms: 100, unhealthy_threshold: 2, healthy_threshold: 2, jitter_percent: 0}\n";
-    let agent = Agent::start(&config(vip, check, &[a.addr()]), &cgroup)?;
+    let agent = Agent::start(&one_service_yaml(vip, check, &[a.addr()]), &cgroup)?;
 
     wait_requests(&[&a], 20, Duration::from_secs(10))?;
     // A check that times out on a loaded machine drops its connection, so
@@ -186,7 +181,7 @@ fn backends_that_close_the_connection_stay_healthy_and_keep_being_checked() -> R
     // count as one.
     let check = "    health_check: {type: http, path: /healthz, interval_ms: 200, timeout_ms: 200, unhealthy_threshold: 1, healthy_threshold: 1, jitter_percent: 0}\n";
     let agent = Agent::start(
-        &config(vip, check, &[closing.addr(), dropping.addr()]),
+        &one_service_yaml(vip, check, &[closing.addr(), dropping.addr()]),
         &cgroup,
     )?;
 
@@ -215,7 +210,10 @@ fn passive_outlier_detection_ejects_a_failing_backend_without_active_checks() ->
     let cgroup = TestCgroup::new("outlier")?;
     let vip = vip(3);
     let outlier = "    outlier_detection: {consecutive_failures: 3, ejection_ms: 1500}\n";
-    let agent = Agent::start(&config(vip, outlier, &[a.addr(), b.addr()]), &cgroup)?;
+    let agent = Agent::start(
+        &one_service_yaml(vip, outlier, &[a.addr(), b.addr()]),
+        &cgroup,
+    )?;
     drop(a);
 
     // Clients hit the dead backend until the kernel has counted 3 failed
@@ -251,7 +249,10 @@ fn when_every_backend_is_down_panic_mode_decides() -> Result<()> {
         let b = TestBackend::new(2)?;
         let vip = vip(last);
         let extra = format!("{TCP_CHECK}    panic_mode: {mode}\n");
-        let agent = Agent::start(&config(vip, &extra, &[a.addr(), b.addr()]), &cgroup)?;
+        let agent = Agent::start(
+            &one_service_yaml(vip, &extra, &[a.addr(), b.addr()]),
+            &cgroup,
+        )?;
         drop((a, b));
         // Panic mode `all` keeps both in the kernel as active.
         let state = if mode == "all" { "active" } else { "unhealthy" };

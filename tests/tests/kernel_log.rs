@@ -9,9 +9,7 @@ use anyhow::{Result, bail};
 use mesh_tests::{Agent, TestBackend, TestCgroup, run_probe};
 
 fn vip(last: u8) -> SocketAddr {
-    format!("127.21.{}.{last}:80", std::process::id() % 250 + 1)
-        .parse()
-        .unwrap()
+    mesh_tests::loopback_vip(21, last, 80)
 }
 
 /// One service `web` at `vip` with `backend`; `extra` goes into the

@@ -13,9 +13,7 @@ use mesh_agent::{bpf::Maps, config::parse_str, reconcile::service_keys};
 use mesh_tests::{Agent, TestBackend, TestCgroup, hold_connections, run_probe, spawn_probe};
 
 fn vip(last: u8) -> SocketAddr {
-    format!("127.15.{}.{last}:80", std::process::id() % 250 + 1)
-        .parse()
-        .unwrap()
+    mesh_tests::loopback_vip(15, last, 80)
 }
 
 fn config(vip: SocketAddr, backends: &[(&TestBackend, u32)]) -> String {

@@ -32,9 +32,7 @@ fn config(vip: SocketAddr, backends: &[(&TestBackend, u32)]) -> String {
 
 /// A unique loopback VIP per test, so tests running at once never share one.
 fn vip(last: u8) -> SocketAddr {
-    format!("127.10.{}.{last}:80", std::process::id() % 250 + 1)
-        .parse()
-        .unwrap()
+    mesh_tests::loopback_vip(10, last, 80)
 }
 
 /// Per-backend connection counts as `meshctl services -o json` reports them.

@@ -9,9 +9,7 @@ use mesh_tests::{Agent, TestBackend, TestCgroup, run_probe, spawn_probe};
 use serde_json::Value;
 
 fn vip(last: u8) -> SocketAddr {
-    format!("127.17.{}.{last}:80", std::process::id() % 250 + 1)
-        .parse()
-        .unwrap()
+    mesh_tests::loopback_vip(17, last, 80)
 }
 
 fn config(vip: SocketAddr, extra: &str, backends: &[&TestBackend]) -> String {

@@ -21,9 +21,7 @@ const WAIT: Duration = Duration::from_secs(10);
 
 /// A loopback IPv4 VIP unique to this test process.
 fn vip4(last: u8, port: u16) -> SocketAddr {
-    format!("127.15.{}.{last}:{port}", std::process::id() % 250 + 1)
-        .parse()
-        .unwrap()
+    mesh_tests::loopback_vip(15, last, port)
 }
 
 struct HttpResponse {

@@ -6,27 +6,15 @@
 use std::{net::SocketAddr, time::Duration};
 
 use anyhow::Result;
-use mesh_tests::{Agent, TestBackend, TestCgroup, UdpBackend, hold_and_watch, run_probe};
+use mesh_tests::{
+    Agent, TestBackend, TestCgroup, UdpBackend, hold_and_watch, one_service_yaml, run_probe,
+};
 use serde_json::Value;
 
 const WAIT: Duration = Duration::from_secs(10);
 
 fn vip(last: u8) -> SocketAddr {
-    format!("127.14.{}.{last}:80", std::process::id() % 250 + 1)
-        .parse()
-        .unwrap()
-}
-
-fn config(vip: SocketAddr, extra: &str, backends: &[SocketAddr]) -> String {
-    let mut yaml = format!(
-        "services:\n  - name: web\n    vip: {}\n    port: {}\n{extra}    backends:\n",
-        vip.ip(),
-        vip.port()
-    );
-    for b in backends {
-        yaml += &format!("      - {{address: {}, port: {}}}\n", b.ip(), b.port());
-    }
-    yaml
+    mesh_tests::loopback_vip(14, last, 80)
 }
 
 fn unix_ms() -> u64 {
@@ -43,12 +31,12 @@ fn tcp_sockets_of_a_removed_backend_are_destroyed_when_asked() -> Result<()> {
     let cgroup = TestCgroup::new("destroy")?;
     let vip = vip(1);
     let destroy = "    destroy_on_removal: true\n";
-    let agent = Agent::start(&config(vip, destroy, &[old.addr()]), &cgroup)?;
+    let agent = Agent::start(&one_service_yaml(vip, destroy, &[old.addr()]), &cgroup)?;
     let mut held = hold_and_watch(&cgroup, vip, 10, false, 5_000)?;
     assert_eq!(held.result.id_count(1), 10, "{:?}", held.result);
 
     let removed_at = unix_ms();
-    agent.write_config(&config(vip, destroy, &[new.addr()]))?;
+    agent.write_config(&one_service_yaml(vip, destroy, &[new.addr()]))?;
     agent.sighup()?;
     agent.wait_for_generation(2, WAIT)?;
 
@@ -79,10 +67,10 @@ fn tcp_sockets_are_left_alone_by_default() -> Result<()> {
     let new = TestBackend::new(2)?;
     let cgroup = TestCgroup::new("keep")?;
     let vip = vip(2);
-    let agent = Agent::start(&config(vip, "", &[old.addr()]), &cgroup)?;
+    let agent = Agent::start(&one_service_yaml(vip, "", &[old.addr()]), &cgroup)?;
     let mut held = hold_and_watch(&cgroup, vip, 10, false, 1_500)?;
 
-    agent.write_config(&config(vip, "", &[new.addr()]))?;
+    agent.write_config(&one_service_yaml(vip, "", &[new.addr()]))?;
     agent.sighup()?;
     agent.wait_for_generation(2, WAIT)?;
     let report = held.watch_report()?;
@@ -101,11 +89,11 @@ fn connected_udp_sockets_of_a_removed_backend_are_destroyed_by_default() -> Resu
     let cgroup = TestCgroup::new("udpdestroy")?;
     let vip = vip(3);
     let udp = "    protocol: udp\n";
-    let agent = Agent::start(&config(vip, udp, &[old.addr()]), &cgroup)?;
+    let agent = Agent::start(&one_service_yaml(vip, udp, &[old.addr()]), &cgroup)?;
     let mut held = hold_and_watch(&cgroup, vip, 10, true, 5_000)?;
     assert_eq!(held.result.id_count(1), 10, "{:?}", held.result);
 
-    agent.write_config(&config(vip, udp, &[new.addr()]))?;
+    agent.write_config(&one_service_yaml(vip, udp, &[new.addr()]))?;
     agent.sighup()?;
     agent.wait_for_generation(2, WAIT)?;
     let report = held.watch_report()?;
@@ -120,10 +108,10 @@ fn a_drain_timeout_keeps_old_connections_then_removes_the_backend() -> Result<()
     let cgroup = TestCgroup::new("draintimeout")?;
     let vip = vip(4);
     let drain = "    drain_timeout_seconds: 2\n    destroy_on_removal: true\n";
-    let agent = Agent::start(&config(vip, drain, &[old.addr()]), &cgroup)?;
+    let agent = Agent::start(&one_service_yaml(vip, drain, &[old.addr()]), &cgroup)?;
     let mut held = hold_and_watch(&cgroup, vip, 10, false, 8_000)?;
 
-    agent.write_config(&config(vip, drain, &[new.addr()]))?;
+    agent.write_config(&one_service_yaml(vip, drain, &[new.addr()]))?;
     agent.sighup()?;
     agent.wait_for_generation(2, WAIT)?;
     let draining_since = unix_ms();
