@@ -102,18 +102,8 @@ fn measure(ctx: &Ctx, n: u32) -> Result<BTreeMap<String, f64>> {
     let idle_kib = agent.rss_kib()?;
     let program = agent.program(n, ctx.setup_timeout)?;
     let programmed_kib = agent.rss_kib()?;
-    let changes = if n >= 100_000 {
-        ctx.changes.min(10)
-    } else {
-        ctx.changes
-    };
     let mut latencies = Vec::new();
-    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-    for c in 0..changes {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let i = (x % u64::from(n)) as u32;
+    for (c, i) in changes(ctx, n) {
         let old = agent.service(i).map(|v| v.generation).unwrap_or_default();
         let yaml = mesh_config(n, BACKENDS_PER_SERVICE, Some((i, c + 1)));
         let d = agent.reload(&yaml, ctx.setup_timeout, |a| {
@@ -123,12 +113,7 @@ fn measure(ctx: &Ctx, n: u32) -> Result<BTreeMap<String, f64>> {
     }
     let after_kib = agent.rss_kib()?;
     latencies.sort_by(f64::total_cmp);
-    let q = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1))
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
+    let q = |p: f64| nearest_rank(&latencies, p);
     drop(agent);
     Ok(BTreeMap::from([
         ("program_s".into(), program.as_secs_f64()),
@@ -205,17 +190,7 @@ fn measure_conf_d(ctx: &Ctx, n: u32) -> Result<BTreeMap<String, f64>> {
     }
     let programmed_kib = agent.rss_kib()?;
     let mut latencies = Vec::new();
-    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
-    let changes = if n >= 100_000 {
-        ctx.changes.min(10)
-    } else {
-        ctx.changes
-    };
-    for c in 0..changes {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        let i = (x % u64::from(n)) as u32;
+    for (c, i) in changes(ctx, n) {
         let old = agent.service(i).map(|v| v.generation).unwrap_or_default();
         let start = replace(i, &service_file(i, Some(c + 1)))?;
         loop {
@@ -235,12 +210,7 @@ fn measure_conf_d(ctx: &Ctx, n: u32) -> Result<BTreeMap<String, f64>> {
     }
     let after_kib = agent.rss_kib()?;
     latencies.sort_by(f64::total_cmp);
-    let q = |p: f64| {
-        latencies
-            .get(((latencies.len() as f64 * p).ceil() as usize).saturating_sub(1))
-            .copied()
-            .unwrap_or(f64::NAN)
-    };
+    let q = |p: f64| nearest_rank(&latencies, p);
     drop(agent);
     Ok(BTreeMap::from([
         ("change_p50_ms".into(), q(0.5)),
@@ -251,4 +221,31 @@ fn measure_conf_d(ctx: &Ctx, n: u32) -> Result<BTreeMap<String, f64>> {
         ("rss_mib".into(), programmed_kib as f64 / 1024.0),
         ("rss_after_changes_mib".into(), after_kib as f64 / 1024.0),
     ]))
+}
+
+/// The endpoint changes of a run at `n` services: (change number, index of
+/// the service changed), the services picked by a fixed xorshift so every
+/// run and layout changes the same ones. Fewer at 100,000 services, where
+/// each one-file reload takes longest.
+fn changes(ctx: &Ctx, n: u32) -> impl Iterator<Item = (u32, u32)> {
+    let count = if n >= 100_000 {
+        ctx.changes.min(10)
+    } else {
+        ctx.changes
+    };
+    let mut x: u64 = 0x2545_F491_4F6C_DD1D;
+    (0..count).map(move |c| {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        (c, (x % u64::from(n)) as u32)
+    })
+}
+
+/// The `p` quantile of `sorted` by nearest rank (NaN when it is empty).
+fn nearest_rank(sorted: &[f64], p: f64) -> f64 {
+    sorted
+        .get(((sorted.len() as f64 * p).ceil() as usize).saturating_sub(1))
+        .copied()
+        .unwrap_or(f64::NAN)
 }
