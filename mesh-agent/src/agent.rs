@@ -177,22 +177,23 @@ impl Shared {
     /// switches read-modify-write the same `MESH_CONFIG` word.
     pub fn set_debug_log(&self, on: bool) -> Result<(), KernelLogError> {
         let _redirect = self.redirect.lock();
-        let mut switch = self.debug_log.lock().unwrap_or_else(|p| p.into_inner());
-        switch.set(on)?;
+        self.debug_log().set(on)?;
         info!(on, "kernel debug log switched");
         Ok(())
     }
 
     pub fn debug_log_enabled(&self) -> bool {
-        self.debug_log
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .enabled()
+        self.debug_log().enabled()
+    }
+
+    fn debug_log(&self) -> MutexGuard<'_, DebugLogSwitch> {
+        // Every write leaves the switch consistent, so a poisoned lock is usable.
+        self.debug_log.lock().unwrap_or_else(|p| p.into_inner())
     }
 
     pub fn status(&self) -> StatusResponse {
         let (kernel_debug_log, sites) = {
-            let switch = self.debug_log.lock().unwrap_or_else(|p| p.into_inner());
+            let switch = self.debug_log();
             (switch.enabled(), switch.sites())
         };
         let inner = self.lock();
