@@ -460,6 +460,7 @@ fn service(
         policy,
         drain_timeout_s,
         destroy_on_removal: raw.destroy_on_removal,
+        same_node_redirect: raw.same_node_redirect.unwrap_or(true),
         health_check,
         outlier_detection,
         panic_mode,
@@ -867,6 +868,7 @@ services:
             policy: Policy::default(),
             drain_timeout_s: 0,
             destroy_on_removal: None,
+            same_node_redirect: true,
             health_check: None,
             outlier_detection: None,
             panic_mode: PanicMode::All,
@@ -946,7 +948,7 @@ services:
             "unknown field `colour`; remove it or fix its spelling (known fields here: name, vip, \
              port, protocol, algorithm, allow_empty, drain_timeout_seconds, destroy_on_removal, \
              health_check, outlier_detection, panic_mode, affinity, affinity_timeout_seconds, \
-             policy, backends)",
+             policy, same_node_redirect, backends)",
             5,
             5,
         );

@@ -9,11 +9,12 @@
 //! refreshed periodically, plus those given with `--local-address`.
 //! Loopback is always local and never stored.
 
+mod exclusions;
 mod workloads;
 
 use std::{
     collections::BTreeSet,
-    net::IpAddr,
+    net::{IpAddr, SocketAddr},
     path::{Path, PathBuf},
     sync::{Arc, Mutex, MutexGuard},
     time::Duration,
@@ -21,15 +22,19 @@ use std::{
 
 use aya::maps::{Array, Map, MapData, MapError};
 use mesh_common::{
-    CONFIG_FLAG_SAME_NODE_REDIRECT, ConfigValue, FAMILY_V4, FAMILY_V6, LocalAddrKey, map_names,
-    redirect_limits,
+    CONFIG_FLAG_SAME_NODE_REDIRECT, ConfigValue, EndpointKey, FAMILY_V4, FAMILY_V6, LocalAddrKey,
+    map_names, redirect_limits, redirect_map_names,
 };
 use tracing::{info, warn};
 
 use crate::{
     admin::{RedirectCounters, RedirectResponse},
     bpf::RedirectMaps,
+    state::Service,
 };
+
+use exclusions::Exclusions;
+pub use exclusions::Plan as ExclusionPlan;
 
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
@@ -55,6 +60,15 @@ pub enum RedirectError {
         "{count} --redirect-exclude-port values do not fit in {map} ({capacity} ports); exclude fewer ports"
     )]
     TooManyPorts {
+        map: &'static str,
+        capacity: u32,
+        count: usize,
+    },
+    #[error(
+        "services with `same_node_redirect: false` have {count} backend endpoints; {map} holds \
+         {capacity}"
+    )]
+    TooManyEndpoints {
         map: &'static str,
         capacity: u32,
         count: usize,
@@ -98,6 +112,8 @@ pub struct Redirect {
     workload_namespaces: usize,
     /// Addresses left out by the last sync because two namespaces have them.
     ambiguous: BTreeSet<IpAddr>,
+    /// Backends of services that opted out, as MESH_EXCL_EP holds them.
+    exclusions: Exclusions,
 }
 
 /// Shared between the agent's loop, the refresher and the admin API.
@@ -150,6 +166,7 @@ impl Redirect {
             programmed: BTreeSet::new(),
             workload_namespaces: 0,
             ambiguous: BTreeSet::new(),
+            exclusions: Exclusions::default(),
         };
         redirect.recover_programmed();
         redirect.sync_excluded_ports()?;
@@ -202,6 +219,66 @@ impl Redirect {
             .filter_map(Result::ok)
             .collect();
         self.programmed = keys.iter().filter_map(addr_of_key).collect();
+        let endpoints: Vec<SocketAddr> = self
+            .maps
+            .excluded_endpoints
+            .keys()
+            .filter_map(Result::ok)
+            .filter_map(|k| endpoint_of_key(&k))
+            .collect();
+        self.exclusions = Exclusions::recovered(endpoints);
+    }
+
+    /// What `changes` (old, new service) make of the opted-out endpoints;
+    /// the map is not touched.
+    pub fn plan_exclusions<'a>(
+        &self,
+        changes: impl IntoIterator<Item = (Option<&'a Service>, Option<&'a Service>)>,
+    ) -> ExclusionPlan {
+        self.exclusions.plan(changes)
+    }
+
+    /// Writes the endpoints the plan brings, before the services' maps
+    /// change. On failure nothing it wrote stays.
+    pub fn exclude(&mut self, plan: &ExclusionPlan) -> Result<(), RedirectError> {
+        let map = redirect_map_names::EXCLUDED_ENDPOINTS;
+        let count = self.exclusions.planned(plan);
+        if count > redirect_limits::MAX_EXCLUDED_ENDPOINTS as usize {
+            return Err(RedirectError::TooManyEndpoints {
+                map,
+                capacity: redirect_limits::MAX_EXCLUDED_ENDPOINTS,
+                count,
+            });
+        }
+        for (i, ep) in plan.added.iter().enumerate() {
+            if let Err(source) = self.maps.excluded_endpoints.insert(endpoint_key(*ep), 1, 0) {
+                self.unexclude(&plan.added[..i]);
+                return Err(RedirectError::Write { map, source });
+            }
+        }
+        Ok(())
+    }
+
+    /// Takes back what `exclude` wrote, when the apply was refused.
+    pub fn abandon(&mut self, plan: ExclusionPlan) {
+        self.unexclude(&plan.added);
+    }
+
+    /// The apply went through: the plan is the state, and endpoints no
+    /// longer opted out leave the map (a failed delete is retried by the
+    /// next apply; an endpoint left over only stays off the fast path).
+    pub fn commit_exclusions(&mut self, plan: ExclusionPlan) {
+        let gone = self.exclusions.commit(plan);
+        self.unexclude(&gone);
+    }
+
+    fn unexclude(&mut self, endpoints: &[SocketAddr]) {
+        for ep in endpoints {
+            match self.maps.excluded_endpoints.remove(&endpoint_key(*ep)) {
+                Ok(()) | Err(MapError::KeyNotFound) => self.exclusions.removed(ep),
+                Err(e) => warn!(endpoint = %ep, "cannot remove a redirect exclusion: {e}"),
+            }
+        }
     }
 
     /// Makes `MESH_REDIR_EXCL` hold exactly the excluded ports (an earlier
@@ -317,6 +394,7 @@ impl Redirect {
                 .into_iter()
                 .collect(),
             ambiguous_addresses: self.ambiguous.iter().copied().collect(),
+            excluded_endpoints: self.exclusions.endpoints(),
             counters: RedirectCounters {
                 sockets_added: s.sockets_added,
                 sockets_failed: s.sockets_failed,
@@ -353,6 +431,26 @@ pub fn key_of(addr: IpAddr) -> LocalAddrKey {
             }
         }
     }
+}
+
+/// The `MESH_EXCL_EP` key of a backend endpoint.
+fn endpoint_key(ep: SocketAddr) -> EndpointKey {
+    let LocalAddrKey { addr, family, .. } = key_of(ep.ip());
+    EndpointKey {
+        addr,
+        port: ep.port().to_be(),
+        family,
+        _pad: 0,
+    }
+}
+
+fn endpoint_of_key(key: &EndpointKey) -> Option<SocketAddr> {
+    let ip = addr_of_key(&LocalAddrKey {
+        addr: key.addr,
+        family: key.family,
+        _pad: [0; 3],
+    })?;
+    Some(SocketAddr::new(ip, u16::from_be(key.port)))
 }
 
 fn addr_of_key(key: &LocalAddrKey) -> Option<IpAddr> {
@@ -418,6 +516,16 @@ mod tests {
         assert_eq!(k6.family, FAMILY_V6);
         assert_eq!(k6.addr[0].to_ne_bytes(), [0xfd, 0, 0, 0]);
         assert_eq!(addr_of_key(&k6), Some(v6));
+    }
+
+    #[test]
+    fn endpoint_keys_round_trip_with_the_port_in_network_order() {
+        for ep in ["10.1.2.3:8080", "[fd00::7]:443"] {
+            let ep: SocketAddr = ep.parse().unwrap();
+            let k = endpoint_key(ep);
+            assert_eq!(k.port.to_ne_bytes(), ep.port().to_be_bytes());
+            assert_eq!(endpoint_of_key(&k), Some(ep));
+        }
     }
 
     #[test]

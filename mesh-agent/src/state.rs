@@ -98,6 +98,11 @@ pub struct Service {
     /// Destroy established sockets to a backend when it is removed, so
     /// clients reconnect instead of hanging. `None`: UDP sockets yes, TCP no.
     pub destroy_on_removal: Option<bool>,
+    /// Connections to the backends may use same-node redirect (when it is
+    /// on for the node). `false` keeps them on the normal TCP path, for
+    /// workloads that read in ways sockmap cannot serve (splice from the
+    /// socket) or that mind a blocking read returning EAGAIN once.
+    pub same_node_redirect: bool,
     /// Active health checking of the backends.
     pub health_check: Option<HealthCheck>,
     /// Passive detection: eject backends whose connects keep failing.

@@ -13,12 +13,14 @@ pub mod redirect_map_names {
     pub const LOCAL_ADDRS: &str = "MESH_LOCAL_ADDR";
     pub const REDIRECT_STATS: &str = "MESH_REDIR_STAT";
     pub const EXCLUDED_PORTS: &str = "MESH_REDIR_EXCL";
-    pub const ALL: [&str; 5] = [
+    pub const EXCLUDED_ENDPOINTS: &str = "MESH_EXCL_EP";
+    pub const ALL: [&str; 6] = [
         SOCKS,
         SOCK_STATE,
         LOCAL_ADDRS,
         REDIRECT_STATS,
         EXCLUDED_PORTS,
+        EXCLUDED_ENDPOINTS,
     ];
 }
 
@@ -40,6 +42,8 @@ pub mod redirect_limits {
     pub const MAX_LOCAL_ADDRS: u32 = 16_384;
     /// Ports whose connections are never redirected.
     pub const MAX_EXCLUDED_PORTS: u32 = 1024;
+    /// Backend endpoints of services that opted out of redirect.
+    pub const MAX_EXCLUDED_ENDPOINTS: u32 = 65_536;
 }
 
 /// Key of `MESH_SOCKS` and `MESH_SOCK_STATE`: one socket's own view of its
@@ -106,6 +110,21 @@ pub struct LocalAddrKey {
     pub _pad: [u8; 3],
 }
 
+/// Key of `MESH_EXCL_EP`: a backend endpoint of a service configured with
+/// `same_node_redirect: false`. A connection with either end here is never
+/// redirected, so its server socket is never in the sockhash either (and
+/// reads it exactly as with redirect off).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, PartialOrd, Ord, Hash)]
+pub struct EndpointKey {
+    /// IPv4: the address in `addr[0]`, the rest zero. Network byte order.
+    pub addr: [u32; 4],
+    /// Network byte order.
+    pub port: u16,
+    pub family: u8,
+    pub _pad: u8,
+}
+
 /// Per-CPU counters of same-node redirect (single entry, index 0).
 #[repr(C)]
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -115,7 +134,8 @@ pub struct RedirectStats {
     /// Sockets that could not be put in the sockhash (map full, ULP, …).
     pub sockets_failed: u64,
     /// ESTABLISHED sockets left alone: an end is not node-local, an end's
-    /// port is excluded (`MESH_REDIR_EXCL`), payload was already exchanged
+    /// port is excluded (`MESH_REDIR_EXCL`) or is a backend of a service that
+    /// opted out (`MESH_EXCL_EP`), payload was already exchanged
     /// (TCP Fast Open), the switch is off, or the agent's own.
     pub sockets_skipped: u64,
     pub msgs_redirected: u64,
@@ -142,6 +162,7 @@ impl core::ops::AddAssign for RedirectStats {
 const _: () = {
     assert!(core::mem::size_of::<SockKey>() == 48);
     assert!(core::mem::size_of::<LocalAddrKey>() == 20);
+    assert!(core::mem::size_of::<EndpointKey>() == 20);
     assert!(core::mem::size_of::<RedirectStats>() == 56);
 };
 
@@ -152,5 +173,6 @@ mod pod {
     // pattern is valid.
     unsafe impl aya::Pod for SockKey {}
     unsafe impl aya::Pod for LocalAddrKey {}
+    unsafe impl aya::Pod for EndpointKey {}
     unsafe impl aya::Pod for RedirectStats {}
 }

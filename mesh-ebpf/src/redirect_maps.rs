@@ -5,7 +5,7 @@ use aya_ebpf::{
     macros::map,
     maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
 };
-use mesh_common::{LocalAddrKey, RedirectStats, SockKey, redirect_limits};
+use mesh_common::{EndpointKey, LocalAddrKey, RedirectStats, SockKey, redirect_limits};
 
 /// Node-local TCP sockets by their own 4-tuple; `mesh_redir_msg` is
 /// attached to it. The kernel removes a socket when it closes.
@@ -31,6 +31,12 @@ pub static MESH_LOCAL_ADDR: HashMap<LocalAddrKey, u32> =
 #[map(name = "MESH_REDIR_EXCL")]
 pub static MESH_REDIR_EXCL: HashMap<u16, u32> =
     HashMap::pinned(redirect_limits::MAX_EXCLUDED_PORTS, 0);
+
+/// Backend endpoints of services with `same_node_redirect: false`, written
+/// by the agent: connections with either end here stay on the normal path.
+#[map(name = "MESH_EXCL_EP")]
+pub static MESH_EXCL_EP: HashMap<EndpointKey, u32> =
+    HashMap::pinned(redirect_limits::MAX_EXCLUDED_ENDPOINTS, 0);
 
 #[map(name = "MESH_REDIR_STAT")]
 pub static MESH_REDIR_STAT: PerCpuArray<RedirectStats> = PerCpuArray::pinned(1, 0);

@@ -14,12 +14,12 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 use core::ptr::{addr_of, read_volatile};
-use mesh_common::{SOCK_REDIRECT_OK, SockKey};
+use mesh_common::{EndpointKey, SOCK_REDIRECT_OK, SockKey};
 
 use crate::{
     lb,
     redirect::{self, Tuple, read_ip6},
-    redirect_maps::{MESH_REDIR_EXCL, MESH_SOCK_STATE, MESH_SOCKS},
+    redirect_maps::{MESH_EXCL_EP, MESH_REDIR_EXCL, MESH_SOCK_STATE, MESH_SOCKS},
 };
 
 #[sock_ops]
@@ -131,13 +131,26 @@ fn local_key(ops: *mut bpf_sock_ops) -> Option<SockKey> {
     Some(key)
 }
 
-/// An end's port is excluded by the operator. Both ends are checked, so
-/// the client and the server side of an excluded service both stay out.
+/// An end's port is excluded by the operator, or an end is a backend of a
+/// service that opted out. Both ends are checked, so the client and the
+/// server side of such a connection both stay out.
 #[inline(always)]
 fn excluded(key: &SockKey) -> bool {
+    let endpoint = |addr: [u32; 4], port: u16| EndpointKey {
+        addr,
+        port,
+        family: key.family,
+        _pad: 0,
+    };
     unsafe {
         MESH_REDIR_EXCL.get(key.local_port).is_some()
             || MESH_REDIR_EXCL.get(key.remote_port).is_some()
+            || MESH_EXCL_EP
+                .get(endpoint(key.local_addr, key.local_port))
+                .is_some()
+            || MESH_EXCL_EP
+                .get(endpoint(key.remote_addr, key.remote_port))
+                .is_some()
     }
 }
 

@@ -1008,14 +1008,22 @@ pub fn client_epoll(target: SocketAddr, p: &Params) -> Result<BulkReport> {
 }
 
 /// Both sides in this process: a listener on `bind`, the server in a thread.
-/// The server's report is merged into the client's (observations prefixed
-/// by nothing: keys do not overlap).
-pub fn run_local(sc: Scenario, bind: SocketAddr, p: &Params) -> Result<BulkReport> {
-    if !target_allowed(&bind) {
-        bail!("{bind} is not loopback and this is the host's network namespace");
+/// The client connects to `target` (a service VIP balanced to `bind`), or
+/// to the listener itself. The server's report is merged into the client's
+/// (observations prefixed by nothing: keys do not overlap).
+pub fn run_local(
+    sc: Scenario,
+    bind: SocketAddr,
+    target: Option<SocketAddr>,
+    p: &Params,
+) -> Result<BulkReport> {
+    for a in [Some(bind), target].into_iter().flatten() {
+        if !target_allowed(&a) {
+            bail!("{a} is not loopback and this is the host's network namespace");
+        }
     }
     let listener = TcpListener::bind(bind).with_context(|| format!("binding {bind}"))?;
-    let addr = listener.local_addr()?;
+    let addr = target.unwrap_or(listener.local_addr()?);
     let params = p.clone();
     let server = std::thread::spawn(move || -> Result<BulkReport> {
         if sc == Scenario::Epoll {
@@ -1102,7 +1110,7 @@ mod tests {
             timeout: Duration::from_secs(20),
             hold_until: None,
         };
-        run_local(sc, "127.0.0.1:0".parse().unwrap(), &p).unwrap()
+        run_local(sc, "127.0.0.1:0".parse().unwrap(), None, &p).unwrap()
     }
 
     #[test]

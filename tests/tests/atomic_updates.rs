@@ -43,6 +43,7 @@ fn desired(vip: SocketAddr, backends: &[(&TestBackend, u32)]) -> DesiredState {
             health_check: None,
             outlier_detection: None,
             panic_mode: PanicMode::All,
+            same_node_redirect: true,
             backends: backends
                 .iter()
                 .map(|(b, weight)| Backend {

@@ -472,6 +472,106 @@ fn a_splice_reader_on_an_excluded_port_gets_every_byte_with_redirect_on() -> Res
     Ok(())
 }
 
+/// A service with `same_node_redirect: false`: the connections its VIP
+/// balances stay on TCP at both ends, so a splice() reader gets every byte
+/// and half-close is exactly as with the switch off (EAGAIN included);
+/// a reload that opts back in lets the next connection be redirected.
+#[test]
+fn a_service_that_opts_out_keeps_its_connections_on_tcp_until_it_opts_back_in() -> Result<()> {
+    let cgroup = TestCgroup::new("redir-optout")?;
+    let ns = TestNetns::new("redir-optout")?;
+    let vip = mesh_tests::loopback_vip(22, 1, 80).to_string();
+    let backend: std::net::SocketAddr = "127.0.0.1:7421".parse()?;
+    let service =
+        |extra: &str| mesh_tests::one_service_yaml(vip.parse().unwrap(), extra, &[backend]);
+    let agent = Agent::start(&service("    same_node_redirect: false\n"), &cgroup)?;
+    let v = counters(&agent)?;
+    assert_eq!(
+        v["excluded_endpoints"],
+        serde_json::json!(["127.0.0.1:7421"]),
+        "{v}"
+    );
+    let text = String::from_utf8_lossy(&agent.meshctl(&["redirect"])?.stdout).to_string();
+    assert!(
+        text.contains("excluded endpoints") && text.contains("127.0.0.1:7421"),
+        "{text}"
+    );
+    // Both sides in the test namespace; the client connects to the VIP.
+    let via_vip = |scenario: &str, bytes: u64| {
+        let bytes = bytes.to_string();
+        let args = [
+            "local",
+            "--scenario",
+            scenario,
+            "--bind",
+            "127.0.0.1:7421",
+            "--target",
+            &vip,
+            "--bytes",
+            &bytes,
+        ];
+        run_bulk(&cgroup, Some(&ns), &args, LIMIT)
+    };
+
+    // Redirected, this reader would see EOF without the redirected bytes.
+    let before = counters(&agent)?;
+    let r = via_vip("splice-rx", 0)?;
+    assert_ok(&r);
+    let after = counters(&agent)?;
+    for name in ["sockets_added", "bytes_redirected"] {
+        assert_eq!(
+            counter(&after, name),
+            counter(&before, name),
+            "{name}: {after}"
+        );
+    }
+    assert!(
+        counter(&after, "sockets_skipped") >= counter(&before, "sockets_skipped") + 2,
+        "{after}"
+    );
+
+    let on = via_vip("half-close", 0)?;
+    assert_ok(&on);
+    switch(&agent, false)?;
+    let off = via_vip("half-close", 0)?;
+    assert_ok(&off);
+    switch(&agent, true)?;
+    assert_eq!(
+        on.observed, off.observed,
+        "half-close behind an opted-out service"
+    );
+    assert_eq!(
+        on.observed.get("eagain_retries").map(String::as_str),
+        Some("0")
+    );
+
+    // Whether a 16 MiB transfer through the VIP is redirected, once the
+    // agent shows `excluded` as its excluded endpoints.
+    let redirected = |agent: &Agent, excluded: Value| -> Result<bool> {
+        let deadline = std::time::Instant::now() + Duration::from_secs(10);
+        while counters(agent)?["excluded_endpoints"] != excluded {
+            assert!(std::time::Instant::now() < deadline, "{}", agent.log());
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let before = counter(&counters(agent)?, "bytes_redirected");
+        let r = via_vip("bulk", 16 * MIB)?;
+        assert_ok(&r);
+        Ok(counter(&counters(agent)?, "bytes_redirected") >= before + 16 * MIB)
+    };
+    // An agent that restarts with the service opted back in removes what
+    // the earlier one left in the pinned map; reloads follow either way.
+    let mut agent = agent;
+    agent.kill()?;
+    agent.write_config(&service(""))?;
+    agent.kill_and_restart(&[])?;
+    assert!(redirected(&agent, serde_json::json!([]))?);
+    agent.write_config(&service("    same_node_redirect: false\n"))?;
+    assert!(!redirected(&agent, serde_json::json!(["127.0.0.1:7421"]))?);
+    agent.write_config(&service(""))?;
+    assert!(redirected(&agent, serde_json::json!([]))?);
+    Ok(())
+}
+
 #[test]
 fn a_bad_excluded_port_is_refused_with_a_clear_error() -> Result<()> {
     let cgroup = TestCgroup::new("redir-badport")?;

@@ -2,7 +2,7 @@
 //! counters. `GET` shows them; `POST {"enabled": true|false}` flips the
 //! switch at runtime (the programs stay attached).
 
-use std::net::IpAddr;
+use std::net::{IpAddr, SocketAddr};
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -32,6 +32,10 @@ pub struct RedirectResponse {
     /// Ports whose connections are never redirected (`--redirect-exclude-port`).
     #[serde(default)]
     pub exclude_ports: Vec<u16>,
+    /// Backends of services with `same_node_redirect: false`: connections
+    /// with either end here are never redirected.
+    #[serde(default)]
+    pub excluded_endpoints: Vec<SocketAddr>,
     pub counters: RedirectCounters,
 }
 

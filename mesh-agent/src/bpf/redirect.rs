@@ -17,7 +17,7 @@ use aya::{
     programs::{CgroupAttachMode, SkMsg, SockOps, links::FdLink},
 };
 use mesh_common::{
-    LocalAddrKey, RedirectStats, SockKey, redirect_map_names, redirect_program_names,
+    EndpointKey, LocalAddrKey, RedirectStats, SockKey, redirect_map_names, redirect_program_names,
 };
 
 use super::{BpfError, MapsError, error_chain};
@@ -119,6 +119,8 @@ pub struct RedirectMaps {
     pub stats: PerCpuArray<MapData, RedirectStats>,
     /// Ports (network byte order) never redirected.
     pub excluded_ports: HashMap<MapData, u16, u32>,
+    /// Backends of services that opted out of redirect.
+    pub excluded_endpoints: HashMap<MapData, EndpointKey, u32>,
 }
 
 impl RedirectMaps {
@@ -156,6 +158,7 @@ impl RedirectMaps {
             local_addrs: typed!(redirect_map_names::LOCAL_ADDRS),
             stats: typed!(redirect_map_names::REDIRECT_STATS),
             excluded_ports: typed!(redirect_map_names::EXCLUDED_PORTS),
+            excluded_endpoints: typed!(redirect_map_names::EXCLUDED_ENDPOINTS),
         })
     }
 

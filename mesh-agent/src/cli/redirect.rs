@@ -69,6 +69,15 @@ pub fn render(r: &RedirectResponse) -> String {
             ports.join(", ")
         },
     ]);
+    let endpoints: Vec<String> = r.excluded_endpoints.iter().map(|e| e.to_string()).collect();
+    t.row([
+        "excluded endpoints",
+        &if endpoints.is_empty() {
+            "(none)".to_owned()
+        } else {
+            endpoints.join(", ")
+        },
+    ]);
     if !r.ambiguous_addresses.is_empty() {
         let amb: Vec<String> = r
             .ambiguous_addresses

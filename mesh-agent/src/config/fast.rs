@@ -160,6 +160,7 @@ pub(super) fn item(text: &str) -> Option<Spanned<RawService>> {
         affinity: None,
         affinity_timeout_seconds: None,
         policy: None,
+        same_node_redirect: None,
         backends: None,
     };
     let mut key_indent = None;
@@ -206,6 +207,7 @@ pub(super) fn item(text: &str) -> Option<Spanned<RawService>> {
             "allow_empty" => set(&mut raw.allow_empty, plain_bool(scalar(value)?))?,
             "destroy_on_removal" => set(&mut raw.destroy_on_removal, plain_bool(scalar(value)?))?,
             "affinity" => set(&mut raw.affinity, plain_bool(scalar(value)?))?,
+            "same_node_redirect" => set(&mut raw.same_node_redirect, plain_bool(scalar(value)?))?,
             "drain_timeout_seconds" => set(
                 &mut raw.drain_timeout_seconds,
                 plain_int(scalar(value)?).map(spanned),
@@ -313,6 +315,7 @@ mod tests {
             "algorithm",
             "allow_empty",
             "affinity",
+            "same_node_redirect",
             "drain_timeout_seconds",
             "panic_mode",
             "weight",

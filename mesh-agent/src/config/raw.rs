@@ -32,6 +32,7 @@ pub(super) struct RawService {
     pub affinity: Option<bool>,
     pub affinity_timeout_seconds: Option<Spanned<Int>>,
     pub policy: Option<Spanned<RawPolicy>>,
+    pub same_node_redirect: Option<bool>,
     pub backends: Option<Spanned<Vec<Spanned<RawBackend>>>>,
 }
 

@@ -1,7 +1,7 @@
 //! mesh-bulk: byte-exact data-path scenarios for same-node redirect (see
 //! mesh_tests::bulk). Prints one JSON object (mesh_tests::BulkReport).
 //!
-//! mesh-bulk local  --scenario S [--bind IP:PORT] [--bytes N] [--conns N] [--timeout-ms T]
+//! mesh-bulk local  --scenario S [--bind IP:PORT] [--target IP:PORT] [--bytes N] [--conns N] [--timeout-ms T]
 //! mesh-bulk serve  --scenario S --bind IP:PORT [--conns N] [--timeout-ms T] [--hold-until FILE]
 //! mesh-bulk client --scenario S --target IP:PORT [--bytes N] [--conns N] [--timeout-ms T]
 //!
@@ -59,7 +59,7 @@ fn run() -> anyhow::Result<String> {
     let sc = scenario.ok_or_else(|| anyhow::anyhow!("--scenario is required"))?;
     bulk::raise_fd_limit();
     let report = match mode.as_str() {
-        "local" => bulk::run_local(sc, bind, &p)?,
+        "local" => bulk::run_local(sc, bind, target, &p)?,
         "serve" => {
             if !bulk::target_allowed(&bind) {
                 anyhow::bail!("{bind} is not loopback and this is the host's network namespace");

@@ -1,0 +1,227 @@
+//! Services that opt out of same-node redirect (`same_node_redirect: false`):
+//! their backend endpoints go in `MESH_EXCL_EP`, which the redirect
+//! sock_ops checks for both ends of a connection, so neither the client's
+//! nor the backend's socket enters the sockhash and the workload reads its
+//! socket exactly as with redirect off.
+//!
+//! Kept in step with each apply's changed services only (a walk of every
+//! service would cost the endpoint-change latency at 100k services).
+//! Services may share a backend, so each endpoint counts the opted-out
+//! services that list it and leaves the map when the last one goes.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::SocketAddr;
+
+use mesh_common::PROTO_TCP;
+
+use crate::state::Service;
+
+/// What `MESH_EXCL_EP` holds, as this agent wrote it.
+#[derive(Debug, Default)]
+pub struct Exclusions {
+    /// Endpoint → how many opted-out services list it.
+    counts: BTreeMap<SocketAddr, u32>,
+    /// In the map but no longer wanted: an earlier agent's entries, or a
+    /// delete that failed. The next commit removes them.
+    stale: BTreeSet<SocketAddr>,
+}
+
+/// The exclusions after a set of service changes, computed without
+/// touching the map.
+#[derive(Debug, Default)]
+pub struct Plan {
+    /// None: no change involves an opted-out service.
+    counts: Option<BTreeMap<SocketAddr, u32>>,
+    /// Endpoints to write before the services' own maps change, so no
+    /// connection to a new opted-out backend is redirected.
+    pub added: Vec<SocketAddr>,
+}
+
+/// The endpoints `svc` keeps off the redirect path (TCP only: redirect
+/// never sees UDP).
+fn endpoints(svc: Option<&Service>) -> BTreeSet<SocketAddr> {
+    match svc {
+        Some(s) if !s.same_node_redirect && s.protocol.ip_protocols().contains(&PROTO_TCP) => {
+            s.backends.iter().map(|b| b.socket_addr()).collect()
+        }
+        _ => BTreeSet::new(),
+    }
+}
+
+impl Exclusions {
+    /// Starts from what an earlier agent left in the map: all of it stale
+    /// until the first apply says what is wanted.
+    pub fn recovered(in_map: impl IntoIterator<Item = SocketAddr>) -> Self {
+        Exclusions {
+            counts: BTreeMap::new(),
+            stale: in_map.into_iter().collect(),
+        }
+    }
+
+    /// `changes`: (old, new) of each changed service.
+    pub fn plan<'a>(
+        &self,
+        changes: impl IntoIterator<Item = (Option<&'a Service>, Option<&'a Service>)>,
+    ) -> Plan {
+        let mut counts: Option<BTreeMap<SocketAddr, u32>> = None;
+        for (old, new) in changes {
+            let (gone, come) = (endpoints(old), endpoints(new));
+            if gone.is_empty() && come.is_empty() {
+                continue;
+            }
+            let counts = counts.get_or_insert_with(|| self.counts.clone());
+            for ep in gone {
+                if let Some(n) = counts.get_mut(&ep) {
+                    *n -= 1;
+                    if *n == 0 {
+                        counts.remove(&ep);
+                    }
+                }
+            }
+            for ep in come {
+                *counts.entry(ep).or_default() += 1;
+            }
+        }
+        let added = counts.as_ref().map_or_else(Vec::new, |c| {
+            c.keys()
+                .filter(|ep| !self.counts.contains_key(ep))
+                .copied()
+                .collect()
+        });
+        Plan { counts, added }
+    }
+
+    /// Takes the plan as the new state; returns every endpoint the map
+    /// should now lose (the ones no longer wanted, and earlier stale ones).
+    pub fn commit(&mut self, plan: Plan) -> Vec<SocketAddr> {
+        if let Some(counts) = plan.counts {
+            let dropped: Vec<SocketAddr> = self
+                .counts
+                .keys()
+                .filter(|ep| !counts.contains_key(ep))
+                .copied()
+                .collect();
+            self.stale.extend(dropped);
+            self.counts = counts;
+        }
+        let counts = &self.counts;
+        self.stale.retain(|ep| !counts.contains_key(ep));
+        self.stale.iter().copied().collect()
+    }
+
+    /// An endpoint the map lost (or that was not there).
+    pub fn removed(&mut self, ep: &SocketAddr) {
+        self.stale.remove(ep);
+    }
+
+    /// How many endpoints the plan excludes.
+    pub fn planned(&self, plan: &Plan) -> usize {
+        plan.counts
+            .as_ref()
+            .map_or(self.counts.len(), BTreeMap::len)
+    }
+
+    /// The endpoints now excluded, in order.
+    pub fn endpoints(&self) -> Vec<SocketAddr> {
+        self.counts.keys().copied().collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::parse_str;
+
+    fn service(yaml_extra: &str, backends: &[&str]) -> Service {
+        let mut yaml = format!(
+            "services:\n  - name: web\n    vip: 127.0.0.5\n    port: 80\n{yaml_extra}    backends:\n"
+        );
+        for b in backends {
+            let (addr, port) = b.rsplit_once(':').unwrap();
+            let addr = addr.trim_start_matches('[').trim_end_matches(']');
+            yaml += &format!("      - {{address: '{addr}', port: {port}}}\n");
+        }
+        let state = parse_str(&yaml, "test").unwrap();
+        state.services[0].clone()
+    }
+
+    fn ep(s: &str) -> SocketAddr {
+        s.parse().unwrap()
+    }
+
+    fn apply(ex: &mut Exclusions, changes: &[(Option<&Service>, Option<&Service>)]) -> Vec<String> {
+        let plan = ex.plan(changes.iter().copied());
+        let removed = ex.commit(plan);
+        for r in &removed {
+            ex.removed(r);
+        }
+        removed.iter().map(ToString::to_string).collect()
+    }
+
+    #[test]
+    fn only_opted_out_tcp_services_exclude_their_backends() {
+        let ex = Exclusions::default();
+        let on = service("", &["127.0.0.1:81"]);
+        let off = service(
+            "    same_node_redirect: false\n",
+            &["127.0.0.1:82", "127.0.0.2:82"],
+        );
+        let udp = service(
+            "    protocol: udp\n    same_node_redirect: false\n",
+            &["127.0.0.1:83"],
+        );
+        let plan = ex.plan([(None, Some(&on)), (None, Some(&off)), (None, Some(&udp))]);
+        assert_eq!(plan.added, vec![ep("127.0.0.1:82"), ep("127.0.0.2:82")]);
+        let none = ex.plan([(None, Some(&on)), (Some(&on), None)]);
+        assert!(none.added.is_empty() && none.counts.is_none());
+    }
+
+    #[test]
+    fn a_shared_backend_stays_excluded_until_its_last_service_goes() {
+        let mut ex = Exclusions::default();
+        let a = service("    same_node_redirect: false\n", &["127.0.0.1:90"]);
+        let b = service(
+            "    same_node_redirect: false\n",
+            &["127.0.0.1:90", "127.0.0.1:91"],
+        );
+        let b_on = service("", &["127.0.0.1:90", "127.0.0.1:91"]);
+        assert!(apply(&mut ex, &[(None, Some(&a)), (None, Some(&b))]).is_empty());
+        assert_eq!(ex.endpoints(), vec![ep("127.0.0.1:90"), ep("127.0.0.1:91")]);
+        // b switches redirect back on: 91 goes, 90 stays for a.
+        assert_eq!(apply(&mut ex, &[(Some(&b), Some(&b_on))]), ["127.0.0.1:91"]);
+        assert_eq!(ex.endpoints(), vec![ep("127.0.0.1:90")]);
+        assert_eq!(apply(&mut ex, &[(Some(&a), None)]), ["127.0.0.1:90"]);
+        assert!(ex.endpoints().is_empty());
+    }
+
+    #[test]
+    fn an_earlier_agents_entries_go_unless_wanted_again() {
+        let mut ex = Exclusions::recovered([ep("127.0.0.1:90"), ep("127.0.0.1:99")]);
+        let a = service("    same_node_redirect: false\n", &["127.0.0.1:90"]);
+        let plan = ex.plan([(None, Some(&a))]);
+        // Rewritten (harmless), so it is surely there before the services.
+        assert_eq!(plan.added, vec![ep("127.0.0.1:90")]);
+        let removed = ex.commit(plan);
+        assert_eq!(removed, vec![ep("127.0.0.1:99")]);
+        // A delete that failed is tried again by the next commit.
+        let retry = ex.commit(ex.plan([]));
+        assert_eq!(retry, vec![ep("127.0.0.1:99")]);
+        ex.removed(&ep("127.0.0.1:99"));
+        assert!(ex.commit(ex.plan([])).is_empty());
+    }
+
+    #[test]
+    fn a_plan_adds_only_what_is_new() {
+        let mut ex = Exclusions::default();
+        let a = service("    same_node_redirect: false\n", &["127.0.0.1:90"]);
+        let b = service(
+            "    same_node_redirect: false\n",
+            &["127.0.0.1:90", "127.0.0.1:91"],
+        );
+        apply(&mut ex, &[(None, Some(&a))]);
+        let plan = ex.plan([(Some(&a), Some(&b))]);
+        // Undoing a refused apply removes `added`: 90 must not be in it.
+        assert_eq!(plan.added, vec![ep("127.0.0.1:91")]);
+        assert_eq!(ex.planned(&plan), 2);
+    }
+}
