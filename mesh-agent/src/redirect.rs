@@ -379,10 +379,6 @@ impl Redirect {
                 .maps
                 .sockets_in_map(redirect_limits::MAX_REDIRECT_SOCKETS as usize)
                 as u64,
-            socket_states_in_map: self
-                .maps
-                .socket_states_in_map(redirect_limits::MAX_REDIRECT_SOCKETS as usize)
-                as u64,
             local_addresses: self.programmed.iter().copied().collect(),
             workload_namespaces: self.workload_namespaces as u64,
             exclude_ports: self

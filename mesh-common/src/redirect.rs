@@ -6,17 +6,17 @@
 //! straight to the peer socket's receive queue (looked up under the swapped
 //! 4-tuple), so the bytes never cross loopback or a veth.
 
-/// Names of the maps used only by same-node redirect (≤ 15 bytes each).
+/// Names of the pinned maps used only by same-node redirect (≤ 15 bytes
+/// each). `MESH_SOCK_STATE` is socket-local storage: it lives with the
+/// programs and the sockets, never pinned.
 pub mod redirect_map_names {
     pub const SOCKS: &str = "MESH_SOCKS";
-    pub const SOCK_STATE: &str = "MESH_SOCK_STATE";
     pub const LOCAL_ADDRS: &str = "MESH_LOCAL_ADDR";
     pub const REDIRECT_STATS: &str = "MESH_REDIR_STAT";
     pub const EXCLUDED_PORTS: &str = "MESH_REDIR_EXCL";
     pub const EXCLUDED_ENDPOINTS: &str = "MESH_EXCL_EP";
-    pub const ALL: [&str; 6] = [
+    pub const ALL: [&str; 5] = [
         SOCKS,
-        SOCK_STATE,
         LOCAL_ADDRS,
         REDIRECT_STATS,
         EXCLUDED_PORTS,
@@ -46,8 +46,7 @@ pub mod redirect_limits {
     pub const MAX_EXCLUDED_ENDPOINTS: u32 = 65_536;
 }
 
-/// Key of `MESH_SOCKS` and `MESH_SOCK_STATE`: one socket's own view of its
-/// connection. The peer's key is the same with local and remote swapped.
+/// Key of `MESH_SOCKS`: one socket's own view of its connection. The peer's key is the same with local and remote swapped.
 ///
 /// `netns` is the socket's network-namespace cookie when either end is a
 /// loopback address (every namespace has its own 127.0.0.1, so the 4-tuple
@@ -87,7 +86,22 @@ impl SockKey {
     }
 }
 
-/// `MESH_SOCK_STATE` value: may this socket's messages be redirected?
+/// A redirected socket's own storage (`MESH_SOCK_STATE`, socket-local): set
+/// by the sock_ops program when the socket enters the sockhash, read by
+/// `sk_msg` on every message, freed by the kernel with the socket. Holding
+/// the peer's key here spares each message building a key and a hash
+/// lookup.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct SockRedirect {
+    /// The key the peer socket has in `MESH_SOCKS`.
+    pub peer: SockKey,
+    /// `SOCK_REDIRECT_OK` or `SOCK_REDIRECT_NEVER`.
+    pub state: u32,
+    pub _pad: u32,
+}
+
+/// `SockRedirect::state`: may this socket's messages be redirected?
 ///
 /// A socket starts `SOCK_REDIRECT_OK` when it enters the sockhash. The first
 /// message that cannot be redirected (peer not in the map yet, or the switch
@@ -161,6 +175,7 @@ impl core::ops::AddAssign for RedirectStats {
 
 const _: () = {
     assert!(core::mem::size_of::<SockKey>() == 48);
+    assert!(core::mem::size_of::<SockRedirect>() == 56);
     assert!(core::mem::size_of::<LocalAddrKey>() == 20);
     assert!(core::mem::size_of::<EndpointKey>() == 20);
     assert!(core::mem::size_of::<RedirectStats>() == 56);

@@ -1,6 +1,6 @@
-//! Shared logic of same-node redirect: building a socket's key the same way
-//! from `bpf_sock_ops` and `sk_msg_md`, deciding what is node-local, the
-//! on/off switch and the counters.
+//! Shared logic of same-node redirect: building a socket's key from its
+//! 4-tuple, deciding what is node-local, the on/off switch and the
+//! counters.
 
 use core::ptr::read_volatile;
 

@@ -1,11 +1,18 @@
 //! Maps of same-node redirect. Kept apart from `maps.rs` so the load
 //! balancer's maps and these evolve independently.
 
+use core::{ffi::c_void, ptr};
+
 use aya_ebpf::{
-    macros::map,
-    maps::{HashMap, LruHashMap, PerCpuArray, SockHash},
+    bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
+    btf_maps::SkStorage,
+    helpers::generated::{bpf_sk_storage_delete, bpf_sk_storage_get},
+    macros::{btf_map, map},
+    maps::{HashMap, PerCpuArray, SockHash},
 };
-use mesh_common::{EndpointKey, LocalAddrKey, RedirectStats, SockKey, redirect_limits};
+use mesh_common::{
+    EndpointKey, LocalAddrKey, RedirectStats, SockKey, SockRedirect, redirect_limits,
+};
 
 /// Node-local TCP sockets by their own 4-tuple; `mesh_redir_msg` is
 /// attached to it. The kernel removes a socket when it closes.
@@ -13,13 +20,52 @@ use mesh_common::{EndpointKey, LocalAddrKey, RedirectStats, SockKey, redirect_li
 pub static MESH_SOCKS: SockHash<SockKey> =
     SockHash::pinned(redirect_limits::MAX_REDIRECT_SOCKETS, 0);
 
-/// Whether a socket in `MESH_SOCKS` may still be redirected (see
-/// `mesh_common::SOCK_REDIRECT_NEVER`). `mesh_redir_sockops` removes a
-/// socket's entry when it closes; the LRU only bounds the map, and a socket
-/// whose entry is gone is treated as "never", which is safe.
-#[map(name = "MESH_SOCK_STATE")]
-pub static MESH_SOCK_STATE: LruHashMap<SockKey, u32> =
-    LruHashMap::pinned(redirect_limits::MAX_REDIRECT_SOCKETS, 0);
+/// Each socket in `MESH_SOCKS` carries its `SockRedirect` here, in the
+/// socket itself: no size to choose, nothing to evict, and the kernel frees
+/// it with the socket. Not pinned: the programs hold it, and each socket's
+/// psock holds the `sk_msg` program it was given, so a socket is always read
+/// through the storage its own sock_ops run wrote.
+#[btf_map]
+static MESH_SOCK_STATE: SkStorage<SockRedirect> = SkStorage::new();
+
+fn sock_state_map() -> *mut c_void {
+    ptr::from_ref(&MESH_SOCK_STATE).cast_mut().cast()
+}
+
+/// The socket's redirect state, if it has one.
+#[inline(always)]
+pub fn sock_state(sk: *mut bpf_sock) -> Option<&'static mut SockRedirect> {
+    let p = unsafe { bpf_sk_storage_get(sock_state_map(), sk.cast(), ptr::null_mut(), 0) };
+    unsafe { p.cast::<SockRedirect>().as_mut() }
+}
+
+/// Gives the socket `state` as its redirect state; false if the kernel
+/// could not allocate it.
+#[inline(always)]
+pub fn set_sock_state(sk: *mut bpf_sock, mut state: SockRedirect) -> bool {
+    let flags = u64::from(BPF_SK_STORAGE_GET_F_CREATE);
+    let p = unsafe {
+        bpf_sk_storage_get(
+            sock_state_map(),
+            sk.cast(),
+            ptr::from_mut(&mut state).cast(),
+            flags,
+        )
+    };
+    // An existing value is returned as it is: overwrite it.
+    match unsafe { p.cast::<SockRedirect>().as_mut() } {
+        Some(slot) => {
+            *slot = state;
+            true
+        }
+        None => false,
+    }
+}
+
+#[inline(always)]
+pub fn forget_sock_state(sk: *mut bpf_sock) {
+    unsafe { bpf_sk_storage_delete(sock_state_map(), sk.cast()) };
+}
 
 /// Addresses of this node and its pods, written by the agent.
 #[map(name = "MESH_LOCAL_ADDR")]

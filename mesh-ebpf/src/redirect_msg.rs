@@ -2,19 +2,22 @@
 //! straight into the peer socket's receive queue (`BPF_F_INGRESS`) when the
 //! peer is in the map; otherwise it takes the normal TCP path, untouched.
 //! The program never drops: every path returns `SK_PASS`.
+//!
+//! Per message it reads the socket's own storage (its verdict and its
+//! peer's key, written by `mesh_redir_sockops`) and does the one sockhash
+//! lookup the redirect needs: no key building, no other map lookup.
 
 use aya_ebpf::{
     bindings::{BPF_F_INGRESS, sk_action::SK_PASS, sk_msg_md},
-    helpers::bpf_get_netns_cookie,
     macros::sk_msg,
     programs::SkMsgContext,
 };
 use core::ptr::{addr_of, read_volatile};
-use mesh_common::{SOCK_REDIRECT_NEVER, SOCK_REDIRECT_OK};
+use mesh_common::{RedirectStats, SOCK_REDIRECT_NEVER, SOCK_REDIRECT_OK};
 
 use crate::{
-    redirect::{self, Tuple, read_ip6},
-    redirect_maps::{MESH_SOCK_STATE, MESH_SOCKS},
+    redirect,
+    redirect_maps::{MESH_SOCKS, sock_state},
 };
 
 #[sk_msg]
@@ -26,38 +29,29 @@ pub fn mesh_redir_msg(ctx: SkMsgContext) -> u32 {
 #[inline(always)]
 fn try_msg(ctx: &SkMsgContext) {
     let md: *mut sk_msg_md = ctx.msg;
-    let (t, size) = unsafe {
+    let (sk, size) = unsafe {
         (
-            Tuple {
-                family: read_volatile(addr_of!((*md).family)),
-                local_ip4: read_volatile(addr_of!((*md).local_ip4)),
-                remote_ip4: read_volatile(addr_of!((*md).remote_ip4)),
-                local_ip6: read_ip6(addr_of!((*md).local_ip6)),
-                remote_ip6: read_ip6(addr_of!((*md).remote_ip6)),
-                local_port: read_volatile(addr_of!((*md).local_port)),
-                remote_port: read_volatile(addr_of!((*md).remote_port)),
-            },
+            read_volatile(addr_of!((*md).__bindgen_anon_3.sk)),
             u64::from(read_volatile(addr_of!((*md).size))),
         )
     };
-    let fallback = |s: &mut mesh_common::RedirectStats| {
+    let fallback = |s: &mut RedirectStats| {
         s.msgs_fallback += 1;
         s.bytes_fallback += size;
     };
-    let Some((mut key, loopback)) = redirect::key_of(&t) else {
+    // No state: the socket was put in the map by another program (an
+    // earlier agent's sockets keep theirs); never redirect what we did not
+    // judge.
+    let Some(state) = sock_state(sk) else {
         redirect::count(fallback);
         return;
     };
-    if loopback {
-        key.netns = unsafe { bpf_get_netns_cookie(md.cast()) };
-    }
-    let allowed = unsafe { MESH_SOCK_STATE.get(key).copied() } == Some(SOCK_REDIRECT_OK);
-    if !allowed {
+    if state.state != SOCK_REDIRECT_OK {
         redirect::count(fallback);
         return;
     }
     if redirect::enabled() {
-        let verdict = MESH_SOCKS.redirect_msg(ctx, key.peer(), u64::from(BPF_F_INGRESS));
+        let verdict = MESH_SOCKS.redirect_msg(ctx, state.peer, u64::from(BPF_F_INGRESS));
         if verdict == i64::from(SK_PASS) {
             redirect::count(|s| {
                 s.msgs_redirected += 1;
@@ -68,6 +62,6 @@ fn try_msg(ctx: &SkMsgContext) {
     }
     // This message goes through TCP, so later ones must too: the peer reads
     // redirected bytes before TCP ones, and these may still be unread.
-    let _ = MESH_SOCK_STATE.insert(key, SOCK_REDIRECT_NEVER, 0);
+    state.state = SOCK_REDIRECT_NEVER;
     redirect::count(fallback);
 }

@@ -1,25 +1,25 @@
 //! `sock_ops` (cgroup): when a TCP connection becomes ESTABLISHED and both
-//! of its ends are on this node, put the socket in `MESH_SOCKS` so that
-//! `mesh_redir_msg` can hand its messages straight to the peer. When such a
-//! socket closes, its `MESH_SOCK_STATE` entry goes too (the kernel takes it
-//! out of the sockhash by itself).
+//! of its ends are on this node, give the socket its redirect state (its
+//! peer's key, socket-local) and put it in `MESH_SOCKS`, so that
+//! `mesh_redir_msg` can hand its messages straight to the peer. The kernel
+//! takes a closing socket out of the sockhash and frees its state.
 
 use aya_ebpf::{
     bindings::{
-        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB,
-        BPF_SOCK_OPS_STATE_CB, BPF_SOCK_OPS_STATE_CB_FLAG, bpf_sock_ops,
+        BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, bpf_sock,
+        bpf_sock_ops,
     },
     helpers::bpf_get_netns_cookie,
     macros::sock_ops,
     programs::SockOpsContext,
 };
 use core::ptr::{addr_of, read_volatile};
-use mesh_common::{EndpointKey, SOCK_REDIRECT_OK, SockKey};
+use mesh_common::{EndpointKey, SOCK_REDIRECT_OK, SockKey, SockRedirect};
 
 use crate::{
     lb,
     redirect::{self, Tuple, read_ip6},
-    redirect_maps::{MESH_EXCL_EP, MESH_REDIR_EXCL, MESH_SOCK_STATE, MESH_SOCKS},
+    redirect_maps::{MESH_EXCL_EP, MESH_REDIR_EXCL, MESH_SOCKS, forget_sock_state, set_sock_state},
 };
 
 #[sock_ops]
@@ -30,20 +30,15 @@ pub fn mesh_redir_sockops(ctx: SockOpsContext) -> u32 {
     1
 }
 
-/// The kernel's TCP_CLOSE state.
-const TCP_CLOSE: u32 = 7;
-
 #[inline(always)]
 fn try_sockops(ctx: &SockOpsContext) {
     let ops = ctx.ops;
     let op = unsafe { read_volatile(addr_of!((*ops).op)) };
-    if op == BPF_SOCK_OPS_STATE_CB {
-        if ctx.arg(1) == TCP_CLOSE {
-            forget(ops);
-        }
+    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
         return;
     }
-    if op != BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB && op != BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB {
+    let sk = unsafe { read_volatile(addr_of!((*ops).__bindgen_anon_2.sk)) };
+    if sk.is_null() {
         return;
     }
     let Some(mut key) = local_key(ops) else {
@@ -58,8 +53,7 @@ fn try_sockops(ctx: &SockOpsContext) {
             read_volatile(addr_of!((*ops).data_segs_out)),
         )
     };
-    if segs_in != 0 || segs_out != 0 || !redirect::enabled() || excluded(&key) || agent_socket(ops)
-    {
+    if segs_in != 0 || segs_out != 0 || !redirect::enabled() || excluded(&key) || agent_socket(sk) {
         redirect::count(|s| s.sockets_skipped += 1);
         return;
     }
@@ -67,37 +61,22 @@ fn try_sockops(ctx: &SockOpsContext) {
     if key.netns != 0 {
         key.netns = unsafe { bpf_get_netns_cookie(ops.cast()) };
     }
-    if MESH_SOCK_STATE.insert(key, SOCK_REDIRECT_OK, 0).is_err() {
+    let state = SockRedirect {
+        peer: key.peer(),
+        state: SOCK_REDIRECT_OK,
+        _pad: 0,
+    };
+    if !set_sock_state(sk, state) {
         redirect::count(|s| s.sockets_failed += 1);
         return;
     }
     match MESH_SOCKS.update(key, unsafe { &mut *ops }, 0) {
-        Ok(()) => {
-            redirect::count(|s| s.sockets_added += 1);
-            // See the close, to drop the state entry with the socket rather
-            // than leave it to the LRU (which, under churn, would evict
-            // entries of live sockets and send them back to TCP for good).
-            let _ = ctx.set_cb_flags(ctx.cb_flags() as i32 | BPF_SOCK_OPS_STATE_CB_FLAG as i32);
-        }
+        Ok(()) => redirect::count(|s| s.sockets_added += 1),
         Err(_) => {
-            let _ = MESH_SOCK_STATE.remove(key);
+            forget_sock_state(sk);
             redirect::count(|s| s.sockets_failed += 1);
         }
     }
-}
-
-/// A closing socket's state entry goes. Also called for balanced sockets
-/// that were never redirected (the load balancer watches their states
-/// too); for them there is nothing to remove.
-#[inline(always)]
-fn forget(ops: *mut bpf_sock_ops) {
-    let Some((mut key, loopback)) = redirect::key_of(&tuple(ops)) else {
-        return;
-    };
-    if loopback {
-        key.netns = unsafe { bpf_get_netns_cookie(ops.cast()) };
-    }
-    let _ = MESH_SOCK_STATE.remove(key);
 }
 
 #[inline(always)]
@@ -156,13 +135,6 @@ fn excluded(key: &SockKey) -> bool {
 
 /// The agent's own sockets (marked) are never touched.
 #[inline(always)]
-fn agent_socket(ops: *mut bpf_sock_ops) -> bool {
-    let mark = unsafe {
-        let sk = read_volatile(addr_of!((*ops).__bindgen_anon_2.sk));
-        if sk.is_null() {
-            return false;
-        }
-        read_volatile(addr_of!((*sk).mark))
-    };
-    lb::is_agent_socket(mark)
+fn agent_socket(sk: *mut bpf_sock) -> bool {
+    lb::is_agent_socket(unsafe { read_volatile(addr_of!((*sk).mark)) })
 }

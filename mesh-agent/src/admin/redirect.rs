@@ -17,10 +17,6 @@ pub struct RedirectResponse {
     pub enabled: bool,
     /// Sockets in the `MESH_SOCKS` sockhash now (two per accelerated connection).
     pub sockets_in_map: u64,
-    /// Verdicts in `MESH_SOCK_STATE` now (one per socket in the sockhash,
-    /// dropped when the socket closes).
-    #[serde(default)]
-    pub socket_states_in_map: u64,
     /// Addresses the kernel treats as node-local besides loopback.
     pub local_addresses: Vec<IpAddr>,
     /// Network namespaces of the agent's workloads whose addresses were read.

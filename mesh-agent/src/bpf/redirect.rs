@@ -113,8 +113,6 @@ fn attach_sock_ops(ebpf: &mut Ebpf, cgroup: &File, links_dir: &Path) -> Result<(
 /// Typed handles on the redirect maps.
 pub struct RedirectMaps {
     pub socks: SockHash<MapData, SockKey>,
-    /// Per-socket verdicts (OK / NEVER) of sockets in `socks`.
-    pub socket_states: HashMap<MapData, SockKey, u32>,
     pub local_addrs: HashMap<MapData, LocalAddrKey, u32>,
     pub stats: PerCpuArray<MapData, RedirectStats>,
     /// Ports (network byte order) never redirected.
@@ -154,7 +152,6 @@ impl RedirectMaps {
         }
         Ok(Self {
             socks: typed!(redirect_map_names::SOCKS),
-            socket_states: typed!(redirect_map_names::SOCK_STATE),
             local_addrs: typed!(redirect_map_names::LOCAL_ADDRS),
             stats: typed!(redirect_map_names::REDIRECT_STATS),
             excluded_ports: typed!(redirect_map_names::EXCLUDED_PORTS),
@@ -170,15 +167,5 @@ impl RedirectMaps {
     /// Sockets in the sockhash right now (at most `limit` are counted).
     pub fn sockets_in_map(&self, limit: usize) -> usize {
         self.socks.keys().take(limit).filter(Result::is_ok).count()
-    }
-
-    /// Socket verdicts kept right now (at most `limit` are counted); they
-    /// go when their sockets close.
-    pub fn socket_states_in_map(&self, limit: usize) -> usize {
-        self.socket_states
-            .keys()
-            .take(limit)
-            .filter(Result::is_ok)
-            .count()
     }
 }

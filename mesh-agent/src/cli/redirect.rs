@@ -34,7 +34,6 @@ pub fn render(r: &RedirectResponse) -> String {
     let mut t = Table::new(["FIELD", "VALUE"]);
     t.row(["enabled", &r.enabled.to_string()]);
     t.row(["sockets in map", &r.sockets_in_map.to_string()]);
-    t.row(["socket states in map", &r.socket_states_in_map.to_string()]);
     t.row([
         "sockets added / failed / skipped",
         &format!(
