@@ -29,6 +29,14 @@ pub async fn execute(
     }
 }
 
+fn list_or_none<T: std::fmt::Display>(items: &[T]) -> String {
+    if items.is_empty() {
+        return "(none)".to_owned();
+    }
+    let items: Vec<String> = items.iter().map(ToString::to_string).collect();
+    items.join(", ")
+}
+
 pub fn render(r: &RedirectResponse) -> String {
     let c = &r.counters;
     let mut t = Table::new(["FIELD", "VALUE"]);
@@ -59,24 +67,8 @@ pub fn render(r: &RedirectResponse) -> String {
         },
     ]);
     t.row(["workload namespaces", &r.workload_namespaces.to_string()]);
-    let ports: Vec<String> = r.exclude_ports.iter().map(|p| p.to_string()).collect();
-    t.row([
-        "excluded ports",
-        &if ports.is_empty() {
-            "(none)".to_owned()
-        } else {
-            ports.join(", ")
-        },
-    ]);
-    let endpoints: Vec<String> = r.excluded_endpoints.iter().map(|e| e.to_string()).collect();
-    t.row([
-        "excluded endpoints",
-        &if endpoints.is_empty() {
-            "(none)".to_owned()
-        } else {
-            endpoints.join(", ")
-        },
-    ]);
+    t.row(["excluded ports", &list_or_none(&r.exclude_ports)]);
+    t.row(["excluded endpoints", &list_or_none(&r.excluded_endpoints)]);
     if !r.ambiguous_addresses.is_empty() {
         let amb: Vec<String> = r
             .ambiguous_addresses

@@ -145,6 +145,10 @@ mod tests {
         state.services[0].clone()
     }
 
+    fn opted_out(backends: &[&str]) -> Service {
+        service("    same_node_redirect: false\n", backends)
+    }
+
     fn ep(s: &str) -> SocketAddr {
         s.parse().unwrap()
     }
@@ -162,10 +166,7 @@ mod tests {
     fn only_opted_out_tcp_services_exclude_their_backends() {
         let ex = Exclusions::default();
         let on = service("", &["127.0.0.1:81"]);
-        let off = service(
-            "    same_node_redirect: false\n",
-            &["127.0.0.1:82", "127.0.0.2:82"],
-        );
+        let off = opted_out(&["127.0.0.1:82", "127.0.0.2:82"]);
         let udp = service(
             "    protocol: udp\n    same_node_redirect: false\n",
             &["127.0.0.1:83"],
@@ -179,11 +180,8 @@ mod tests {
     #[test]
     fn a_shared_backend_stays_excluded_until_its_last_service_goes() {
         let mut ex = Exclusions::default();
-        let a = service("    same_node_redirect: false\n", &["127.0.0.1:90"]);
-        let b = service(
-            "    same_node_redirect: false\n",
-            &["127.0.0.1:90", "127.0.0.1:91"],
-        );
+        let a = opted_out(&["127.0.0.1:90"]);
+        let b = opted_out(&["127.0.0.1:90", "127.0.0.1:91"]);
         let b_on = service("", &["127.0.0.1:90", "127.0.0.1:91"]);
         assert!(apply(&mut ex, &[(None, Some(&a)), (None, Some(&b))]).is_empty());
         assert_eq!(ex.endpoints(), vec![ep("127.0.0.1:90"), ep("127.0.0.1:91")]);
@@ -197,7 +195,7 @@ mod tests {
     #[test]
     fn an_earlier_agents_entries_go_unless_wanted_again() {
         let mut ex = Exclusions::recovered([ep("127.0.0.1:90"), ep("127.0.0.1:99")]);
-        let a = service("    same_node_redirect: false\n", &["127.0.0.1:90"]);
+        let a = opted_out(&["127.0.0.1:90"]);
         let plan = ex.plan([(None, Some(&a))]);
         // Rewritten (harmless), so it is surely there before the services.
         assert_eq!(plan.added, vec![ep("127.0.0.1:90")]);
@@ -213,11 +211,8 @@ mod tests {
     #[test]
     fn a_plan_adds_only_what_is_new() {
         let mut ex = Exclusions::default();
-        let a = service("    same_node_redirect: false\n", &["127.0.0.1:90"]);
-        let b = service(
-            "    same_node_redirect: false\n",
-            &["127.0.0.1:90", "127.0.0.1:91"],
-        );
+        let a = opted_out(&["127.0.0.1:90"]);
+        let b = opted_out(&["127.0.0.1:90", "127.0.0.1:91"]);
         apply(&mut ex, &[(None, Some(&a))]);
         let plan = ex.plan([(Some(&a), Some(&b))]);
         // Undoing a refused apply removes `added`: 90 must not be in it.

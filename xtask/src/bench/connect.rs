@@ -173,6 +173,7 @@ impl Connect {
         let scale = Some(u64::from(n));
         match kernel {
             Ok(kernel) => {
+                let first = krows.len();
                 for (p, (stats, conns)) in peers.iter().zip(&kernel) {
                     if p.name == "mesh" {
                         krows.extend(stats.rows(&kstats::PROGRAMS, scale, *conns, ""));
@@ -185,6 +186,15 @@ impl Connect {
                             LOG_NEVER_SUFFIX,
                         ));
                     }
+                }
+                for r in &krows[first..] {
+                    let m = |k: &str| r.metrics.get(k).copied().unwrap_or(f64::NAN);
+                    step(format!(
+                        "bench: connect: {n:>6} services {:<36} {:>6.0} ns per run  {:>5.2} runs per connection",
+                        r.peer,
+                        m("ns_per_run"),
+                        m("runs_per_connection")
+                    ));
                 }
             }
             Err(e) => krows.extend(
