@@ -563,6 +563,61 @@ fn a_service_that_opts_out_keeps_its_connections_on_tcp_until_it_opts_back_in() 
     Ok(())
 }
 
+/// Exclusions are written before the services they belong to; when the
+/// reload is then refused, they are taken back and nothing changes.
+#[test]
+fn a_refused_reload_takes_back_the_exclusions_it_wrote() -> Result<()> {
+    let cgroup = TestCgroup::new("redir-refused")?;
+    let ns = TestNetns::new("redir-refused")?;
+    let service = |name: &str, last: u8, backend: &str, extra: &str| {
+        let vip = mesh_tests::loopback_vip(22, last, 80);
+        format!(
+            "  - name: {name}\n    vip: {}\n    port: 80\n{extra}    backends: [{{address: 127.0.0.1, port: {backend}}}]\n",
+            vip.ip()
+        )
+    };
+    let web = service("web", 2, "7431", "");
+    let agent = Agent::start_with(
+        &format!("services:\n{web}"),
+        &cgroup,
+        &["--max-services", "2"],
+    )?;
+    // Two more services do not fit in MESH_SERVICES: refused, after db's
+    // backend was excluded.
+    let db = service("db", 3, "7432", "    same_node_redirect: false\n");
+    let api = service("api", 4, "7433", "");
+    agent.write_config(&format!("services:\n{web}{db}{api}"))?;
+    let status = agent.wait_for_reload_failures(1, Duration::from_secs(10))?;
+    assert!(
+        status["last_reload_error"]
+            .as_str()
+            .is_some_and(|e| e.contains("MESH_SERVICES")),
+        "{status}"
+    );
+    assert_eq!(
+        counters(&agent)?["excluded_endpoints"],
+        serde_json::json!([])
+    );
+    // The kernel agrees: a connection to that backend is redirected.
+    let before = counter(&counters(&agent)?, "bytes_redirected");
+    let args = [
+        "local",
+        "--scenario",
+        "bulk",
+        "--bind",
+        "127.0.0.1:7432",
+        "--bytes",
+        "16777216",
+    ];
+    assert_ok(&run_bulk(&cgroup, Some(&ns), &args, LIMIT)?);
+    let after = counters(&agent)?;
+    assert!(
+        counter(&after, "bytes_redirected") >= before + 16 * MIB,
+        "{after}"
+    );
+    Ok(())
+}
+
 #[test]
 fn a_bad_excluded_port_is_refused_with_a_clear_error() -> Result<()> {
     let cgroup = TestCgroup::new("redir-badport")?;
