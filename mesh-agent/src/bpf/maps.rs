@@ -50,10 +50,29 @@ pub struct Maps {
     pub config: Array<MapData, ConfigValue>,
 }
 
+/// Opens a map by name, as an untyped handle.
+pub(super) trait OpenMap: FnMut(&'static str) -> Result<Map, MapsError> {}
+impl<F: FnMut(&'static str) -> Result<Map, MapsError>> OpenMap for F {}
+
+/// Maps taken out of a freshly loaded object.
+pub(super) fn taken_from(ebpf: &mut Ebpf) -> impl OpenMap + '_ {
+    |name| ebpf.take_map(name).ok_or(MapsError::Missing { name })
+}
+
+/// Map `name`, as the typed handle `T`.
+pub(super) fn typed<T>(open: &mut impl OpenMap, name: &'static str) -> Result<T, MapsError>
+where
+    T: TryFrom<Map, Error = MapError>,
+{
+    open(name)?
+        .try_into()
+        .map_err(|source| MapsError::Layout { name, source })
+}
+
 impl Maps {
     /// Takes the maps out of a freshly loaded object.
     pub fn take_from(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
-        Self::build(|name| ebpf.take_map(name).ok_or(MapsError::Missing { name }))
+        Self::build(taken_from(ebpf))
     }
 
     /// Opens the maps an agent pinned under `maps_dir`, e.g. for a read-only
@@ -69,30 +88,21 @@ impl Maps {
         })
     }
 
-    fn build(
-        mut open: impl FnMut(&'static str) -> Result<Map, MapsError>,
-    ) -> Result<Self, MapsError> {
-        macro_rules! typed {
-            ($name:expr) => {{
-                let name = $name;
-                open(name)?
-                    .try_into()
-                    .map_err(|source| MapsError::Layout { name, source })?
-            }};
-        }
+    fn build(mut open: impl OpenMap) -> Result<Self, MapsError> {
+        let o = &mut open;
         Ok(Self {
-            services: typed!(map_names::SERVICES),
-            slots: typed!(map_names::SLOTS),
-            backends: typed!(map_names::BACKENDS),
-            backend_stats: typed!(map_names::BACKEND_STATS),
-            service_stats: typed!(map_names::SERVICE_STATS),
-            active: typed!(map_names::ACTIVE),
-            backend_health: typed!(map_names::BACKEND_HEALTH),
-            workloads: typed!(map_names::WORKLOADS),
-            policy: typed!(map_names::POLICY),
-            rev_nat: typed!(map_names::REV_NAT),
-            affinity: typed!(map_names::AFFINITY),
-            config: typed!(map_names::CONFIG),
+            services: typed(o, map_names::SERVICES)?,
+            slots: typed(o, map_names::SLOTS)?,
+            backends: typed(o, map_names::BACKENDS)?,
+            backend_stats: typed(o, map_names::BACKEND_STATS)?,
+            service_stats: typed(o, map_names::SERVICE_STATS)?,
+            active: typed(o, map_names::ACTIVE)?,
+            backend_health: typed(o, map_names::BACKEND_HEALTH)?,
+            workloads: typed(o, map_names::WORKLOADS)?,
+            policy: typed(o, map_names::POLICY)?,
+            rev_nat: typed(o, map_names::REV_NAT)?,
+            affinity: typed(o, map_names::AFFINITY)?,
+            config: typed(o, map_names::CONFIG)?,
         })
     }
 

@@ -13,14 +13,17 @@ use std::{fs::File, path::Path};
 
 use aya::{
     Ebpf,
-    maps::{HashMap, Map, MapData, PerCpuArray, SockHash},
+    maps::{HashMap, MapData, PerCpuArray, SockHash},
     programs::{CgroupAttachMode, SkMsg, SockOps, links::FdLink},
 };
 use mesh_common::{
     EndpointKey, LocalAddrKey, RedirectStats, SockKey, redirect_map_names, redirect_program_names,
 };
 
-use super::{BpfError, MapsError, error_chain};
+use super::{
+    BpfError, MapsError, error_chain,
+    maps::{taken_from, typed},
+};
 
 /// The redirect programs, in the order they are attached (sk_msg first: a
 /// socket picks up the map's programs when it enters the map).
@@ -124,38 +127,13 @@ pub struct RedirectMaps {
 impl RedirectMaps {
     /// Takes the maps out of a freshly loaded object (after [`attach`]).
     pub fn take_from(ebpf: &mut Ebpf) -> Result<Self, MapsError> {
-        Self::build(|name| ebpf.take_map(name).ok_or(MapsError::Missing { name }))
-    }
-
-    /// Opens the maps an agent pinned under `maps_dir`.
-    pub fn from_pins(maps_dir: &Path) -> Result<Self, MapsError> {
-        Self::build(|name| {
-            let path = maps_dir.join(name);
-            let data = MapData::from_pin(&path).map_err(|source| MapsError::Pin {
-                path: path.display().to_string(),
-                source,
-            })?;
-            Map::from_map_data(data).map_err(|source| MapsError::Layout { name, source })
-        })
-    }
-
-    fn build(
-        mut open: impl FnMut(&'static str) -> Result<Map, MapsError>,
-    ) -> Result<Self, MapsError> {
-        macro_rules! typed {
-            ($name:expr) => {{
-                let name = $name;
-                open(name)?
-                    .try_into()
-                    .map_err(|source| MapsError::Layout { name, source })?
-            }};
-        }
+        let o = &mut taken_from(ebpf);
         Ok(Self {
-            socks: typed!(redirect_map_names::SOCKS),
-            local_addrs: typed!(redirect_map_names::LOCAL_ADDRS),
-            stats: typed!(redirect_map_names::REDIRECT_STATS),
-            excluded_ports: typed!(redirect_map_names::EXCLUDED_PORTS),
-            excluded_endpoints: typed!(redirect_map_names::EXCLUDED_ENDPOINTS),
+            socks: typed(o, redirect_map_names::SOCKS)?,
+            local_addrs: typed(o, redirect_map_names::LOCAL_ADDRS)?,
+            stats: typed(o, redirect_map_names::REDIRECT_STATS)?,
+            excluded_ports: typed(o, redirect_map_names::EXCLUDED_PORTS)?,
+            excluded_endpoints: typed(o, redirect_map_names::EXCLUDED_ENDPOINTS)?,
         })
     }
 
