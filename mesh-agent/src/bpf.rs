@@ -12,6 +12,7 @@ mod mounts;
 mod redirect;
 
 use std::{
+    collections::BTreeSet,
     fs::File,
     io,
     path::{Path, PathBuf},
@@ -23,6 +24,7 @@ use aya::{
     programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
 };
 use mesh_common::{SCHEMA_VERSION, limits, map_names, program_names};
+use tracing::{info, warn};
 
 pub use maps::{Maps, MapsError, sum_over_cpus};
 pub use mounts::{MountError, cgroup2_mount, ensure_bpffs};
@@ -216,6 +218,7 @@ impl Datapath {
             )
             .load(KERNEL_OBJECT)
             .map_err(BpfError::Load)?;
+        remove_stale_map_pins(&pins.maps_dir(), &ebpf);
         let cgroup_file = File::open(cgroup).map_err(|source| BpfError::Cgroup {
             path: cgroup.to_owned(),
             source,
@@ -248,6 +251,31 @@ impl Datapath {
             events,
             attached,
         })
+    }
+}
+
+/// Removes the pins of maps this build no longer has, left by an earlier
+/// agent of the same layout (e.g. a map that became socket-local storage):
+/// nothing reads them any more, and a pin would keep the map's memory for
+/// good. Programs still using such a map (the old `sk_msg` of sockets
+/// redirected before) keep it alive until they go.
+fn remove_stale_map_pins(maps_dir: &Path, ebpf: &Ebpf) {
+    let known: BTreeSet<&str> = ebpf.maps().map(|(name, _)| name).collect();
+    let Ok(entries) = std::fs::read_dir(maps_dir) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let name = name.to_string_lossy();
+        if known.contains(&*name) {
+            continue;
+        }
+        match std::fs::remove_file(entry.path()) {
+            Ok(()) => info!(map = %name, "removed the pin of a map this agent no longer has"),
+            Err(e) => {
+                warn!(map = %name, "cannot remove the pin of a map this agent no longer has: {e}")
+            }
+        }
     }
 }
 

@@ -7,7 +7,7 @@
 //! 4-tuple), so the bytes never cross loopback or a veth.
 
 /// Names of the pinned maps used only by same-node redirect (≤ 15 bytes
-/// each). `MESH_SOCK_STATE` is socket-local storage: it lives with the
+/// each). `MESH_SOCK_REDIR` is socket-local storage: it lives with the
 /// programs and the sockets, never pinned.
 pub mod redirect_map_names {
     pub const SOCKS: &str = "MESH_SOCKS";
@@ -86,7 +86,7 @@ impl SockKey {
     }
 }
 
-/// A redirected socket's own storage (`MESH_SOCK_STATE`, socket-local): set
+/// A redirected socket's own storage (`MESH_SOCK_REDIR`, socket-local): set
 /// by the sock_ops program when the socket enters the sockhash, read by
 /// `sk_msg` on every message, freed by the kernel with the socket. Holding
 /// the peer's key here spares each message building a key and a hash

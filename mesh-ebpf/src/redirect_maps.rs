@@ -26,10 +26,10 @@ pub static MESH_SOCKS: SockHash<SockKey> =
 /// psock holds the `sk_msg` program it was given, so a socket is always read
 /// through the storage its own sock_ops run wrote.
 #[btf_map]
-static MESH_SOCK_STATE: SkStorage<SockRedirect> = SkStorage::new();
+static MESH_SOCK_REDIR: SkStorage<SockRedirect> = SkStorage::new();
 
 fn sock_state_map() -> *mut c_void {
-    ptr::from_ref(&MESH_SOCK_STATE).cast_mut().cast()
+    ptr::from_ref(&MESH_SOCK_REDIR).cast_mut().cast()
 }
 
 /// The socket's redirect state, if it has one.

@@ -108,6 +108,35 @@ fn sigkill_and_restart_three_times_under_load_fails_no_connection() -> Result<()
     Ok(())
 }
 
+/// A pin an earlier agent of the same layout left for a map this build no
+/// longer has (here: one renamed to `MESH_SOCK_STATE`, the pinned LRU map
+/// that became socket-local storage) is removed at start; the others stay.
+#[test]
+fn a_restart_removes_pins_of_maps_this_build_does_not_have() -> Result<()> {
+    let backend = TestBackend::new(1)?;
+    let cgroup = TestCgroup::new("stalepin")?;
+    let yaml = config(vip(9), &[(&backend, 1)]);
+    let mut agent = Agent::start(&yaml, &cgroup)?;
+    agent.kill()?;
+    let maps = agent
+        .bpffs()
+        .join(format!("v{}/maps", mesh_common::SCHEMA_VERSION));
+    let stale = maps.join("MESH_SOCK_STATE");
+    std::fs::rename(maps.join(mesh_common::map_names::AFFINITY), &stale)?;
+    agent.kill_and_restart(&[])?;
+    assert!(!stale.exists(), "{}", agent.log());
+    assert!(
+        agent
+            .log()
+            .contains("removed the pin of a map this agent no longer has"),
+        "{}",
+        agent.log()
+    );
+    assert!(maps.join(mesh_common::map_names::AFFINITY).exists());
+    assert_maps_match(&agent, &yaml, mesh_common::SCHEMA_VERSION)?;
+    Ok(())
+}
+
 #[test]
 fn an_upgrade_to_another_map_layout_fails_no_connection_and_removes_old_pins() -> Result<()> {
     let backends = [TestBackend::new(1)?, TestBackend::new(2)?];
