@@ -245,6 +245,7 @@ impl Shared {
                     protocol: svc.protocol.to_string(),
                     algorithm: svc.algorithm.to_string(),
                     affinity_timeout_s: svc.affinity_timeout_s,
+                    same_node_redirect: svc.same_node_redirect,
                     connections: 0,
                     udp_flows: 0,
                     no_backend: 0,

@@ -579,10 +579,13 @@ fn render_services(r: &ServicesResponse) -> String {
             std::net::IpAddr::V4(ip) => format!("{ip}:{}/{}", svc.port, svc.protocol),
             std::net::IpAddr::V6(ip) => format!("[{ip}]:{}/{}", svc.port, svc.protocol),
         };
-        let algorithm = match svc.affinity_timeout_s {
+        let mut algorithm = match svc.affinity_timeout_s {
             Some(timeout) => format!("{}+affinity({timeout}s)", svc.algorithm),
             None => svc.algorithm.clone(),
         };
+        if !svc.same_node_redirect {
+            algorithm += ", no redirect";
+        }
         let name = svc.name.as_str();
         if svc.backends.is_empty() {
             t.row([

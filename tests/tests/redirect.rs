@@ -498,6 +498,14 @@ fn a_service_that_opts_out_keeps_its_connections_on_tcp_until_it_opts_back_in() 
         text.contains("excluded endpoints") && text.contains("127.0.0.1:7421"),
         "{text}"
     );
+    let services = agent.meshctl_json(&["services"])?;
+    assert_eq!(
+        services["services"][0]["same_node_redirect"],
+        Value::from(false),
+        "{services}"
+    );
+    let text = String::from_utf8_lossy(&agent.meshctl(&["services"])?.stdout).to_string();
+    assert!(text.contains("no redirect"), "{text}");
     // Both sides in the test namespace; the client connects to the VIP.
     let via_vip = |scenario: &str, bytes: u64| {
         let bytes = bytes.to_string();

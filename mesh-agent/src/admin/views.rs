@@ -53,6 +53,9 @@ pub struct ServiceView {
     pub algorithm: String,
     /// Session affinity timeout, when affinity is on.
     pub affinity_timeout_s: Option<u32>,
+    /// false: the service opted out of same-node redirect.
+    #[serde(default = "yes")]
+    pub same_node_redirect: bool,
     /// TCP connections and connected UDP sockets the kernel balanced.
     pub connections: u64,
     /// Unconnected UDP sockets the kernel balanced.
@@ -62,6 +65,10 @@ pub struct ServiceView {
     /// Connects refused by policy.
     pub denied: u64,
     pub backends: Vec<BackendView>,
+}
+
+fn yes() -> bool {
+    true
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
