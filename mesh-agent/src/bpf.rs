@@ -21,7 +21,7 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, RingBuf},
-    programs::{CgroupAttachMode, CgroupSockAddr, SockOps, links::FdLink},
+    programs::{CgroupAttachMode, Program, ProgramError, links::FdLink},
 };
 use mesh_common::{SCHEMA_VERSION, limits, map_names, program_names};
 use tracing::{info, warn};
@@ -279,6 +279,8 @@ fn remove_stale_map_pins(maps_dir: &Path, ebpf: &Ebpf) {
     }
 }
 
+/// Loads cgroup program `name` (sock_ops or sock_addr), attaches it to
+/// `cgroup` through a bpf link and pins the link as `links_dir/name`.
 fn attach_and_pin(
     ebpf: &mut Ebpf,
     name: &'static str,
@@ -291,29 +293,28 @@ fn attach_and_pin(
         path: links_dir.to_owned(),
         reason: error_chain(&e),
     };
-    let program = ebpf
-        .program_mut(name)
-        .ok_or(BpfError::MissingProgram { name })?;
     // A bpf_link (kernel >= 5.7) always attaches in multi mode and takes no
     // flags: a new agent's program runs beside the old one until the old link
     // is released. Running both briefly is harmless: the second sees a
     // backend address, not a VIP, and a socket already counted.
-    let link: FdLink = if name == program_names::SOCKOPS {
-        let program: &mut SockOps = program.try_into().map_err(program_error)?;
-        program.load().map_err(program_error)?;
-        let id = program
-            .attach(cgroup, CgroupAttachMode::Single)
-            .map_err(program_error)?;
-        let link = program.take_link(id).map_err(program_error)?;
-        link.try_into().map_err(link_error)?
-    } else {
-        let program: &mut CgroupSockAddr = program.try_into().map_err(program_error)?;
-        program.load().map_err(program_error)?;
-        let id = program
-            .attach(cgroup, CgroupAttachMode::Single)
-            .map_err(program_error)?;
-        let link = program.take_link(id).map_err(program_error)?;
-        link.try_into().map_err(link_error)?
+    macro_rules! attach {
+        ($program:expr) => {{
+            let program = $program;
+            program.load().map_err(program_error)?;
+            let id = program
+                .attach(cgroup, CgroupAttachMode::Single)
+                .map_err(program_error)?;
+            let link = program.take_link(id).map_err(program_error)?;
+            link.try_into().map_err(link_error)?
+        }};
+    }
+    let link: FdLink = match ebpf
+        .program_mut(name)
+        .ok_or(BpfError::MissingProgram { name })?
+    {
+        Program::SockOps(program) => attach!(program),
+        Program::CgroupSockAddr(program) => attach!(program),
+        _ => return Err(program_error(ProgramError::UnexpectedProgramType)),
     };
     // Pin under a temporary name, then rename over the old pin: the old link
     // is detached only when its last reference (the old pin) goes.

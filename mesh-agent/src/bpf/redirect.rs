@@ -14,14 +14,14 @@ use std::{fs::File, path::Path};
 use aya::{
     Ebpf,
     maps::{HashMap, MapData, PerCpuArray, SockHash},
-    programs::{CgroupAttachMode, SkMsg, SockOps, links::FdLink},
+    programs::SkMsg,
 };
 use mesh_common::{
     EndpointKey, LocalAddrKey, RedirectStats, SockKey, redirect_map_names, redirect_program_names,
 };
 
 use super::{
-    BpfError, MapsError, error_chain,
+    BpfError, MapsError,
     maps::{taken_from, typed},
 };
 
@@ -39,7 +39,7 @@ pub fn attach(
     links_dir: &Path,
 ) -> Result<Vec<&'static str>, BpfError> {
     attach_sk_msg(ebpf)?;
-    attach_sock_ops(ebpf, cgroup, links_dir)?;
+    super::attach_and_pin(ebpf, redirect_program_names::SOCK_OPS, cgroup, links_dir)?;
     Ok(REDIRECT_PROGRAMS.to_vec())
 }
 
@@ -73,43 +73,6 @@ fn attach_sk_msg(ebpf: &mut Ebpf) -> Result<(), BpfError> {
     // map keeps it attached instead, beyond this agent's life.
     let link = program.take_link(id).map_err(program_error)?;
     std::mem::forget(link);
-    Ok(())
-}
-
-fn attach_sock_ops(ebpf: &mut Ebpf, cgroup: &File, links_dir: &Path) -> Result<(), BpfError> {
-    let name = redirect_program_names::SOCK_OPS;
-    let program_error = |source| BpfError::Program { name, source };
-    let program: &mut SockOps = ebpf
-        .program_mut(name)
-        .ok_or(BpfError::MissingProgram { name })?
-        .try_into()
-        .map_err(program_error)?;
-    program.load().map_err(program_error)?;
-    // bpf links are multi-attach by nature; flags must be 0 (Single).
-    let id = program
-        .attach(cgroup, CgroupAttachMode::Single)
-        .map_err(program_error)?;
-    let link: FdLink = program
-        .take_link(id)
-        .map_err(program_error)?
-        .try_into()
-        .map_err(|e: aya::programs::links::LinkError| BpfError::PinLink {
-            name,
-            path: links_dir.to_owned(),
-            reason: error_chain(&e),
-        })?;
-    // Same dance as the other links: pin beside, then rename over the old
-    // pin, so the old agent's program detaches only once ours runs.
-    let final_path = links_dir.join(name);
-    let staging = links_dir.join(format!("{name}_new"));
-    let _ = std::fs::remove_file(&staging);
-    let pin_error = |reason: String| BpfError::PinLink {
-        name,
-        path: final_path.clone(),
-        reason,
-    };
-    link.pin(&staging).map_err(|e| pin_error(error_chain(&e)))?;
-    std::fs::rename(&staging, &final_path).map_err(|e| pin_error(e.to_string()))?;
     Ok(())
 }
 
