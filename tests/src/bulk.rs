@@ -115,6 +115,38 @@ pub struct Params {
     /// Bulk server: read nothing until this file exists (within the
     /// deadline), so a test can change the node while bytes wait unread.
     pub hold_until: Option<std::path::PathBuf>,
+    /// Which ends use MPTCP sockets (the kernel's subflows underneath are
+    /// TCP sockets the application never sees).
+    pub mptcp: Mptcp,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub enum Mptcp {
+    #[default]
+    Neither,
+    Client,
+    Server,
+    Both,
+}
+
+impl Mptcp {
+    pub fn parse(s: &str) -> Option<Self> {
+        Some(match s {
+            "neither" => Mptcp::Neither,
+            "client" => Mptcp::Client,
+            "server" => Mptcp::Server,
+            "both" => Mptcp::Both,
+            _ => return None,
+        })
+    }
+
+    pub fn client(self) -> bool {
+        matches!(self, Mptcp::Client | Mptcp::Both)
+    }
+
+    pub fn server(self) -> bool {
+        matches!(self, Mptcp::Server | Mptcp::Both)
+    }
 }
 
 impl Default for Params {
@@ -124,6 +156,7 @@ impl Default for Params {
             conns: 1000,
             timeout: Duration::from_secs(30),
             hold_until: None,
+            mptcp: Mptcp::Neither,
         }
     }
 }
@@ -529,12 +562,38 @@ pub fn serve_one(sc: Scenario, mut s: TcpStream, p: &Params) -> Result<BulkRepor
     Ok(r)
 }
 
+/// A stream socket of `addr`'s family, TCP or MPTCP.
+fn stream_socket(addr: &SocketAddr, mptcp: bool) -> io::Result<socket2::Socket> {
+    let protocol = if mptcp {
+        socket2::Protocol::MPTCP
+    } else {
+        socket2::Protocol::TCP
+    };
+    socket2::Socket::new(
+        socket2::Domain::for_address(*addr),
+        socket2::Type::STREAM,
+        Some(protocol),
+    )
+}
+
+/// A listener on `bind`, MPTCP when `mptcp`.
+pub fn listen(bind: SocketAddr, mptcp: bool) -> Result<TcpListener> {
+    let s = stream_socket(&bind, mptcp)?;
+    s.set_reuse_address(true)?;
+    s.bind(&bind.into())
+        .with_context(|| format!("binding {bind}"))?;
+    s.listen(1024)?;
+    Ok(s.into())
+}
+
 /// The client side of one scenario (all but epoll).
 pub fn client_one(sc: Scenario, target: SocketAddr, p: &Params) -> Result<BulkReport> {
     let mut r = BulkReport::new(sc.name());
     let start = Instant::now();
-    let mut s = TcpStream::connect_timeout(&target, p.timeout)
+    let s = stream_socket(&target, p.mptcp.client())?;
+    s.connect_timeout(&target.into(), p.timeout)
         .with_context(|| format!("connecting to {target}"))?;
+    let mut s = TcpStream::from(s);
     timeouts(&s, p.timeout)?;
     match sc {
         Scenario::Echo => {
@@ -1022,7 +1081,7 @@ pub fn run_local(
             bail!("{a} is not loopback and this is the host's network namespace");
         }
     }
-    let listener = TcpListener::bind(bind).with_context(|| format!("binding {bind}"))?;
+    let listener = listen(bind, p.mptcp.server())?;
     let addr = target.unwrap_or(listener.local_addr()?);
     let params = p.clone();
     let server = std::thread::spawn(move || -> Result<BulkReport> {
@@ -1108,7 +1167,7 @@ mod tests {
             bytes: 8 << 20,
             conns: 50,
             timeout: Duration::from_secs(20),
-            hold_until: None,
+            ..Params::default()
         };
         run_local(sc, "127.0.0.1:0".parse().unwrap(), None, &p).unwrap()
     }

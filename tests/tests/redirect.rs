@@ -571,6 +571,44 @@ fn a_service_that_opts_out_keeps_its_connections_on_tcp_until_it_opts_back_in() 
     Ok(())
 }
 
+/// MPTCP at either end. An MPTCP socket's subflows are TCP sockets its
+/// reader never reads directly, so bytes redirected into one would be
+/// stranded: the kernel refuses them in the sockhash (a socket with a
+/// ULP), the insert counts as failed, and both directions stay on TCP. An
+/// MPTCP listener that accepts a plain TCP client hands out a plain TCP
+/// socket, which is redirected as usual. Every pattern stays byte-exact.
+#[test]
+fn mptcp_at_either_end_stays_byte_exact() -> Result<()> {
+    let cgroup = TestCgroup::new("redir-mptcp")?;
+    let ns = TestNetns::new("redir-mptcp")?;
+    let agent = Agent::start("services: []\n", &cgroup)?;
+    for mptcp in ["client", "server", "both"] {
+        for scenario in ["echo", "half-close", "rst", "bulk"] {
+            let before = counters(&agent)?;
+            let args = [
+                "local",
+                "--scenario",
+                scenario,
+                "--mptcp",
+                mptcp,
+                "--bytes",
+                "67108864",
+            ];
+            let r = run_bulk(&cgroup, Some(&ns), &args, LIMIT)?;
+            assert_ok(&r);
+            let after = counters(&agent)?;
+            let moved = |name| counter(&after, name) - counter(&before, name);
+            if mptcp == "server" {
+                assert!(moved("bytes_redirected") > 0, "{scenario}: {after}");
+            } else {
+                assert_eq!(moved("bytes_redirected"), 0, "{mptcp} {scenario}: {after}");
+                assert!(moved("sockets_failed") >= 1, "{mptcp} {scenario}: {after}");
+            }
+        }
+    }
+    Ok(())
+}
+
 /// Exclusions are written before the services they belong to; when the
 /// reload is then refused, they are taken back and nothing changes.
 #[test]

@@ -1,20 +1,20 @@
 //! mesh-bulk: byte-exact data-path scenarios for same-node redirect (see
 //! mesh_tests::bulk). Prints one JSON object (mesh_tests::BulkReport).
 //!
-//! mesh-bulk local  --scenario S [--bind IP:PORT] [--target IP:PORT] [--bytes N] [--conns N] [--timeout-ms T]
+//! mesh-bulk local  --scenario S [--bind IP:PORT] [--target IP:PORT] [--bytes N] [--conns N] [--timeout-ms T] [--mptcp neither|client|server|both]
 //! mesh-bulk serve  --scenario S --bind IP:PORT [--conns N] [--timeout-ms T] [--hold-until FILE]
 //! mesh-bulk client --scenario S --target IP:PORT [--bytes N] [--conns N] [--timeout-ms T]
 //!
 //! `serve` prints "listening IP:PORT" on stderr once bound. Non-loopback
 //! addresses are refused in the host's network namespace.
 
-use std::net::{SocketAddr, TcpListener};
+use std::net::SocketAddr;
 use std::process::ExitCode;
 use std::time::Duration;
 
 use mesh_tests::bulk::{self, Params, Scenario};
 
-const USAGE: &str = "usage: mesh-bulk local|serve|client --scenario S [--bind A] [--target A] [--bytes N] [--conns N] [--timeout-ms T] [--hold-until FILE]";
+const USAGE: &str = "usage: mesh-bulk local|serve|client --scenario S [--bind A] [--target A] [--bytes N] [--conns N] [--timeout-ms T] [--hold-until FILE] [--mptcp neither|client|server|both]";
 
 fn main() -> ExitCode {
     match run() {
@@ -53,6 +53,10 @@ fn run() -> anyhow::Result<String> {
             "--conns" => p.conns = value.parse()?,
             "--timeout-ms" => p.timeout = Duration::from_millis(value.parse()?),
             "--hold-until" => p.hold_until = Some(value.into()),
+            "--mptcp" => {
+                p.mptcp = bulk::Mptcp::parse(&value)
+                    .ok_or_else(|| anyhow::anyhow!("--mptcp takes neither|client|server|both"))?
+            }
             _ => anyhow::bail!("unknown flag {flag}"),
         }
     }
@@ -64,7 +68,7 @@ fn run() -> anyhow::Result<String> {
             if !bulk::target_allowed(&bind) {
                 anyhow::bail!("{bind} is not loopback and this is the host's network namespace");
             }
-            let listener = TcpListener::bind(bind)?;
+            let listener = bulk::listen(bind, p.mptcp.server())?;
             eprintln!("listening {}", listener.local_addr()?);
             if sc == Scenario::Epoll {
                 bulk::serve_epoll(listener, &p)?
