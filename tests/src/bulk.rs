@@ -75,10 +75,16 @@ pub enum Scenario {
     Epoll,
     /// One long transfer, checked against a pattern.
     Bulk,
+    /// The server reads with MSG_WAITALL while the client writes in pieces.
+    WaitAll,
+    /// The server sets SO_RCVLOWAT while the client writes in pieces.
+    RcvLowat,
+    /// The client sends one byte of urgent data (MSG_OOB) between others.
+    Oob,
 }
 
 impl Scenario {
-    pub const ALL: [(&'static str, Scenario); 10] = [
+    pub const ALL: [(&'static str, Scenario); 13] = [
         ("echo", Scenario::Echo),
         ("writev", Scenario::Writev),
         ("sendfile", Scenario::Sendfile),
@@ -89,6 +95,9 @@ impl Scenario {
         ("rst", Scenario::Rst),
         ("epoll", Scenario::Epoll),
         ("bulk", Scenario::Bulk),
+        ("waitall", Scenario::WaitAll),
+        ("rcvlowat", Scenario::RcvLowat),
+        ("oob", Scenario::Oob),
     ];
 
     pub fn parse(s: &str) -> Option<Scenario> {
@@ -325,6 +334,49 @@ impl Read for Patient<'_> {
     }
 }
 
+/// waitall and rcvlowat: the client writes PIECES pieces of PIECE bytes,
+/// pausing between them.
+const PIECES: usize = 9;
+const PIECE: usize = 1000;
+
+fn check_pieces(r: &mut BulkReport, got: &[u8]) {
+    let want = pattern(1, PIECES * PIECE, 0);
+    r.check(got == want, || {
+        format!("read {} bytes, not the {} sent", got.len(), want.len())
+    });
+}
+
+/// poll() for POLLIN (readable, or the end) within `timeout`.
+fn wait_readable(s: &TcpStream, timeout: Duration) -> io::Result<()> {
+    let mut pfd = libc::pollfd {
+        fd: s.as_raw_fd(),
+        events: libc::POLLIN,
+        revents: 0,
+    };
+    // SAFETY: one pollfd of our own.
+    let n = unsafe { libc::poll(&mut pfd, 1, timeout.as_millis() as libc::c_int) };
+    match n {
+        1 => Ok(()),
+        0 => Err(io::Error::from(io::ErrorKind::TimedOut)),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
+fn set_rcvlowat(s: &TcpStream, bytes: usize) -> io::Result<()> {
+    let v = bytes as libc::c_int;
+    // SAFETY: an int option of our own socket.
+    let r = unsafe {
+        libc::setsockopt(
+            s.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_RCVLOWAT,
+            (&raw const v).cast(),
+            std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+        )
+    };
+    cvt(r as isize).map(drop)
+}
+
 fn timeouts(s: &TcpStream, t: Duration) -> io::Result<()> {
     s.set_read_timeout(Some(t))?;
     s.set_write_timeout(Some(t))
@@ -517,6 +569,68 @@ pub fn serve_one(sc: Scenario, mut s: TcpStream, p: &Params) -> Result<BulkRepor
                 .write(b"x")
                 .map_or_else(|e| errno_of(&e), |n| format!("wrote {n}"));
             r.observe("server_write_after", w);
+        }
+        Scenario::WaitAll => {
+            // One recv() for everything: TCP returns once all of it is in.
+            let want = PIECES * PIECE;
+            let mut all = Vec::new();
+            let mut reads = Vec::new();
+            let mut buf = vec![0u8; want];
+            while all.len() < want {
+                let n = recv_retry(
+                    &s,
+                    &mut buf[..want - all.len()],
+                    libc::MSG_WAITALL,
+                    p.timeout,
+                )?;
+                if n == 0 {
+                    break;
+                }
+                reads.push(n);
+                all.extend_from_slice(&buf[..n]);
+            }
+            r.observe("first_read", reads.first().copied().unwrap_or(0));
+            r.observe("reads", reads.len());
+            check_pieces(&mut r, &all);
+            s.write_all(b"k")?;
+        }
+        Scenario::RcvLowat => {
+            // An event loop's way: poll() says readable once the low-water
+            // mark is queued (or at EOF), then read what is there.
+            let lowat = 3 * PIECE;
+            set_rcvlowat(&s, lowat)?;
+            let mut all = Vec::new();
+            let mut first = None;
+            let mut buf = vec![0u8; PIECES * PIECE];
+            loop {
+                wait_readable(&s, p.timeout)?;
+                let n = recv_retry(&s, &mut buf, libc::MSG_DONTWAIT, p.timeout)?;
+                if n == 0 {
+                    break;
+                }
+                first.get_or_insert(n);
+                all.extend_from_slice(&buf[..n]);
+            }
+            r.observe("first_read_reached_lowat", first.unwrap_or(0) >= lowat);
+            check_pieces(&mut r, &all);
+            s.write_all(b"k")?;
+        }
+        Scenario::Oob => {
+            // Let all of it, the urgent byte included, arrive first.
+            std::thread::sleep(Duration::from_millis(200));
+            let mut b = [0u8; 1];
+            let urgent = recv_retry(&s, &mut b, libc::MSG_OOB, p.timeout).map_or_else(
+                |e| errno_of(&e),
+                |n| String::from_utf8_lossy(&b[..n]).into_owned(),
+            );
+            let mut inline = Vec::new();
+            Patient::new(&s, p.timeout).read_to_end(&mut inline)?;
+            let inline = String::from_utf8_lossy(&inline).into_owned();
+            r.check(urgent == "!" && inline == "xyzend", || {
+                format!("urgent byte {urgent:?} and {inline:?} in line; sent xyz, urgent !, end")
+            });
+            r.observe("urgent_byte", urgent);
+            r.observe("inline", inline);
         }
         Scenario::Bulk => {
             if let Some(go) = &p.hold_until {
@@ -715,6 +829,28 @@ pub fn client_one(sc: Scenario, target: SocketAddr, p: &Params) -> Result<BulkRe
             r.observe("client_response_bytes", resp.len());
             r.bytes = data.len() as u64;
         }
+        Scenario::WaitAll | Scenario::RcvLowat => {
+            let data = pattern(1, PIECES * PIECE, 0);
+            for piece in data.chunks(PIECE) {
+                s.write_all(piece)?;
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            // The end makes the rest readable whatever the low-water mark.
+            s.shutdown(Shutdown::Write)?;
+            let mut done = [0u8; 1];
+            Patient::new(&s, p.timeout).read_exact(&mut done)?;
+            r.bytes = data.len() as u64;
+        }
+        Scenario::Oob => {
+            s.write_all(b"xyz")?;
+            // SAFETY: a one-byte buffer of our own.
+            cvt(unsafe { libc::send(s.as_raw_fd(), b"!".as_ptr().cast(), 1, libc::MSG_OOB) })?;
+            s.write_all(b"end")?;
+            s.shutdown(Shutdown::Write)?;
+            let mut rest = Vec::new();
+            Patient::new(&s, p.timeout).read_to_end(&mut rest)?;
+            r.bytes = 7;
+        }
         Scenario::Rst => {
             let data = pattern(1, 100_000, 1);
             s.write_all(&data)?;
@@ -762,17 +898,16 @@ pub fn client_one(sc: Scenario, target: SocketAddr, p: &Params) -> Result<BulkRe
 
 /// recv(MSG_PEEK), retrying EAGAIN like [`Patient`].
 fn peek_retry(s: &TcpStream, buf: &mut [u8], timeout: Duration) -> io::Result<usize> {
+    recv_retry(s, buf, libc::MSG_PEEK, timeout)
+}
+
+/// recv() with `flags`, retrying EAGAIN (counted) until `timeout`.
+fn recv_retry(s: &TcpStream, buf: &mut [u8], flags: i32, timeout: Duration) -> io::Result<usize> {
     let deadline = Instant::now() + timeout;
     loop {
         // SAFETY: our own buffer, with its length.
-        let r = cvt(unsafe {
-            libc::recv(
-                s.as_raw_fd(),
-                buf.as_mut_ptr().cast(),
-                buf.len(),
-                libc::MSG_PEEK,
-            )
-        });
+        let r =
+            cvt(unsafe { libc::recv(s.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), flags) });
         match r {
             Err(e) if e.kind() == io::ErrorKind::WouldBlock && Instant::now() < deadline => {
                 EAGAIN_RETRIES.fetch_add(1, std::sync::atomic::Ordering::Relaxed);

@@ -571,6 +571,47 @@ fn a_service_that_opts_out_keeps_its_connections_on_tcp_until_it_opts_back_in() 
     Ok(())
 }
 
+/// Three ways of reading that the kernel serves differently once a socket
+/// is in the sockhash (6.18, `net/ipv4/tcp_bpf.c`): recv() returns what is
+/// queued, whatever MSG_WAITALL or SO_RCVLOWAT ask, and send(MSG_OOB) goes
+/// in-band, so the receiver's urgent byte and stream are wrong. Shown to
+/// differ when redirected (should a kernel fix one, this fails: then say so
+/// in docs/ARCHITECTURE.md), and to be exactly as with redirect off behind
+/// a service that opts out.
+#[test]
+fn waitall_rcvlowat_and_urgent_data_are_exact_behind_an_opt_out() -> Result<()> {
+    let cgroup = TestCgroup::new("redir-recvflags")?;
+    let ns = TestNetns::new("redir-recvflags")?;
+    let vip = mesh_tests::loopback_vip(22, 5, 80).to_string();
+    let backend = "127.0.0.1:7451".parse()?;
+    let yaml =
+        mesh_tests::one_service_yaml(vip.parse()?, "    same_node_redirect: false\n", &[backend]);
+    let agent = Agent::start(&yaml, &cgroup)?;
+    let run = |scenario: &str, bind: &str, target: Option<&str>| {
+        let mut args = vec!["local", "--scenario", scenario, "--bind", bind];
+        if let Some(t) = target {
+            args.extend(["--target", t]);
+        }
+        run_bulk(&cgroup, Some(&ns), &args, LIMIT)
+    };
+    for scenario in ["waitall", "rcvlowat", "oob"] {
+        let redirected = run(scenario, "127.0.0.1:7452", None)?;
+        let opted_out = run(scenario, "127.0.0.1:7451", Some(&vip))?;
+        switch(&agent, false)?;
+        let off = run(scenario, "127.0.0.1:7452", None)?;
+        switch(&agent, true)?;
+        assert_ok(&off);
+        assert_ok(&opted_out);
+        assert_eq!(opted_out.observed, off.observed, "{scenario}");
+        assert_ne!(
+            semantics(&redirected),
+            semantics(&off),
+            "{scenario}: served exactly while redirected: {redirected:?}"
+        );
+    }
+    Ok(())
+}
+
 /// MPTCP at either end. An MPTCP socket's subflows are TCP sockets its
 /// reader never reads directly, so bytes redirected into one would be
 /// stranded: the kernel refuses them in the sockhash (a socket with a
