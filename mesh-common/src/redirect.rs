@@ -46,7 +46,8 @@ pub mod redirect_limits {
     pub const MAX_EXCLUDED_ENDPOINTS: u32 = 65_536;
 }
 
-/// Key of `MESH_SOCKS`: one socket's own view of its connection. The peer's key is the same with local and remote swapped.
+/// Key of `MESH_SOCKS`: one socket's own view of its connection. The peer's
+/// key is the same with local and remote swapped.
 ///
 /// `netns` is the socket's network-namespace cookie when either end is a
 /// loopback address (every namespace has its own 127.0.0.1, so the 4-tuple

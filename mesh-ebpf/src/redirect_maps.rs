@@ -23,8 +23,8 @@ pub static MESH_SOCKS: SockHash<SockKey> =
 /// Each socket in `MESH_SOCKS` carries its `SockRedirect` here, in the
 /// socket itself: no size to choose, nothing to evict, and the kernel frees
 /// it with the socket. Not pinned: the programs hold it, and each socket's
-/// psock holds the `sk_msg` program it was given, so a socket is always read
-/// through the storage its own sock_ops run wrote.
+/// psock keeps the `sk_msg` program it was given, and so the storage map
+/// that program reads, across agent restarts and upgrades.
 #[btf_map]
 static MESH_SOCK_REDIR: SkStorage<SockRedirect> = SkStorage::new();
 

@@ -39,9 +39,9 @@ fn try_msg(ctx: &SkMsgContext) {
         s.msgs_fallback += 1;
         s.bytes_fallback += size;
     };
-    // No state: the socket was put in the map by another program (an
-    // earlier agent's sockets keep theirs); never redirect what we did not
-    // judge.
+    // No state: another agent's sock_ops put the socket in the map (while
+    // an upgrade swapped the programs); never redirect what this program's
+    // sock_ops did not judge.
     let Some(state) = sock_state(sk) else {
         redirect::count(fallback);
         return;
