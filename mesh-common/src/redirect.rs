@@ -151,7 +151,8 @@ pub struct RedirectStats {
     /// ESTABLISHED sockets left alone: an end is not node-local, an end's
     /// port is excluded (`MESH_REDIR_EXCL`) or is a backend of a service that
     /// opted out (`MESH_EXCL_EP`), payload was already exchanged
-    /// (TCP Fast Open), the switch is off, or the agent's own.
+    /// (TCP Fast Open), the switch is off, an MPTCP subflow, or the agent's
+    /// own.
     pub sockets_skipped: u64,
     pub msgs_redirected: u64,
     pub bytes_redirected: u64,

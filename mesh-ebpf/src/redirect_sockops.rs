@@ -9,7 +9,7 @@ use aya_ebpf::{
         BPF_SOCK_OPS_ACTIVE_ESTABLISHED_CB, BPF_SOCK_OPS_PASSIVE_ESTABLISHED_CB, bpf_sock,
         bpf_sock_ops,
     },
-    helpers::bpf_get_netns_cookie,
+    helpers::{bpf_get_netns_cookie, generated::bpf_skc_to_mptcp_sock},
     macros::sock_ops,
     programs::SockOpsContext,
 };
@@ -53,7 +53,13 @@ fn try_sockops(ctx: &SockOpsContext) {
             read_volatile(addr_of!((*ops).data_segs_out)),
         )
     };
-    if segs_in != 0 || segs_out != 0 || !redirect::enabled() || excluded(&key) || agent_socket(sk) {
+    if segs_in != 0
+        || segs_out != 0
+        || !redirect::enabled()
+        || excluded(&key)
+        || agent_socket(sk)
+        || mptcp_subflow(sk)
+    {
         redirect::count(|s| s.sockets_skipped += 1);
         return;
     }
@@ -131,6 +137,14 @@ fn excluded(key: &SockKey) -> bool {
                 .get(endpoint(key.remote_addr, key.remote_port))
                 .is_some()
     }
+}
+
+/// A subflow of an MPTCP socket: its reader reads through the MPTCP socket,
+/// never the subflow's own queue, so it must not be a redirect target (the
+/// kernel would refuse it in the sockhash anyway).
+#[inline(always)]
+fn mptcp_subflow(sk: *mut bpf_sock) -> bool {
+    !unsafe { bpf_skc_to_mptcp_sock(sk.cast()) }.is_null()
 }
 
 /// The agent's own sockets (marked) are never touched.

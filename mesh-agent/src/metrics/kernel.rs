@@ -426,7 +426,7 @@ impl Collector for KernelCollector {
         family(
             &mut encoder,
             "mesh_redirect_sockets",
-            "ESTABLISHED sockets seen by same-node redirect: added to the sockhash, failed to be added, or skipped (an end not node-local, an excluded port or a backend of a service that opted out, switch off, the agent's own)",
+            "ESTABLISHED sockets seen by same-node redirect: added to the sockhash, failed to be added, or skipped (an end not node-local, an excluded port or a backend of a service that opted out, switch off, an MPTCP subflow, the agent's own)",
             None,
             MetricType::Counter,
             sockets.map(|(result, v)| ([("result", result)], counter(v))),
