@@ -38,12 +38,15 @@ pub struct Plan {
 }
 
 /// The endpoints `svc` keeps off the redirect path (TCP only: redirect
-/// never sees UDP).
+/// never sees UDP). IPv4-mapped IPv6 addresses in their IPv4 form, as the
+/// map stores them, so an endpoint read back from the map compares equal.
 fn endpoints(svc: Option<&Service>) -> BTreeSet<SocketAddr> {
     match svc {
-        Some(s) if !s.same_node_redirect && s.protocol.ip_protocols().contains(&PROTO_TCP) => {
-            s.backends.iter().map(|b| b.socket_addr()).collect()
-        }
+        Some(s) if !s.same_node_redirect && s.protocol.ip_protocols().contains(&PROTO_TCP) => s
+            .backends
+            .iter()
+            .map(|b| SocketAddr::new(b.address.to_canonical(), b.port))
+            .collect(),
         _ => BTreeSet::new(),
     }
 }
@@ -206,6 +209,19 @@ mod tests {
         assert_eq!(retry, vec![ep("127.0.0.1:99")]);
         ex.removed(&ep("127.0.0.1:99"));
         assert!(ex.commit(ex.plan([])).is_empty());
+    }
+
+    #[test]
+    fn a_mapped_backend_recovered_from_the_map_is_the_same_endpoint() {
+        // The map holds IPv4 keys for ::ffff:a.b.c.d; recovery reads them
+        // back as IPv4, and the first apply must not then delete its own.
+        let mut ex = Exclusions::recovered([ep("127.0.0.9:90")]);
+        let yaml = "services:\n  - name: web\n    vip: 'fd00::5'\n    port: 80\n    \
+                    same_node_redirect: false\n    backends:\n      - {address: '::ffff:127.0.0.9', port: 90}\n";
+        let state = parse_str(yaml, "test").unwrap();
+        let removed = ex.commit(ex.plan([(None, Some(&state.services[0]))]));
+        assert!(removed.is_empty(), "{removed:?}");
+        assert_eq!(ex.endpoints(), vec![ep("127.0.0.9:90")]);
     }
 
     #[test]
