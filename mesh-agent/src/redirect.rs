@@ -341,6 +341,10 @@ impl Redirect {
             }
             wanted.extend(node);
         }
+        // The map stores ::ffff:a.b.c.d as IPv4, and `programmed` is read
+        // back from it: compare in the same form, or a sync would remove
+        // the key it has just written.
+        let wanted: BTreeSet<IpAddr> = wanted.into_iter().map(|a| a.to_canonical()).collect();
         if wanted.len() > redirect_limits::MAX_LOCAL_ADDRS as usize {
             return Err(RedirectError::TooManyAddresses {
                 map: mesh_common::redirect_map_names::LOCAL_ADDRS,

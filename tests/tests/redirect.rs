@@ -287,6 +287,45 @@ fn pod_to_pod_is_redirected_and_an_off_node_peer_takes_the_normal_path() -> Resu
     Ok(())
 }
 
+/// Node-local addresses given in their IPv4-mapped IPv6 form survive a
+/// restart: the map stores them as IPv4, and the restarted agent reads them
+/// back in that form.
+#[test]
+fn mapped_local_addresses_stay_local_across_a_restart() -> Result<()> {
+    let cgroup = TestCgroup::new("redir-mapped")?;
+    let p = pods("redir-mapped")?;
+    let (a, b) = (
+        format!("::ffff:{}", p.addr_a),
+        format!("::ffff:{}", p.addr_b),
+    );
+    let mut agent = Agent::start_with(
+        "services: []\n",
+        &cgroup,
+        &[
+            "--local-address",
+            &a,
+            "--local-address",
+            &b,
+            "--no-discover-local-addresses",
+        ],
+    )?;
+    agent.kill_and_restart(&[])?;
+    let local = counters(&agent)?["local_addresses"].clone();
+    assert_eq!(
+        local,
+        serde_json::json!([p.addr_a, p.addr_b]),
+        "{}",
+        agent.log()
+    );
+    let (r, veth) = transfer(&cgroup, &p, 16 * MIB)?;
+    assert_ok(&r);
+    assert!(
+        veth < MIB,
+        "veth carried {veth} bytes of a redirected transfer"
+    );
+    Ok(())
+}
+
 #[test]
 fn the_agent_flag_starts_with_redirect_off() -> Result<()> {
     let cgroup = TestCgroup::new("redir-flag")?;
