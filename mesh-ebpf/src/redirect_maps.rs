@@ -4,7 +4,7 @@
 use core::{ffi::c_void, ptr};
 
 use aya_ebpf::{
-    bindings::{BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
+    bindings::{BPF_F_NO_PREALLOC, BPF_SK_STORAGE_GET_F_CREATE, bpf_sock},
     btf_maps::SkStorage,
     helpers::generated::{bpf_sk_storage_delete, bpf_sk_storage_get},
     macros::{btf_map, map},
@@ -80,9 +80,11 @@ pub static MESH_REDIR_EXCL: HashMap<u16, u32> =
 
 /// Backend endpoints of services with `same_node_redirect: false`, written
 /// by the agent: connections with either end here stay on the normal path.
+/// Allocated as entries come (few services opt out, and a preallocated
+/// table this size would hold megabytes of kernel memory for nothing).
 #[map(name = "MESH_EXCL_EP")]
 pub static MESH_EXCL_EP: HashMap<EndpointKey, u32> =
-    HashMap::pinned(redirect_limits::MAX_EXCLUDED_ENDPOINTS, 0);
+    HashMap::pinned(redirect_limits::MAX_EXCLUDED_ENDPOINTS, BPF_F_NO_PREALLOC);
 
 #[map(name = "MESH_REDIR_STAT")]
 pub static MESH_REDIR_STAT: PerCpuArray<RedirectStats> = PerCpuArray::pinned(1, 0);
