@@ -26,15 +26,17 @@ pub struct Exclusions {
     stale: BTreeSet<SocketAddr>,
 }
 
-/// The exclusions after a set of service changes, computed without
-/// touching the map.
+/// What a set of service changes does to the exclusions, computed without
+/// touching the map: per endpoint, how its count moves (work in proportion
+/// to the change, not to the endpoints excluded).
 #[derive(Debug, Default)]
 pub struct Plan {
-    /// None: no change involves an opted-out service.
-    counts: Option<BTreeMap<SocketAddr, u32>>,
+    delta: BTreeMap<SocketAddr, i64>,
     /// Endpoints to write before the services' own maps change, so no
     /// connection to a new opted-out backend is redirected.
     pub added: Vec<SocketAddr>,
+    /// Endpoints whose last opted-out service goes.
+    dropped: Vec<SocketAddr>,
 }
 
 /// The endpoints `svc` keeps off the redirect path (TCP only: redirect
@@ -66,49 +68,42 @@ impl Exclusions {
         &self,
         changes: impl IntoIterator<Item = (Option<&'a Service>, Option<&'a Service>)>,
     ) -> Plan {
-        let mut counts: Option<BTreeMap<SocketAddr, u32>> = None;
+        let mut delta: BTreeMap<SocketAddr, i64> = BTreeMap::new();
         for (old, new) in changes {
-            let (gone, come) = (endpoints(old), endpoints(new));
-            if gone.is_empty() && come.is_empty() {
-                continue;
+            for ep in endpoints(old) {
+                *delta.entry(ep).or_default() -= 1;
             }
-            let counts = counts.get_or_insert_with(|| self.counts.clone());
-            for ep in gone {
-                if let Some(n) = counts.get_mut(&ep) {
-                    *n -= 1;
-                    if *n == 0 {
-                        counts.remove(&ep);
-                    }
-                }
-            }
-            for ep in come {
-                *counts.entry(ep).or_default() += 1;
+            for ep in endpoints(new) {
+                *delta.entry(ep).or_default() += 1;
             }
         }
-        let added = counts.as_ref().map_or_else(Vec::new, |c| {
-            c.keys()
-                .filter(|ep| !self.counts.contains_key(ep))
-                .copied()
-                .collect()
-        });
-        Plan { counts, added }
+        delta.retain(|_, d| *d != 0);
+        let mut plan = Plan::default();
+        for (&ep, &d) in &delta {
+            let now = i64::from(self.counts.get(&ep).copied().unwrap_or(0));
+            match (now > 0, now + d > 0) {
+                (false, true) => plan.added.push(ep),
+                (true, false) => plan.dropped.push(ep),
+                _ => {}
+            }
+        }
+        plan.delta = delta;
+        plan
     }
 
     /// Takes the plan as the new state; returns every endpoint the map
     /// should now lose (the ones no longer wanted, and earlier stale ones).
     pub fn commit(&mut self, plan: Plan) -> Vec<SocketAddr> {
-        if let Some(counts) = plan.counts {
-            let dropped: Vec<SocketAddr> = self
-                .counts
-                .keys()
-                .filter(|ep| !counts.contains_key(ep))
-                .copied()
-                .collect();
-            self.stale.extend(dropped);
-            self.counts = counts;
+        for (ep, d) in plan.delta {
+            let n = i64::from(self.counts.get(&ep).copied().unwrap_or(0)) + d;
+            if n > 0 {
+                self.counts.insert(ep, n as u32);
+                self.stale.remove(&ep);
+            } else {
+                self.counts.remove(&ep);
+            }
         }
-        let counts = &self.counts;
-        self.stale.retain(|ep| !counts.contains_key(ep));
+        self.stale.extend(plan.dropped);
         self.stale.iter().copied().collect()
     }
 
@@ -119,9 +114,7 @@ impl Exclusions {
 
     /// How many endpoints the plan excludes.
     pub fn planned(&self, plan: &Plan) -> usize {
-        plan.counts
-            .as_ref()
-            .map_or(self.counts.len(), BTreeMap::len)
+        self.counts.len() + plan.added.len() - plan.dropped.len()
     }
 
     /// The endpoints now excluded, in order.
@@ -177,7 +170,7 @@ mod tests {
         let plan = ex.plan([(None, Some(&on)), (None, Some(&off)), (None, Some(&udp))]);
         assert_eq!(plan.added, vec![ep("127.0.0.1:82"), ep("127.0.0.2:82")]);
         let none = ex.plan([(None, Some(&on)), (Some(&on), None)]);
-        assert!(none.added.is_empty() && none.counts.is_none());
+        assert!(none.added.is_empty() && none.delta.is_empty());
     }
 
     #[test]
