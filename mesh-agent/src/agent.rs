@@ -506,31 +506,21 @@ impl Shared {
                 .workloads
                 .clone()
                 .unwrap_or_else(|| current.workloads.clone());
-            // Backends of services that opt out of redirect are excluded
-            // before their service is programmed, and let back in only after.
-            let exclusions = {
-                let mut redirect = self.redirect.lock();
-                let plan = redirect.plan_exclusions(changes.iter().copied());
-                redirect.exclude(&plan)?;
-                plan
-            };
-            let report = if changes.is_empty() && update.workloads.is_none() {
-                ApplyReport::default()
-            } else {
-                let applied = self.metrics.reconcile.time_apply(|| {
-                    inner
-                        .reconciler
-                        .apply_changes(&changes, &workloads, &mut inner.maps)
-                });
-                match applied {
-                    Ok(report) => report,
-                    Err(e) => {
-                        self.redirect.lock().abandon(exclusions);
-                        return Err(e.into());
+            let report = self
+                .redirect
+                .around_service_changes(changes.iter().copied(), || {
+                    if changes.is_empty() && update.workloads.is_none() {
+                        return Ok(ApplyReport::default());
                     }
-                }
-            };
-            self.redirect.lock().commit_exclusions(exclusions);
+                    self.metrics
+                        .reconcile
+                        .time_apply(|| {
+                            inner
+                                .reconciler
+                                .apply_changes(&changes, &workloads, &mut inner.maps)
+                        })
+                        .map_err(AgentError::from)
+                })?;
             drop(changes);
             // Accepted: the source, health checks and overrides follow.
             let watched_source = DesiredState {
@@ -755,16 +745,12 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         .kernel
         .attach(KernelMaps::open(&pins.maps_dir())?, capacity);
     let mut reconciler = Reconciler::recover(capacity, &mut maps);
-    let exclusions = {
-        let mut redirect = redirect.lock();
-        let plan = redirect.plan_exclusions(desired.iter().map(|s| (None, Some(s))));
-        redirect.exclude(&plan)?;
-        plan
-    };
-    metrics
-        .reconcile
-        .time_apply(|| reconciler.apply_set(desired.iter(), &desired.workloads, &mut maps))?;
-    redirect.lock().commit_exclusions(exclusions);
+    redirect.around_service_changes(desired.iter().map(|s| (None, Some(s))), || {
+        metrics
+            .reconcile
+            .time_apply(|| reconciler.apply_set(desired.iter(), &desired.workloads, &mut maps))
+            .map_err(AgentError::from)
+    })?;
     metrics.applied_lazily();
     release_free_memory();
     metrics.set_ready();

@@ -33,8 +33,7 @@ use crate::{
     state::Service,
 };
 
-use exclusions::Exclusions;
-pub use exclusions::Plan as ExclusionPlan;
+use exclusions::{Exclusions, Plan as ExclusionPlan};
 
 #[derive(Debug, thiserror::Error)]
 pub enum RedirectError {
@@ -126,6 +125,34 @@ impl RedirectHandle {
         self.0.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    /// Runs `write_services` (the reconciler programming `changes`, each an
+    /// old and a new service) inside the redirect exclusions they bring:
+    /// backends a change opts out are excluded before it, those it lets
+    /// back in are removed after, and if it fails the new ones are taken
+    /// back. The lock is not held while it runs.
+    pub fn around_service_changes<'a, T, E: From<RedirectError>>(
+        &self,
+        changes: impl IntoIterator<Item = (Option<&'a Service>, Option<&'a Service>)>,
+        write_services: impl FnOnce() -> Result<T, E>,
+    ) -> Result<T, E> {
+        let plan = {
+            let mut redirect = self.lock();
+            let plan = redirect.exclusions.plan(changes);
+            redirect.exclude(&plan)?;
+            plan
+        };
+        match write_services() {
+            Ok(written) => {
+                self.lock().commit_exclusions(plan);
+                Ok(written)
+            }
+            Err(e) => {
+                self.lock().unexclude(&plan.added);
+                Err(e)
+            }
+        }
+    }
+
     /// Refreshes the node-local addresses every `interval`, forever.
     pub fn spawn_refresher(&self, interval: Duration) -> tokio::task::JoinHandle<()> {
         let handle = self.clone();
@@ -168,7 +195,7 @@ impl Redirect {
             ambiguous: BTreeSet::new(),
             exclusions: Exclusions::default(),
         };
-        redirect.recover_programmed();
+        redirect.recover_from_maps();
         redirect.sync_excluded_ports()?;
         redirect.sync_local_addrs()?;
         redirect.set_enabled(redirect.options.enabled)?;
@@ -209,9 +236,10 @@ impl Redirect {
             .is_ok_and(|v| v.flags & CONFIG_FLAG_SAME_NODE_REDIRECT != 0)
     }
 
-    /// Addresses an earlier agent left in the pinned map, so stale ones are
-    /// removed by the next sync.
-    fn recover_programmed(&mut self) {
+    /// What an earlier agent left in the pinned maps (node-local addresses,
+    /// opted-out endpoints), so stale entries are removed by the next sync
+    /// or apply.
+    fn recover_from_maps(&mut self) {
         let keys: Vec<LocalAddrKey> = self
             .maps
             .local_addrs
@@ -229,18 +257,9 @@ impl Redirect {
         self.exclusions = Exclusions::recovered(endpoints);
     }
 
-    /// What `changes` (old, new service) make of the opted-out endpoints;
-    /// the map is not touched.
-    pub fn plan_exclusions<'a>(
-        &self,
-        changes: impl IntoIterator<Item = (Option<&'a Service>, Option<&'a Service>)>,
-    ) -> ExclusionPlan {
-        self.exclusions.plan(changes)
-    }
-
     /// Writes the endpoints the plan brings, before the services' maps
     /// change. On failure nothing it wrote stays.
-    pub fn exclude(&mut self, plan: &ExclusionPlan) -> Result<(), RedirectError> {
+    fn exclude(&mut self, plan: &ExclusionPlan) -> Result<(), RedirectError> {
         let map = redirect_map_names::EXCLUDED_ENDPOINTS;
         let count = self.exclusions.planned(plan);
         if count > redirect_limits::MAX_EXCLUDED_ENDPOINTS as usize {
@@ -259,15 +278,10 @@ impl Redirect {
         Ok(())
     }
 
-    /// Takes back what `exclude` wrote, when the apply was refused.
-    pub fn abandon(&mut self, plan: ExclusionPlan) {
-        self.unexclude(&plan.added);
-    }
-
     /// The apply went through: the plan is the state, and endpoints no
     /// longer opted out leave the map (a failed delete is retried by the
     /// next apply; an endpoint left over only stays off the fast path).
-    pub fn commit_exclusions(&mut self, plan: ExclusionPlan) {
+    fn commit_exclusions(&mut self, plan: ExclusionPlan) {
         let gone = self.exclusions.commit(plan);
         self.unexclude(&gone);
     }
