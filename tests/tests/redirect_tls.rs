@@ -79,8 +79,8 @@ fn patient(s: TcpStream) -> Result<Patient> {
 fn configs() -> Result<(Arc<rustls::ServerConfig>, Arc<rustls::ClientConfig>)> {
     let ck = rcgen::generate_simple_self_signed(vec!["mesh.test".to_string()])?;
     let cert: CertificateDer<'static> = ck.cert.der().clone();
-    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.key_pair.serialize_der()));
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let key = PrivateKeyDer::Pkcs8(PrivatePkcs8KeyDer::from(ck.signing_key.serialize_der()));
+    let provider = Arc::new(rustls::crypto::aws_lc_rs::default_provider());
     let server = rustls::ServerConfig::builder_with_provider(provider.clone())
         .with_safe_default_protocol_versions()?
         .with_no_client_auth()
