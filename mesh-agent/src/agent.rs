@@ -489,7 +489,7 @@ impl Shared {
                     .filter_map(|n| effective.get(n.as_str()).cloned().flatten())
                     .map(|s| (*s).clone())
                     .collect(),
-                workloads: Vec::new(),
+                ..DesiredState::default()
             };
             let panicking = inner.health.overlay(&mut watched, now);
             for svc in watched.services {
@@ -529,7 +529,7 @@ impl Shared {
                     .filter_map(|n| source_of(n))
                     .map(|s| (**s).clone())
                     .collect(),
-                workloads: Vec::new(),
+                ..DesiredState::default()
             };
             inner.health.sync(&watched_source);
             for &name in &dirty {

@@ -21,7 +21,7 @@ use self::raw::{
 };
 pub use self::source::{ConfigSource, Scope, Update};
 use crate::state::{
-    Algorithm, Backend, BackendState, CheckKind, DesiredState, HealthCheck, OutlierDetection,
+    Algorithm, Backend, BackendState, CheckKind, DesiredState, HealthCheck, Mesh, OutlierDetection,
     PanicMode, Policy, Protocol, Service, Workload,
 };
 
@@ -110,7 +110,7 @@ fn parse_plain(text: &str) -> Option<DesiredState> {
     services.sort_by(|a, b| a.name.cmp(&b.name));
     Some(DesiredState {
         services,
-        workloads: Vec::new(),
+        ..DesiredState::default()
     })
 }
 
@@ -166,6 +166,7 @@ fn validate(raw: RawConfig) -> Check<DesiredState> {
     Ok(DesiredState {
         services,
         workloads,
+        mesh: Mesh::default(),
     })
 }
 
@@ -464,6 +465,7 @@ fn service(
         health_check,
         outlier_detection,
         panic_mode,
+        mtls: None,
         backends,
     };
     Ok((service, name.referenced, vip.referenced))
@@ -692,6 +694,8 @@ fn backend(raw: Spanned<RawBackend>, service: &str) -> Check<(Backend, Location)
             BackendState::Active,
             |value, accepted| Problem::UnknownState { value, accepted },
         )?,
+        node: None,
+        tunnel: false,
     };
     Ok((backend, address.referenced))
 }
@@ -857,6 +861,8 @@ services:
             port,
             weight,
             state: BackendState::Active,
+            node: None,
+            tunnel: false,
         };
         let web = Service {
             name: "web".into(),
@@ -872,6 +878,7 @@ services:
             health_check: None,
             outlier_detection: None,
             panic_mode: PanicMode::All,
+            mtls: None,
             backends: vec![backend(18081, 1), backend(18082, 2), backend(18083, 7)],
         };
         assert_eq!(
@@ -879,6 +886,7 @@ services:
             DesiredState {
                 services: vec![web],
                 workloads: vec![],
+                mesh: Mesh::default(),
             }
         );
     }

@@ -46,6 +46,7 @@ impl Draining {
         DesiredState {
             services,
             workloads: source.workloads.clone(),
+            mesh: source.mesh.clone(),
         }
     }
 

@@ -163,7 +163,7 @@ impl Overrides {
         }
         let mut state = DesiredState {
             services: vec![(*svc).clone()],
-            workloads: Vec::new(),
+            ..DesiredState::default()
         };
         self.overlay(&mut state);
         Arc::new(state.services.pop().expect("one service"))

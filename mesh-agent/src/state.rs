@@ -17,6 +17,8 @@ pub struct DesiredState {
     pub services: Vec<Service>,
     /// Which cgroups hold which identity, for L4 policy.
     pub workloads: Vec<Workload>,
+    /// The mesh's nodes and mesh-wide defaults (cross-node tunnel).
+    pub mesh: Mesh,
 }
 
 /// The agent's working form of a desired state: services by name, each
@@ -26,6 +28,7 @@ pub struct DesiredState {
 pub struct ServiceSet {
     pub services: BTreeMap<String, Arc<Service>>,
     pub workloads: Arc<Vec<Workload>>,
+    pub mesh: Arc<Mesh>,
 }
 
 impl ServiceSet {
@@ -55,6 +58,7 @@ impl ServiceSet {
                 .map(|s| (**s).clone())
                 .collect(),
             workloads: (*self.workloads).clone(),
+            mesh: (*self.mesh).clone(),
         }
     }
 }
@@ -68,6 +72,7 @@ impl From<DesiredState> for ServiceSet {
                 .map(|s| (s.name.clone(), Arc::new(s)))
                 .collect(),
             workloads: Arc::new(state.workloads),
+            mesh: Arc::new(state.mesh),
         }
     }
 }
@@ -77,6 +82,7 @@ impl From<&ServiceSet> for DesiredState {
         Self {
             services: set.iter().cloned().collect(),
             workloads: (*set.workloads).clone(),
+            mesh: (*set.mesh).clone(),
         }
     }
 }
@@ -109,6 +115,9 @@ pub struct Service {
     pub outlier_detection: Option<OutlierDetection>,
     /// What to do when every backend is unhealthy.
     pub panic_mode: PanicMode,
+    /// mTLS for connections to backends on other nodes; `None`: the mesh's
+    /// default (`Mesh::default_mtls`).
+    pub mtls: Option<MtlsMode>,
     /// May be empty only when the source allows it: connects then fail fast.
     pub backends: Vec<Backend>,
 }
@@ -118,6 +127,11 @@ impl Service {
     /// the kernel gets for this service.
     pub fn watches_health(&self) -> bool {
         self.health_check.is_some() || self.outlier_detection.is_some()
+    }
+
+    /// The service's mTLS mode, its own or the mesh's default.
+    pub fn mtls_mode(&self, mesh: &Mesh) -> MtlsMode {
+        self.mtls.unwrap_or(mesh.default_mtls)
     }
 
     pub fn frontend(&self) -> SocketAddr {
@@ -139,6 +153,12 @@ pub struct Backend {
     /// Relative share of new connections; zero means none.
     pub weight: u32,
     pub state: BackendState,
+    /// The node that hosts it (a name in `Mesh::nodes`); `None`: reached
+    /// directly, wherever it is, as before nodes existed.
+    pub node: Option<String>,
+    /// Connections to it go through the local agent's tunnel to its node
+    /// (mTLS). Set by the agent (its placement overlay), never by a source.
+    pub tunnel: bool,
 }
 
 impl Backend {
@@ -296,4 +316,64 @@ pub enum PanicMode {
     All,
     /// Refuse connections at once.
     None,
+}
+
+/// How a service's connections to backends on other nodes travel.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, Serialize)]
+#[serde(rename_all = "lowercase")]
+pub enum MtlsMode {
+    /// Only through the mTLS tunnel: no plaintext fallback.
+    Strict,
+    /// Through the tunnel where the backend's node is known; plaintext is
+    /// still accepted (for migration), and UDP goes directly.
+    #[default]
+    Permissive,
+    /// Never through the tunnel.
+    Disabled,
+}
+
+impl fmt::Display for MtlsMode {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            MtlsMode::Strict => "strict",
+            MtlsMode::Permissive => "permissive",
+            MtlsMode::Disabled => "disabled",
+        })
+    }
+}
+
+/// The mesh around this node: its nodes and mesh-wide defaults.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize)]
+pub struct Mesh {
+    /// The mode of services that name none.
+    pub default_mtls: MtlsMode,
+    /// Sorted by name.
+    pub nodes: Vec<Node>,
+}
+
+impl Mesh {
+    pub fn node(&self, name: &str) -> Option<&Node> {
+        self.nodes
+            .binary_search_by(|n| n.name.as_str().cmp(name))
+            .ok()
+            .map(|i| &self.nodes[i])
+    }
+}
+
+/// A node of the mesh, as the tunnel reaches its agent.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+pub struct Node {
+    pub name: String,
+    pub address: IpAddr,
+    /// The agent's inbound tunnel port (HBONE), 15008 unless set.
+    pub tunnel_port: u16,
+}
+
+/// The agent's inbound tunnel port when a node names none (as ztunnel's).
+pub const DEFAULT_TUNNEL_PORT: u16 = 15008;
+
+impl Node {
+    pub fn tunnel_addr(&self) -> SocketAddr {
+        SocketAddr::new(self.address, self.tunnel_port)
+    }
 }

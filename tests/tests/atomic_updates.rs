@@ -44,6 +44,7 @@ fn desired(vip: SocketAddr, backends: &[(&TestBackend, u32)]) -> DesiredState {
             outlier_detection: None,
             panic_mode: PanicMode::All,
             same_node_redirect: true,
+            mtls: None,
             backends: backends
                 .iter()
                 .map(|(b, weight)| Backend {
@@ -51,10 +52,12 @@ fn desired(vip: SocketAddr, backends: &[(&TestBackend, u32)]) -> DesiredState {
                     port: b.port(),
                     weight: *weight,
                     state: BackendState::Active,
+                    node: None,
+                    tunnel: false,
                 })
                 .collect(),
         }],
-        workloads: vec![],
+        ..DesiredState::default()
     }
 }
 

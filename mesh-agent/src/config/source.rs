@@ -916,6 +916,7 @@ impl ConfigSource {
         let mut update = self.diff(DesiredState {
             services,
             workloads,
+            mesh: Default::default(),
         });
         update.next = Pending::Dir(files);
         Ok(update)
