@@ -707,6 +707,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                 0
             },
         host_netns_cookie: events::own_netns_cookie().map_err(AgentError::NetnsCookie)?,
+        ..ConfigValue::default()
     };
     maps.config
         .set(0, agent_config, 0)

@@ -1171,6 +1171,12 @@ fn backend_value(b: &crate::state::Backend, service_id: u32) -> BackendValue {
             BackendState::Draining | BackendState::Unhealthy => BACKEND_DRAINING,
         },
         service_id,
+        flags: if b.tunnel {
+            mesh_common::BACKEND_FLAG_TUNNEL
+        } else {
+            0
+        },
+        _pad: [0; 3],
     }
 }
 

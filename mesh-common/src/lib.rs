@@ -8,7 +8,7 @@
 
 /// Bumped whenever a map's layout changes; maps are pinned under
 /// `<bpffs>/v<SCHEMA_VERSION>/` so a new agent never misreads old maps.
-pub const SCHEMA_VERSION: u32 = 1;
+pub const SCHEMA_VERSION: u32 = 2;
 
 mod redirect;
 pub use redirect::*;
@@ -31,6 +31,8 @@ pub mod map_names {
     pub const SERVICE_STATS: &str = "MESH_SVC_STATS";
     pub const EVENTS: &str = "MESH_EVENTS";
     pub const CONFIG: &str = "MESH_CONFIG";
+    pub const TUNNEL_PENDING: &str = "MESH_TUN_PEND";
+    pub const TUNNEL_ORIG: &str = "MESH_TUN_ORIG";
 }
 
 /// Names of the programs in the kernel object.
@@ -64,6 +66,9 @@ pub mod limits {
     pub const MAX_POLICY: u32 = 262_144;
     /// Bytes of the decision-event ring buffer.
     pub const EVENTS_BYTES: u32 = 1 << 20;
+    /// Tunnelled connections between their connect() and the agent's
+    /// accept() (LRU: an entry the agent never claims ages out).
+    pub const MAX_TUNNEL_PENDING: u32 = 65_536;
 }
 
 /// Bytes waiting in the event ring at which a program wakes the agent at
@@ -96,6 +101,11 @@ pub const SERVICE_DEFAULT_DENY: u8 = 1 << 2;
 pub const BACKEND_ACTIVE: u8 = 0;
 /// Takes no new connections; established ones continue.
 pub const BACKEND_DRAINING: u8 = 1;
+
+/// `BackendValue::flags`: connections go to the local agent's tunnel
+/// listener (`ConfigValue::tunnel_*`), which carries them over mTLS to the
+/// backend's node. TCP only: UDP to such a backend goes directly.
+pub const BACKEND_FLAG_TUNNEL: u8 = 1;
 
 /// `PolicyValue::verdict`.
 pub const VERDICT_ALLOW: u8 = 1;
@@ -183,6 +193,9 @@ pub struct BackendValue {
     pub family: u8,
     pub state: u8,
     pub service_id: u32,
+    /// `BACKEND_FLAG_*`.
+    pub flags: u8,
+    pub _pad: [u8; 3],
 }
 
 /// The chosen backend as a socket sees its peer, to find the VIP again for
@@ -305,6 +318,12 @@ pub struct ServiceStats {
     pub no_backend: u64,
     /// Connects refused by policy.
     pub denied: u64,
+    /// TCP connections sent to the local agent's tunnel (a backend on
+    /// another node, mTLS on).
+    pub tunnelled: u64,
+    /// UDP sent directly to a backend the tunnel would carry if it were
+    /// TCP (HBONE carries TCP only; a permissive service's UDP).
+    pub udp_direct_remote: u64,
 }
 
 /// Summing the per-CPU copies.
@@ -314,6 +333,8 @@ impl core::ops::AddAssign for ServiceStats {
         self.udp_flows += o.udp_flows;
         self.no_backend += o.no_backend;
         self.denied += o.denied;
+        self.tunnelled += o.tunnelled;
+        self.udp_direct_remote += o.udp_direct_remote;
     }
 }
 
@@ -345,13 +366,56 @@ pub struct ConfigValue {
     /// Clients in this network namespace (the host's) are told apart by
     /// cgroup instead, since they all share it.
     pub host_netns_cookie: u64,
+    /// The local agent's outbound tunnel listener, where connections to
+    /// tunnelled backends go: IPv4 address (network order; IPv4 clients,
+    /// and IPv6 sockets naming IPv4-mapped VIPs), IPv6 address, and port
+    /// (network order). Port 0: no tunnel on this node, so tunnelled
+    /// backends are refused (`ECONNREFUSED`) rather than sent in plaintext.
+    pub tunnel_v4: u32,
+    pub tunnel_port: u16,
+    pub _pad: u16,
+    pub tunnel_v6: [u32; 4],
+}
+
+/// A tunnelled connection as the agent's accepted socket sees it: the
+/// client's address and port and the listener's, family `FAMILY_V4` or
+/// `FAMILY_V6` (IPv4-mapped IPv6 sockets in IPv4 form). Addresses and
+/// ports in network order.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelKey {
+    pub client_addr: [u32; 4],
+    pub listener_addr: [u32; 4],
+    pub client_port: u16,
+    pub listener_port: u16,
+    pub family: u8,
+    pub _pad: [u8; 3],
+}
+
+/// What the connecting program decided for a tunnelled connection: the
+/// backend it chose (address and port in network order) and who asked.
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct TunnelValue {
+    /// The client's cgroup (the source of its workload identity).
+    pub cgroup_id: u64,
+    pub backend_addr: [u32; 4],
+    pub service_id: u32,
+    pub backend_id: BackendId,
+    /// The client's identity id (`MESH_WORKLOADS`), `IDENTITY_UNKNOWN` if none.
+    pub identity: u32,
+    pub backend_port: u16,
+    pub family: u8,
+    pub _pad: u8,
 }
 
 const _: () = {
     assert!(core::mem::size_of::<ServiceKey>() == 20);
     assert!(core::mem::size_of::<ServiceValue>() == 20);
     assert!(core::mem::size_of::<SlotKey>() == 12);
-    assert!(core::mem::size_of::<BackendValue>() == 24);
+    assert!(core::mem::size_of::<BackendValue>() == 28);
+    assert!(core::mem::size_of::<TunnelKey>() == 40);
+    assert!(core::mem::size_of::<TunnelValue>() == 40);
     assert!(core::mem::size_of::<RevNatKey>() == 32);
     assert!(core::mem::size_of::<RevNatValue>() == 20);
     assert!(core::mem::size_of::<SockLbKey>() == 16);
@@ -362,10 +426,10 @@ const _: () = {
     assert!(core::mem::size_of::<PolicyKey>() == 8);
     assert!(core::mem::size_of::<PolicyValue>() == 4);
     assert!(core::mem::size_of::<BackendStats>() == 16);
-    assert!(core::mem::size_of::<ServiceStats>() == 32);
+    assert!(core::mem::size_of::<ServiceStats>() == 48);
     assert!(core::mem::size_of::<BackendHealth>() == 16);
     assert!(core::mem::size_of::<Event>() == 48);
-    assert!(core::mem::size_of::<ConfigValue>() == 16);
+    assert!(core::mem::size_of::<ConfigValue>() == 40);
 };
 
 #[cfg(feature = "user")]
@@ -391,4 +455,6 @@ mod pod {
     unsafe impl aya::Pod for BackendHealth {}
     unsafe impl aya::Pod for ServiceStats {}
     unsafe impl aya::Pod for ConfigValue {}
+    unsafe impl aya::Pod for TunnelKey {}
+    unsafe impl aya::Pod for TunnelValue {}
 }

@@ -13,12 +13,12 @@ use aya_ebpf::{
     programs::SockAddrContext,
 };
 use mesh_common::{
-    ALGORITHM_LEAST_CONN, ALGORITHM_MAGLEV, AffinityKey, AffinityValue, BACKEND_ACTIVE, BackendId,
-    BackendValue, CONFIG_EVENTS, ConfigValue, ConnValue, ECONNREFUSED, EPERM, EVENT_DENIED,
-    EVENT_FORWARDED, EVENT_NO_BACKEND, EVENTS_WAKEUP_BYTES, Event, IDENTITY_UNKNOWN, PROTO_TCP,
-    PROTO_UDP, PolicyKey, RevNatKey, RevNatValue, SERVICE_AFFINITY, SERVICE_DEFAULT_DENY,
-    SERVICE_POLICY, ServiceKey, ServiceValue, SlotKey, SockLbKey, SockLbValue, VERDICT_ALLOW,
-    VERDICT_DENY,
+    ALGORITHM_LEAST_CONN, ALGORITHM_MAGLEV, AffinityKey, AffinityValue, BACKEND_ACTIVE,
+    BACKEND_FLAG_TUNNEL, BackendId, BackendValue, CONFIG_EVENTS, ConfigValue, ConnValue,
+    ECONNREFUSED, EPERM, EVENT_DENIED, EVENT_FORWARDED, EVENT_NO_BACKEND, EVENTS_WAKEUP_BYTES,
+    Event, FAMILY_V4, FAMILY_V6, IDENTITY_UNKNOWN, PROTO_TCP, PROTO_UDP, PolicyKey, RevNatKey,
+    RevNatValue, SERVICE_AFFINITY, SERVICE_DEFAULT_DENY, SERVICE_POLICY, ServiceKey, ServiceValue,
+    SlotKey, SockLbKey, SockLbValue, TunnelValue, VERDICT_ALLOW, VERDICT_DENY,
 };
 
 use crate::{
@@ -26,7 +26,7 @@ use crate::{
     maps::{
         MESH_ACTIVE, MESH_AFFINITY, MESH_BACKENDS, MESH_BE_HEALTH, MESH_BE_STATS, MESH_CONFIG,
         MESH_CONNS, MESH_EVENTS, MESH_POLICY, MESH_REV_NAT, MESH_SERVICES, MESH_SLOTS,
-        MESH_SOCK_LB, MESH_SVC_STATS, MESH_WORKLOADS,
+        MESH_SOCK_LB, MESH_SVC_STATS, MESH_TUN_PEND, MESH_WORKLOADS,
     },
     sock_addr::{self, Addr},
 };
@@ -126,10 +126,43 @@ pub fn balance(ctx: &SockAddrContext, dst: Addr, port: u16, call: Call) -> Outco
         );
     }
     let be = choice.backend;
-    let backend = backend_addr(&be);
+    let remote = be.flags & BACKEND_FLAG_TUNNEL != 0;
+    // A backend on another node behind mTLS: TCP goes to the local
+    // agent's tunnel listener (never in plaintext); UDP, which HBONE does
+    // not carry, goes directly and is counted.
+    let (backend, backend_port) = if remote && proto == PROTO_TCP {
+        let Some(listener) = tunnel_listener(&config, dst.family) else {
+            count_service(svc.service_id, |s| s.no_backend += 1);
+            event.verdict = EVENT_NO_BACKEND;
+            emit(&config, &event);
+            return Outcome::Refuse(ECONNREFUSED);
+        };
+        let pending = TunnelValue {
+            cgroup_id,
+            backend_addr: be.addr,
+            service_id: svc.service_id,
+            backend_id: choice.backend_id,
+            identity: if svc.flags & SERVICE_POLICY != 0 {
+                event.identity
+            } else {
+                identity(cgroup_id)
+            },
+            backend_port: be.port,
+            family: be.family,
+            _pad: 0,
+        };
+        let _ = MESH_TUN_PEND.insert(cookie, pending, 0);
+        count_service(svc.service_id, |s| s.tunnelled += 1);
+        listener
+    } else {
+        if remote {
+            count_service(svc.service_id, |s| s.udp_direct_remote += 1);
+        }
+        (backend_addr(&be), be.port)
+    };
 
     // Remember the VIP for getpeername()/recvmsg() on this socket.
-    let rev_key = rev_nat_key(cookie, &be);
+    let rev_key = rev_nat_key(cookie, backend, backend_port);
     let vip = RevNatValue {
         addr: dst.words,
         port,
@@ -173,7 +206,29 @@ pub fn balance(ctx: &SockAddrContext, dst: Addr, port: u16, call: Call) -> Outco
         choice.affinity_hit,
     );
     emit(&config, &event);
-    Outcome::Forward(backend, be.port)
+    Outcome::Forward(backend, backend_port)
+}
+
+/// The agent's outbound tunnel listener for a client of `family` (an IPv6
+/// socket naming an IPv4 VIP counts as IPv4); None when this node has no
+/// tunnel.
+#[inline(always)]
+fn tunnel_listener(config: &ConfigValue, family: u8) -> Option<(Addr, u16)> {
+    if config.tunnel_port == 0 {
+        return None;
+    }
+    let addr = if family == FAMILY_V6 {
+        Addr {
+            words: config.tunnel_v6,
+            family: FAMILY_V6,
+        }
+    } else {
+        Addr {
+            words: [config.tunnel_v4, 0, 0, 0],
+            family: FAMILY_V4,
+        }
+    };
+    Some((addr, config.tunnel_port))
 }
 
 struct Choice {
@@ -476,20 +531,40 @@ pub fn conn(cookie: u64) -> Option<*mut ConnValue> {
 #[inline(always)]
 pub fn forget_conn(cookie: u64, backend_id: BackendId) {
     if let Some(be) = unsafe { MESH_BACKENDS.get(backend_id) } {
-        let _ = MESH_REV_NAT.remove(rev_nat_key(cookie, be));
+        let peer = if be.flags & BACKEND_FLAG_TUNNEL != 0 {
+            tunnel_listener(&config(), be.family)
+        } else {
+            Some((backend_addr(be), be.port))
+        };
+        if let Some((addr, port)) = peer {
+            let _ = MESH_REV_NAT.remove(rev_nat_key(cookie, addr, port));
+        }
     }
     let _ = MESH_CONNS.remove(cookie);
 }
 
-/// A socket's reverse-translation key: its cookie and the backend it was
-/// sent to (the peer getpeername() would otherwise show).
+/// A socket's reverse-translation key: its cookie and where it was sent
+/// (the peer getpeername() would otherwise show).
 #[inline(always)]
-fn rev_nat_key(cookie: u64, be: &BackendValue) -> RevNatKey {
+fn rev_nat_key(cookie: u64, peer: Addr, port: u16) -> RevNatKey {
     RevNatKey {
         cookie,
-        addr: be.addr,
-        port: be.port,
-        family: be.family,
+        addr: peer.words,
+        port,
+        family: peer.family,
         _pad: [0; 5],
+    }
+}
+
+/// A tunnelled socket got its source port (sock_ops, `TCP_CONNECT_CB`,
+/// before the SYN leaves): the decision made at connect() is filed under
+/// the 4-tuple the agent's accepted socket will see.
+#[inline(always)]
+pub fn tunnel_connecting(cookie: u64, key: impl FnOnce() -> Option<mesh_common::TunnelKey>) {
+    if let Some(pending) = unsafe { MESH_TUN_PEND.get(cookie).copied() } {
+        if let Some(key) = key() {
+            let _ = crate::maps::MESH_TUN_ORIG.insert(key, pending, 0);
+        }
+        let _ = MESH_TUN_PEND.remove(cookie);
     }
 }

@@ -8,7 +8,7 @@ use aya_ebpf::{
 use mesh_common::{
     AffinityKey, AffinityValue, BackendHealth, BackendId, BackendStats, BackendValue, ConfigValue,
     ConnValue, PolicyKey, PolicyValue, RevNatKey, RevNatValue, ServiceKey, ServiceStats,
-    ServiceValue, SlotKey, SockLbKey, SockLbValue, limits,
+    ServiceValue, SlotKey, SockLbKey, SockLbValue, TunnelKey, TunnelValue, limits,
 };
 
 #[map(name = "MESH_SERVICES")]
@@ -68,3 +68,16 @@ pub static MESH_EVENTS: RingBuf = RingBuf::pinned(limits::EVENTS_BYTES, 0);
 
 #[map(name = "MESH_CONFIG")]
 pub static MESH_CONFIG: Array<ConfigValue> = Array::pinned(1, 0);
+
+/// Tunnelled TCP sockets by cookie, from connect() until sock_ops knows
+/// their source port (at `TCP_CONNECT_CB`, before the SYN) and moves the
+/// entry to `MESH_TUN_ORIG`.
+#[map(name = "MESH_TUN_PEND")]
+pub static MESH_TUN_PEND: LruHashMap<u64, TunnelValue> =
+    LruHashMap::pinned(limits::MAX_TUNNEL_PENDING, 0);
+
+/// Tunnelled connections by 4-tuple: what the agent's outbound listener
+/// looks up (and deletes) for each socket it accepts.
+#[map(name = "MESH_TUN_ORIG")]
+pub static MESH_TUN_ORIG: LruHashMap<TunnelKey, TunnelValue> =
+    LruHashMap::pinned(limits::MAX_TUNNEL_PENDING, 0);

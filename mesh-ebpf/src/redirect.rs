@@ -2,7 +2,8 @@
 //! 4-tuple, deciding what is node-local, the on/off switch and the
 //! counters.
 
-use core::ptr::read_volatile;
+use aya_ebpf::bindings::bpf_sock_ops;
+use core::ptr::{addr_of, read_volatile};
 
 use mesh_common::{
     CONFIG_FLAG_SAME_NODE_REDIRECT, FAMILY_V4, FAMILY_V6, LocalAddrKey, RedirectStats, SockKey,
@@ -28,6 +29,24 @@ pub struct Tuple {
     /// Network byte order in the upper 16 bits (the kernel shifts `skc_dport`
     /// left by 16 on little-endian machines).
     pub remote_port: u32,
+}
+
+impl Tuple {
+    /// A sock_ops program's socket.
+    #[inline(always)]
+    pub fn of_sock_ops(ops: *mut bpf_sock_ops) -> Tuple {
+        unsafe {
+            Tuple {
+                family: read_volatile(addr_of!((*ops).family)),
+                local_ip4: read_volatile(addr_of!((*ops).local_ip4)),
+                remote_ip4: read_volatile(addr_of!((*ops).remote_ip4)),
+                local_ip6: read_ip6(addr_of!((*ops).local_ip6)),
+                remote_ip6: read_ip6(addr_of!((*ops).remote_ip6)),
+                local_port: read_volatile(addr_of!((*ops).local_port)),
+                remote_port: read_volatile(addr_of!((*ops).remote_port)),
+            }
+        }
+    }
 }
 
 /// Each word on its own: the verifier refuses wider loads of context fields.

@@ -85,26 +85,11 @@ fn try_sockops(ctx: &SockOpsContext) {
     }
 }
 
-#[inline(always)]
-fn tuple(ops: *mut bpf_sock_ops) -> Tuple {
-    unsafe {
-        Tuple {
-            family: read_volatile(addr_of!((*ops).family)),
-            local_ip4: read_volatile(addr_of!((*ops).local_ip4)),
-            remote_ip4: read_volatile(addr_of!((*ops).remote_ip4)),
-            local_ip6: read_ip6(addr_of!((*ops).local_ip6)),
-            remote_ip6: read_ip6(addr_of!((*ops).remote_ip6)),
-            local_port: read_volatile(addr_of!((*ops).local_port)),
-            remote_port: read_volatile(addr_of!((*ops).remote_port)),
-        }
-    }
-}
-
 /// The socket's key when both ends are node-local; `netns` is 1 as a marker
 /// when the namespace cookie must be filled in.
 #[inline(always)]
 fn local_key(ops: *mut bpf_sock_ops) -> Option<SockKey> {
-    let (mut key, loopback) = redirect::key_of(&tuple(ops))?;
+    let (mut key, loopback) = redirect::key_of(&Tuple::of_sock_ops(ops))?;
     if !redirect::is_local(&key.local_addr, key.family)
         || !redirect::is_local(&key.remote_addr, key.family)
     {

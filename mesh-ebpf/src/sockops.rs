@@ -14,7 +14,12 @@ use aya_ebpf::{
     programs::SockOpsContext,
 };
 
-use crate::lb;
+use mesh_common::TunnelKey;
+
+use crate::{
+    lb,
+    redirect::{self, Tuple},
+};
 
 /// States from the kernel's TCP state machine.
 const TCP_SYN_SENT: u32 = 2;
@@ -45,9 +50,26 @@ fn watch_states(ctx: &SockOpsContext) {
 
 #[inline(always)]
 fn connecting(ctx: &SockOpsContext) {
-    if lb::conn(cookie(ctx)).is_some() {
+    let cookie = cookie(ctx);
+    if lb::conn(cookie).is_some() {
         watch_states(ctx);
+        lb::tunnel_connecting(cookie, || tunnel_key(ctx));
     }
+}
+
+/// The connection as the agent's end will see it: this socket's address
+/// and port are the client's, its peer's the tunnel listener's.
+#[inline(always)]
+fn tunnel_key(ctx: &SockOpsContext) -> Option<TunnelKey> {
+    let (key, _) = redirect::key_of(&Tuple::of_sock_ops(ctx.ops))?;
+    Some(TunnelKey {
+        client_addr: key.local_addr,
+        listener_addr: key.remote_addr,
+        client_port: key.local_port,
+        listener_port: key.remote_port,
+        family: key.family,
+        _pad: [0; 3],
+    })
 }
 
 #[inline(always)]
