@@ -10,6 +10,7 @@ pub mod batch;
 mod maps;
 mod mounts;
 mod redirect;
+mod tunnel;
 
 use std::{
     collections::BTreeSet,
@@ -29,6 +30,7 @@ use tracing::{info, warn};
 pub use maps::{Maps, MapsError, sum_over_cpus};
 pub use mounts::{MountError, cgroup2_mount, ensure_bpffs};
 pub use redirect::{REDIRECT_PROGRAMS, RedirectMaps};
+pub use tunnel::{Captured, TunnelOrigins};
 
 /// The kernel object built from `mesh-ebpf` by build.rs.
 static KERNEL_OBJECT: &[u8] = aya::include_bytes_aligned!(concat!(env!("OUT_DIR"), "/mesh"));

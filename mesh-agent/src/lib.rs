@@ -22,6 +22,7 @@ pub mod maglev;
 pub mod metrics;
 pub mod migrate;
 pub mod overrides;
+pub mod placement;
 pub mod reconcile;
 pub mod redirect;
 pub mod slots;

@@ -774,6 +774,7 @@ mod tests {
             family: FAMILY_V4,
             state: 0,
             service_id,
+            ..BackendValue::default()
         }
     }
 
