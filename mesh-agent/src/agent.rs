@@ -26,6 +26,7 @@ use crate::{
     kernel_log::{DebugLogSwitch, KernelDebugLog, KernelLogError},
     metrics::{KernelMaps, Metrics, MetricsError},
     overrides::{Action, OverrideError, Overrides},
+    placement::Placement,
     reconcile::{ApplyReport, Capacity, ReconcileError, Reconciler, service_keys},
     redirect::{Redirect, RedirectError, RedirectHandle, RedirectOptions},
     state::{DesiredState, Service, ServiceSet},
@@ -59,6 +60,34 @@ pub struct AgentOptions {
     /// Kernel-side debug logs (aya-log) at start; switchable at runtime
     /// unless `Never`.
     pub kernel_debug_log: KernelDebugLog,
+    /// This node's name in the mesh (`nodes:`).
+    pub node_name: String,
+    /// The cross-node mTLS tunnel; None: off (no node identity given).
+    pub tunnel: Option<TunnelSettings>,
+}
+
+/// Where the tunnel listens and who this node is to its peers.
+#[derive(Clone, Debug)]
+pub struct TunnelSettings {
+    /// cert.pem, key.pem and bundle.pem of this node (`meshctl ca issue`).
+    pub identity_dir: PathBuf,
+    /// Where the kernel sends captured connections: one listener per family.
+    pub outbound_v4: std::net::SocketAddrV4,
+    pub outbound_v6: std::net::SocketAddrV6,
+    /// HBONE from other nodes' agents.
+    pub inbound: std::net::SocketAddr,
+    /// How long a stopping agent lets its tunnelled connections finish.
+    pub drain_timeout: Duration,
+}
+
+impl TunnelSettings {
+    /// The listener addresses as `MESH_CONFIG` holds them.
+    fn kernel_config(&self, config: &mut ConfigValue) {
+        config.tunnel_v4 = u32::from_ne_bytes(self.outbound_v4.ip().octets());
+        config.tunnel_v6 = crate::reconcile::ip_to_words((*self.outbound_v6.ip()).into()).0;
+        // One port for both listeners (the kernel keeps one).
+        config.tunnel_port = self.outbound_v4.port().to_be();
+    }
 }
 
 /// How often the node's own addresses are re-read for same-node redirect.
@@ -128,6 +157,8 @@ struct Inner {
     health: HealthMonitor,
     /// Services whose backends are all unhealthy, served by panic mode.
     panicking: Vec<String>,
+    /// Which backends this node reaches through the tunnel.
+    placement: Placement,
 }
 
 /// Service changes after which freed memory is handed back to the system.
@@ -444,8 +475,9 @@ impl Shared {
             let mut extra: BTreeSet<String> = services;
             extra.extend(inner.health_watch.iter().cloned());
             extra.extend(inner.draining.expired_services(now));
-            if update.workloads.is_some() {
-                // Identities, and so any policy, may have changed.
+            if update.workloads.is_some() || update.mesh.is_some() {
+                // Identities, and so any policy, may have changed; or where
+                // backends are, and so which are tunnelled.
                 extra.extend(inner.desired.services.keys().cloned());
                 extra.extend(inner.source.current().services.keys().cloned());
             }
@@ -463,11 +495,17 @@ impl Shared {
                 }
             };
             let mut draining = inner.draining.clone();
+            let placement = Placement {
+                mesh: update.mesh.clone().unwrap_or_else(|| current.mesh.clone()),
+                ..inner.placement.clone()
+            };
             let mut effective: BTreeMap<&str, Option<Arc<Service>>> = BTreeMap::new();
             for &name in &dirty {
                 let previous = inner.desired.get(name).map(|s| &**s);
                 let merged = draining.merge_service(name, previous, source_of(name), now);
-                let merged = merged.map(|s| inner.overrides.overlay_service(s));
+                let merged = merged
+                    .map(|s| inner.overrides.overlay_service(s))
+                    .map(|s| placement.overlay_service(s));
                 effective.insert(name, merged);
             }
             let mut watch = inner.health_watch.clone();
@@ -564,6 +602,7 @@ impl Shared {
             inner.health_watch = watch;
             inner.draining = draining;
             inner.panicking = panicking;
+            inner.placement = placement;
             for name in &metric_names {
                 let Some(svc) = inner.desired.get(name) else {
                     self.metrics.health.forget(name, |_| false);
@@ -709,6 +748,10 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         host_netns_cookie: events::own_netns_cookie().map_err(AgentError::NetnsCookie)?,
         ..ConfigValue::default()
     };
+    let mut agent_config = agent_config;
+    if let Some(tunnel) = &opts.tunnel {
+        tunnel.kernel_config(&mut agent_config);
+    }
     maps.config
         .set(0, agent_config, 0)
         .map_err(AgentError::ConfigMap)?;
@@ -735,7 +778,15 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     }
     let (mut health, health_changes) = HealthMonitor::new(opts.socket_mark);
     source.commit(first);
-    let desired: ServiceSet = source.current().clone();
+    let placement = Placement {
+        node: opts.node_name.clone(),
+        tunnel_on: opts.tunnel.is_some(),
+        mesh: source.current().mesh.clone(),
+    };
+    let mut desired: ServiceSet = source.current().clone();
+    for svc in desired.services.values_mut() {
+        *svc = placement.overlay_service(svc.clone());
+    }
     let health_watch: BTreeSet<String> = desired
         .iter()
         .filter(|s| s.watches_health())
@@ -782,6 +833,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             overrides: Overrides::default(),
             health,
             panicking: Vec::new(),
+            placement,
         }),
         meta: Meta {
             host_netns_cookie: agent_config.host_netns_cookie,

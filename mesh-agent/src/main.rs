@@ -113,6 +113,30 @@ enum Command {
         /// log sites (the verifier removes them) and cannot be switched on.
         #[arg(long, value_enum, default_value_t = KernelDebugLog::Off)]
         kernel_debug_log: KernelDebugLog,
+        /// This node's name in the mesh (a name in the config's `nodes:`);
+        /// backends of other nodes are reached through the tunnel
+        /// [default: the hostname].
+        #[arg(long, env = "MESH_NODE_NAME")]
+        node_name: Option<String>,
+        /// Directory holding this node's certificate, key and trust bundle
+        /// (cert.pem, key.pem, bundle.pem, as `meshctl ca issue` writes
+        /// them): turns the cross-node mTLS tunnel on.
+        #[arg(long, env = "MESH_IDENTITY_DIR")]
+        identity_dir: Option<PathBuf>,
+        /// Where the tunnel's outbound listener takes the connections the
+        /// kernel captures (IPv4 clients).
+        #[arg(long, default_value = "127.0.0.1:15001")]
+        tunnel_outbound: std::net::SocketAddrV4,
+        /// The outbound listener for IPv6 clients (same port as the IPv4 one).
+        #[arg(long, default_value = "[::1]:15001")]
+        tunnel_outbound6: std::net::SocketAddrV6,
+        /// Where other nodes' agents reach this one (HBONE, mTLS).
+        #[arg(long, default_value = "0.0.0.0:15008")]
+        tunnel_inbound: std::net::SocketAddr,
+        /// On SIGTERM, how long tunnelled connections may take to finish
+        /// while a new agent takes the new ones.
+        #[arg(long, default_value_t = 30)]
+        tunnel_drain_seconds: u64,
     },
     /// Validate a configuration file and exit.
     Check {
@@ -220,7 +244,22 @@ fn execute(command: Command) -> anyhow::Result<()> {
             redirect_exclude_ports,
             metrics_addr,
             kernel_debug_log,
+            node_name,
+            identity_dir,
+            tunnel_outbound,
+            tunnel_outbound6,
+            tunnel_inbound,
+            tunnel_drain_seconds,
         } => {
+            if tunnel_outbound.port() != tunnel_outbound6.port() {
+                anyhow::bail!(
+                    "--tunnel-outbound ({tunnel_outbound}) and --tunnel-outbound6 ({tunnel_outbound6}) must use one port: the kernel keeps one for both"
+                );
+            }
+            let node_name = match node_name {
+                Some(name) => name,
+                None => hostname().context("cannot read the hostname; give --node-name")?,
+            };
             let opts = agent::AgentOptions {
                 config,
                 cgroup,
@@ -245,6 +284,14 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 },
                 metrics_addr: metrics_addr.0,
                 kernel_debug_log,
+                node_name,
+                tunnel: identity_dir.map(|identity_dir| agent::TunnelSettings {
+                    identity_dir,
+                    outbound_v4: tunnel_outbound,
+                    outbound_v6: tunnel_outbound6,
+                    inbound: tunnel_inbound,
+                    drain_timeout: Duration::from_secs(tunnel_drain_seconds),
+                }),
             };
             raise_open_files_limit();
             let runtime = tokio::runtime::Builder::new_multi_thread()
@@ -282,6 +329,12 @@ fn execute(command: Command) -> anyhow::Result<()> {
             Ok(())
         }
     }
+}
+
+/// The kernel's hostname (what Kubernetes names the node by default).
+fn hostname() -> std::io::Result<String> {
+    let name = std::fs::read_to_string("/proc/sys/kernel/hostname")?;
+    Ok(name.trim().to_owned())
 }
 
 fn init_logging(format: LogFormat) {

@@ -33,6 +33,8 @@ pub struct Agent {
     meshctl_bin: PathBuf,
     /// The `mesh-agent run` arguments, to start it again the same way.
     args: Vec<std::ffi::OsString>,
+    /// The test network namespace it runs in (a node of a test cluster).
+    netns: Option<String>,
 }
 
 impl Agent {
@@ -47,10 +49,43 @@ impl Agent {
         Self::start_from(&crate::bin_dir()?, config_yaml, cgroup, extra)
     }
 
+    /// Like `start_with`, with the agent inside the test namespace `netns`
+    /// (one node of a test cluster).
+    pub fn start_in(
+        netns: &crate::TestNetns,
+        config_yaml: &str,
+        cgroup: &TestCgroup,
+        extra: &[&str],
+    ) -> Result<Agent> {
+        let mut agent = Self::spawn_as(
+            &crate::bin_dir()?,
+            Config::File(config_yaml),
+            cgroup,
+            extra,
+            Some(netns.name()),
+        )?;
+        agent.wait_ready()?;
+        Ok(agent)
+    }
+
+    /// `mesh-agent` itself, or through `ip netns exec` (which execs it in
+    /// place: the child's PID is the agent's).
+    fn agent_command(agent_bin: &Path, netns: Option<&str>) -> Command {
+        match netns {
+            None => Command::new(agent_bin),
+            Some(ns) => {
+                let mut cmd = Command::new("ip");
+                cmd.args(["netns", "exec", ns]).arg(agent_bin);
+                cmd
+            }
+        }
+    }
+
     /// Starts the agent with `--config` a directory holding `files`
     /// (name, YAML); `write_file` and `remove_file` change it.
     pub fn start_dir(files: &[(&str, &str)], cgroup: &TestCgroup, extra: &[&str]) -> Result<Agent> {
-        let mut agent = Self::spawn_as(&crate::bin_dir()?, Config::Dir(files), cgroup, extra)?;
+        let mut agent =
+            Self::spawn_as(&crate::bin_dir()?, Config::Dir(files), cgroup, extra, None)?;
         agent.wait_ready()?;
         Ok(agent)
     }
@@ -109,7 +144,7 @@ impl Agent {
         let log = std::fs::OpenOptions::new()
             .append(true)
             .open(self.dir.join("agent.log"))?;
-        self.child = Command::new(&self.agent_bin)
+        self.child = Self::agent_command(&self.agent_bin, self.netns.as_deref())
             .args(&self.args)
             .env("MESH_METRICS_ADDR", "127.0.0.1:0")
             .stdin(Stdio::null())
@@ -161,7 +196,7 @@ impl Agent {
         cgroup: &TestCgroup,
         extra: &[&str],
     ) -> Result<Agent> {
-        Self::spawn_as(bin_dir, Config::File(config_yaml), cgroup, extra)
+        Self::spawn_as(bin_dir, Config::File(config_yaml), cgroup, extra, None)
     }
 
     fn spawn_as(
@@ -169,6 +204,7 @@ impl Agent {
         config_source: Config<'_>,
         cgroup: &TestCgroup,
         extra: &[&str],
+        netns: Option<&str>,
     ) -> Result<Agent> {
         let agent_bin = require_bin_in(bin_dir, "mesh-agent")?;
         let meshctl_bin = require_bin_in(bin_dir, "meshctl")?;
@@ -202,7 +238,7 @@ impl Agent {
                 }
             }
             let log = File::create(&log_path)?;
-            Command::new(&agent_bin)
+            Self::agent_command(&agent_bin, netns)
                 .args(&args)
                 // Parallel agents must not all bind the default metrics
                 // port; a `--metrics-addr` in the args still wins.
@@ -223,6 +259,7 @@ impl Agent {
                 agent_bin,
                 meshctl_bin,
                 args,
+                netns: netns.map(str::to_owned),
             }),
             Err(e) => {
                 let _ = std::fs::remove_dir_all(&dir);

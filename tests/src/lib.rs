@@ -12,6 +12,7 @@ pub mod backends;
 pub mod bulk;
 pub mod bulk_harness;
 pub mod cgroup;
+pub mod cluster;
 pub mod netns;
 pub mod probe;
 pub mod stats;
@@ -22,6 +23,7 @@ pub use backends::{HttpBackend, KeepAlive, TestBackend, UdpBackend, listener_on}
 pub use bulk::BulkReport;
 pub use bulk_harness::{BulkServer, link_bytes, run_bulk, veth_pair};
 pub use cgroup::{TestCgroup, cgroup2_mount};
+pub use cluster::Cluster;
 pub use netns::TestNetns;
 pub use probe::{
     HeldConnections, ProbeResult, RunningProbe, hold_and_watch, hold_connections, run_probe,

@@ -9,7 +9,7 @@ use aya::{
     Ebpf,
     maps::{HashMap, MapData},
 };
-use mesh_common::{FAMILY_V4, TunnelKey, TunnelValue, map_names};
+use mesh_common::{TunnelKey, TunnelValue, map_names};
 
 use super::maps::{MapsError, taken_from, typed};
 use crate::reconcile::{ip_from_words, ip_to_words};
@@ -81,6 +81,7 @@ fn tunnel_key(client: SocketAddr, listener: SocketAddr) -> TunnelKey {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use mesh_common::FAMILY_V4;
 
     #[test]
     fn mapped_addresses_are_keyed_as_ipv4() {

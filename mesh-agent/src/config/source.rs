@@ -45,6 +45,8 @@ pub struct Update {
     pub services: BTreeMap<String, Option<Arc<Service>>>,
     /// The complete workload list, when it changed.
     pub workloads: Option<Arc<Vec<Workload>>>,
+    /// The mesh section (nodes, defaults), when it changed.
+    pub mesh: Option<Arc<crate::state::Mesh>>,
     next: Pending,
 }
 
