@@ -281,6 +281,9 @@ impl Shared {
                     udp_flows: 0,
                     no_backend: 0,
                     denied: 0,
+                    mtls: svc.mtls_mode(&inner.placement.mesh).to_string(),
+                    tunnelled: 0,
+                    udp_direct_remote: 0,
                     backends: Vec::new(),
                 };
                 for p in &programmed {
@@ -289,6 +292,8 @@ impl Shared {
                     view.udp_flows += stats.udp_flows;
                     view.no_backend += stats.no_backend;
                     view.denied += stats.denied;
+                    view.tunnelled += stats.tunnelled;
+                    view.udp_direct_remote += stats.udp_direct_remote;
                 }
                 view.backends = svc
                     .backends
@@ -315,6 +320,8 @@ impl Shared {
                                 .overrides
                                 .get(&svc.name, b.socket_addr())
                                 .map(|o| o.describe()),
+                            node: b.node.clone(),
+                            tunnel: b.tunnel,
                         };
                         for p in &programmed {
                             let Some(&id) = p.backends.get(&(b.address, b.port)) else {

@@ -586,6 +586,9 @@ fn render_services(r: &ServicesResponse) -> String {
         if !svc.same_node_redirect {
             algorithm += ", no redirect";
         }
+        if svc.mtls == "strict" {
+            algorithm += ", mtls strict";
+        }
         let name = svc.name.as_str();
         if svc.backends.is_empty() {
             t.row([
@@ -615,11 +618,17 @@ fn render_services(r: &ServicesResponse) -> String {
                 format!("{:.1}%", 100.0 * f64::from(b.weight) / total_weight as f64)
             };
             let first = i == 0;
+            let mut backend = std::net::SocketAddr::new(b.address, b.port).to_string();
+            match (&b.node, b.tunnel) {
+                (Some(node), true) => backend += &format!(" @{node} (mTLS)"),
+                (Some(node), false) => backend += &format!(" @{node}"),
+                (None, _) => {}
+            }
             t.row([
                 if first { name } else { "" },
                 if first { frontend.as_str() } else { "" },
                 if first { algorithm.as_str() } else { "" },
-                &std::net::SocketAddr::new(b.address, b.port).to_string(),
+                &backend,
                 &b.state,
                 &b.health,
                 &b.weight.to_string(),
@@ -632,6 +641,8 @@ fn render_services(r: &ServicesResponse) -> String {
         for (what, count) in [
             ("(refused: no backend)", svc.no_backend),
             ("(refused: policy)", svc.denied),
+            ("(through the tunnel)", svc.tunnelled),
+            ("(udp direct to another node)", svc.udp_direct_remote),
         ] {
             if count > 0 {
                 t.row([

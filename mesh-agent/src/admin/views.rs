@@ -64,6 +64,15 @@ pub struct ServiceView {
     pub no_backend: u64,
     /// Connects refused by policy.
     pub denied: u64,
+    /// mTLS mode for backends on other nodes (strict, permissive, disabled).
+    #[serde(default)]
+    pub mtls: String,
+    /// TCP connections sent through the tunnel to another node.
+    #[serde(default)]
+    pub tunnelled: u64,
+    /// UDP sent directly to a backend on another node.
+    #[serde(default)]
+    pub udp_direct_remote: u64,
     pub backends: Vec<BackendView>,
 }
 
@@ -91,6 +100,12 @@ pub struct BackendView {
     pub health_transitions: u64,
     /// A runtime override from meshctl, in words; none when the config rules.
     pub overridden: Option<String>,
+    /// The node hosting it, when the config names one.
+    #[serde(default)]
+    pub node: Option<String>,
+    /// Reached through the mTLS tunnel to its node.
+    #[serde(default)]
+    pub tunnel: bool,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]

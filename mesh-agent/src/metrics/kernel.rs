@@ -343,6 +343,18 @@ impl Collector for KernelCollector {
             "Connects refused by the service's L4 policy",
             |s| s.denied,
         )?;
+        service_counter(
+            &mut encoder,
+            "mesh_service_tunnelled",
+            "TCP connections the kernel sent to the local agent's mTLS tunnel (backend on another node)",
+            |s| s.tunnelled,
+        )?;
+        service_counter(
+            &mut encoder,
+            "mesh_service_udp_direct_remote",
+            "UDP sent directly to a backend on another node (HBONE carries TCP only)",
+            |s| s.udp_direct_remote,
+        )?;
 
         // Per backend, summed over the service's protocols.
         let backends: Vec<_> = view
