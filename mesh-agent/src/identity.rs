@@ -27,7 +27,7 @@ use std::path::PathBuf;
 
 pub use spiffe::SpiffeId;
 pub use store::{CertInfo, NodeCredentials};
-pub use tls::{ALPN_H2, failure_reason, io_failure_reason};
+pub use tls::{ALPN_H2, failure_reason, identity_error, io_failure_reason, io_identity_error};
 pub use verify::{peer_identity, peer_not_after};
 
 /// Everything that can go wrong with identities. `reason()` gives a short

@@ -565,3 +565,208 @@ fn write_file(
         _ => err(e),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt as _;
+
+    use super::super::testutil::*;
+    use super::*;
+
+    fn mode(path: &Path) -> u32 {
+        fs::metadata(path).unwrap().permissions().mode() & 0o777
+    }
+
+    fn names(dir: &Path) -> Vec<String> {
+        let mut names: Vec<String> = fs::read_dir(dir)
+            .unwrap()
+            .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+            .collect();
+        names.sort();
+        names
+    }
+
+    #[test]
+    fn init_writes_a_private_key_0600_and_refuses_to_overwrite() {
+        let parent = TempDir::new("init");
+        let dir = parent.join("ca");
+        let opts = InitOptions {
+            dir: dir.clone(),
+            trust_domain: TD.into(),
+            days: 10,
+            force: false,
+        };
+        let summary = init(&opts).unwrap();
+        assert_eq!(summary.trust_domain, TD);
+        assert_eq!(summary.not_after - summary.not_before, 10 * 86_400 + 5 * 60);
+        assert_eq!(mode(&dir.join(CA_KEY)), 0o600);
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(
+            names(&dir),
+            vec![CA_KEY, CA_CERT],
+            "no temporary files left"
+        );
+        let ca = fs::read(dir.join(CA_CERT)).unwrap();
+        let key = fs::read(dir.join(CA_KEY)).unwrap();
+        assert!(String::from_utf8_lossy(&key).contains("PRIVATE KEY"));
+        let parsed = cert::parse(&cert::certs_from_pem(&dir, &ca, "").unwrap()[0], "ca").unwrap();
+        assert!(parsed.is_ca);
+        assert_eq!(parsed.uris, vec!["spiffe://cluster.local".to_owned()]);
+
+        let err = init(&opts).unwrap_err();
+        assert_eq!(err.reason(), "exists");
+        assert!(err.to_string().contains("--force"), "{err}");
+        assert_eq!(fs::read(dir.join(CA_CERT)).unwrap(), ca);
+        assert_eq!(fs::read(dir.join(CA_KEY)).unwrap(), key);
+        // Also when only the key is there.
+        fs::remove_file(dir.join(CA_CERT)).unwrap();
+        assert_eq!(init(&opts).unwrap_err().reason(), "exists");
+        assert_eq!(fs::read(dir.join(CA_KEY)).unwrap(), key);
+
+        init(&InitOptions {
+            force: true,
+            ..opts.clone()
+        })
+        .unwrap();
+        assert_ne!(fs::read(dir.join(CA_KEY)).unwrap(), key);
+        assert_eq!(mode(&dir.join(CA_KEY)), 0o600);
+        assert_eq!(names(&dir), vec![CA_KEY, CA_CERT]);
+
+        for bad in ["Cluster.local", "", "td:1", "a/b"] {
+            let other = InitOptions {
+                dir: parent.join("bad"),
+                trust_domain: bad.into(),
+                ..opts.clone()
+            };
+            assert_eq!(
+                init(&other).unwrap_err().reason(),
+                "invalid_spiffe_id",
+                "{bad}"
+            );
+        }
+    }
+
+    #[test]
+    fn issue_writes_a_short_lived_node_certificate_key_and_bundle() {
+        let ca = new_ca(TD);
+        let out = TempDir::new("out");
+        let node = out.join("node");
+        let issued = issue(&IssueOptions {
+            ca_dir: ca.path().to_owned(),
+            out: node.clone(),
+            subject: Subject::Node("worker-1".into()),
+            validity: Validity::from_now(DEFAULT_LEAF_LIFETIME),
+        })
+        .unwrap();
+        assert_eq!(
+            issued.spiffe_id.as_str(),
+            "spiffe://cluster.local/node/worker-1"
+        );
+        assert_eq!(issued.not_after - issued.not_before, 24 * 3600 + 5 * 60);
+        assert!(
+            issued.not_before < cert::now_unix(),
+            "notBefore lies in the past"
+        );
+        assert_eq!(mode(&node.join(KEY_FILE)), 0o600);
+        assert_eq!(names(&node), vec![BUNDLE_FILE, CERT_FILE, KEY_FILE]);
+        assert_eq!(
+            fs::read(node.join(BUNDLE_FILE)).unwrap(),
+            fs::read(ca.join(CA_CERT)).unwrap()
+        );
+        let pem = fs::read(node.join(CERT_FILE)).unwrap();
+        let leaf = cert::parse(&cert::certs_from_pem(&node, &pem, "").unwrap()[0], "leaf").unwrap();
+        assert_eq!(leaf.uris, vec![issued.spiffe_id.to_string()]);
+        assert!(!leaf.is_ca);
+        assert_eq!(leaf.serial, issued.serial);
+
+        // Issuing again rotates in place: new key, new serial, still 0600.
+        let key = fs::read(node.join(KEY_FILE)).unwrap();
+        let again = issue(&IssueOptions {
+            ca_dir: ca.path().to_owned(),
+            out: node.clone(),
+            subject: Subject::Node("worker-1".into()),
+            validity: Validity::from_now(hours(1)),
+        })
+        .unwrap();
+        assert_ne!(again.serial, issued.serial);
+        assert_ne!(fs::read(node.join(KEY_FILE)).unwrap(), key);
+        assert_eq!(mode(&node.join(KEY_FILE)), 0o600);
+        assert_eq!(names(&node), vec![BUNDLE_FILE, CERT_FILE, KEY_FILE]);
+    }
+
+    #[test]
+    fn issue_refuses_what_the_ca_must_not_sign() {
+        let ca = new_ca(TD);
+        let out = TempDir::new("refused");
+        let attempt = |subject: Subject, validity: Validity| {
+            issue(&IssueOptions {
+                ca_dir: ca.path().to_owned(),
+                out: out.path().to_owned(),
+                subject,
+                validity,
+            })
+            .unwrap_err()
+        };
+        let other_td = SpiffeId::node("other.td", "a").unwrap();
+        let err = attempt(Subject::Id(other_td), Validity::from_now(hours(1)));
+        assert_eq!(err.reason(), "wrong_trust_domain");
+        let err = attempt(Subject::Node("a/b".into()), Validity::from_now(hours(1)));
+        assert_eq!(err.reason(), "invalid_spiffe_id");
+        // The test CA lives 30 days.
+        let err = attempt(
+            Subject::Node("a".into()),
+            Validity::from_now(hours(24 * 40)),
+        );
+        assert!(err.to_string().contains("outlives"), "{err}");
+        let err = attempt(Subject::Node("a".into()), window(60, 0));
+        assert!(err.to_string().contains("ends before it starts"), "{err}");
+        assert!(names(out.path()).is_empty(), "nothing written on refusal");
+
+        let missing = TempDir::new("noca");
+        let err = issue(&IssueOptions {
+            ca_dir: missing.path().to_owned(),
+            out: out.path().to_owned(),
+            subject: Subject::Node("a".into()),
+            validity: Validity::from_now(hours(1)),
+        })
+        .unwrap_err();
+        assert_eq!(err.reason(), "io");
+        assert!(err.to_string().contains("ca.pem"), "{err}");
+        // A key that is not the CA's.
+        let other = new_ca(TD);
+        fs::copy(other.join(CA_KEY), ca.join(CA_KEY)).unwrap();
+        let err = attempt(Subject::Node("a".into()), Validity::from_now(hours(1)));
+        assert_eq!(err.reason(), "key_mismatch", "{err}");
+    }
+
+    #[test]
+    fn a_bundle_in_the_ca_dir_is_handed_out_and_must_hold_the_ca() {
+        let (ca, other) = (new_ca(TD), new_ca(TD));
+        let both = [
+            fs::read(ca.join(CA_CERT)).unwrap(),
+            fs::read(other.join(CA_CERT)).unwrap(),
+        ]
+        .concat();
+        fs::write(ca.join(CA_BUNDLE), &both).unwrap();
+        let out = TempDir::new("bundle");
+        let issued = issue(&IssueOptions {
+            ca_dir: ca.path().to_owned(),
+            out: out.path().to_owned(),
+            subject: Subject::Node("a".into()),
+            validity: Validity::from_now(hours(1)),
+        })
+        .unwrap();
+        assert_eq!(issued.bundle_roots, 2);
+        assert_eq!(fs::read(out.join(BUNDLE_FILE)).unwrap(), both);
+
+        fs::copy(other.join(CA_CERT), ca.join(CA_BUNDLE)).unwrap();
+        let err = issue(&IssueOptions {
+            ca_dir: ca.path().to_owned(),
+            out: out.path().to_owned(),
+            subject: Subject::Node("a".into()),
+            validity: Validity::from_now(hours(1)),
+        })
+        .unwrap_err();
+        assert!(err.to_string().contains("does not contain the CA"), "{err}");
+    }
+}

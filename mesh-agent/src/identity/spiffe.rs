@@ -27,6 +27,7 @@ impl SpiffeId {
     /// `spiffe://<trust_domain>/node/<node>`, the identity of a node agent.
     pub fn node(trust_domain: &str, node: &str) -> Result<SpiffeId, IdentityError> {
         let text = format!("{SCHEME}{trust_domain}/node/{node}");
+        check_trust_domain(trust_domain).map_err(|why| invalid(&text, why))?;
         let id: SpiffeId = text.parse()?;
         match id.node_name() {
             Some(_) => Ok(id),
@@ -41,6 +42,7 @@ impl SpiffeId {
         service_account: &str,
     ) -> Result<SpiffeId, IdentityError> {
         let text = format!("{SCHEME}{trust_domain}/ns/{namespace}/sa/{service_account}");
+        check_trust_domain(trust_domain).map_err(|why| invalid(&text, why))?;
         let id: SpiffeId = text.parse()?;
         match id.workload_parts() {
             Some(_) => Ok(id),
@@ -54,7 +56,9 @@ impl SpiffeId {
     /// `spiffe://<trust_domain>` (no path): the trust domain's own ID, the
     /// one the mesh CA certificate carries.
     pub fn trust_domain_id(trust_domain: &str) -> Result<SpiffeId, IdentityError> {
-        format!("{SCHEME}{trust_domain}").parse()
+        let text = format!("{SCHEME}{trust_domain}");
+        check_trust_domain(trust_domain).map_err(|why| invalid(&text, why))?;
+        text.parse()
     }
 
     pub fn trust_domain(&self) -> &str {
@@ -308,6 +312,9 @@ mod tests {
             assert!(text.len() < 400, "bounded message: {}", text.len());
         }
         assert!(SpiffeId::node("td", "a/b").is_err());
+        assert!(SpiffeId::node("td/x", "a").is_err());
+        assert!(SpiffeId::trust_domain_id("td/x").is_err());
+        assert!(SpiffeId::trust_domain_id("td").unwrap().path().is_empty());
         assert!(SpiffeId::workload("td", "ns/sa", "x").is_err());
         assert!(SpiffeId::node("TD", "a").is_err());
         assert!(SpiffeId::node("td", "").is_err());

@@ -311,3 +311,220 @@ pub(crate) fn load_dir(
         info,
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::super::ca::{BUNDLE_FILE, CA_CERT, CERT_FILE, KEY_FILE, Subject, Validity};
+    use super::super::testutil::*;
+    use super::*;
+
+    fn copy(from: &TempDir, to: &TempDir, name: &str) {
+        std::fs::copy(from.join(name), to.join(name)).unwrap();
+    }
+
+    /// The serial the server at `b` presents to a client of node `a`.
+    async fn served_serial(b: &NodeCredentials, a: &NodeCredentials) -> String {
+        let (_, client) = handshake(b.server_config(), a.client_config(&b.node_name()))
+            .await
+            .both_ok();
+        client.server_serial
+    }
+
+    #[tokio::test]
+    async fn reload_makes_new_handshakes_present_the_new_certificate() {
+        let ca = new_ca(TD);
+        let a = NodeCredentials::load(node_dir(&ca, "a").path()).unwrap();
+        let dir_b = node_dir(&ca, "b");
+        let b = NodeCredentials::load(dir_b.path()).unwrap();
+        let first = b.info().serial;
+        assert_eq!(served_serial(&b, &a).await, first);
+
+        issue_into(
+            &ca,
+            Subject::Node("b".into()),
+            Validity::from_now(hours(24)),
+            dir_b.path(),
+        );
+        // New files alone change nothing: the loaded set is what is served.
+        assert_eq!(served_serial(&b, &a).await, first);
+        b.reload().unwrap();
+        let second = b.info().serial;
+        assert_ne!(second, first);
+        assert_eq!(served_serial(&b, &a).await, second);
+        // The same configuration object, new certificate.
+        let server = b.server_config();
+        issue_into(
+            &ca,
+            Subject::Node("b".into()),
+            Validity::from_now(hours(24)),
+            dir_b.path(),
+        );
+        b.reload().unwrap();
+        assert!(Arc::ptr_eq(&server, &b.server_config()));
+        assert_eq!(served_serial(&b, &a).await, b.info().serial);
+        assert_ne!(b.info().serial, second);
+    }
+
+    #[tokio::test]
+    async fn a_failed_reload_keeps_serving_the_old_certificate() {
+        let ca = new_ca(TD);
+        let a = NodeCredentials::load(node_dir(&ca, "a").path()).unwrap();
+        let dir_b = node_dir(&ca, "b");
+        let b = NodeCredentials::load(dir_b.path()).unwrap();
+        let serial = b.info().serial;
+        let good_key = std::fs::read(dir_b.join(KEY_FILE)).unwrap();
+        let good_cert = std::fs::read(dir_b.join(CERT_FILE)).unwrap();
+
+        // A broken key file.
+        std::fs::write(dir_b.join(KEY_FILE), "-----BEGIN PRIVATE KEY-----\nnope\n").unwrap();
+        let err = b.reload().unwrap_err();
+        let text = err.to_string();
+        assert_eq!(err.reason(), "bad_file", "{text}");
+        assert!(
+            text.contains(&dir_b.join(KEY_FILE).display().to_string()),
+            "{text}"
+        );
+        assert!(
+            text.contains("still using the previous certificate"),
+            "{text}"
+        );
+        assert!(text.contains(&serial), "{text}");
+        assert!(
+            !text.contains("nope"),
+            "the key's content never reaches a message: {text}"
+        );
+        assert_eq!(served_serial(&b, &a).await, serial);
+        assert_eq!(b.info().serial, serial);
+
+        // A key of another certificate.
+        let other = node_dir(&ca, "b");
+        copy(&other, &dir_b, KEY_FILE);
+        let err = b.reload().unwrap_err();
+        assert_eq!(err.reason(), "key_mismatch", "{err}");
+        assert!(
+            err.to_string().contains("key.pem does not belong to"),
+            "{err}"
+        );
+        assert_eq!(served_serial(&b, &a).await, serial);
+
+        // An expired certificate (with its own key).
+        let expired = TempDir::new("expired");
+        issue_into(
+            &ca,
+            Subject::Node("b".into()),
+            window(-7200, -3600),
+            expired.path(),
+        );
+        copy(&expired, &dir_b, KEY_FILE);
+        copy(&expired, &dir_b, CERT_FILE);
+        assert_eq!(b.reload().unwrap_err().reason(), "expired");
+
+        // Another trust domain, with its own CA and bundle.
+        let other_ca = new_ca("other.td");
+        let foreign = node_dir(&other_ca, "b");
+        for name in [KEY_FILE, CERT_FILE, BUNDLE_FILE] {
+            copy(&foreign, &dir_b, name);
+        }
+        let err = b.reload().unwrap_err();
+        assert_eq!(err.reason(), "wrong_trust_domain", "{err}");
+        assert_eq!(b.trust_domain(), TD);
+
+        // Another node's certificate.
+        let c = node_dir(&ca, "c");
+        for name in [KEY_FILE, CERT_FILE, BUNDLE_FILE] {
+            copy(&c, &dir_b, name);
+        }
+        let err = b.reload().unwrap_err();
+        assert_eq!(err.reason(), "wrong_spiffe_id", "{err}");
+        assert_eq!(b.spiffe_id().node_name(), Some("b"));
+
+        // A missing file.
+        std::fs::remove_file(dir_b.join(CERT_FILE)).unwrap();
+        let err = b.reload().unwrap_err();
+        assert_eq!(err.reason(), "io");
+        assert!(err.to_string().contains("cert.pem"), "{err}");
+        assert_eq!(served_serial(&b, &a).await, serial);
+
+        // Good files again: reload works.
+        std::fs::write(dir_b.join(KEY_FILE), &good_key).unwrap();
+        std::fs::write(dir_b.join(CERT_FILE), &good_cert).unwrap();
+        std::fs::copy(ca.join(CA_CERT), dir_b.join(BUNDLE_FILE)).unwrap();
+        b.reload().unwrap();
+        assert_eq!(served_serial(&b, &a).await, serial);
+    }
+
+    #[tokio::test]
+    async fn a_second_root_in_the_bundle_lets_its_nodes_in_and_keeps_the_old_ones() {
+        let (ca1, ca2) = (new_ca(TD), new_ca(TD));
+        let a = NodeCredentials::load(node_dir(&ca1, "a").path()).unwrap();
+        let dir_b = node_dir(&ca1, "b");
+        let b = NodeCredentials::load(dir_b.path()).unwrap();
+        // Node c has a certificate of the new root and trusts both.
+        let dir_c = node_dir(&ca2, "c");
+        let both = [
+            std::fs::read(ca2.join(CA_CERT)).unwrap(),
+            std::fs::read(ca1.join(CA_CERT)).unwrap(),
+        ]
+        .concat();
+        std::fs::write(dir_c.join(BUNDLE_FILE), &both).unwrap();
+        let c = NodeCredentials::load(dir_c.path()).unwrap();
+        assert_eq!(c.info().bundle_roots, 2);
+
+        let outcome = handshake(b.server_config(), c.client_config("b")).await;
+        assert_eq!(outcome.server_reason(), "unknown_ca");
+
+        std::fs::write(dir_b.join(BUNDLE_FILE), &both).unwrap();
+        b.reload().unwrap();
+        assert_eq!(b.info().bundle_roots, 2);
+        assert_eq!(b.info().bundle_subjects.len(), 2);
+        let (seen, _) = handshake(b.server_config(), c.client_config("b"))
+            .await
+            .both_ok();
+        assert_eq!(seen.peer.unwrap().node_name(), Some("c"));
+        let (seen, _) = handshake(b.server_config(), a.client_config("b"))
+            .await
+            .both_ok();
+        assert_eq!(seen.peer.unwrap().node_name(), Some("a"));
+        // And b, as a client, accepts c as a server.
+        handshake(c.server_config(), b.client_config("c"))
+            .await
+            .both_ok();
+    }
+
+    #[test]
+    fn load_refuses_a_certificate_the_bundle_does_not_sign() {
+        let (ca1, ca2) = (new_ca(TD), new_ca(TD));
+        let dir = node_dir(&ca1, "a");
+        std::fs::copy(ca2.join(CA_CERT), dir.join(BUNDLE_FILE)).unwrap();
+        let err = NodeCredentials::load(dir.path()).unwrap_err();
+        assert_eq!(err.reason(), "unknown_ca", "{err}");
+        assert!(err.to_string().contains("cert.pem"), "{err}");
+
+        let empty = TempDir::new("empty");
+        let err = NodeCredentials::load(empty.path()).unwrap_err();
+        assert_eq!(err.reason(), "io");
+        assert!(
+            err.to_string().contains("meshctl ca issue --out DIR"),
+            "{err}"
+        );
+    }
+
+    #[test]
+    fn info_describes_the_loaded_certificate() {
+        let ca = new_ca(TD);
+        let dir = node_dir(&ca, "n1");
+        let creds = NodeCredentials::load(dir.path()).unwrap();
+        let info = creds.info();
+        assert_eq!(info.spiffe_id.as_str(), "spiffe://cluster.local/node/n1");
+        assert_eq!(info.not_after - info.not_before, 24 * 3600 + 5 * 60);
+        assert_eq!(info.bundle_roots, 1);
+        assert!(info.issuer.contains("mesh root CA"), "{}", info.issuer);
+        assert_eq!(info.bundle_subjects, vec![info.issuer.clone()]);
+        assert!(info.not_after_time() > SystemTime::now());
+        let json = serde_json::to_value(&info).unwrap();
+        assert_eq!(json["spiffe_id"], "spiffe://cluster.local/node/n1");
+        // Debug never shows key material.
+        let debug = format!("{creds:?}");
+        assert!(!debug.contains("PRIVATE"), "{debug}");
+    }
+}
