@@ -116,6 +116,45 @@ pub struct IssuedCert {
     pub bundle_roots: usize,
 }
 
+/// One certificate of a PEM file, for `meshctl ca show`.
+#[derive(Debug, Clone, Default, serde::Serialize)]
+pub struct CertSummary {
+    pub spiffe_id: Option<SpiffeId>,
+    pub subject: String,
+    pub issuer: String,
+    pub serial: String,
+    pub not_before: i64,
+    pub not_after: i64,
+    pub is_ca: bool,
+}
+
+/// Every certificate of the PEM file at `path`, without judging them.
+pub fn describe(path: &Path) -> Result<Vec<CertSummary>, IdentityError> {
+    const HINT: &str = "expected a PEM file of certificates";
+    let certs = cert::certs_from_pem(path, &cert::read(path, HINT)?, HINT)?;
+    let whose = path.display().to_string();
+    certs
+        .iter()
+        .map(|der| {
+            let parsed = cert::parse(der, &whose)?;
+            Ok(CertSummary {
+                spiffe_id: cert::spiffe_id_of(&parsed, &whose).ok(),
+                subject: parsed.subject,
+                issuer: parsed.issuer,
+                serial: parsed.serial,
+                not_before: parsed.not_before,
+                not_after: parsed.not_after,
+                is_ca: parsed.is_ca,
+            })
+        })
+        .collect()
+}
+
+/// `YYYY-MM-DDTHH:MM:SSZ` for Unix seconds.
+pub fn format_unix(secs: i64) -> String {
+    cert::fmt_unix(secs)
+}
+
 /// Creates the mesh root CA in `opts.dir`.
 pub fn init(opts: &InitOptions) -> Result<CaSummary, IdentityError> {
     let td_id = SpiffeId::trust_domain_id(&opts.trust_domain)?;
