@@ -5,6 +5,7 @@
 //! Exit codes: 0 success, 1 the command failed, 2 bad usage, 3 no agent
 //! answered on the admin socket (a read-only view may still be printed).
 
+mod ca;
 mod debug_log;
 mod offline;
 mod redirect;
@@ -130,6 +131,9 @@ enum Command {
         #[arg(value_enum)]
         switch: Option<redirect::Switch>,
     },
+    /// The mesh CA and node certificates (on the operator's machine).
+    #[command(subcommand)]
+    Ca(ca::CaCommand),
 }
 
 const EXIT_FAILED: u8 = 1;
@@ -144,6 +148,8 @@ enum CliError {
     /// No agent, but a read-only view from the pins was printed.
     #[error("{0}")]
     Offline(String),
+    #[error(transparent)]
+    Identity(#[from] crate::identity::IdentityError),
 }
 
 impl CliError {
@@ -270,6 +276,7 @@ async fn execute(cli: &Cli) -> Result<String, CliError> {
             let view = debug_log::execute(socket, *switch).await?;
             render(out, &view, debug_log::render)
         }
+        Command::Ca(command) => ca::execute(command, out),
     }
 }
 

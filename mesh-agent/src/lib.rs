@@ -16,6 +16,7 @@ pub mod drain;
 pub mod events;
 pub mod explain;
 pub mod health;
+pub mod identity;
 pub mod inotify;
 pub mod kernel_log;
 pub mod maglev;
