@@ -102,9 +102,7 @@ pub enum ConfigError {
         "tunnel connection window {connection} is not a multiple (at least 2x) of the stream window {stream}: one stream the application does not read would stall every other stream on the connection (ztunnel #1538); set it to e.g. 4x the stream window"
     )]
     Windows { stream: u32, connection: u32 },
-    #[error(
-        "tunnel max frame size {0} is outside HTTP/2's 16384..=16777215; use 1048576 (1 MiB)"
-    )]
+    #[error("tunnel max frame size {0} is outside HTTP/2's 16384..=16777215; use 1048576 (1 MiB)")]
     FrameSize(u32),
     #[error("tunnel stream window {0} is outside 65535..=2147483647")]
     StreamWindow(u32),

@@ -141,7 +141,10 @@ fn parse_authority(text: &str) -> Result<SocketAddr, BadRequest> {
     Ok(addr)
 }
 
-fn single<'r, B>(req: &'r Request<B>, name: &'static str) -> Result<Option<&'r HeaderValue>, BadRequest> {
+fn single<'r, B>(
+    req: &'r Request<B>,
+    name: &'static str,
+) -> Result<Option<&'r HeaderValue>, BadRequest> {
     let mut values = req.headers().get_all(name).iter();
     let first = values.next();
     if values.next().is_some() {
@@ -181,7 +184,8 @@ pub fn parse_forwarded_for(value: &HeaderValue) -> Result<SocketAddr, BadRequest
 }
 
 fn parse_identity(value: &HeaderValue) -> Result<String, BadRequest> {
-    let bad = || BadRequest::BadSourceIdentity(String::from_utf8_lossy(value.as_bytes()).into_owned());
+    let bad =
+        || BadRequest::BadSourceIdentity(String::from_utf8_lossy(value.as_bytes()).into_owned());
     let text = value.to_str().map_err(|_| bad())?;
     let rest = text.strip_prefix("spiffe://").ok_or_else(bad)?;
     if rest.is_empty()
@@ -275,8 +279,14 @@ mod tests {
     fn authority_and_forwarded_bracket_ipv6() {
         assert_eq!(authority(addr("10.1.2.3:8080")), "10.1.2.3:8080");
         assert_eq!(authority(addr("[fd00::1]:80")), "[fd00::1]:80");
-        assert_eq!(forwarded_for(addr("10.0.0.7:40000")), "for=\"10.0.0.7:40000\"");
-        assert_eq!(forwarded_for(addr("[fd00::7]:40000")), "for=\"[fd00::7]:40000\"");
+        assert_eq!(
+            forwarded_for(addr("10.0.0.7:40000")),
+            "for=\"10.0.0.7:40000\""
+        );
+        assert_eq!(
+            forwarded_for(addr("[fd00::7]:40000")),
+            "for=\"[fd00::7]:40000\""
+        );
     }
 
     #[test]
@@ -285,7 +295,8 @@ mod tests {
             ("10.1.2.3:8080", "10.0.0.7:40000"),
             ("[fd00::1]:80", "[fd00::7]:1"),
         ] {
-            let req = connect_request(addr(backend), addr(client), "spiffe://td/ns/a/sa/b").unwrap();
+            let req =
+                connect_request(addr(backend), addr(client), "spiffe://td/ns/a/sa/b").unwrap();
             assert!(req.uri().scheme().is_none());
             assert!(req.uri().path_and_query().is_none());
             let parsed = parse_connect(&req).unwrap();
@@ -311,12 +322,34 @@ mod tests {
     #[test]
     fn malformed_requests_are_rejected_with_a_reason() {
         let cases: Vec<(Request<()>, &str)> = vec![
-            (request(Method::GET, "http://10.1.2.3:80/").body(()).unwrap(), "method"),
-            (request(Method::CONNECT, "http://10.1.2.3:80/x").body(()).unwrap(), "scheme_or_path"),
-            (request(Method::CONNECT, "example.com:80").body(()).unwrap(), "bad_authority"),
-            (request(Method::CONNECT, "10.1.2.3").body(()).unwrap(), "bad_authority"),
-            (request(Method::CONNECT, "10.1.2.3:0").body(()).unwrap(), "bad_authority"),
-            (request(Method::CONNECT, "0.0.0.0:80").body(()).unwrap(), "bad_authority"),
+            (
+                request(Method::GET, "http://10.1.2.3:80/")
+                    .body(())
+                    .unwrap(),
+                "method",
+            ),
+            (
+                request(Method::CONNECT, "http://10.1.2.3:80/x")
+                    .body(())
+                    .unwrap(),
+                "scheme_or_path",
+            ),
+            (
+                request(Method::CONNECT, "example.com:80").body(()).unwrap(),
+                "bad_authority",
+            ),
+            (
+                request(Method::CONNECT, "10.1.2.3").body(()).unwrap(),
+                "bad_authority",
+            ),
+            (
+                request(Method::CONNECT, "10.1.2.3:0").body(()).unwrap(),
+                "bad_authority",
+            ),
+            (
+                request(Method::CONNECT, "0.0.0.0:80").body(()).unwrap(),
+                "bad_authority",
+            ),
             (
                 request(Method::CONNECT, "10.1.2.3:80")
                     .header(FORWARDED, "for=10.0.0.1")
@@ -360,13 +393,18 @@ mod tests {
             assert_eq!(err.status(), StatusCode::BAD_REQUEST);
         }
         let mut req = request(Method::CONNECT, "10.1.2.3:80").body(()).unwrap();
-        req.extensions_mut().insert(h2::ext::Protocol::from_static("websocket"));
-        assert_eq!(parse_connect(&req).unwrap_err().reason(), "extended_connect");
+        req.extensions_mut()
+            .insert(h2::ext::Protocol::from_static("websocket"));
+        assert_eq!(
+            parse_connect(&req).unwrap_err().reason(),
+            "extended_connect"
+        );
     }
 
     #[test]
     fn forwarded_takes_for_from_the_first_element() {
-        let v = HeaderValue::from_static("proto=https; FOR=\"[fd00::9]:443\";by=x, for=\"1.1.1.1:1\"");
+        let v =
+            HeaderValue::from_static("proto=https; FOR=\"[fd00::9]:443\";by=x, for=\"1.1.1.1:1\"");
         assert_eq!(parse_forwarded_for(&v).unwrap(), addr("[fd00::9]:443"));
     }
 }

@@ -78,7 +78,11 @@ impl HandshakeError {
 }
 
 impl Inbound {
-    pub(crate) fn new(shared: Arc<Shared>, tls: Arc<dyn InboundTls>, policy: InboundPolicy) -> Self {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        tls: Arc<dyn InboundTls>,
+        policy: InboundPolicy,
+    ) -> Self {
         Self {
             inner: Arc::new(Inner {
                 shared,
@@ -168,9 +172,10 @@ impl Inbound {
         TunnelMetrics::counter(&metrics.connections_opened, Direction::Inbound).inc();
         let active = TunnelMetrics::gauge(&metrics.connections_active, Direction::Inbound);
         active.inc();
-        let registration = shared
-            .tracker
-            .register(Direction::Inbound, peer.clone(), peer_addr, not_after);
+        let registration =
+            shared
+                .tracker
+                .register(Direction::Inbound, peer.clone(), peer_addr, not_after);
         let state = registration.state.clone();
         let peer = PeerInfo {
             identity: peer,
@@ -232,7 +237,11 @@ impl Inbound {
         state: &Arc<ConnState>,
     ) -> Option<&'static str> {
         let config = &self.inner.shared.config;
-        let keepalive = hbone::keepalive(connection.ping_pong(), config.ping_interval, config.ping_timeout);
+        let keepalive = hbone::keepalive(
+            connection.ping_pong(),
+            config.ping_interval,
+            config.ping_timeout,
+        );
         tokio::pin!(keepalive);
         let mut phase = self.inner.phase.subscribe();
         let mut draining = false;
@@ -286,13 +295,14 @@ impl Inbound {
     ) {
         let shared = &self.inner.shared;
         let metrics = &shared.metrics;
-        let reject = |respond: &mut SendResponse<Bytes>, status: StatusCode, reason: &'static str| {
-            metrics.rejected(Direction::Inbound, reason, status.as_u16());
-            let response = Response::builder().status(status).body(());
-            if let Ok(response) = response {
-                let _ = respond.send_response(response, true);
-            }
-        };
+        let reject =
+            |respond: &mut SendResponse<Bytes>, status: StatusCode, reason: &'static str| {
+                metrics.rejected(Direction::Inbound, reason, status.as_u16());
+                let response = Response::builder().status(status).body(());
+                if let Ok(response) = response {
+                    let _ = respond.send_response(response, true);
+                }
+            };
         let connect = match hbone::parse_connect(&request) {
             Ok(connect) => connect,
             Err(e) => {
@@ -323,11 +333,18 @@ impl Inbound {
             Ok(backend) => backend,
             Err(e) => {
                 tracing::debug!(backend = %connect.backend, error = %e, "backend connect failed");
-                return reject(&mut respond, StatusCode::SERVICE_UNAVAILABLE, "backend_connect");
+                return reject(
+                    &mut respond,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "backend_connect",
+                );
             }
         };
         let ok = Response::builder().status(StatusCode::OK).body(());
-        let send = match ok.map_err(|_| ()).and_then(|r| respond.send_response(r, false).map_err(|_| ())) {
+        let send = match ok
+            .map_err(|_| ())
+            .and_then(|r| respond.send_response(r, false).map_err(|_| ()))
+        {
             Ok(send) => send,
             Err(()) => {
                 // The stream went away while we connected.
@@ -338,7 +355,9 @@ impl Inbound {
         TunnelMetrics::counter(&metrics.streams, Direction::Inbound).inc();
         let active = TunnelMetrics::gauge(&metrics.streams_active, Direction::Inbound);
         active.inc();
-        state.streams.fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        state
+            .streams
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
         let (sent, received) = metrics.byte_counters(Direction::Inbound);
         let counters = Counters {
             conn: state.clone(),
@@ -349,7 +368,9 @@ impl Inbound {
         if let Err(e) = copy::splice(backend, send, request.into_body(), cancel, counters).await {
             tracing::debug!(backend = %connect.backend, error = %e, "inbound stream ended abnormally");
         }
-        state.streams.fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        state
+            .streams
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
         active.dec();
     }
 }

@@ -187,7 +187,10 @@ impl TunnelMetrics {
         family.get_or_create(&DirectionLabels { direction }).clone()
     }
 
-    pub(crate) fn counter(family: &Family<DirectionLabels, Counter>, direction: Direction) -> Counter {
+    pub(crate) fn counter(
+        family: &Family<DirectionLabels, Counter>,
+        direction: Direction,
+    ) -> Counter {
         family.get_or_create(&DirectionLabels { direction }).clone()
     }
 
@@ -200,7 +203,9 @@ impl TunnelMetrics {
     }
 
     pub fn handshakes(&self, direction: Direction) -> u64 {
-        self.handshakes.get_or_create(&DirectionLabels { direction }).get()
+        self.handshakes
+            .get_or_create(&DirectionLabels { direction })
+            .get()
     }
 
     pub fn handshake_failures(&self, direction: Direction, reason: &'static str) -> u64 {
@@ -226,7 +231,9 @@ impl TunnelMetrics {
     }
 
     pub fn streams_active(&self, direction: Direction) -> i64 {
-        self.streams_active.get_or_create(&DirectionLabels { direction }).get()
+        self.streams_active
+            .get_or_create(&DirectionLabels { direction })
+            .get()
     }
 
     pub fn connections_active(&self, direction: Direction) -> i64 {
@@ -236,11 +243,15 @@ impl TunnelMetrics {
     }
 
     pub fn bytes_sent(&self, direction: Direction) -> u64 {
-        self.bytes_sent.get_or_create(&DirectionLabels { direction }).get()
+        self.bytes_sent
+            .get_or_create(&DirectionLabels { direction })
+            .get()
     }
 
     pub fn bytes_received(&self, direction: Direction) -> u64 {
-        self.bytes_received.get_or_create(&DirectionLabels { direction }).get()
+        self.bytes_received
+            .get_or_create(&DirectionLabels { direction })
+            .get()
     }
 }
 

@@ -123,7 +123,9 @@ impl Outbound {
                 return Err(e);
             }
         };
-        metrics.stream_setup.observe(started.elapsed().as_secs_f64());
+        metrics
+            .stream_setup
+            .observe(started.elapsed().as_secs_f64());
         TunnelMetrics::counter(&metrics.streams, Direction::Outbound).inc();
         let active = TunnelMetrics::gauge(&metrics.streams_active, Direction::Outbound);
         active.inc();
@@ -152,7 +154,11 @@ impl Outbound {
         &self,
         dest: &Destination,
     ) -> Result<
-        (super::pool::Lease, h2::SendStream<bytes::Bytes>, h2::RecvStream),
+        (
+            super::pool::Lease,
+            h2::SendStream<bytes::Bytes>,
+            h2::RecvStream,
+        ),
         (&'static str, u16, OutboundError),
     > {
         let key = PoolKey {
@@ -178,17 +184,18 @@ impl Outbound {
                     },
                 )
             })?;
-            let request = hbone::connect_request(dest.backend, dest.client_addr, &dest.source_identity)
-                .map_err(|source| {
-                    (
-                        "request",
-                        0,
-                        OutboundError::Request {
-                            backend: dest.backend,
-                            source,
-                        },
-                    )
-                })?;
+            let request =
+                hbone::connect_request(dest.backend, dest.client_addr, &dest.source_identity)
+                    .map_err(|source| {
+                        (
+                            "request",
+                            0,
+                            OutboundError::Request {
+                                backend: dest.backend,
+                                source,
+                            },
+                        )
+                    })?;
             let stream_failed = |source: h2::Error| {
                 (
                     "stream",

@@ -63,7 +63,10 @@ pub enum ConnectError {
     #[error("handshake with {0} timed out")]
     Timeout(SocketAddr),
     #[error("{addr} negotiated ALPN {alpn:?}, not h2; is it a mesh agent's :15008?")]
-    Alpn { addr: SocketAddr, alpn: Option<String> },
+    Alpn {
+        addr: SocketAddr,
+        alpn: Option<String>,
+    },
     #[error("HTTP/2 handshake with {addr}: {source}")]
     H2 {
         addr: SocketAddr,
@@ -182,7 +185,11 @@ impl Pool {
         let conn = PoolInner::connect(&self.inner, key).await?;
         let mut entries = lock(&self.inner.entries);
         conn.state.streams.fetch_add(1, Ordering::AcqRel);
-        entries.entry(key.clone()).or_default().conns.push(conn.clone());
+        entries
+            .entry(key.clone())
+            .or_default()
+            .conns
+            .push(conn.clone());
         Ok(Lease {
             conn,
             pool: self.inner.clone(),
@@ -272,7 +279,9 @@ impl PoolInner {
     async fn try_connect(self: &Arc<Self>, key: &PoolKey) -> Result<Arc<PooledConn>, ConnectError> {
         let config = &self.shared.config;
         let addr = key.node_addr;
-        let tls = self.tls.client_config(&key.source_identity, &key.node_name)?;
+        let tls = self
+            .tls
+            .client_config(&key.source_identity, &key.node_name)?;
         let tcp = socket::connect(addr, config.socket_mark, config.connect_timeout)
             .await
             .map_err(|source| ConnectError::Tcp { addr, source })?;
