@@ -352,7 +352,8 @@ async fn drive(
     let ping_pong = connection.ping_pong();
     let keepalive = hbone::keepalive(ping_pong, config.ping_interval, config.ping_timeout);
     tokio::pin!(keepalive);
-    tokio::pin!(connection);
+    // Boxed so it can be dropped (failing its streams) before we return.
+    let mut connection = Box::pin(connection);
     let check_every = (config.idle_timeout / 4).max(Duration::from_millis(10));
     let mut idle_check = tokio::time::interval(check_every);
     idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
