@@ -28,3 +28,4 @@ pub mod reconcile;
 pub mod redirect;
 pub mod slots;
 pub mod state;
+pub mod tunnel;

@@ -1,0 +1,376 @@
+//! The destination node's side, :15008: TLS with client certificates, the
+//! peer named by the TLS hook, then per CONNECT stream: check the request
+//! (400), that the authority is a local backend (400), the authorization
+//! hook (401), connect to the backend from a marked socket (503 on
+//! failure), and only then 200 and the byte copy.
+
+use std::{
+    net::SocketAddr,
+    sync::{Arc, RwLock},
+    time::Duration,
+};
+
+use bytes::Bytes;
+use h2::server::SendResponse;
+use http::{Request, Response, StatusCode};
+use tokio::{
+    net::{TcpListener, TcpStream},
+    sync::watch,
+};
+use tokio_rustls::TlsAcceptor;
+
+use super::{
+    Active, Phase, Shared, TunnelMetrics,
+    copy::{self, Cancel, Counters},
+    hbone::{self, ALPN_H2},
+    metrics::Direction,
+    policy::{InboundPolicy, PeerInfo},
+    snapshot::ConnState,
+    socket,
+    tls::{self, InboundTls},
+};
+
+/// The :15008 server; cheap to clone.
+#[derive(Clone)]
+pub struct Inbound {
+    inner: Arc<Inner>,
+}
+
+struct Inner {
+    shared: Arc<Shared>,
+    tls: Arc<dyn InboundTls>,
+    policy: RwLock<InboundPolicy>,
+    phase: watch::Sender<Phase>,
+    conns: Arc<Active>,
+}
+
+/// Why an accepted connection was not taken (for the failure counter).
+#[derive(Debug, thiserror::Error)]
+enum HandshakeError {
+    #[error("{0}")]
+    Setup(#[from] tls::TlsSetupError),
+    #[error("TLS handshake: {0}")]
+    Tls(std::io::Error),
+    #[error("handshake timed out")]
+    Timeout,
+    #[error("peer negotiated ALPN {0:?}, not h2")]
+    Alpn(Option<String>),
+    #[error("peer sent no certificate")]
+    NoCertificate,
+    #[error("{0}")]
+    Peer(#[from] tls::PeerRejected),
+    #[error("HTTP/2 handshake: {0}")]
+    H2(h2::Error),
+}
+
+impl HandshakeError {
+    fn reason(&self) -> &'static str {
+        match self {
+            Self::Setup(_) => "tls_config",
+            Self::Tls(_) => "tls",
+            Self::Timeout => "timeout",
+            Self::Alpn(_) => "alpn",
+            Self::NoCertificate => "no_certificate",
+            Self::Peer(_) => "peer_rejected",
+            Self::H2(_) => "h2",
+        }
+    }
+}
+
+impl Inbound {
+    pub(crate) fn new(
+        shared: Arc<Shared>,
+        tls: Arc<dyn InboundTls>,
+        policy: InboundPolicy,
+    ) -> Self {
+        Self {
+            inner: Arc::new(Inner {
+                shared,
+                tls,
+                policy: RwLock::new(policy),
+                phase: watch::channel(Phase::Running).0,
+                conns: Arc::new(Active::default()),
+            }),
+        }
+    }
+
+    /// Replaces the backend set and authorizer; streams opened from now on
+    /// use the new one.
+    pub fn set_policy(&self, policy: InboundPolicy) {
+        match self.inner.policy.write() {
+            Ok(mut current) => *current = policy,
+            Err(poisoned) => *poisoned.into_inner() = policy,
+        }
+    }
+
+    fn policy(&self) -> InboundPolicy {
+        match self.inner.policy.read() {
+            Ok(p) => p.clone(),
+            Err(poisoned) => poisoned.into_inner().clone(),
+        }
+    }
+
+    /// Accepts on `listener` (made with [`socket::reuseport_listener`])
+    /// until [`Inbound::shutdown`]; the listener is closed on return, so a
+    /// successor bound to the same port gets every new connection.
+    pub async fn serve(&self, listener: TcpListener) {
+        let mut phase = self.inner.phase.subscribe();
+        loop {
+            let accepted = tokio::select! {
+                accepted = listener.accept() => accepted,
+                _ = phase.wait_for(|p| *p != Phase::Running) => break,
+            };
+            match accepted {
+                Ok((tcp, peer)) => {
+                    let inbound = self.clone();
+                    let guard = self.inner.conns.enter();
+                    tokio::spawn(async move {
+                        inbound.connection(tcp, peer).await;
+                        drop(guard);
+                    });
+                }
+                Err(e) => {
+                    tracing::warn!(error = %e, "inbound accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+    }
+
+    /// Stops accepting, sends GOAWAY on every connection, lets open streams
+    /// finish for up to `drain`, then resets what is left.
+    pub async fn shutdown(&self, drain: Duration) {
+        self.inner.phase.send_replace(Phase::Draining);
+        if !self.inner.conns.wait_zero(drain).await {
+            tracing::warn!(
+                connections = self.inner.conns.get(),
+                "inbound drain timed out; resetting the remaining streams"
+            );
+        }
+        self.inner.phase.send_replace(Phase::Stopped);
+        self.inner.conns.wait_zero(Duration::from_secs(1)).await;
+    }
+
+    /// Connections being served now.
+    pub fn active_connections(&self) -> usize {
+        self.inner.conns.get()
+    }
+
+    async fn connection(&self, tcp: TcpStream, peer_addr: SocketAddr) {
+        let shared = &self.inner.shared;
+        let metrics = &shared.metrics;
+        let _ = tcp.set_nodelay(true);
+        let (connection, peer, not_after) = match self.handshake(tcp).await {
+            Ok(ok) => ok,
+            Err(e) => {
+                metrics.handshake_failed(Direction::Inbound, e.reason());
+                tracing::warn!(peer = %peer_addr, error = %e, "inbound tunnel handshake failed");
+                return;
+            }
+        };
+        TunnelMetrics::counter(&metrics.handshakes, Direction::Inbound).inc();
+        TunnelMetrics::counter(&metrics.connections_opened, Direction::Inbound).inc();
+        let active = TunnelMetrics::gauge(&metrics.connections_active, Direction::Inbound);
+        active.inc();
+        let registration =
+            shared
+                .tracker
+                .register(Direction::Inbound, peer.clone(), peer_addr, not_after);
+        let state = registration.state.clone();
+        let peer = PeerInfo {
+            identity: peer,
+            addr: peer_addr,
+        };
+        let dropped = self.drive(connection, &peer, &state).await;
+        if let Some(reason) = dropped {
+            metrics.dropped(Direction::Inbound, reason);
+        }
+        active.dec();
+    }
+
+    async fn handshake(
+        &self,
+        tcp: TcpStream,
+    ) -> Result<
+        (
+            h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>,
+            String,
+            Option<std::time::SystemTime>,
+        ),
+        HandshakeError,
+    > {
+        let config = &self.inner.shared.config;
+        let tls = self.inner.tls.server_config()?;
+        let acceptor = TlsAcceptor::from(tls::server_with_alpn(tls.config));
+        let handshake = async {
+            let stream = acceptor.accept(tcp).await.map_err(HandshakeError::Tls)?;
+            let session = stream.get_ref().1;
+            let alpn = session.alpn_protocol();
+            if alpn != Some(ALPN_H2) {
+                return Err(HandshakeError::Alpn(
+                    alpn.map(|a| String::from_utf8_lossy(a).into_owned()),
+                ));
+            }
+            let chain = session
+                .peer_certificates()
+                .filter(|c| !c.is_empty())
+                .ok_or(HandshakeError::NoCertificate)?;
+            let peer = self.inner.tls.peer_identity(chain)?;
+            let connection = hbone::server_builder(config)
+                .handshake(stream)
+                .await
+                .map_err(HandshakeError::H2)?;
+            Ok((connection, peer))
+        };
+        let (connection, peer) = tokio::time::timeout(config.handshake_timeout, handshake)
+            .await
+            .map_err(|_| HandshakeError::Timeout)??;
+        Ok((connection, peer, tls.local_cert_not_after))
+    }
+
+    /// Accepts streams until the connection ends; returns why it was
+    /// dropped, if not cleanly.
+    async fn drive(
+        &self,
+        mut connection: h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>,
+        peer: &PeerInfo,
+        state: &Arc<ConnState>,
+    ) -> Option<&'static str> {
+        let config = &self.inner.shared.config;
+        let keepalive = hbone::keepalive(
+            connection.ping_pong(),
+            config.ping_interval,
+            config.ping_timeout,
+        );
+        tokio::pin!(keepalive);
+        let mut phase = self.inner.phase.subscribe();
+        let mut draining = false;
+        loop {
+            tokio::select! {
+                accepted = connection.accept() => match accepted {
+                    Some(Ok((request, respond))) => {
+                        let inbound = self.clone();
+                        let peer = peer.clone();
+                        let state = state.clone();
+                        tokio::spawn(async move {
+                            inbound.stream(request, respond, peer, state).await;
+                        });
+                    }
+                    Some(Err(e)) => {
+                        tracing::debug!(peer = %peer.addr, error = %e, "inbound tunnel connection failed");
+                        state.mark_dead();
+                        return Some(if e.is_go_away() { "goaway" } else { "error" });
+                    }
+                    None => return None,
+                },
+                end = &mut keepalive => {
+                    tracing::warn!(peer = %peer.addr, node = %peer.identity, "inbound tunnel connection dropped: PING unanswered");
+                    state.mark_dead();
+                    return Some(end.reason());
+                }
+                changed = phase.changed() => {
+                    let now = if changed.is_err() { Phase::Stopped } else { *phase.borrow_and_update() };
+                    match now {
+                        Phase::Running => {}
+                        Phase::Draining if !draining => {
+                            // GOAWAY: no new streams; open ones go on.
+                            draining = true;
+                            state.mark_dead();
+                            connection.graceful_shutdown();
+                        }
+                        Phase::Draining => {}
+                        Phase::Stopped => return Some("shutdown"),
+                    }
+                }
+            }
+        }
+    }
+
+    async fn stream(
+        &self,
+        request: Request<h2::RecvStream>,
+        mut respond: SendResponse<Bytes>,
+        peer: PeerInfo,
+        state: Arc<ConnState>,
+    ) {
+        let shared = &self.inner.shared;
+        let metrics = &shared.metrics;
+        let reject =
+            |respond: &mut SendResponse<Bytes>, status: StatusCode, reason: &'static str| {
+                metrics.rejected(Direction::Inbound, reason, status.as_u16());
+                let response = Response::builder().status(status).body(());
+                if let Ok(response) = response {
+                    let _ = respond.send_response(response, true);
+                }
+            };
+        let connect = match hbone::parse_connect(&request) {
+            Ok(connect) => connect,
+            Err(e) => {
+                tracing::debug!(peer = %peer.addr, error = %e, "malformed CONNECT");
+                return reject(&mut respond, e.status(), e.reason());
+            }
+        };
+        let policy = self.policy();
+        if !policy.backends.is_local_backend(connect.backend) {
+            tracing::debug!(peer = %peer.addr, backend = %connect.backend, "CONNECT to a backend this node does not serve");
+            return reject(&mut respond, StatusCode::BAD_REQUEST, "not_local_backend");
+        }
+        if let Err(deny) =
+            policy
+                .authorizer
+                .authorize(&peer, connect.source_identity.as_deref(), connect.backend)
+        {
+            tracing::info!(peer = %peer.identity, source = ?connect.source_identity, backend = %connect.backend, %deny, "tunnel stream denied");
+            return reject(&mut respond, StatusCode::UNAUTHORIZED, "denied");
+        }
+        let backend = match socket::connect(
+            connect.backend,
+            shared.config.socket_mark,
+            shared.config.connect_timeout,
+        )
+        .await
+        {
+            Ok(backend) => backend,
+            Err(e) => {
+                tracing::debug!(backend = %connect.backend, error = %e, "backend connect failed");
+                return reject(
+                    &mut respond,
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "backend_connect",
+                );
+            }
+        };
+        let ok = Response::builder().status(StatusCode::OK).body(());
+        let send = match ok
+            .map_err(|_| ())
+            .and_then(|r| respond.send_response(r, false).map_err(|_| ()))
+        {
+            Ok(send) => send,
+            Err(()) => {
+                // The stream went away while we connected.
+                socket::reset(backend);
+                return;
+            }
+        };
+        TunnelMetrics::counter(&metrics.streams, Direction::Inbound).inc();
+        let active = TunnelMetrics::gauge(&metrics.streams_active, Direction::Inbound);
+        active.inc();
+        state
+            .streams
+            .fetch_add(1, std::sync::atomic::Ordering::AcqRel);
+        let (sent, received) = metrics.byte_counters(Direction::Inbound);
+        let counters = Counters {
+            conn: state.clone(),
+            sent,
+            received,
+        };
+        let cancel = Cancel::new(self.inner.phase.subscribe());
+        if let Err(e) = copy::splice(backend, send, request.into_body(), cancel, counters).await {
+            tracing::debug!(backend = %connect.backend, error = %e, "inbound stream ended abnormally");
+        }
+        state
+            .streams
+            .fetch_sub(1, std::sync::atomic::Ordering::AcqRel);
+        active.dec();
+    }
+}

@@ -1,0 +1,88 @@
+//! What the tunnel needs from the TLS layer (the `identity` module provides
+//! it): a client config per destination node, a server config re-read for
+//! every accepted connection (so rotation needs no restart), and a check of
+//! the peer's chain that names the peer.
+
+use std::{
+    sync::Arc,
+    time::{Duration, SystemTime, UNIX_EPOCH},
+};
+
+use rustls::pki_types::{CertificateDer, ServerName};
+
+use super::hbone::ALPN_H2;
+
+/// What outbound dials one peer node with.
+#[derive(Clone, Debug)]
+pub struct OutboundTlsConfig {
+    /// TLS 1.3 only; ALPN is forced to `h2` if the config lacks it.
+    pub config: Arc<rustls::ClientConfig>,
+    /// The name sent as SNI and handed to the config's verifier.
+    pub server_name: ServerName<'static>,
+    /// When our certificate in `config` expires, for `meshctl tunnels`.
+    pub local_cert_not_after: Option<SystemTime>,
+}
+
+/// What inbound serves one accepted connection with.
+#[derive(Clone, Debug)]
+pub struct InboundTlsConfig {
+    /// Must require client certificates; ALPN is forced to `h2`.
+    pub config: Arc<rustls::ServerConfig>,
+    pub local_cert_not_after: Option<SystemTime>,
+}
+
+/// Why no TLS config could be had (the handshake is not attempted).
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("no TLS configuration: {0}")]
+pub struct TlsSetupError(pub String);
+
+/// Why a verified peer chain is still not accepted.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error("peer certificate rejected: {0}")]
+pub struct PeerRejected(pub String);
+
+pub trait OutboundTls: Send + Sync + 'static {
+    /// The config to reach `node_name` as `source_identity`'s node. Called
+    /// for every new connection, never per stream.
+    fn client_config(
+        &self,
+        source_identity: &str,
+        node_name: &str,
+    ) -> Result<OutboundTlsConfig, TlsSetupError>;
+}
+
+pub trait InboundTls: Send + Sync + 'static {
+    /// Called for every accepted connection.
+    fn server_config(&self) -> Result<InboundTlsConfig, TlsSetupError>;
+
+    /// After a handshake the config's verifier accepted: who the peer is
+    /// (e.g. its node name), from its chain, leaf first.
+    fn peer_identity(&self, chain: &[CertificateDer<'static>]) -> Result<String, PeerRejected>;
+}
+
+/// `config` with ALPN exactly `h2`, cloned only when it is not already.
+pub(crate) fn client_with_alpn(config: Arc<rustls::ClientConfig>) -> Arc<rustls::ClientConfig> {
+    if config.alpn_protocols == [ALPN_H2] {
+        return config;
+    }
+    let mut owned = (*config).clone();
+    owned.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Arc::new(owned)
+}
+
+pub(crate) fn server_with_alpn(config: Arc<rustls::ServerConfig>) -> Arc<rustls::ServerConfig> {
+    if config.alpn_protocols == [ALPN_H2] {
+        return config;
+    }
+    let mut owned = (*config).clone();
+    owned.alpn_protocols = vec![ALPN_H2.to_vec()];
+    Arc::new(owned)
+}
+
+/// The notAfter of a DER certificate, for [`OutboundTlsConfig::local_cert_not_after`].
+pub fn cert_not_after(cert: &CertificateDer<'_>) -> Option<SystemTime> {
+    let (_, parsed) = x509_parser::parse_x509_certificate(cert.as_ref()).ok()?;
+    let secs = parsed.validity().not_after.timestamp();
+    let secs = u64::try_from(secs).ok()?;
+    UNIX_EPOCH.checked_add(Duration::from_secs(secs))
+}
