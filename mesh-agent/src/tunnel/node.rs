@@ -1,0 +1,310 @@
+//! The tunnel as one node runs it: this node's credentials (`identity`),
+//! the kernel's capture (`bpf::TunnelOrigins`), and where each backend is
+//! (from the applied state). The agent starts it, hands it every new
+//! state, and shuts it down; everything else happens here.
+
+use std::collections::{BTreeMap, HashMap, HashSet};
+use std::net::{IpAddr, Ipv4Addr, SocketAddr};
+use std::sync::{Arc, RwLock};
+use std::time::Duration;
+
+use rustls::pki_types::{CertificateDer, ServerName};
+use tokio::net::{TcpListener, TcpStream};
+use tokio::task::JoinHandle;
+use tracing::{info, warn};
+
+use super::{
+    AllowAll, Destination, Inbound, InboundPolicy, InboundTls, InboundTlsConfig, Outbound,
+    OutboundTls, OutboundTlsConfig, PeerSnapshot, Tunnel, TunnelConfig, TunnelMetrics, socket,
+    tls::{PeerRejected, TlsSetupError},
+};
+use crate::bpf::TunnelOrigins;
+use crate::identity::{self, CertInfo, IdentityError, NodeCredentials};
+use crate::state::{Mesh, Node, Service};
+
+/// Where the tunnel listens and who this node is to its peers.
+#[derive(Clone, Debug)]
+pub struct TunnelSettings {
+    /// cert.pem, key.pem and bundle.pem of this node (`meshctl ca issue`).
+    pub identity_dir: std::path::PathBuf,
+    /// Where the kernel sends captured connections: one listener per family,
+    /// on one port (the kernel keeps one).
+    pub outbound_v4: std::net::SocketAddrV4,
+    pub outbound_v6: std::net::SocketAddrV6,
+    /// HBONE from other nodes' agents.
+    pub inbound: SocketAddr,
+    /// How long a stopping agent lets its tunnelled connections finish.
+    pub drain_timeout: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum NodeTunnelError {
+    #[error("node identity in {dir}: {source}")]
+    Identity {
+        dir: String,
+        #[source]
+        source: IdentityError,
+    },
+    #[error(
+        "the certificate in {dir} is node '{cert}''s, but this agent is --node-name '{flag}'; issue this node's own (meshctl ca issue --node {flag}) or fix --node-name"
+    )]
+    WrongNode {
+        dir: String,
+        cert: String,
+        flag: String,
+    },
+    #[error("cannot listen on {addr} for the tunnel: {source}; is another program using it?")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Config(#[from] super::ConfigError),
+}
+
+/// Why an accepted outbound socket has no destination (it is reset).
+#[derive(Debug, thiserror::Error)]
+enum ResolveError {
+    #[error("no address: {0}")]
+    Address(#[from] std::io::Error),
+    #[error("the kernel recorded no tunnelled connect from {0}")]
+    NotCaptured(SocketAddr),
+    #[error("backend {0} is on no known node (the configuration changed since the connect?)")]
+    UnknownBackend(SocketAddr),
+}
+
+/// Where the backends are, as of the last applied state.
+#[derive(Debug, Default)]
+struct Placement {
+    nodes: BTreeMap<String, Node>,
+    /// Backends on other nodes, by address, and their node.
+    remote: HashMap<SocketAddr, String>,
+    /// Backends on this node: what inbound streams may ask for.
+    local: HashSet<SocketAddr>,
+}
+
+impl Placement {
+    fn of<'a>(node: &str, services: impl Iterator<Item = &'a Service>, mesh: &Mesh) -> Self {
+        let mut placement = Placement {
+            nodes: mesh
+                .nodes
+                .iter()
+                .map(|n| (n.name.clone(), n.clone()))
+                .collect(),
+            ..Default::default()
+        };
+        for b in services.flat_map(|s| &s.backends) {
+            match b.node.as_deref() {
+                Some(n) if n == node => {
+                    placement.local.insert(b.socket_addr());
+                }
+                Some(n) => {
+                    placement.remote.insert(b.socket_addr(), n.to_owned());
+                }
+                None => {}
+            }
+        }
+        placement
+    }
+}
+
+/// This node's tunnel: outbound listeners for the kernel's captures, the
+/// inbound HBONE listener, and the pool between them and other nodes.
+pub struct NodeTunnel {
+    tunnel: Tunnel,
+    outbound: Outbound,
+    inbound: Inbound,
+    credentials: NodeCredentials,
+    node: String,
+    placement: Arc<RwLock<Arc<Placement>>>,
+    tasks: Vec<JoinHandle<()>>,
+    drain_timeout: Duration,
+}
+
+impl NodeTunnel {
+    /// Loads the identity, binds the listeners (SO_REUSEPORT: a new agent
+    /// takes new connections while an old one drains) and starts serving.
+    pub fn start(
+        settings: &TunnelSettings,
+        node: &str,
+        socket_mark: u32,
+        origins: TunnelOrigins,
+        metrics: TunnelMetrics,
+    ) -> Result<NodeTunnel, NodeTunnelError> {
+        let dir = settings.identity_dir.display().to_string();
+        let credentials =
+            NodeCredentials::load(&settings.identity_dir).map_err(|source| {
+                NodeTunnelError::Identity {
+                    dir: dir.clone(),
+                    source,
+                }
+            })?;
+        if credentials.node_name() != node {
+            return Err(NodeTunnelError::WrongNode {
+                dir,
+                cert: credentials.node_name(),
+                flag: node.to_owned(),
+            });
+        }
+        let config = TunnelConfig {
+            socket_mark: Some(socket_mark),
+            ..TunnelConfig::default()
+        };
+        let tunnel = Tunnel::new(config, metrics)?;
+        let tls = Arc::new(IdentityTls(credentials.clone()));
+        let outbound = tunnel.outbound(tls.clone());
+        let placement: Arc<RwLock<Arc<Placement>>> = Arc::default();
+        let local = placement.clone();
+        let policy = InboundPolicy::new(
+            move |addr: SocketAddr| read(&local).local.contains(&addr),
+            AllowAll,
+        );
+        let inbound = tunnel.inbound(tls, policy);
+        let listen = |addr: SocketAddr| {
+            socket::reuseport_listener(addr)
+                .map_err(|source| NodeTunnelError::Listen { addr, source })
+        };
+        let mut tasks = Vec::new();
+        let inbound_listener = listen(settings.inbound)?;
+        {
+            let inbound = inbound.clone();
+            tasks.push(tokio::spawn(
+                async move { inbound.serve(inbound_listener).await },
+            ));
+        }
+        let origins = Arc::new(origins);
+        let outbound_addrs = [
+            SocketAddr::V4(settings.outbound_v4),
+            SocketAddr::V6(settings.outbound_v6),
+        ];
+        for addr in outbound_addrs {
+            let listener = match listen(addr) {
+                Ok(l) => l,
+                // A node without IPv6 keeps its IPv4 listener.
+                Err(e) if addr.is_ipv6() => {
+                    warn!("{e}; IPv6 clients of tunnelled services will be refused");
+                    continue;
+                }
+                Err(e) => return Err(e),
+            };
+            tasks.push(spawn_outbound(
+                outbound.clone(),
+                listener,
+                origins.clone(),
+                placement.clone(),
+                credentials.spiffe_id().to_string(),
+            ));
+        }
+        info!(
+            node,
+            identity = %credentials.spiffe_id(),
+            inbound = %settings.inbound,
+            outbound = %settings.outbound_v4,
+            "tunnel listening"
+        );
+        Ok(NodeTunnel {
+            tunnel,
+            outbound,
+            inbound,
+            credentials,
+            node: node.to_owned(),
+            placement,
+            tasks,
+            drain_timeout: settings.drain_timeout,
+        })
+    }
+
+    /// Takes the backends' placement from a newly applied state.
+    pub fn update<'a>(&self, services: impl Iterator<Item = &'a Service>, mesh: &Mesh) {
+        let next = Arc::new(Placement::of(&self.node, services, mesh));
+        *self.placement.write().unwrap_or_else(|e| e.into_inner()) = next;
+    }
+
+    pub fn snapshot(&self) -> Vec<PeerSnapshot> {
+        self.tunnel.snapshot()
+    }
+
+    pub fn certificate(&self) -> CertInfo {
+        self.credentials.info()
+    }
+
+    /// Stops taking connections, lets open ones finish for the drain
+    /// timeout (a successor agent takes the new ones), then resets the rest.
+    pub async fn shutdown(self) {
+        let drain = self.drain_timeout;
+        info!(?drain, "tunnel draining");
+        tokio::join!(self.outbound.shutdown(drain), self.inbound.shutdown(drain));
+        for task in self.tasks {
+            task.abort();
+        }
+    }
+}
+
+fn read(placement: &RwLock<Arc<Placement>>) -> Arc<Placement> {
+    placement.read().unwrap_or_else(|e| e.into_inner()).clone()
+}
+
+fn spawn_outbound(
+    outbound: Outbound,
+    listener: TcpListener,
+    origins: Arc<TunnelOrigins>,
+    placement: Arc<RwLock<Arc<Placement>>>,
+    source_identity: String,
+) -> JoinHandle<()> {
+    let resolve = move |tcp: &TcpStream| -> Result<Destination, ResolveError> {
+        let client = tcp.peer_addr()?;
+        let captured = origins
+            .claim(client, tcp.local_addr()?)
+            .ok_or(ResolveError::NotCaptured(client))?;
+        let placement = read(&placement);
+        let node = placement
+            .remote
+            .get(&captured.backend)
+            .and_then(|name| placement.nodes.get(name))
+            .ok_or(ResolveError::UnknownBackend(captured.backend))?;
+        Ok(Destination {
+            node_name: node.name.clone(),
+            node_addr: node.tunnel_addr(),
+            backend: captured.backend,
+            client_addr: client,
+            source_identity: source_identity.clone(),
+        })
+    };
+    tokio::spawn(async move { outbound.serve(listener, resolve).await })
+}
+
+/// The tunnel's TLS from this node's credentials.
+struct IdentityTls(NodeCredentials);
+
+impl OutboundTls for IdentityTls {
+    fn client_config(
+        &self,
+        _source_identity: &str,
+        node_name: &str,
+    ) -> Result<OutboundTlsConfig, TlsSetupError> {
+        Ok(OutboundTlsConfig {
+            config: self.0.client_config(node_name),
+            // The peer is checked by its SPIFFE ID, not by name; no SNI
+            // goes out for an IP address.
+            server_name: ServerName::IpAddress(IpAddr::V4(Ipv4Addr::UNSPECIFIED).into()),
+            local_cert_not_after: Some(self.0.info().not_after_time()),
+        })
+    }
+}
+
+impl InboundTls for IdentityTls {
+    fn server_config(&self) -> Result<InboundTlsConfig, TlsSetupError> {
+        Ok(InboundTlsConfig {
+            config: self.0.server_config(),
+            local_cert_not_after: Some(self.0.info().not_after_time()),
+        })
+    }
+
+    fn peer_identity(&self, chain: &[CertificateDer<'static>]) -> Result<String, PeerRejected> {
+        let id = identity::peer_identity(chain).map_err(|e| PeerRejected(e.to_string()))?;
+        id.node_name()
+            .map(str::to_owned)
+            .ok_or_else(|| PeerRejected(format!("{id} is not a node identity")))
+    }
+}
