@@ -1135,7 +1135,30 @@ services:
             "{message}"
         );
         assert!(!message.contains('\n'), "{message:?}");
+        // `mesh-agent check` (and every reload) reads through the source:
+        // the same message and position, naming the file.
+        let dir = std::env::temp_dir().join(format!(
+            "mesh-config-check-{}-{}",
+            std::process::id(),
+            CHECKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("mesh.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let via_source = ConfigSource::new(&path)
+            .load(&Scope::All)
+            .expect_err("the source should refuse it too")
+            .to_string();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(
+            via_source.strip_prefix(&path.display().to_string()),
+            message.strip_prefix("t.yaml"),
+            "{via_source}"
+        );
     }
+
+    /// Numbers the temporary files of `check`, which tests run at once.
+    static CHECKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
     fn ip(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
         IpAddr::V4(Ipv4Addr::new(a, b, c, d))
@@ -1804,6 +1827,414 @@ services:
             "workload name 'a' is already used on line 2",
             3,
             12,
+        );
+    }
+
+    /// A valid file with nodes and a strict service; tests swap lines.
+    /// Line 2 first node's `name` value at column 11, line 3 its `address`
+    /// at 14; line 4 second node's `name` at 11, line 5 `address` at 14,
+    /// line 6 `tunnel_port` at 18; line 11 the service's `mtls` at 11,
+    /// line 13 backend `address` at 18, line 15 its `node` at 15.
+    const MESH_BASE: &str = "\
+nodes:
+  - name: node-b
+    address: 10.0.0.2
+  - name: node-a
+    address: 10.0.0.1
+    tunnel_port: 15100
+services:
+  - name: web
+    vip: 127.10.0.1
+    port: 80
+    mtls: strict
+    backends:
+      - address: 127.0.0.1
+        port: 18081
+        node: node-a
+";
+
+    fn mesh_with(from: &str, to: &str) -> String {
+        assert!(MESH_BASE.contains(from), "{from:?} is not in MESH_BASE");
+        MESH_BASE.replacen(from, to, 1)
+    }
+
+    fn node(name: &str, address: IpAddr, tunnel_port: u16) -> Node {
+        Node {
+            name: name.into(),
+            address,
+            tunnel_port,
+        }
+    }
+
+    #[test]
+    fn nodes_and_mtls_parse_into_the_model() {
+        let yaml = format!(
+            "mesh:\n  mtls: disabled\n{MESH_BASE}  - name: api\n    vip: 127.10.0.2\n    port: 80\n    backends:\n      - address: 127.0.0.1\n        port: 18082\n      - address: 127.0.0.1\n        port: 18083\n        node: node-b\n"
+        );
+        let state = parse_str(&yaml, "t.yaml").unwrap();
+        assert_eq!(
+            state.mesh,
+            Mesh {
+                default_mtls: MtlsMode::Disabled,
+                // Sorted by name; the default tunnel port where none is set.
+                nodes: vec![
+                    node("node-a", ip(10, 0, 0, 1), 15100),
+                    node("node-b", ip(10, 0, 0, 2), DEFAULT_TUNNEL_PORT),
+                ],
+            }
+        );
+        assert_eq!(state.mesh.node("node-b").unwrap().tunnel_port, 15008);
+        let [api, web] = &state.services[..] else {
+            panic!("two services: {:?}", state.services);
+        };
+        assert_eq!(web.mtls, Some(MtlsMode::Strict));
+        assert_eq!(web.mtls_mode(&state.mesh), MtlsMode::Strict);
+        assert_eq!(
+            web.backends,
+            [Backend {
+                address: ip(127, 0, 0, 1),
+                port: 18081,
+                weight: 1,
+                state: BackendState::Active,
+                node: Some("node-a".into()),
+                tunnel: false,
+            }]
+        );
+        assert_eq!(api.mtls, None, "the mesh default, not a copy of it");
+        assert_eq!(api.mtls_mode(&state.mesh), MtlsMode::Disabled);
+        let nodes: Vec<_> = api.backends.iter().map(|b| b.node.as_deref()).collect();
+        assert_eq!(nodes, [None, Some("node-b")]);
+        assert!(api.backends.iter().all(|b| !b.tunnel));
+        // No `mesh:`: permissive; no `nodes:`: none, and files without
+        // either parse as they always did.
+        let plain = parse_str(BASE, "t.yaml").unwrap();
+        assert_eq!(plain.mesh, Mesh::default());
+        assert_eq!(plain.mesh.default_mtls, MtlsMode::Permissive);
+        let empty = parse_str("mesh:\n  mtls: permissive\nnodes: []\n", "t.yaml").unwrap();
+        assert_eq!(empty, DesiredState::default());
+    }
+
+    #[test]
+    fn mesh_nodes_example_parses() {
+        let state = parse_str(
+            include_str!("../../examples/mesh-nodes.yaml"),
+            "mesh-nodes.yaml",
+        )
+        .unwrap();
+        assert_eq!(state.mesh.default_mtls, MtlsMode::Permissive);
+        let nodes: Vec<_> = state
+            .mesh
+            .nodes
+            .iter()
+            .map(|n| (n.name.as_str(), n.tunnel_addr().to_string()))
+            .collect();
+        assert_eq!(
+            nodes,
+            [
+                ("node-a", "10.0.0.1:15008".into()),
+                ("node-b", "10.0.0.2:15008".into())
+            ]
+        );
+        let modes: Vec<_> = state
+            .services
+            .iter()
+            .map(|s| (s.name.as_str(), s.mtls_mode(&state.mesh)))
+            .collect();
+        assert_eq!(
+            modes,
+            [
+                ("api", MtlsMode::Permissive),
+                ("dns", MtlsMode::Permissive),
+                ("metrics", MtlsMode::Disabled),
+                ("web", MtlsMode::Strict),
+            ]
+        );
+        let api = &state.services[0];
+        assert_eq!(api.backends[0].node.as_deref(), Some("node-b"));
+        assert_eq!(api.backends[1].node, None);
+        assert!(
+            state
+                .services
+                .iter()
+                .flat_map(|s| &s.backends)
+                .all(|b| !b.tunnel)
+        );
+    }
+
+    #[test]
+    fn node_problems() {
+        check(
+            &mesh_with("name: node-b", "name: Node-B"),
+            "node name 'Node-B' is not valid; use 1 to 63 lowercase letters",
+            2,
+            11,
+        );
+        check(
+            &mesh_with("name: node-a", "name: node-b"),
+            "node name 'node-b' is already used on line 2; give each node its own name",
+            4,
+            11,
+        );
+        check(
+            &mesh_with(
+                "  - name: node-b\n    address: 10.0.0.2\n",
+                "  - address: 10.0.0.2\n",
+            ),
+            "a node has no `name`; add it",
+            2,
+            5,
+        );
+        check(
+            &mesh_with("    address: 10.0.0.2\n", ""),
+            "node 'node-b' has no `address`; add it",
+            2,
+            5,
+        );
+        check(
+            &mesh_with("10.0.0.2", "10.0.0.300"),
+            "address '10.0.0.300' is not an IP address",
+            3,
+            14,
+        );
+        for (address, kind) in [
+            ("0.0.0.0", "0.0.0.0, which is the unspecified address"),
+            (
+                "255.255.255.255",
+                "255.255.255.255, which is the broadcast address",
+            ),
+            ("224.0.0.1", "224.0.0.1, which is a multicast address"),
+            ("'::'", ":: which is the unspecified address"),
+            ("'ff02::1'", "ff02::1, which is a multicast address"),
+        ] {
+            let kind = kind.replace(":: which", "::, which");
+            check(
+                &mesh_with("10.0.0.2", address),
+                &format!(
+                    "node 'node-b' has address {kind}; write the unicast address the node's \
+                     agent listens on for the tunnel"
+                ),
+                3,
+                14,
+            );
+        }
+        // Loopback and IPv6 unicast are fine (nodes in test namespaces).
+        for address in ["127.0.0.2", "'fd00::2'"] {
+            assert!(parse_str(&mesh_with("10.0.0.2", address), "t.yaml").is_ok());
+        }
+        check(
+            &mesh_with("10.0.0.1", "10.0.0.2"),
+            "node 'node-a' has address 10.0.0.2, which node 'node-b' on line 2 already has; \
+             give each node the address of its own agent",
+            5,
+            14,
+        );
+        for (port, problem) in [
+            (
+                "0",
+                "tunnel_port 0 is out of range; use a port from 1 to 65535",
+            ),
+            (
+                "65536",
+                "tunnel_port 65536 is out of range; use a port from 1 to 65535",
+            ),
+            ("-1", "tunnel_port -1 is out of range"),
+            (
+                "tls",
+                "tunnel_port must be a whole number, got 'tls'; use a port from 1 to 65535",
+            ),
+        ] {
+            check(&mesh_with("15100", port), problem, 6, 18);
+        }
+        for port in ["1", "65535"] {
+            let state = parse_str(&mesh_with("15100", port), "t.yaml").unwrap();
+            assert_eq!(state.mesh.nodes[0].tunnel_port.to_string(), port);
+        }
+        check(
+            &mesh_with("tunnel_port", "port"),
+            "unknown field `port`; remove it or fix its spelling (known fields here: name, \
+             address, tunnel_port)",
+            6,
+            5,
+        );
+    }
+
+    #[test]
+    fn backend_node_problems() {
+        check(
+            &mesh_with("node: node-a", "node: node-c"),
+            "backend 127.0.0.1:18081 of service 'web' names node 'node-c', which is not in \
+             `nodes:` (known nodes: node-a, node-b); fix the name or add the node to `nodes:`",
+            15,
+            15,
+        );
+        check(
+            &with(
+                "        port: 18081\n",
+                "        port: 18081\n        node: node-a\n",
+            ),
+            "backend 127.0.0.1:18081 of service 'web' names node 'node-a', but there is no \
+             `nodes:` list; add one giving each node's name and address (see \
+             examples/mesh-nodes.yaml), or remove `node:`",
+            8,
+            15,
+        );
+        // A long list is cut short in the message.
+        let many: String = (0..10)
+            .map(|i| format!("  - name: n{i}\n    address: 10.0.1.{i}\n"))
+            .collect();
+        check(
+            &format!(
+                "nodes:\n{many}{}",
+                with(
+                    "        port: 18081\n",
+                    "        port: 18081\n        node: n10\n"
+                )
+            ),
+            "(known nodes: n0, n1, n2, n3, n4, n5, n6, n7, and 2 more)",
+            29,
+            15,
+        );
+    }
+
+    #[test]
+    fn strict_services_need_nodes_and_tcp() {
+        check(
+            &mesh_with("        node: node-a\n", ""),
+            "service 'web' is mtls strict, but backend 127.0.0.1:18081 names no node; name its \
+             node (node: <name>, one of node-a, node-b) or set mtls: permissive",
+            13,
+            18,
+        );
+        // Strict by the mesh's default, with no nodes at all.
+        let strict_default = format!("mesh:\n  mtls: strict\n{BASE}");
+        check(
+            &strict_default,
+            "service 'web' is mtls strict (the mesh default, `mesh: mtls:`), but backend \
+             127.0.0.1:18081 names no node; name its node (add a `nodes:` list and \
+             `node: <name>`) or set mtls: permissive",
+            8,
+            18,
+        );
+        // A service's own mode wins over the default.
+        for mode in ["permissive", "disabled"] {
+            let own = strict_default
+                .replace("    backends:", &format!("    mtls: {mode}\n    backends:"));
+            assert!(parse_str(&own, "t.yaml").is_ok(), "{mode}");
+            // And a backend without a node is reached directly, as before.
+            let state = parse_str(
+                &mesh_with("mtls: strict", &format!("mtls: {mode}")),
+                "t.yaml",
+            );
+            assert!(state.is_ok());
+        }
+        for protocol in ["udp", "both"] {
+            check(
+                &mesh_with(
+                    "    port: 80\n",
+                    &format!("    port: 80\n    protocol: {protocol}\n"),
+                ),
+                &format!(
+                    "service 'web' is mtls strict, but its protocol is {protocol}; the mTLS \
+                     tunnel (HBONE) carries TCP only, so use protocol: tcp, or set mtls: \
+                     permissive (UDP then goes directly)"
+                ),
+                11,
+                15,
+            );
+            check(
+                &format!(
+                    "mesh:\n  mtls: strict\n{}",
+                    mesh_with(
+                        "    port: 80\n    mtls: strict\n",
+                        &format!("    port: 80\n    protocol: {protocol}\n")
+                    )
+                ),
+                &format!(
+                    "service 'web' is mtls strict (the mesh default, `mesh: mtls:`), but its protocol is {protocol}"
+                ),
+                13,
+                15,
+            );
+            // Permissive UDP goes directly, named node or not.
+            let permissive = mesh_with(
+                "    port: 80\n    mtls: strict\n",
+                &format!("    port: 80\n    protocol: {protocol}\n    mtls: permissive\n"),
+            );
+            assert!(parse_str(&permissive, "t.yaml").is_ok(), "{protocol}");
+        }
+        // Strict with no backends at all refuses its connections: allowed.
+        let empty = format!(
+            "mesh:\n  mtls: strict\n{}",
+            BASE.replace(
+                "    backends:\n      - address: 127.0.0.1\n        port: 18081\n",
+                "    allow_empty: true\n    backends: []\n"
+            )
+        );
+        assert!(parse_str(&empty, "t.yaml").is_ok());
+    }
+
+    #[test]
+    fn unknown_mtls_modes_and_mesh_fields() {
+        check(
+            &mesh_with("mtls: strict", "mtls: tls"),
+            "unknown mtls mode 'tls'; accepted: strict, permissive, disabled",
+            11,
+            11,
+        );
+        check(
+            &format!("mesh:\n  mtls: mutual\n{BASE}"),
+            "unknown mtls mode 'mutual'; accepted: strict, permissive, disabled",
+            2,
+            9,
+        );
+        check(
+            &format!("mesh:\n  mtsl: strict\n{BASE}"),
+            "unknown field `mtsl`; remove it or fix its spelling (known fields here: mtls)",
+            2,
+            3,
+        );
+    }
+
+    /// The plain layout reads mesh sections (through the library) and
+    /// items (without it) to the same state as the library alone.
+    #[test]
+    fn plain_layout_with_mesh_sections_agrees_with_the_library() {
+        let yaml = "\
+mesh:
+  mtls: strict
+workloads:
+  - name: frontend
+    cgroup: /sys/fs/cgroup/frontend
+nodes:
+  - name: b
+    address: 10.0.0.2
+  - name: a
+    address: 10.0.0.1
+services:
+  - name: web
+    vip: 10.96.0.1
+    port: 80
+    backends: [{address: 10.1.0.1, port: 80, node: a}, {address: 10.1.0.2, port: 80, node: b}]
+  - name: dns
+    vip: 10.96.0.2
+    port: 53
+    protocol: udp
+    mtls: permissive
+    backends: [{address: 10.1.0.3, port: 53}]
+";
+        let plain = parse_plain(yaml).expect("plain layout");
+        assert_eq!(plain, parse_yaml(yaml, "t.yaml").unwrap());
+        assert_eq!(plain.mesh.nodes[0].name, "a");
+        assert_eq!(plain.workloads.len(), 1);
+        // Invalid under its mesh: the plain reader declines, the library
+        // says why.
+        let bad = yaml.replace(", node: b}", "}");
+        assert_eq!(parse_plain(&bad), None);
+        check(
+            &bad,
+            "service 'web' is mtls strict (the mesh default",
+            15,
+            66,
         );
     }
 }
