@@ -557,7 +557,7 @@ fn service(
                     service: name.value,
                     backend: address,
                     by_default: mtls.is_none(),
-                    known: node_names(mesh),
+                    known: node_names(mesh).into(),
                 },
             ));
         }
@@ -829,10 +829,10 @@ fn backend(raw: Spanned<RawBackend>, service: &str, mesh: &Mesh) -> Check<(Backe
                 }
             } else {
                 Problem::UnknownNode {
-                    service,
+                    service: service.into(),
                     backend,
-                    node: name,
-                    known: node_names(mesh),
+                    node: name.into(),
+                    known: node_names(mesh).into(),
                 }
             };
             return Err((node.referenced, problem));
@@ -1044,7 +1044,9 @@ fn port(value: Spanned<Int>) -> Check<u16> {
         Int::Value(0) => Problem::PortZero,
         Int::Value(n) => match u16::try_from(n) {
             Ok(port) => return Ok(port),
-            Err(_) => Problem::PortOutOfRange { value: n },
+            Err(_) => Problem::PortOutOfRange {
+                value: n.to_string(),
+            },
         },
         Int::Other(got) => Problem::NotAnInteger {
             field: "port",
@@ -1057,10 +1059,14 @@ fn port(value: Spanned<Int>) -> Check<u16> {
 
 fn weight(value: Spanned<Int>) -> Check<u32> {
     let problem = match value.value {
-        Int::Value(n) if n < 0 => Problem::NegativeWeight { value: n },
+        Int::Value(n) if n < 0 => Problem::NegativeWeight {
+            value: n.to_string(),
+        },
         Int::Value(n) => match u16::try_from(n) {
             Ok(weight) => return Ok(weight.into()),
-            Err(_) => Problem::WeightTooLarge { value: n },
+            Err(_) => Problem::WeightTooLarge {
+                value: n.to_string(),
+            },
         },
         Int::Other(got) => Problem::NotAnInteger {
             field: "weight",

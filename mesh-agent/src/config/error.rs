@@ -43,7 +43,8 @@ fn position(at: &Option<(usize, usize)>) -> String {
 }
 
 /// One problem in the file. User-written text in here is already escaped to a
-/// single line.
+/// single line. Kept small (numbers as text, some text boxed): every check
+/// returns it.
 #[derive(Debug, thiserror::Error)]
 pub enum Problem {
     #[error("{message}; fix the YAML here (the expected layout is in examples/mesh.yaml)")]
@@ -145,7 +146,7 @@ pub enum Problem {
     #[error("port 0 is not a usable port; use a port from 1 to 65535")]
     PortZero,
     #[error("port {value} is out of range; use a port from 1 to 65535")]
-    PortOutOfRange { value: i128 },
+    PortOutOfRange { value: String },
     #[error("{field} must be a whole number, got {got}; use {range}")]
     NotAnInteger {
         field: &'static str,
@@ -153,11 +154,11 @@ pub enum Problem {
         range: &'static str,
     },
     #[error("weight {value} is negative; use a weight from 0 to 65535 (0 = gets no traffic)")]
-    NegativeWeight { value: i128 },
+    NegativeWeight { value: String },
     #[error(
         "weight {value} is above the maximum 65535; scale the weights down (only their ratios matter)"
     )]
-    WeightTooLarge { value: i128 },
+    WeightTooLarge { value: String },
     #[error("unknown protocol {value}; accepted: {accepted}")]
     UnknownProtocol { value: String, accepted: String },
     #[error("unknown algorithm {value}; accepted: {accepted}")]
@@ -226,10 +227,10 @@ pub enum Problem {
          `nodes:` (known nodes: {known}); fix the name or add the node to `nodes:`"
     )]
     UnknownNode {
-        service: String,
+        service: Box<str>,
         backend: SocketAddr,
-        node: String,
-        known: String,
+        node: Box<str>,
+        known: Box<str>,
     },
     #[error(
         "backend {backend} of service '{service}' names node '{node}', but there is no \
@@ -252,7 +253,7 @@ pub enum Problem {
         backend: SocketAddr,
         by_default: bool,
         /// The mesh's node names, listed for the message; empty: none.
-        known: String,
+        known: Box<str>,
     },
     #[error(
         "service '{service}' is mtls strict{}, but its protocol is {protocol}; the mTLS tunnel \

@@ -1523,4 +1523,259 @@ mod tests {
         );
         let _ = std::fs::remove_dir_all(&dir);
     }
+
+    /// One service item whose backend names `node` (None: names none).
+    fn service_on(name: &str, vip: &str, port: u16, node: Option<&str>) -> String {
+        let node = node.map(|n| format!(", node: {n}")).unwrap_or_default();
+        format!(
+            "  - name: {name}\n    vip: {vip}\n    port: 80\n    backends: [{{address: 127.0.0.1, port: {port}{node}}}]\n"
+        )
+    }
+
+    fn nodes_yaml(names: &[&str]) -> String {
+        let mut out = String::from("nodes:\n");
+        for (i, name) in names.iter().enumerate() {
+            out += &format!("  - name: {name}\n    address: 10.0.0.{}\n", i + 1);
+        }
+        out
+    }
+
+    #[test]
+    fn a_file_reload_of_the_nodes_alone_carries_the_mesh() {
+        let dir = temp_dir("nodes");
+        let path = dir.join("mesh.yaml");
+        let write = |mesh: &str, nodes: &[&str], b_node: Option<&str>, b_port: u16| {
+            let text = format!(
+                "{mesh}{}services:\n{}{}",
+                nodes_yaml(nodes),
+                service_on("a", "10.96.0.1", 1, Some("n1")),
+                service_on("b", "10.96.0.2", b_port, b_node),
+            );
+            std::fs::write(&path, text).unwrap();
+        };
+        write("", &["n1", "n2"], Some("n2"), 2);
+        let mut source = ConfigSource::new(&path);
+        let first = source.load(&Scope::All).unwrap();
+        assert_eq!(first.mesh.as_ref().map(|m| m.nodes.len()), Some(2));
+        source.commit(first);
+        assert_eq!(source.current().mesh.nodes[1].name, "n2");
+        assert!(source.load(&Scope::All).unwrap().is_empty());
+
+        // Only the nodes change: the mesh, and no service.
+        write("", &["n1", "n2", "n3"], Some("n2"), 2);
+        let update = source.load(&Scope::All).unwrap();
+        assert!(update.services.is_empty(), "{:?}", update.services);
+        assert_eq!(update.mesh.as_ref().map(|m| m.nodes.len()), Some(3));
+        assert!(!update.is_empty());
+        source.commit(update);
+        assert_eq!(source.current().mesh.nodes.len(), 3);
+
+        // An item-only change after that still takes the item shortcut,
+        // checked against the committed nodes.
+        write("", &["n1", "n2", "n3"], Some("n3"), 2);
+        let update = source.load(&Scope::All).unwrap();
+        assert!(matches!(update.next, Pending::FileDelta { .. }));
+        assert_eq!(names(&update), [("b".into(), true)]);
+        assert!(update.mesh.is_none());
+        source.commit(update);
+
+        // The nodes lose n3 while b's item stays as it was: the unchanged
+        // item is checked again (it is not taken from the index) and the
+        // reload is refused.
+        write("", &["n1", "n2"], Some("n3"), 2);
+        let err = source.load(&Scope::All).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                ":14:52: backend 127.0.0.1:2 of service 'b' names node 'n3', which is not in \
+                 `nodes:` (known nodes: n1, n2)"
+            ),
+            "{err}"
+        );
+        // The nodes and the item change together: accepted.
+        write("", &["n1", "n2"], Some("n2"), 2);
+        let update = source.load(&Scope::All).unwrap();
+        assert_eq!(names(&update), [("b".into(), true)]);
+        assert_eq!(update.mesh.as_ref().map(|m| m.nodes.len()), Some(2));
+        source.commit(update);
+
+        // A default of strict makes a valid service invalid: refused, and
+        // the committed state stays.
+        write("mesh:\n  mtls: strict\n", &["n1", "n2"], None, 2);
+        let err = source.load(&Scope::All).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "service 'b' is mtls strict (the mesh default, `mesh: mtls:`), but backend \
+                 127.0.0.1:2 names no node"
+            ),
+            "{err}"
+        );
+        // The same default with b on a node: only the mesh changes.
+        write("mesh:\n  mtls: strict\n", &["n1", "n2"], Some("n2"), 2);
+        let update = source.load(&Scope::All).unwrap();
+        assert!(update.services.is_empty());
+        assert_eq!(
+            update.mesh.as_ref().map(|m| m.default_mtls),
+            Some(crate::state::MtlsMode::Strict)
+        );
+        source.commit(update);
+        let mut fresh = ConfigSource::new(&path);
+        let all = fresh.load(&Scope::All).unwrap();
+        fresh.commit(all);
+        assert_eq!(source.current(), fresh.current());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_directory_checks_nodes_across_files() {
+        let dir = temp_dir("dirnodes");
+        let mesh_file = dir.join("00-mesh.yaml");
+        let web_file = dir.join("10-web.yaml");
+        let write_mesh = |mesh: &str| {
+            std::fs::write(&mesh_file, format!("{mesh}{}", nodes_yaml(&["n1", "n2"]))).unwrap();
+        };
+        write_mesh("mesh:\n  mtls: permissive\n");
+        let web = |port: u16, node: Option<&str>| {
+            format!("services:\n{}", service_on("web", "10.96.0.1", port, node))
+        };
+        std::fs::write(&web_file, web(1, Some("n2"))).unwrap();
+        let mut source = ConfigSource::new(&dir);
+        let update = source.load(&Scope::All).unwrap();
+        assert_eq!(names(&update), [("web".into(), true)]);
+        assert_eq!(update.mesh.as_ref().map(|m| m.nodes.len()), Some(2));
+        source.commit(update);
+        assert_eq!(
+            source.current().get("web").unwrap().backends[0]
+                .node
+                .as_deref(),
+            Some("n2")
+        );
+
+        // A change of the services file alone: that file only, against the
+        // nodes of the other.
+        std::fs::write(&web_file, web(2, Some("n1"))).unwrap();
+        let update = source.load(&Scope::Paths(vec![web_file.clone()])).unwrap();
+        assert!(matches!(update.next, Pending::DirDelta { .. }));
+        assert_eq!(names(&update), [("web".into(), true)]);
+        assert!(update.mesh.is_none());
+        source.commit(update);
+        let web_origin = web_file.display().to_string();
+        let mesh_origin = mesh_file.display().to_string();
+        std::fs::write(&web_file, web(2, Some("n3"))).unwrap();
+        let err = source.load(&Scope::All).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "{web_origin}:5:52: backend 127.0.0.1:2 of service 'web' names node 'n3', which \
+                 is not in `nodes:` (known nodes: n1, n2)"
+            )),
+            "{err}"
+        );
+        std::fs::write(&web_file, web(2, None)).unwrap();
+        let update = source.load(&Scope::All).unwrap();
+        source.commit(update);
+
+        // Strict by default in the mesh file: the services file, unchanged,
+        // is checked again and refused.
+        write_mesh("mesh:\n  mtls: strict\n");
+        let err = source
+            .load(&Scope::Paths(vec![mesh_file.clone()]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!(
+                "{web_origin}:5:26: service 'web' is mtls strict (the mesh default, \
+                 `mesh: mtls:`), but backend 127.0.0.1:2 names no node"
+            )),
+            "{err}"
+        );
+        write_mesh("mesh:\n  mtls: permissive\n");
+
+        // A second `nodes:` or `mesh:` is refused, naming both files.
+        let more = dir.join("20-more.yaml");
+        std::fs::write(&more, nodes_yaml(&["n9"])).unwrap();
+        let err = source.load(&Scope::All).unwrap_err().to_string();
+        let more_origin = more.display().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "{more_origin}:2:3: `nodes:` is also set in {mesh_origin}; set it in one file of \
+                 the directory only (it holds the whole mesh's node list)"
+            )),
+            "{err}"
+        );
+        std::fs::write(&more, "mesh:\n  mtls: disabled\n").unwrap();
+        let err = source.load(&Scope::All).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "{more_origin}:2:3: `mesh:` is also set in {mesh_origin}; set it in one file"
+            )),
+            "{err}"
+        );
+        // Moved there from the mesh file: accepted.
+        write_mesh("");
+        let update = source.load(&Scope::All).unwrap();
+        assert!(update.services.is_empty());
+        assert_eq!(
+            update.mesh.as_ref().map(|m| m.default_mtls),
+            Some(crate::state::MtlsMode::Disabled)
+        );
+        source.commit(update);
+
+        // Without the nodes, a backend that names one is refused.
+        std::fs::write(&web_file, web(2, Some("n1"))).unwrap();
+        let update = source.load(&Scope::All).unwrap();
+        source.commit(update);
+        std::fs::remove_file(&mesh_file).unwrap();
+        let err = source.load(&Scope::All).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "{web_origin}:5:52: backend 127.0.0.1:2 of service 'web' names node 'n1', but \
+                 there is no `nodes:` list"
+            )),
+            "{err}"
+        );
+        let mut fresh = ConfigSource::new(&dir);
+        assert!(fresh.load(&Scope::All).is_err());
+        std::fs::write(&web_file, web(2, None)).unwrap();
+        let update = source.load(&Scope::All).unwrap();
+        assert_eq!(update.mesh.as_ref().map(|m| m.nodes.len()), Some(0));
+        source.commit(update);
+        let all = fresh.load(&Scope::All).unwrap();
+        fresh.commit(all);
+        assert_eq!(source.current(), fresh.current());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A file whose services changed (its workloads not) and that is then
+    /// removed takes its workloads with it.
+    #[test]
+    fn a_removed_file_takes_its_workloads_after_an_incremental_change() {
+        let dir = temp_dir("wremoved");
+        let w = dir.join("w.yaml");
+        let text = |port: u16| {
+            format!(
+                "workloads:\n  - name: frontend\n    cgroup: /sys/fs/cgroup/f\nservices:\n{}",
+                service_yaml("a", "10.0.0.1", port)
+            )
+        };
+        std::fs::write(&w, text(1)).unwrap();
+        std::fs::write(
+            dir.join("s.yaml"),
+            format!("services:\n{}", service_yaml("b", "10.0.0.2", 2)),
+        )
+        .unwrap();
+        let mut source = ConfigSource::new(&dir);
+        let update = source.load(&Scope::All).unwrap();
+        source.commit(update);
+        std::fs::write(&w, text(3)).unwrap();
+        let update = source.load(&Scope::All).unwrap();
+        assert!(matches!(update.next, Pending::DirDelta { .. }));
+        assert_eq!(names(&update), [("a".into(), true)]);
+        source.commit(update);
+        std::fs::remove_file(&w).unwrap();
+        let update = source.load(&Scope::All).unwrap();
+        assert_eq!(names(&update), [("a".into(), false)]);
+        assert_eq!(update.workloads.as_ref().map(|w| w.len()), Some(0));
+        source.commit(update);
+        assert!(source.current().workloads.is_empty());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
 }
