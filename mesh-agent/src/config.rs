@@ -17,12 +17,13 @@ use serde_saphyr::{Location, MessageFormatter, Spanned};
 
 pub use self::error::{ConfigError, Problem};
 use self::raw::{
-    Int, RawBackend, RawConfig, RawHealthCheck, RawOutlier, RawPolicy, RawService, RawWorkload,
+    Int, RawBackend, RawConfig, RawHealthCheck, RawMesh, RawNode, RawOutlier, RawPolicy,
+    RawService, RawWorkload,
 };
 pub use self::source::{ConfigSource, Scope, Update};
 use crate::state::{
-    Algorithm, Backend, BackendState, CheckKind, DesiredState, HealthCheck, Mesh, OutlierDetection,
-    PanicMode, Policy, Protocol, Service, Workload,
+    Algorithm, Backend, BackendState, CheckKind, DEFAULT_TUNNEL_PORT, DesiredState, HealthCheck,
+    Mesh, MtlsMode, Node, OutlierDetection, PanicMode, Policy, Protocol, Service, Workload,
 };
 
 /// Accepted spellings; the error for anything else lists them.
@@ -45,6 +46,11 @@ const POLICY_DEFAULTS: &[(&str, bool)] = &[("allow", false), ("deny", true)];
 const CHECK_TYPES: &[(&str, Option<bool>)] =
     &[("tcp", Some(false)), ("http", Some(true)), ("none", None)];
 const PANIC_MODES: &[(&str, PanicMode)] = &[("all", PanicMode::All), ("none", PanicMode::None)];
+const MTLS_MODES: &[(&str, MtlsMode)] = &[
+    ("strict", MtlsMode::Strict),
+    ("permissive", MtlsMode::Permissive),
+    ("disabled", MtlsMode::Disabled),
+];
 
 /// Kubernetes' default session affinity timeout (3 hours).
 pub const DEFAULT_AFFINITY_TIMEOUT_S: u32 = 10_800;
@@ -88,15 +94,33 @@ pub fn parse_str(text: &str, origin: &str) -> Result<DesiredState, ConfigError> 
 /// the library then reads for its exact error.
 fn parse_plain(text: &str) -> Option<DesiredState> {
     let split = source::split(text)?;
-    if split.workloads.is_some() {
-        return None;
-    }
-    let none = HashSet::new();
+    // The other sections are small: the YAML library reads them, on their
+    // own (each is a top-level key and its indented body).
+    let (workloads, mesh) = if split.sections.is_empty() {
+        (Vec::new(), Mesh::default())
+    } else {
+        let mut sections = String::new();
+        for range in &split.sections {
+            sections.push_str(&text[range.clone()]);
+            if !sections.ends_with('\n') {
+                sections.push('\n');
+            }
+        }
+        let raw: RawConfig =
+            serde_saphyr::from_str_with_options(&sections, parse_options()).ok()?;
+        if raw.services.is_some() {
+            return None;
+        }
+        let workloads = self::workloads(raw.workloads.unwrap_or_default()).ok()?;
+        let mesh = mesh_part(raw.mesh, raw.nodes).ok()?.to_mesh();
+        (workloads, mesh)
+    };
+    let identities: HashSet<&str> = workloads.iter().map(|w| w.identity.as_str()).collect();
     let mut services = Vec::with_capacity(split.items.len());
     let mut names: HashSet<String> = HashSet::with_capacity(split.items.len());
     let mut frontends: HashSet<(SocketAddr, u8)> = HashSet::with_capacity(split.items.len());
     for range in split.items {
-        let (service, _, _) = service(fast::item(&text[range])?, &none).ok()?;
+        let (service, _, _) = service(fast::item(&text[range])?, &identities, &mesh).ok()?;
         if !names.insert(service.name.clone()) {
             return None;
         }
@@ -108,9 +132,11 @@ fn parse_plain(text: &str) -> Option<DesiredState> {
         services.push(service);
     }
     services.sort_by(|a, b| a.name.cmp(&b.name));
+    drop(identities);
     Some(DesiredState {
         services,
-        ..DesiredState::default()
+        workloads,
+        mesh,
     })
 }
 
@@ -160,14 +186,46 @@ fn yaml_problem(err: &serde_saphyr::Error) -> (Location, Problem) {
 }
 
 fn validate(raw: RawConfig) -> Check<DesiredState> {
-    let (workloads, services) = validate_located(raw, None)?;
-    let mut services: Vec<Service> = services.into_iter().map(|l| l.service).collect();
+    let part = validate_located(raw, None)?;
+    let mut services: Vec<Service> = part.services.into_iter().map(|l| l.service).collect();
     services.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(DesiredState {
         services,
-        workloads,
-        mesh: Mesh::default(),
+        workloads: part.workloads,
+        mesh: part.mesh.to_mesh(),
     })
+}
+
+/// What one file says of the mesh: each section, when the file has it.
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub(crate) struct MeshPart {
+    /// `mesh:`'s mode (permissive when `mesh:` names none).
+    pub default_mtls: Option<MtlsMode>,
+    /// `nodes:`, sorted by name.
+    pub nodes: Option<Vec<Node>>,
+}
+
+impl MeshPart {
+    pub fn is_empty(&self) -> bool {
+        self.default_mtls.is_none() && self.nodes.is_none()
+    }
+
+    /// The mesh of a file that is the whole configuration.
+    pub fn to_mesh(&self) -> Mesh {
+        Mesh {
+            default_mtls: self.default_mtls.unwrap_or_default(),
+            nodes: self.nodes.clone().unwrap_or_default(),
+        }
+    }
+}
+
+/// One file, checked within itself.
+pub(crate) struct Part {
+    /// Sorted by name.
+    pub workloads: Vec<Workload>,
+    pub mesh: MeshPart,
+    /// In file order.
+    pub services: Vec<Located>,
 }
 
 /// A service with where its name and VIP are, for checks across files.
@@ -177,16 +235,23 @@ pub(crate) struct Located {
     pub vip_at: Location,
 }
 
-/// Workloads and services of one file, in file order, checked within the
-/// file. Policies may also name the identities in `more_identities`
-/// (workloads of other files).
-fn validate_located(
-    raw: RawConfig,
-    more_identities: Option<&HashSet<String>>,
-) -> Check<(Vec<Workload>, Vec<Located>)> {
+/// Workloads, mesh sections and services of one file, checked within the
+/// file. With `others` (a file of a directory), policies may also name
+/// those identities (workloads of other files), and services are checked
+/// against that mesh (the directory's) instead of the file's own.
+fn validate_located(raw: RawConfig, others: Option<(&HashSet<String>, &Mesh)>) -> Check<Part> {
     let workloads = workloads(raw.workloads.unwrap_or_default())?;
+    let mesh_part = mesh_part(raw.mesh, raw.nodes)?;
+    let own_mesh;
+    let mesh = match others {
+        Some((_, mesh)) => mesh,
+        None => {
+            own_mesh = mesh_part.to_mesh();
+            &own_mesh
+        }
+    };
     let mut identities: HashSet<&str> = workloads.iter().map(|w| w.identity.as_str()).collect();
-    if let Some(more) = more_identities {
+    if let Some((more, _)) = others {
         identities.extend(more.iter().map(String::as_str));
     }
     let mut services: Vec<Located> = Vec::new();
@@ -195,7 +260,7 @@ fn validate_located(
     let mut names: HashMap<String, Location> = HashMap::new();
     let mut frontends: HashMap<(SocketAddr, u8), String> = HashMap::new();
     for raw_service in raw.services.unwrap_or_default() {
-        let (service, name_at, vip_at) = service(raw_service, &identities)?;
+        let (service, name_at, vip_at) = service(raw_service, &identities, mesh)?;
         if let Some(first) = names.get(&service.name) {
             return Err((
                 name_at,
@@ -228,31 +293,49 @@ fn validate_located(
             vip_at,
         });
     }
-    Ok((workloads, services))
+    drop(identities);
+    Ok(Part {
+        workloads,
+        mesh: mesh_part,
+        services,
+    })
 }
 
-/// One file of a config directory: its workloads and services in file
-/// order, with positions; errors name `origin`.
+/// One file of a config directory: its workloads, mesh sections and
+/// services (with positions), the services checked against the directory's
+/// `mesh`; errors name `origin`.
 pub(crate) fn parse_part(
     text: &str,
     origin: &str,
     more_identities: &HashSet<String>,
-) -> Result<(Vec<Workload>, Vec<Located>), ConfigError> {
+    mesh: &Mesh,
+) -> Result<Part, ConfigError> {
     let invalid = |(location, problem): (Location, Problem)| invalid(origin, location, problem);
     let raw: RawConfig = serde_saphyr::from_str_with_options(text, parse_options())
         .map_err(|e| invalid(yaml_problem(&e)))?;
-    validate_located(raw, Some(more_identities)).map_err(invalid)
+    validate_located(raw, Some((more_identities, mesh))).map_err(invalid)
 }
 
-/// The workloads of one file with where each name is, for checks across
-/// files (the file's own checks included).
-pub(crate) fn workloads_located(
-    text: &str,
-    origin: &str,
-) -> Result<Vec<(Workload, Location)>, ConfigError> {
+/// What a file of a directory says for the whole directory, with where,
+/// for checks across files.
+pub(crate) struct Sections {
+    /// Each workload with where its name is.
+    pub workloads: Vec<(Workload, Location)>,
+    pub mesh: MeshPart,
+    /// Where the `mesh:` and `nodes:` sections are, when present.
+    pub mesh_at: Option<Location>,
+    pub nodes_at: Option<Location>,
+}
+
+/// The workloads and mesh sections of one file (the file's own checks of
+/// them included).
+pub(crate) fn sections_located(text: &str, origin: &str) -> Result<Sections, ConfigError> {
     let invalid = |(location, problem): (Location, Problem)| invalid(origin, location, problem);
     let raw: RawConfig = serde_saphyr::from_str_with_options(text, parse_options())
         .map_err(|e| invalid(yaml_problem(&e)))?;
+    let mesh_at = raw.mesh.as_ref().map(|m| m.referenced);
+    let nodes_at = raw.nodes.as_ref().map(|n| n.referenced);
+    let mesh = mesh_part(raw.mesh, raw.nodes).map_err(invalid)?;
     let raw = raw.workloads.unwrap_or_default();
     let at: HashMap<String, Location> = raw
         .iter()
@@ -260,19 +343,26 @@ pub(crate) fn workloads_located(
         .map(|n| (n.value.clone(), n.referenced))
         .collect();
     let workloads = workloads(raw).map_err(invalid)?;
-    Ok(workloads
+    let workloads = workloads
         .into_iter()
         .map(|w| {
             let location = at.get(&w.name).copied().unwrap_or(Location::UNKNOWN);
             (w, location)
         })
-        .collect())
+        .collect();
+    Ok(Sections {
+        workloads,
+        mesh,
+        mesh_at,
+        nodes_at,
+    })
 }
 
 /// One item of a file's `services:` list (as written, indentation and
 /// all), checked on its own; None when it is not exactly one valid service
 /// (the caller then reads the whole file, for the error and its position).
-pub(crate) fn parse_item(text: &str, identities: &HashSet<&str>) -> Option<Service> {
+/// `mesh` is the mesh the item is checked against (its nodes and default).
+pub(crate) fn parse_item(text: &str, identities: &HashSet<&str>, mesh: &Mesh) -> Option<Service> {
     let raw = match fast::item(text) {
         Some(raw) => raw,
         None => {
@@ -282,7 +372,9 @@ pub(crate) fn parse_item(text: &str, identities: &HashSet<&str>) -> Option<Servi
             raw
         }
     };
-    service(raw, identities).ok().map(|(service, _, _)| service)
+    service(raw, identities, mesh)
+        .ok()
+        .map(|(service, _, _)| service)
 }
 
 fn invalid(origin: &str, location: Location, problem: Problem) -> ConfigError {
@@ -339,10 +431,13 @@ fn workloads(raw: Vec<Spanned<RawWorkload>>) -> Check<Vec<Workload>> {
     Ok(workloads)
 }
 
-/// One service, with where its name and VIP are for the cross-service checks.
+/// One service, with where its name and VIP are for the cross-service
+/// checks. `mesh` gives the nodes its backends may name and the default
+/// mTLS mode.
 fn service(
     raw: Spanned<RawService>,
     identities: &HashSet<&str>,
+    mesh: &Mesh,
 ) -> Check<(Service, Location, Location)> {
     let at = raw.referenced;
     let raw = raw.value;
@@ -352,6 +447,7 @@ fn service(
     let vip = required(raw.vip, at, &what, "vip")?;
     let vip_address = ip(&vip, "vip")?;
     let port = port(required(raw.port, at, &what, "port")?)?;
+    let protocol_at = raw.protocol.as_ref().map(|p| p.referenced);
     let protocol = one_of(raw.protocol, PROTOCOLS, Protocol::Tcp, |value, accepted| {
         Problem::UnknownProtocol { value, accepted }
     })?;
@@ -393,6 +489,27 @@ fn service(
         PanicMode::All,
         |value, accepted| Problem::UnknownPanicMode { value, accepted },
     )?;
+    let mtls = match raw.mtls {
+        Some(mode) => Some(one_of(
+            Some(mode),
+            MTLS_MODES,
+            MtlsMode::default(),
+            |value, accepted| Problem::UnknownMtls { value, accepted },
+        )?),
+        None => None,
+    };
+    let strict = mtls.unwrap_or(mesh.default_mtls) == MtlsMode::Strict;
+    if strict && protocol != Protocol::Tcp {
+        // HBONE tunnels TCP streams; a strict service has no other path.
+        return Err((
+            protocol_at.unwrap_or(at),
+            Problem::StrictUdp {
+                service: name.value,
+                protocol,
+                by_default: mtls.is_none(),
+            },
+        ));
+    }
     let raw_backends = required(raw.backends, at, &what, "backends")?;
     let own_frontend = SocketAddr::new(vip_address, port);
 
@@ -401,7 +518,7 @@ fn service(
     let mut backends = Vec::with_capacity(raw_backends.value.len());
     let mut seen: HashMap<SocketAddr, Location> = HashMap::new();
     for raw_backend in raw_backends.value {
-        let (backend, address_at) = backend(raw_backend, &name.value)?;
+        let (backend, address_at) = backend(raw_backend, &name.value, mesh)?;
         let address = backend.socket_addr();
         if address.is_ipv4() != own_frontend.is_ipv4() {
             return Err((
@@ -428,6 +545,19 @@ fn service(
                     service: name.value,
                     backend: address,
                     first_line: first.line() as usize,
+                },
+            ));
+        }
+        // Strict has no plaintext path: without its node, a backend could
+        // only be reached in plaintext.
+        if strict && backend.node.is_none() {
+            return Err((
+                address_at,
+                Problem::StrictWithoutNode {
+                    service: name.value,
+                    backend: address,
+                    by_default: mtls.is_none(),
+                    known: node_names(mesh).into(),
                 },
             ));
         }
@@ -465,7 +595,7 @@ fn service(
         health_check,
         outlier_detection,
         panic_mode,
-        mtls: None,
+        mtls,
         backends,
     };
     Ok((service, name.referenced, vip.referenced))
@@ -675,15 +805,42 @@ fn policy(raw: RawPolicy, service: &str, identities: &HashSet<&str>) -> Check<Po
     })
 }
 
-/// One backend, with where its address is for the per-service checks.
-fn backend(raw: Spanned<RawBackend>, service: &str) -> Check<(Backend, Location)> {
+/// One backend, with where its address is for the per-service checks; its
+/// `node:` must be one of `mesh`'s nodes.
+fn backend(raw: Spanned<RawBackend>, service: &str, mesh: &Mesh) -> Check<(Backend, Location)> {
     let at = raw.referenced;
     let raw = raw.value;
     let what = format!("a backend of service '{service}'");
-    let address = required(raw.address, at, &what, "address")?;
+    let address_text = required(raw.address, at, &what, "address")?;
+    let address = ip(&address_text, "address")?;
+    let port = port(required(raw.port, at, &what, "port")?)?;
+    let node = match raw.node {
+        None => None,
+        Some(node) if mesh.node(&node.value).is_some() => Some(node.value),
+        Some(node) => {
+            let service = service.to_owned();
+            let backend = SocketAddr::new(address, port);
+            let name = node.value.escape_debug().to_string();
+            let problem = if mesh.nodes.is_empty() {
+                Problem::NoNodes {
+                    service,
+                    backend,
+                    node: name,
+                }
+            } else {
+                Problem::UnknownNode {
+                    service: service.into(),
+                    backend,
+                    node: name.into(),
+                    known: node_names(mesh).into(),
+                }
+            };
+            return Err((node.referenced, problem));
+        }
+    };
     let backend = Backend {
-        address: ip(&address, "address")?,
-        port: port(required(raw.port, at, &what, "port")?)?,
+        address,
+        port,
         weight: match raw.weight {
             Some(weight) => self::weight(weight)?,
             None => 1,
@@ -694,10 +851,141 @@ fn backend(raw: Spanned<RawBackend>, service: &str) -> Check<(Backend, Location)
             BackendState::Active,
             |value, accepted| Problem::UnknownState { value, accepted },
         )?,
-        node: None,
+        node,
         tunnel: false,
     };
-    Ok((backend, address.referenced))
+    Ok((backend, address_text.referenced))
+}
+
+/// The mesh's node names for a message, the first few of a long list.
+fn node_names(mesh: &Mesh) -> String {
+    const SHOWN: usize = 8;
+    let mut names: Vec<&str> = mesh
+        .nodes
+        .iter()
+        .take(SHOWN)
+        .map(|n| n.name.as_str())
+        .collect();
+    let more = mesh.nodes.len().saturating_sub(SHOWN);
+    let more = format!("and {more} more");
+    if mesh.nodes.len() > SHOWN {
+        names.push(&more);
+    }
+    names.join(", ")
+}
+
+/// The `mesh:` and `nodes:` sections of one file, each checked.
+fn mesh_part(
+    mesh: Option<Spanned<RawMesh>>,
+    nodes: Option<Spanned<Vec<Spanned<RawNode>>>>,
+) -> Check<MeshPart> {
+    let default_mtls = match mesh {
+        Some(mesh) => Some(one_of(
+            mesh.value.mtls,
+            MTLS_MODES,
+            MtlsMode::default(),
+            |value, accepted| Problem::UnknownMtls { value, accepted },
+        )?),
+        None => None,
+    };
+    let nodes = match nodes {
+        Some(nodes) => Some(self::nodes(nodes.value)?),
+        None => None,
+    };
+    Ok(MeshPart {
+        default_mtls,
+        nodes,
+    })
+}
+
+fn nodes(raw: Vec<Spanned<RawNode>>) -> Check<Vec<Node>> {
+    let mut nodes = Vec::with_capacity(raw.len());
+    let mut names: HashMap<String, Location> = HashMap::new();
+    let mut addresses: HashMap<IpAddr, (String, Location)> = HashMap::new();
+    for raw in raw {
+        let at = raw.referenced;
+        let raw = raw.value;
+        let name = required(raw.name, at, "a node", "name")?;
+        valid_name(&name, "node name")?;
+        if let Some(first) = names.get(&name.value) {
+            return Err((
+                name.referenced,
+                Problem::DuplicateNode {
+                    name: name.value,
+                    first_line: first.line() as usize,
+                },
+            ));
+        }
+        let what = format!("node '{}'", name.value);
+        let address_text = required(raw.address, at, &what, "address")?;
+        let address = ip(&address_text, "address")?;
+        if let Some(kind) = not_unicast(address) {
+            return Err((
+                address_text.referenced,
+                Problem::NodeAddressNotUnicast {
+                    node: name.value,
+                    address,
+                    kind,
+                },
+            ));
+        }
+        if let Some((first, first_at)) = addresses.get(&address) {
+            return Err((
+                address_text.referenced,
+                Problem::DuplicateNodeAddress {
+                    node: name.value,
+                    address,
+                    first: first.clone(),
+                    first_line: first_at.line() as usize,
+                },
+            ));
+        }
+        let tunnel_port = match raw.tunnel_port {
+            Some(value) => tunnel_port(value)?,
+            None => DEFAULT_TUNNEL_PORT,
+        };
+        names.insert(name.value.clone(), name.referenced);
+        addresses.insert(address, (name.value.clone(), name.referenced));
+        nodes.push(Node {
+            name: name.value,
+            address,
+            tunnel_port,
+        });
+    }
+    nodes.sort_by(|a, b| a.name.cmp(&b.name));
+    Ok(nodes)
+}
+
+/// Why `address` cannot be a node's (one peer's) address, if it cannot.
+fn not_unicast(address: IpAddr) -> Option<&'static str> {
+    match address {
+        IpAddr::V4(v4) if v4.is_unspecified() => Some("the unspecified address"),
+        IpAddr::V4(v4) if v4.is_broadcast() => Some("the broadcast address"),
+        IpAddr::V4(v4) if v4.is_multicast() => Some("a multicast address"),
+        IpAddr::V6(v6) if v6.is_unspecified() => Some("the unspecified address"),
+        IpAddr::V6(v6) if v6.is_multicast() => Some("a multicast address"),
+        _ => None,
+    }
+}
+
+fn tunnel_port(value: Spanned<Int>) -> Check<u16> {
+    const RANGE: &str = "a port from 1 to 65535";
+    let problem = match value.value {
+        Int::Value(n) => match u16::try_from(n) {
+            Ok(port @ 1..) => return Ok(port),
+            _ => Problem::OutOfRange {
+                field: "tunnel_port",
+                value: n.to_string(),
+                range: RANGE,
+            },
+        },
+        Int::Other(got) => Problem::NotAnInteger {
+            field: "tunnel_port",
+            got,
+            range: RANGE,
+        },
+    };
+    Err((value.referenced, problem))
 }
 
 /// `what` names the mapping (for the message), `at` is where it starts.
@@ -756,7 +1044,9 @@ fn port(value: Spanned<Int>) -> Check<u16> {
         Int::Value(0) => Problem::PortZero,
         Int::Value(n) => match u16::try_from(n) {
             Ok(port) => return Ok(port),
-            Err(_) => Problem::PortOutOfRange { value: n },
+            Err(_) => Problem::PortOutOfRange {
+                value: n.to_string(),
+            },
         },
         Int::Other(got) => Problem::NotAnInteger {
             field: "port",
@@ -769,10 +1059,14 @@ fn port(value: Spanned<Int>) -> Check<u16> {
 
 fn weight(value: Spanned<Int>) -> Check<u32> {
     let problem = match value.value {
-        Int::Value(n) if n < 0 => Problem::NegativeWeight { value: n },
+        Int::Value(n) if n < 0 => Problem::NegativeWeight {
+            value: n.to_string(),
+        },
         Int::Value(n) => match u16::try_from(n) {
             Ok(weight) => return Ok(weight.into()),
-            Err(_) => Problem::WeightTooLarge { value: n },
+            Err(_) => Problem::WeightTooLarge {
+                value: n.to_string(),
+            },
         },
         Int::Other(got) => Problem::NotAnInteger {
             field: "weight",
@@ -847,7 +1141,30 @@ services:
             "{message}"
         );
         assert!(!message.contains('\n'), "{message:?}");
+        // `mesh-agent check` (and every reload) reads through the source:
+        // the same message and position, naming the file.
+        let dir = std::env::temp_dir().join(format!(
+            "mesh-config-check-{}-{}",
+            std::process::id(),
+            CHECKS.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("mesh.yaml");
+        std::fs::write(&path, yaml).unwrap();
+        let via_source = ConfigSource::new(&path)
+            .load(&Scope::All)
+            .expect_err("the source should refuse it too")
+            .to_string();
+        let _ = std::fs::remove_dir_all(&dir);
+        assert_eq!(
+            via_source.strip_prefix(&path.display().to_string()),
+            message.strip_prefix("t.yaml"),
+            "{via_source}"
+        );
     }
+
+    /// Numbers the temporary files of `check`, which tests run at once.
+    static CHECKS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
     fn ip(a: u8, b: u8, c: u8, d: u8) -> IpAddr {
         IpAddr::V4(Ipv4Addr::new(a, b, c, d))
@@ -956,7 +1273,7 @@ services:
             "unknown field `colour`; remove it or fix its spelling (known fields here: name, vip, \
              port, protocol, algorithm, allow_empty, drain_timeout_seconds, destroy_on_removal, \
              health_check, outlier_detection, panic_mode, affinity, affinity_timeout_seconds, \
-             policy, same_node_redirect, backends)",
+             policy, same_node_redirect, mtls, backends)",
             5,
             5,
         );
@@ -966,13 +1283,13 @@ services:
                 "        port: 18081\n        wieght: 2\n",
             ),
             "unknown field `wieght`; remove it or fix its spelling (known fields here: address, \
-             port, weight, state)",
+             port, weight, state, node)",
             8,
             9,
         );
         check(
             &format!("{BASE}version: 2\n"),
-            "unknown field `version`; remove it or fix its spelling (known fields here: services, workloads)",
+            "unknown field `version`; remove it or fix its spelling (known fields here: services, workloads, mesh, nodes)",
             8,
             1,
         );
@@ -1516,6 +1833,414 @@ services:
             "workload name 'a' is already used on line 2",
             3,
             12,
+        );
+    }
+
+    /// A valid file with nodes and a strict service; tests swap lines.
+    /// Line 2 first node's `name` value at column 11, line 3 its `address`
+    /// at 14; line 4 second node's `name` at 11, line 5 `address` at 14,
+    /// line 6 `tunnel_port` at 18; line 11 the service's `mtls` at 11,
+    /// line 13 backend `address` at 18, line 15 its `node` at 15.
+    const MESH_BASE: &str = "\
+nodes:
+  - name: node-b
+    address: 10.0.0.2
+  - name: node-a
+    address: 10.0.0.1
+    tunnel_port: 15100
+services:
+  - name: web
+    vip: 127.10.0.1
+    port: 80
+    mtls: strict
+    backends:
+      - address: 127.0.0.1
+        port: 18081
+        node: node-a
+";
+
+    fn mesh_with(from: &str, to: &str) -> String {
+        assert!(MESH_BASE.contains(from), "{from:?} is not in MESH_BASE");
+        MESH_BASE.replacen(from, to, 1)
+    }
+
+    fn node(name: &str, address: IpAddr, tunnel_port: u16) -> Node {
+        Node {
+            name: name.into(),
+            address,
+            tunnel_port,
+        }
+    }
+
+    #[test]
+    fn nodes_and_mtls_parse_into_the_model() {
+        let yaml = format!(
+            "mesh:\n  mtls: disabled\n{MESH_BASE}  - name: api\n    vip: 127.10.0.2\n    port: 80\n    backends:\n      - address: 127.0.0.1\n        port: 18082\n      - address: 127.0.0.1\n        port: 18083\n        node: node-b\n"
+        );
+        let state = parse_str(&yaml, "t.yaml").unwrap();
+        assert_eq!(
+            state.mesh,
+            Mesh {
+                default_mtls: MtlsMode::Disabled,
+                // Sorted by name; the default tunnel port where none is set.
+                nodes: vec![
+                    node("node-a", ip(10, 0, 0, 1), 15100),
+                    node("node-b", ip(10, 0, 0, 2), DEFAULT_TUNNEL_PORT),
+                ],
+            }
+        );
+        assert_eq!(state.mesh.node("node-b").unwrap().tunnel_port, 15008);
+        let [api, web] = &state.services[..] else {
+            panic!("two services: {:?}", state.services);
+        };
+        assert_eq!(web.mtls, Some(MtlsMode::Strict));
+        assert_eq!(web.mtls_mode(&state.mesh), MtlsMode::Strict);
+        assert_eq!(
+            web.backends,
+            [Backend {
+                address: ip(127, 0, 0, 1),
+                port: 18081,
+                weight: 1,
+                state: BackendState::Active,
+                node: Some("node-a".into()),
+                tunnel: false,
+            }]
+        );
+        assert_eq!(api.mtls, None, "the mesh default, not a copy of it");
+        assert_eq!(api.mtls_mode(&state.mesh), MtlsMode::Disabled);
+        let nodes: Vec<_> = api.backends.iter().map(|b| b.node.as_deref()).collect();
+        assert_eq!(nodes, [None, Some("node-b")]);
+        assert!(api.backends.iter().all(|b| !b.tunnel));
+        // No `mesh:`: permissive; no `nodes:`: none, and files without
+        // either parse as they always did.
+        let plain = parse_str(BASE, "t.yaml").unwrap();
+        assert_eq!(plain.mesh, Mesh::default());
+        assert_eq!(plain.mesh.default_mtls, MtlsMode::Permissive);
+        let empty = parse_str("mesh:\n  mtls: permissive\nnodes: []\n", "t.yaml").unwrap();
+        assert_eq!(empty, DesiredState::default());
+    }
+
+    #[test]
+    fn mesh_nodes_example_parses() {
+        let state = parse_str(
+            include_str!("../../examples/mesh-nodes.yaml"),
+            "mesh-nodes.yaml",
+        )
+        .unwrap();
+        assert_eq!(state.mesh.default_mtls, MtlsMode::Permissive);
+        let nodes: Vec<_> = state
+            .mesh
+            .nodes
+            .iter()
+            .map(|n| (n.name.as_str(), n.tunnel_addr().to_string()))
+            .collect();
+        assert_eq!(
+            nodes,
+            [
+                ("node-a", "10.0.0.1:15008".into()),
+                ("node-b", "10.0.0.2:15008".into())
+            ]
+        );
+        let modes: Vec<_> = state
+            .services
+            .iter()
+            .map(|s| (s.name.as_str(), s.mtls_mode(&state.mesh)))
+            .collect();
+        assert_eq!(
+            modes,
+            [
+                ("api", MtlsMode::Permissive),
+                ("dns", MtlsMode::Permissive),
+                ("metrics", MtlsMode::Disabled),
+                ("web", MtlsMode::Strict),
+            ]
+        );
+        let api = &state.services[0];
+        assert_eq!(api.backends[0].node.as_deref(), Some("node-b"));
+        assert_eq!(api.backends[1].node, None);
+        assert!(
+            state
+                .services
+                .iter()
+                .flat_map(|s| &s.backends)
+                .all(|b| !b.tunnel)
+        );
+    }
+
+    #[test]
+    fn node_problems() {
+        check(
+            &mesh_with("name: node-b", "name: Node-B"),
+            "node name 'Node-B' is not valid; use 1 to 63 lowercase letters",
+            2,
+            11,
+        );
+        check(
+            &mesh_with("name: node-a", "name: node-b"),
+            "node name 'node-b' is already used on line 2; give each node its own name",
+            4,
+            11,
+        );
+        check(
+            &mesh_with(
+                "  - name: node-b\n    address: 10.0.0.2\n",
+                "  - address: 10.0.0.2\n",
+            ),
+            "a node has no `name`; add it",
+            2,
+            5,
+        );
+        check(
+            &mesh_with("    address: 10.0.0.2\n", ""),
+            "node 'node-b' has no `address`; add it",
+            2,
+            5,
+        );
+        check(
+            &mesh_with("10.0.0.2", "10.0.0.300"),
+            "address '10.0.0.300' is not an IP address",
+            3,
+            14,
+        );
+        for (address, kind) in [
+            ("0.0.0.0", "0.0.0.0, which is the unspecified address"),
+            (
+                "255.255.255.255",
+                "255.255.255.255, which is the broadcast address",
+            ),
+            ("224.0.0.1", "224.0.0.1, which is a multicast address"),
+            ("'::'", ":: which is the unspecified address"),
+            ("'ff02::1'", "ff02::1, which is a multicast address"),
+        ] {
+            let kind = kind.replace(":: which", "::, which");
+            check(
+                &mesh_with("10.0.0.2", address),
+                &format!(
+                    "node 'node-b' has address {kind}; write the unicast address the node's \
+                     agent listens on for the tunnel"
+                ),
+                3,
+                14,
+            );
+        }
+        // Loopback and IPv6 unicast are fine (nodes in test namespaces).
+        for address in ["127.0.0.2", "'fd00::2'"] {
+            assert!(parse_str(&mesh_with("10.0.0.2", address), "t.yaml").is_ok());
+        }
+        check(
+            &mesh_with("10.0.0.1", "10.0.0.2"),
+            "node 'node-a' has address 10.0.0.2, which node 'node-b' on line 2 already has; \
+             give each node the address of its own agent",
+            5,
+            14,
+        );
+        for (port, problem) in [
+            (
+                "0",
+                "tunnel_port 0 is out of range; use a port from 1 to 65535",
+            ),
+            (
+                "65536",
+                "tunnel_port 65536 is out of range; use a port from 1 to 65535",
+            ),
+            ("-1", "tunnel_port -1 is out of range"),
+            (
+                "tls",
+                "tunnel_port must be a whole number, got 'tls'; use a port from 1 to 65535",
+            ),
+        ] {
+            check(&mesh_with("15100", port), problem, 6, 18);
+        }
+        for port in ["1", "65535"] {
+            let state = parse_str(&mesh_with("15100", port), "t.yaml").unwrap();
+            assert_eq!(state.mesh.nodes[0].tunnel_port.to_string(), port);
+        }
+        check(
+            &mesh_with("tunnel_port", "port"),
+            "unknown field `port`; remove it or fix its spelling (known fields here: name, \
+             address, tunnel_port)",
+            6,
+            5,
+        );
+    }
+
+    #[test]
+    fn backend_node_problems() {
+        check(
+            &mesh_with("node: node-a", "node: node-c"),
+            "backend 127.0.0.1:18081 of service 'web' names node 'node-c', which is not in \
+             `nodes:` (known nodes: node-a, node-b); fix the name or add the node to `nodes:`",
+            15,
+            15,
+        );
+        check(
+            &with(
+                "        port: 18081\n",
+                "        port: 18081\n        node: node-a\n",
+            ),
+            "backend 127.0.0.1:18081 of service 'web' names node 'node-a', but there is no \
+             `nodes:` list; add one giving each node's name and address (see \
+             examples/mesh-nodes.yaml), or remove `node:`",
+            8,
+            15,
+        );
+        // A long list is cut short in the message.
+        let many: String = (0..10)
+            .map(|i| format!("  - name: n{i}\n    address: 10.0.1.{i}\n"))
+            .collect();
+        check(
+            &format!(
+                "nodes:\n{many}{}",
+                with(
+                    "        port: 18081\n",
+                    "        port: 18081\n        node: n10\n"
+                )
+            ),
+            "(known nodes: n0, n1, n2, n3, n4, n5, n6, n7, and 2 more)",
+            29,
+            15,
+        );
+    }
+
+    #[test]
+    fn strict_services_need_nodes_and_tcp() {
+        check(
+            &mesh_with("        node: node-a\n", ""),
+            "service 'web' is mtls strict, but backend 127.0.0.1:18081 names no node; name its \
+             node (node: <name>, one of node-a, node-b) or set mtls: permissive",
+            13,
+            18,
+        );
+        // Strict by the mesh's default, with no nodes at all.
+        let strict_default = format!("mesh:\n  mtls: strict\n{BASE}");
+        check(
+            &strict_default,
+            "service 'web' is mtls strict (the mesh default, `mesh: mtls:`), but backend \
+             127.0.0.1:18081 names no node; name its node (add a `nodes:` list and \
+             `node: <name>`) or set mtls: permissive",
+            8,
+            18,
+        );
+        // A service's own mode wins over the default.
+        for mode in ["permissive", "disabled"] {
+            let own = strict_default
+                .replace("    backends:", &format!("    mtls: {mode}\n    backends:"));
+            assert!(parse_str(&own, "t.yaml").is_ok(), "{mode}");
+            // And a backend without a node is reached directly, as before.
+            let state = parse_str(
+                &mesh_with("mtls: strict", &format!("mtls: {mode}")),
+                "t.yaml",
+            );
+            assert!(state.is_ok());
+        }
+        for protocol in ["udp", "both"] {
+            check(
+                &mesh_with(
+                    "    port: 80\n",
+                    &format!("    port: 80\n    protocol: {protocol}\n"),
+                ),
+                &format!(
+                    "service 'web' is mtls strict, but its protocol is {protocol}; the mTLS \
+                     tunnel (HBONE) carries TCP only, so use protocol: tcp, or set mtls: \
+                     permissive (UDP then goes directly)"
+                ),
+                11,
+                15,
+            );
+            check(
+                &format!(
+                    "mesh:\n  mtls: strict\n{}",
+                    mesh_with(
+                        "    port: 80\n    mtls: strict\n",
+                        &format!("    port: 80\n    protocol: {protocol}\n")
+                    )
+                ),
+                &format!(
+                    "service 'web' is mtls strict (the mesh default, `mesh: mtls:`), but its protocol is {protocol}"
+                ),
+                13,
+                15,
+            );
+            // Permissive UDP goes directly, named node or not.
+            let permissive = mesh_with(
+                "    port: 80\n    mtls: strict\n",
+                &format!("    port: 80\n    protocol: {protocol}\n    mtls: permissive\n"),
+            );
+            assert!(parse_str(&permissive, "t.yaml").is_ok(), "{protocol}");
+        }
+        // Strict with no backends at all refuses its connections: allowed.
+        let empty = format!(
+            "mesh:\n  mtls: strict\n{}",
+            BASE.replace(
+                "    backends:\n      - address: 127.0.0.1\n        port: 18081\n",
+                "    allow_empty: true\n    backends: []\n"
+            )
+        );
+        assert!(parse_str(&empty, "t.yaml").is_ok());
+    }
+
+    #[test]
+    fn unknown_mtls_modes_and_mesh_fields() {
+        check(
+            &mesh_with("mtls: strict", "mtls: tls"),
+            "unknown mtls mode 'tls'; accepted: strict, permissive, disabled",
+            11,
+            11,
+        );
+        check(
+            &format!("mesh:\n  mtls: mutual\n{BASE}"),
+            "unknown mtls mode 'mutual'; accepted: strict, permissive, disabled",
+            2,
+            9,
+        );
+        check(
+            &format!("mesh:\n  mtsl: strict\n{BASE}"),
+            "unknown field `mtsl`; remove it or fix its spelling (known fields here: mtls)",
+            2,
+            3,
+        );
+    }
+
+    /// The plain layout reads mesh sections (through the library) and
+    /// items (without it) to the same state as the library alone.
+    #[test]
+    fn plain_layout_with_mesh_sections_agrees_with_the_library() {
+        let yaml = "\
+mesh:
+  mtls: strict
+workloads:
+  - name: frontend
+    cgroup: /sys/fs/cgroup/frontend
+nodes:
+  - name: b
+    address: 10.0.0.2
+  - name: a
+    address: 10.0.0.1
+services:
+  - name: web
+    vip: 10.96.0.1
+    port: 80
+    backends: [{address: 10.1.0.1, port: 80, node: a}, {address: 10.1.0.2, port: 80, node: b}]
+  - name: dns
+    vip: 10.96.0.2
+    port: 53
+    protocol: udp
+    mtls: permissive
+    backends: [{address: 10.1.0.3, port: 53}]
+";
+        let plain = parse_plain(yaml).expect("plain layout");
+        assert_eq!(plain, parse_yaml(yaml, "t.yaml").unwrap());
+        assert_eq!(plain.mesh.nodes[0].name, "a");
+        assert_eq!(plain.workloads.len(), 1);
+        // Invalid under its mesh: the plain reader declines, the library
+        // says why.
+        let bad = yaml.replace(", node: b}", "}");
+        assert_eq!(parse_plain(&bad), None);
+        check(
+            &bad,
+            "service 'web' is mtls strict (the mesh default",
+            15,
+            66,
         );
     }
 }

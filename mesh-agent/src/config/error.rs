@@ -1,7 +1,9 @@
 //! What can be wrong with a config file, worded for the person who wrote it:
 //! what is wrong, then what to do.
 
-use std::net::SocketAddr;
+use std::net::{IpAddr, SocketAddr};
+
+use crate::state::Protocol;
 
 #[derive(Debug, thiserror::Error)]
 pub enum ConfigError {
@@ -41,7 +43,8 @@ fn position(at: &Option<(usize, usize)>) -> String {
 }
 
 /// One problem in the file. User-written text in here is already escaped to a
-/// single line.
+/// single line. Kept small (numbers as text, some text boxed): every check
+/// returns it.
 #[derive(Debug, thiserror::Error)]
 pub enum Problem {
     #[error("{message}; fix the YAML here (the expected layout is in examples/mesh.yaml)")]
@@ -143,7 +146,7 @@ pub enum Problem {
     #[error("port 0 is not a usable port; use a port from 1 to 65535")]
     PortZero,
     #[error("port {value} is out of range; use a port from 1 to 65535")]
-    PortOutOfRange { value: i128 },
+    PortOutOfRange { value: String },
     #[error("{field} must be a whole number, got {got}; use {range}")]
     NotAnInteger {
         field: &'static str,
@@ -151,11 +154,11 @@ pub enum Problem {
         range: &'static str,
     },
     #[error("weight {value} is negative; use a weight from 0 to 65535 (0 = gets no traffic)")]
-    NegativeWeight { value: i128 },
+    NegativeWeight { value: String },
     #[error(
         "weight {value} is above the maximum 65535; scale the weights down (only their ratios matter)"
     )]
-    WeightTooLarge { value: i128 },
+    WeightTooLarge { value: String },
     #[error("unknown protocol {value}; accepted: {accepted}")]
     UnknownProtocol { value: String, accepted: String },
     #[error("unknown algorithm {value}; accepted: {accepted}")]
@@ -196,4 +199,97 @@ pub enum Problem {
         service: String,
         backend: SocketAddr,
     },
+    #[error("unknown mtls mode {value}; accepted: {accepted}")]
+    UnknownMtls { value: String, accepted: String },
+    #[error("node name '{name}' is already used on line {first_line}; give each node its own name")]
+    DuplicateNode { name: String, first_line: usize },
+    #[error(
+        "node '{node}' has address {address}, which is {kind}; write the unicast address the \
+         node's agent listens on for the tunnel"
+    )]
+    NodeAddressNotUnicast {
+        node: String,
+        address: IpAddr,
+        kind: &'static str,
+    },
+    #[error(
+        "node '{node}' has address {address}, which node '{first}' on line {first_line} already \
+         has; give each node the address of its own agent"
+    )]
+    DuplicateNodeAddress {
+        node: String,
+        address: IpAddr,
+        first: String,
+        first_line: usize,
+    },
+    #[error(
+        "backend {backend} of service '{service}' names node '{node}', which is not in \
+         `nodes:` (known nodes: {known}); fix the name or add the node to `nodes:`"
+    )]
+    UnknownNode {
+        service: Box<str>,
+        backend: SocketAddr,
+        node: Box<str>,
+        known: Box<str>,
+    },
+    #[error(
+        "backend {backend} of service '{service}' names node '{node}', but there is no \
+         `nodes:` list; add one giving each node's name and address (see \
+         examples/mesh-nodes.yaml), or remove `node:`"
+    )]
+    NoNodes {
+        service: String,
+        backend: SocketAddr,
+        node: String,
+    },
+    #[error(
+        "service '{service}' is mtls strict{}, but backend {backend} names no node; name its \
+         node ({}) or set mtls: permissive",
+        mode_source(*.by_default),
+        node_hint(.known)
+    )]
+    StrictWithoutNode {
+        service: String,
+        backend: SocketAddr,
+        by_default: bool,
+        /// The mesh's node names, listed for the message; empty: none.
+        known: Box<str>,
+    },
+    #[error(
+        "service '{service}' is mtls strict{}, but its protocol is {protocol}; the mTLS tunnel \
+         (HBONE) carries TCP only, so use protocol: tcp, or set mtls: permissive (UDP then goes \
+         directly)",
+        mode_source(*.by_default)
+    )]
+    StrictUdp {
+        service: String,
+        protocol: Protocol,
+        by_default: bool,
+    },
+    #[error(
+        "`{section}:` is also set in {first_file}; set it in one file of the directory only \
+         (it holds the whole mesh's {what})"
+    )]
+    SectionInTwoFiles {
+        section: &'static str,
+        what: &'static str,
+        first_file: String,
+    },
+}
+
+/// Where a service's strict mode came from, for the message.
+fn mode_source(by_default: bool) -> &'static str {
+    if by_default {
+        " (the mesh default, `mesh: mtls:`)"
+    } else {
+        ""
+    }
+}
+
+fn node_hint(known: &str) -> String {
+    if known.is_empty() {
+        "add a `nodes:` list and `node: <name>`".to_owned()
+    } else {
+        format!("node: <name>, one of {known}")
+    }
 }

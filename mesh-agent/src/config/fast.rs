@@ -5,7 +5,8 @@
 //!   - name: web
 //!     vip: 10.96.0.1
 //!     port: 80
-//!     backends: [{address: 10.0.0.1, port: 8080}, {address: 10.0.0.2, port: 8080, weight: 2}]
+//!     mtls: strict
+//!     backends: [{address: 10.0.0.1, port: 8080, node: a}, {address: 10.0.0.2, port: 8080, node: b}]
 //! ```
 //!
 //! Block mapping of plain scalars, `backends` as a one-line flow sequence of
@@ -115,6 +116,7 @@ fn backends(v: &str) -> Option<Vec<Spanned<RawBackend>>> {
             port: None,
             weight: None,
             state: None,
+            node: None,
         };
         for entry in body.split(',') {
             let (key, value) = entry.split_once(": ")?;
@@ -128,6 +130,7 @@ fn backends(v: &str) -> Option<Vec<Spanned<RawBackend>>> {
                 "port" => set(&mut b.port, plain_int(value).map(spanned))?,
                 "weight" => set(&mut b.weight, plain_int(value).map(spanned))?,
                 "state" => set(&mut b.state, plain_string(value).map(spanned))?,
+                "node" => set(&mut b.node, plain_string(value).map(spanned))?,
                 _ => return None,
             }
         }
@@ -161,6 +164,7 @@ pub(super) fn item(text: &str) -> Option<Spanned<RawService>> {
         affinity_timeout_seconds: None,
         policy: None,
         same_node_redirect: None,
+        mtls: None,
         backends: None,
     };
     let mut key_indent = None;
@@ -204,6 +208,7 @@ pub(super) fn item(text: &str) -> Option<Spanned<RawService>> {
                 &mut raw.panic_mode,
                 plain_string(scalar(value)?).map(spanned),
             )?,
+            "mtls" => set(&mut raw.mtls, plain_string(scalar(value)?).map(spanned))?,
             "allow_empty" => set(&mut raw.allow_empty, plain_bool(scalar(value)?))?,
             "destroy_on_removal" => set(&mut raw.destroy_on_removal, plain_bool(scalar(value)?))?,
             "affinity" => set(&mut raw.affinity, plain_bool(scalar(value)?))?,
@@ -235,23 +240,45 @@ mod tests {
     use proptest::prelude::*;
 
     use super::*;
+    use crate::state::{Mesh, MtlsMode, Node};
+
+    /// Two nodes, `node-a` and `web`, and the default mode `mode`.
+    fn mesh(mode: MtlsMode) -> Mesh {
+        let node = |name: &str, last: u8| Node {
+            name: name.into(),
+            address: std::net::IpAddr::from([10, 0, 0, last]),
+            tunnel_port: 15008,
+        };
+        Mesh {
+            default_mtls: mode,
+            nodes: vec![node("node-a", 1), node("web", 2)],
+        }
+    }
 
     /// What the item reads as through the YAML library and validation.
-    fn slow(text: &str) -> Option<crate::state::Service> {
+    fn slow_in(text: &str, mesh: &Mesh) -> Option<crate::state::Service> {
         let raw: Vec<Spanned<RawService>> =
             serde_saphyr::from_str_with_options(text, super::super::parse_options()).ok()?;
         let [raw] = <[_; 1]>::try_from(raw).ok()?;
-        super::super::service(raw, &HashSet::new())
+        super::super::service(raw, &HashSet::new(), mesh)
             .ok()
             .map(|s| s.0)
     }
 
-    fn fast(text: &str) -> Option<Option<crate::state::Service>> {
+    fn fast_in(text: &str, mesh: &Mesh) -> Option<Option<crate::state::Service>> {
         item(text).map(|raw| {
-            super::super::service(raw, &HashSet::new())
+            super::super::service(raw, &HashSet::new(), mesh)
                 .ok()
                 .map(|s| s.0)
         })
+    }
+
+    fn slow(text: &str) -> Option<crate::state::Service> {
+        slow_in(text, &mesh(MtlsMode::Permissive))
+    }
+
+    fn fast(text: &str) -> Option<Option<crate::state::Service>> {
+        fast_in(text, &mesh(MtlsMode::Permissive))
     }
 
     #[test]
@@ -260,6 +287,28 @@ mod tests {
         let got = fast(text).expect("plain").expect("valid");
         assert_eq!(Some(got.clone()), slow(text));
         assert_eq!(got.backends[1].weight, 3);
+    }
+
+    #[test]
+    fn reads_mtls_modes_and_backend_nodes() {
+        let text = "  - name: web\n    vip: 10.96.0.2\n    port: 80\n    mtls: strict\n    backends: [{address: 10.200.0.1, port: 8080, node: node-a}, {node: web, address: 10.200.0.2, port: 8080}]\n";
+        let got = fast(text).expect("plain").expect("valid");
+        assert_eq!(Some(got.clone()), slow(text));
+        assert_eq!(got.mtls, Some(MtlsMode::Strict));
+        let nodes: Vec<_> = got.backends.iter().map(|b| b.node.as_deref()).collect();
+        assert_eq!(nodes, [Some("node-a"), Some("web")]);
+        // Refused alike: an unknown node; strict with a backend that names none.
+        let unknown = text.replace("node: web", "node: node-b");
+        assert_eq!(fast(&unknown), Some(None));
+        assert_eq!(slow(&unknown), None);
+        let nameless = text.replace(", node: node-a", "");
+        assert_eq!(fast(&nameless), Some(None));
+        assert_eq!(slow(&nameless), None);
+        // Strict by the mesh default alone.
+        let by_default = nameless.replace("    mtls: strict\n", "");
+        let strict = mesh(MtlsMode::Strict);
+        assert_eq!(fast_in(&by_default, &strict), Some(None));
+        assert!(fast(&by_default).expect("plain").is_some());
     }
 
     #[test]
@@ -301,6 +350,10 @@ mod tests {
             Just("maglev".to_owned()),
             Just("udp".to_owned()),
             Just("draining".to_owned()),
+            Just("strict".to_owned()),
+            Just("permissive".to_owned()),
+            Just("disabled".to_owned()),
+            Just("node-a".to_owned()),
             Just("[]".to_owned()),
             "[a-z0-9.:-]{1,12}",
         ]
@@ -318,7 +371,16 @@ mod tests {
             "same_node_redirect",
             "drain_timeout_seconds",
             "panic_mode",
+            "mtls",
             "weight",
+        ])
+    }
+
+    fn mode() -> impl Strategy<Value = MtlsMode> {
+        prop::sample::select(vec![
+            MtlsMode::Strict,
+            MtlsMode::Permissive,
+            MtlsMode::Disabled,
         ])
     }
 
@@ -328,9 +390,14 @@ mod tests {
         #[test]
         fn agrees_with_the_yaml_library(
             entries in prop::collection::vec((key(), value()), 0..6),
-            backends in prop::collection::vec((value(), value(), prop::option::of(value())), 0..4),
+            backends in prop::collection::vec(
+                (value(), value(), prop::option::of(value()), prop::option::of(value())),
+                0..4,
+            ),
             spaces in 0usize..3,
+            default_mtls in mode(),
         ) {
+            let mesh = mesh(default_mtls);
             let mut text = String::from("  - name: web\n    vip: 10.96.0.1\n");
             for (k, v) in &entries {
                 text += &format!("    {k}: {v}\n");
@@ -338,14 +405,15 @@ mod tests {
             let pad = " ".repeat(spaces);
             let list: Vec<String> = backends
                 .iter()
-                .map(|(a, p, w)| {
+                .map(|(a, p, w, n)| {
                     let w = w.as_ref().map(|w| format!(", weight: {w}")).unwrap_or_default();
-                    format!("{{address: {a},{pad}port: {p}{w}}}")
+                    let n = n.as_ref().map(|n| format!(", node: {n}")).unwrap_or_default();
+                    format!("{{address: {a},{pad}port: {p}{w}{n}}}")
                 })
                 .collect();
             text += &format!("    backends: [{}]\n", list.join(", "));
-            if let Some(fast) = fast(&text) {
-                prop_assert_eq!(fast, slow(&text), "{}", text);
+            if let Some(fast) = fast_in(&text, &mesh) {
+                prop_assert_eq!(fast, slow_in(&text, &mesh), "{}", text);
             }
         }
     }

@@ -13,6 +13,24 @@ use serde_saphyr::Spanned;
 pub(super) struct RawConfig {
     pub services: Option<Vec<Spanned<RawService>>>,
     pub workloads: Option<Vec<Spanned<RawWorkload>>>,
+    pub mesh: Option<Spanned<RawMesh>>,
+    pub nodes: Option<Spanned<Vec<Spanned<RawNode>>>>,
+}
+
+/// Mesh-wide settings.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawMesh {
+    pub mtls: Option<Spanned<String>>,
+}
+
+/// One node of the mesh, as the tunnel reaches its agent.
+#[derive(Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub(super) struct RawNode {
+    pub name: Option<Spanned<String>>,
+    pub address: Option<Spanned<String>>,
+    pub tunnel_port: Option<Spanned<Int>>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -33,6 +51,7 @@ pub(super) struct RawService {
     pub affinity_timeout_seconds: Option<Spanned<Int>>,
     pub policy: Option<Spanned<RawPolicy>>,
     pub same_node_redirect: Option<bool>,
+    pub mtls: Option<Spanned<String>>,
     pub backends: Option<Spanned<Vec<Spanned<RawBackend>>>>,
 }
 
@@ -80,6 +99,7 @@ pub(super) struct RawBackend {
     pub port: Option<Spanned<Int>>,
     pub weight: Option<Spanned<Int>>,
     pub state: Option<Spanned<String>>,
+    pub node: Option<Spanned<String>>,
 }
 
 /// An integer field as written. Accepting any scalar here, instead of `u16`,

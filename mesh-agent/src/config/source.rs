@@ -2,7 +2,9 @@
 //!
 //! `--config` names a file or a directory. In a directory every `*.yaml`
 //! file (dotfiles aside) contributes services and workloads; names are
-//! unique across the directory and an error names its file. A reload
+//! unique across the directory and an error names its file. The mesh-wide
+//! sections, `mesh:` and `nodes:`, may each be in one file only; every
+//! file's services are checked against them. A reload
 //! re-reads only the files whose size, modification time or inode changed
 //! (or only the files inotify named), and re-parses only those whose
 //! content hash changed.
@@ -13,6 +15,10 @@
 //! style, no anchors or aliases, which could tie one item to another); any
 //! other file, and any file with an error, is parsed whole exactly as
 //! before, so every message and position is the whole-file parser's.
+//! Whether an item is valid depends on the other sections too (identities
+//! for policies, nodes and the default mTLS mode), so a change to any of
+//! `workloads:`, `mesh:` or `nodes:` makes the whole file (or directory)
+//! parsed again: no item checked under the old sections is kept.
 //!
 //! A load yields an [`Update`]: the services that differ from the state
 //! last committed. [`ConfigSource::commit`] makes it the new base once the
@@ -25,8 +31,8 @@ use std::os::unix::fs::MetadataExt as _;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::{ConfigError, Problem, invalid, parse_item, parse_part, parse_str};
-use crate::state::{DesiredState, Service, ServiceSet, Workload};
+use super::{ConfigError, MeshPart, Problem, invalid, parse_item, parse_part, parse_str};
+use crate::state::{DesiredState, Mesh, Service, ServiceSet, Workload};
 
 /// What to look at again.
 #[derive(Clone, Debug)]
@@ -45,14 +51,14 @@ pub struct Update {
     pub services: BTreeMap<String, Option<Arc<Service>>>,
     /// The complete workload list, when it changed.
     pub workloads: Option<Arc<Vec<Workload>>>,
-    /// The mesh section (nodes, defaults), when it changed.
-    pub mesh: Option<Arc<crate::state::Mesh>>,
+    /// The mesh (nodes, default mTLS mode), when it changed.
+    pub mesh: Option<Arc<Mesh>>,
     next: Pending,
 }
 
 impl Update {
     pub fn is_empty(&self) -> bool {
-        self.services.is_empty() && self.workloads.is_none()
+        self.services.is_empty() && self.workloads.is_none() && self.mesh.is_none()
     }
 }
 
@@ -88,6 +94,14 @@ fn hash(bytes: &[u8]) -> Hash {
     xxhash_rust::xxh3::xxh3_128(bytes)
 }
 
+/// The hash of the sections so far (0: none) and one more, in file order.
+fn add_section(so_far: Hash, piece: &[u8]) -> Hash {
+    let mut both = [0u8; 32];
+    both[..16].copy_from_slice(&so_far.to_le_bytes());
+    both[16..].copy_from_slice(&hash(piece).to_le_bytes());
+    hash(&both)
+}
+
 /// Hashes a key that is already a hash: takes its low bits (maps keyed by
 /// content hashes need no second hashing).
 #[derive(Clone, Copy, Debug, Default)]
@@ -118,8 +132,9 @@ type ByHash = std::hash::BuildHasherDefault<Prehashed>;
 struct FileIndex {
     /// Hash of the whole text.
     whole: Option<Hash>,
-    /// Hash of the `workloads:` section (0: none), when the file split.
-    workloads: Option<Hash>,
+    /// Hash of the sections other than `services:` (`workloads:`, `mesh:`,
+    /// `nodes:`; 0: none), when the file split.
+    sections: Option<Hash>,
     /// Hash of each `services:` item → the name of its service.
     items: HashMap<Hash, Arc<Service>, ByHash>,
     /// The wrapping sum of the keys of `items`.
@@ -134,7 +149,7 @@ struct FileIndex {
 #[derive(Debug, Default)]
 struct NamedIndex {
     whole: Option<Hash>,
-    workloads: Option<Hash>,
+    sections: Option<Hash>,
     items: Vec<(Hash, String)>,
 }
 
@@ -145,6 +160,8 @@ struct DirEntry {
     hash: Hash,
     names: Vec<String>,
     workloads: Vec<Workload>,
+    /// The mesh sections the file has.
+    mesh: MeshPart,
 }
 
 /// What tells a changed file from an unchanged one without reading it.
@@ -248,6 +265,9 @@ impl ConfigSource {
         if let Some(workloads) = update.workloads {
             self.current.workloads = workloads;
         }
+        if let Some(mesh) = update.mesh {
+            self.current.mesh = mesh;
+        }
         match update.next {
             Pending::Nothing => {}
             Pending::File(index) => {
@@ -264,7 +284,7 @@ impl ConfigSource {
                 }
                 self.file = FileIndex {
                     whole: index.whole,
-                    workloads: index.workloads,
+                    sections: index.sections,
                     items,
                     sum,
                     order,
@@ -323,11 +343,11 @@ impl ConfigSource {
         // First byte of the line not yet classified.
         let mut scan = 0;
         // The open piece: where it starts, and whether it is an item (or
-        // the workloads section).
+        // another section).
         let mut open: Option<(usize, bool)> = None;
         let mut hashes: Vec<Hash> = Vec::with_capacity(self.file.order.len());
         let mut new_items: Vec<(Hash, Service)> = Vec::new();
-        let mut workloads_hash: Hash = 0;
+        let mut sections_hash: Hash = 0;
         let mut plain = true;
         let identities: HashSet<&str> = self
             .current
@@ -346,14 +366,16 @@ impl ConfigSource {
                         // Parsed at once: no copy of the text is kept.
                         match std::str::from_utf8(bytes)
                             .ok()
-                            .and_then(|t| parse_item(t, &identities))
+                            .and_then(|t| parse_item(t, &identities, &self.current.mesh))
                         {
                             Some(svc) => new_items.push((h, svc)),
                             None => return false,
                         }
                     }
                 }
-                Some((start, false)) => workloads_hash = hash(&buf[start..end]),
+                Some((start, false)) => {
+                    sections_hash = add_section(sections_hash, &buf[start..end]);
+                }
                 None => {}
             }
             true
@@ -400,7 +422,7 @@ impl ConfigSource {
                             plain &= finish(open, &buf, scan);
                             open = match mark {
                                 Mark::Item => Some((scan, true)),
-                                Mark::Workloads => Some((scan, false)),
+                                Mark::Section => Some((scan, false)),
                                 _ => None,
                             };
                         }
@@ -429,9 +451,10 @@ impl ConfigSource {
         // Unchanged items need no whole-file hash: all found, none new,
         // is an empty update.
         let whole = 0;
-        if !plain || self.file.workloads != Some(workloads_hash) {
-            // An unusual layout, or the identities (and so every policy)
-            // may have changed.
+        if !plain || self.file.sections != Some(sections_hash) {
+            // An unusual layout, or the identities (and so every policy),
+            // the nodes or the default mode (and so every service) may
+            // have changed.
             let bytes = std::fs::read(&self.path).map_err(read_error)?;
             return self.whole_file(&bytes, hash(&bytes), &origin);
         }
@@ -571,17 +594,22 @@ impl ConfigSource {
             source: std::io::Error::new(std::io::ErrorKind::InvalidData, e),
         })?;
         let state = parse_str(text, origin)?;
-        let no_workloads = state.workloads.is_empty();
+        // What a file without those sections reads as.
+        let no_sections = state.workloads.is_empty() && state.mesh == Mesh::default();
         let mut update = self.diff(state);
         // Index the items too, so that the next change takes the shortcut
-        // (this parses the items a second time; it happens when the
-        // workloads change or the layout was unusual, not on every change).
+        // (this parses the items a second time; it happens when the other
+        // sections change or the layout was unusual, not on every change).
         let split = std::str::from_utf8(bytes).ok().and_then(split);
         let mut index = NamedIndex {
             whole: Some(whole),
-            workloads: match &split {
-                Some(s) => Some(s.workloads.clone().map_or(0, |r| hash(&bytes[r]))),
-                None if no_workloads => Some(0),
+            sections: match &split {
+                Some(s) => Some(
+                    s.sections
+                        .iter()
+                        .fold(0, |h, r| add_section(h, &bytes[r.clone()])),
+                ),
+                None if no_sections => Some(0),
                 None => None,
             },
             items: Vec::new(),
@@ -594,9 +622,11 @@ impl ConfigSource {
                 .iter()
                 .map(|w| w.identity.as_str())
                 .collect();
+            // Checked under the mesh of this load, not the committed one.
+            let mesh = update.mesh.as_deref().unwrap_or(&self.current.mesh);
             for range in &split.items {
                 let item = &text[range.clone()];
-                if let Some(svc) = parse_item(item, &identities) {
+                if let Some(svc) = parse_item(item, &identities, mesh) {
                     index.items.push((hash(item.as_bytes()), svc.name));
                 }
             }
@@ -630,6 +660,9 @@ impl ConfigSource {
         }
         if *self.current.workloads != state.workloads {
             update.workloads = Some(Arc::new(state.workloads));
+        }
+        if *self.current.mesh != state.mesh {
+            update.mesh = Some(Arc::new(state.mesh));
         }
         update
     }
@@ -719,6 +752,7 @@ impl ConfigSource {
                     hash: h,
                     names: Vec::new(),
                     workloads: Vec::new(),
+                    mesh: MeshPart::default(),
                 },
             );
             changed.insert(name.clone(), utf8(bytes, &path)?);
@@ -740,24 +774,30 @@ impl ConfigSource {
             .map(|w| w.identity.clone())
             .collect();
         let mut parts = BTreeMap::new();
-        let mut workloads_changed = gone
-            .iter()
-            .any(|n| self.files.get(n).is_some_and(|e| !e.workloads.is_empty()));
+        // The identities, nodes or default mode may have changed: then
+        // every file's services are checked again, by the full check.
+        let mut sections_changed = gone.iter().any(|n| {
+            self.files
+                .get(n)
+                .is_some_and(|e| !e.workloads.is_empty() || !e.mesh.is_empty())
+        });
         for (name, text) in &changed {
             let origin = self.path.join(name).display().to_string();
-            let (workloads, services) = match parse_part(text, &origin, &identities) {
+            let part = match parse_part(text, &origin, &identities, &self.current.mesh) {
                 Ok(part) => part,
-                // Perhaps only an identity from another changed file: the
-                // full check below says.
+                // Perhaps only an identity or a node from another changed
+                // file: the full check below says.
                 Err(_) => return self.whole_dir(),
             };
-            let before = self.files.get(name).map(|e| e.workloads.as_slice());
-            if before.unwrap_or_default() != workloads.as_slice() {
-                workloads_changed = true;
+            let before = self.files.get(name);
+            if before.map_or(&[][..], |e| e.workloads.as_slice()) != part.workloads.as_slice()
+                || before.map_or(&MeshPart::default(), |e| &e.mesh) != &part.mesh
+            {
+                sections_changed = true;
             }
-            parts.insert(name.clone(), (workloads, services));
+            parts.insert(name.clone(), part);
         }
-        if workloads_changed {
+        if sections_changed {
             return self.whole_dir();
         }
         // Names and frontends of the other files stay; the changed files'
@@ -774,8 +814,8 @@ impl ConfigSource {
         }
         let mut names: HashSet<&str> = HashSet::new();
         let mut frontends: HashSet<(SocketAddr, u8)> = HashSet::new();
-        for (_, services) in parts.values() {
-            for l in services {
+        for part in parts.values() {
+            for l in &part.services {
                 let svc = &l.service;
                 let clash = (self.current.services.contains_key(&svc.name)
                     && !released.contains(svc.name.as_str()))
@@ -793,10 +833,18 @@ impl ConfigSource {
                 }
             }
         }
-        for (file, (_, services)) in parts {
+        for (file, part) in parts {
             let entry = files.get_mut(&file).expect("inserted above");
-            entry.names = services.iter().map(|l| l.service.name.clone()).collect();
-            for l in services {
+            entry.names = part
+                .services
+                .iter()
+                .map(|l| l.service.name.clone())
+                .collect();
+            // Unchanged (checked above), but kept: a later removal of the
+            // file must see what it held.
+            entry.workloads = part.workloads;
+            entry.mesh = part.mesh;
+            for l in part.services {
                 let svc = l.service;
                 if self
                     .current
@@ -843,17 +891,47 @@ impl ConfigSource {
                     hash: hash(&bytes),
                     names: Vec::new(),
                     workloads: Vec::new(),
+                    mesh: MeshPart::default(),
                 },
             );
             texts.insert(name.clone(), utf8(bytes, &path)?);
         }
         let origin = |name: &str| self.path.join(name).display().to_string();
-        // Workloads first: every file's policies may name any identity.
+        // Workloads and the mesh first: every file's policies may name any
+        // identity, and its backends any node.
         let mut workloads: Vec<Workload> = Vec::new();
         let mut workload_at: HashMap<String, (String, usize)> = HashMap::new();
+        let mut mesh = Mesh::default();
+        // Which file has `mesh:` and which `nodes:`.
+        let mut mesh_file: Option<String> = None;
+        let mut nodes_file: Option<String> = None;
         for (name, text) in &texts {
-            let located = super::workloads_located(text, &origin(name))?;
-            for (w, at) in located {
+            let sections = super::sections_located(text, &origin(name))?;
+            for (section, what, at, first) in [
+                ("mesh", "defaults", sections.mesh_at, &mut mesh_file),
+                ("nodes", "node list", sections.nodes_at, &mut nodes_file),
+            ] {
+                let Some(at) = at else { continue };
+                if let Some(first_file) = first {
+                    return Err(invalid(
+                        &origin(name),
+                        at,
+                        Problem::SectionInTwoFiles {
+                            section,
+                            what,
+                            first_file: first_file.clone(),
+                        },
+                    ));
+                }
+                *first = Some(origin(name));
+            }
+            if let Some(mode) = sections.mesh.default_mtls {
+                mesh.default_mtls = mode;
+            }
+            if let Some(nodes) = sections.mesh.nodes {
+                mesh.nodes = nodes;
+            }
+            for (w, at) in sections.workloads {
                 if let Some((first_file, first_line)) = workload_at.get(&w.name) {
                     return Err(invalid(
                         &origin(name),
@@ -874,10 +952,11 @@ impl ConfigSource {
         let mut name_at: HashMap<String, (String, usize)> = HashMap::new();
         let mut frontend_of: HashMap<(SocketAddr, u8), String> = HashMap::new();
         for (name, text) in &texts {
-            let (file_workloads, located) = parse_part(text, &origin(name), &identities)?;
+            let part = parse_part(text, &origin(name), &identities, &mesh)?;
             let entry = files.get_mut(name).expect("read above");
-            entry.workloads = file_workloads;
-            for l in located {
+            entry.workloads = part.workloads;
+            entry.mesh = part.mesh;
+            for l in part.services {
                 let svc = l.service;
                 if let Some((first_file, first_line)) = name_at.get(&svc.name) {
                     return Err(invalid(
@@ -918,7 +997,7 @@ impl ConfigSource {
         let mut update = self.diff(DesiredState {
             services,
             workloads,
-            mesh: Default::default(),
+            mesh,
         });
         update.next = Pending::Dir(files);
         Ok(update)
@@ -942,13 +1021,14 @@ fn is_config_name(name: &str) -> bool {
 /// Where a plainly laid out file's pieces are.
 #[derive(Debug, PartialEq)]
 pub(super) struct Split {
-    /// The `workloads:` section, key line included.
-    pub workloads: Option<Range<usize>>,
+    /// The other sections (`workloads:`, `mesh:`, `nodes:`) in file order,
+    /// each from its key line to the next piece.
+    pub sections: Vec<Range<usize>>,
     /// Each item of `services:`, from its `-` line to the next item.
     pub items: Vec<Range<usize>>,
 }
 
-/// Splits a file into its `workloads:` section and `services:` items, or
+/// Splits a file into its other sections and `services:` items, or
 /// None when its layout is not one this can split safely (flow style at
 /// the top, anchors or aliases, tabs, several documents, other keys): such
 /// files are parsed whole.
@@ -962,12 +1042,12 @@ pub(super) fn split(text: &str) -> Option<Split> {
     }
     let mut splitter = Splitter::default();
     let mut items: Vec<Range<usize>> = Vec::new();
-    let mut workloads: Option<Range<usize>> = None;
+    let mut sections: Vec<Range<usize>> = Vec::new();
     // The open piece: where it starts and whether it is an item.
     let mut open: Option<(usize, bool)> = None;
     let mut close = |open: Option<(usize, bool)>, end: usize| match open {
         Some((start, true)) => items.push(start..end),
-        Some((start, false)) => workloads = Some(start..end),
+        Some((start, false)) => sections.push(start..end),
         None => {}
     };
     let mut start = 0;
@@ -979,12 +1059,12 @@ pub(super) fn split(text: &str) -> Option<Split> {
             Mark::Same => {}
             Mark::Close => close(open.take(), start),
             Mark::Item => close(open.replace((start, true)), start),
-            Mark::Workloads => close(open.replace((start, false)), start),
+            Mark::Section => close(open.replace((start, false)), start),
         }
         start = end;
     }
     close(open, bytes.len());
-    Some(Split { workloads, items })
+    Some(Split { sections, items })
 }
 
 /// What a line does to the pieces of a plainly laid out file.
@@ -996,8 +1076,9 @@ pub(super) enum Mark {
     Close,
     /// Ends the open piece and starts a `services:` item.
     Item,
-    /// Ends the open piece and starts the `workloads:` section.
-    Workloads,
+    /// Ends the open piece and starts another section (`workloads:`,
+    /// `mesh:`, `nodes:`), read whole.
+    Section,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -1005,7 +1086,8 @@ enum Section {
     #[default]
     None,
     Services,
-    Workloads,
+    /// A section read whole.
+    Other,
 }
 
 /// Classifies a file's lines one by one (see `split`); the same rules for
@@ -1015,6 +1097,8 @@ pub(super) struct Splitter {
     section: Section,
     seen_services: bool,
     seen_workloads: bool,
+    seen_mesh: bool,
+    seen_nodes: bool,
     item_indent: Option<usize>,
     in_item: bool,
 }
@@ -1036,7 +1120,7 @@ impl Splitter {
         let indent = line.iter().take_while(|&&b| b == b' ').count();
         // Most lines continue an item: settle those at once.
         if indent > 0
-            && (self.section == Section::Workloads
+            && (self.section == Section::Other
                 || (self.section == Section::Services
                     && self.in_item
                     && self.item_indent.is_some_and(|n| indent > n)))
@@ -1068,11 +1152,18 @@ impl Splitter {
                 self.in_item = false;
                 return Some(Mark::Close);
             }
-            if top_key("workloads:") && !self.seen_workloads {
-                self.seen_workloads = true;
-                self.section = Section::Workloads;
-                self.in_item = false;
-                return Some(Mark::Workloads);
+            // Each section once: a repeated key is the library's error.
+            for (key, seen) in [
+                ("workloads:", &mut self.seen_workloads),
+                ("mesh:", &mut self.seen_mesh),
+                ("nodes:", &mut self.seen_nodes),
+            ] {
+                if top_key(key) && !*seen {
+                    *seen = true;
+                    self.section = Section::Other;
+                    self.in_item = false;
+                    return Some(Mark::Section);
+                }
             }
             if self.section == Section::Services && self.item_indent.is_none() && dash {
                 self.item_indent = Some(0);
@@ -1083,7 +1174,7 @@ impl Splitter {
         }
         match self.section {
             Section::None => None,
-            Section::Workloads => Some(Mark::Same),
+            Section::Other => Some(Mark::Same),
             Section::Services => match self.item_indent {
                 None if dash => {
                     self.item_indent = Some(indent);
@@ -1102,10 +1193,10 @@ impl Splitter {
 mod tests {
     use super::*;
 
-    fn pieces(text: &str) -> Option<(Option<&str>, Vec<&str>)> {
+    fn pieces(text: &str) -> Option<(Vec<&str>, Vec<&str>)> {
         let s = split(text)?;
         Some((
-            s.workloads.map(|r| &text[r]),
+            s.sections.into_iter().map(|r| &text[r]).collect(),
             s.items.into_iter().map(|r| &text[r]).collect(),
         ))
     }
@@ -1121,11 +1212,22 @@ mod tests {
                 "  - name: b\n    backends: [{address: 1.2.3.4, port: 5}]\n"
             ]
         );
-        assert_eq!(w, Some("workloads:\n  - name: w\n    cgroup: /x\n"));
+        assert_eq!(w, ["workloads:\n  - name: w\n    cgroup: /x\n"]);
         let (_, items) = pieces("services:\n- name: a\n  port: 1\n- name: b\n").unwrap();
         assert_eq!(items, ["- name: a\n  port: 1\n", "- name: b\n"]);
-        assert_eq!(pieces("services:\n").unwrap(), (None, vec![]));
-        assert_eq!(pieces("").unwrap(), (None, vec![]));
+        assert_eq!(pieces("services:\n").unwrap(), (vec![], vec![]));
+        assert_eq!(pieces("").unwrap(), (vec![], vec![]));
+        // The mesh sections, in file order, each read whole.
+        let text = "mesh:\n  mtls: strict\n# nodes next\nnodes:\n  - name: n\n    address: 10.0.0.1\nservices:\n  - name: a\n";
+        let (sections, items) = pieces(text).unwrap();
+        assert_eq!(
+            sections,
+            [
+                "mesh:\n  mtls: strict\n# nodes next\n",
+                "nodes:\n  - name: n\n    address: 10.0.0.1\n"
+            ]
+        );
+        assert_eq!(items, ["  - name: a\n"]);
     }
 
     #[test]
@@ -1137,6 +1239,8 @@ mod tests {
             "---\nservices:\n",
             "services:\n  - name: a\n services2:\n",
             "services:\n  - name: a\nservices:\n  - name: b\n",
+            "nodes:\n  - name: a\nnodes:\n  - name: b\n",
+            "mesh: {mtls: strict}\nservices:\n",
             "services:\n\t- name: a\n",
             "services:\r\n  - name: a\r\n",
             "  - name: a\n",
@@ -1417,6 +1521,261 @@ mod tests {
             err.contains("identity 'frontnd' in the policy of service 'web'"),
             "{err}"
         );
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// One service item whose backend names `node` (None: names none).
+    fn service_on(name: &str, vip: &str, port: u16, node: Option<&str>) -> String {
+        let node = node.map(|n| format!(", node: {n}")).unwrap_or_default();
+        format!(
+            "  - name: {name}\n    vip: {vip}\n    port: 80\n    backends: [{{address: 127.0.0.1, port: {port}{node}}}]\n"
+        )
+    }
+
+    fn nodes_yaml(names: &[&str]) -> String {
+        let mut out = String::from("nodes:\n");
+        for (i, name) in names.iter().enumerate() {
+            out += &format!("  - name: {name}\n    address: 10.0.0.{}\n", i + 1);
+        }
+        out
+    }
+
+    #[test]
+    fn a_file_reload_of_the_nodes_alone_carries_the_mesh() {
+        let dir = temp_dir("nodes");
+        let path = dir.join("mesh.yaml");
+        let write = |mesh: &str, nodes: &[&str], b_node: Option<&str>, b_port: u16| {
+            let text = format!(
+                "{mesh}{}services:\n{}{}",
+                nodes_yaml(nodes),
+                service_on("a", "10.96.0.1", 1, Some("n1")),
+                service_on("b", "10.96.0.2", b_port, b_node),
+            );
+            std::fs::write(&path, text).unwrap();
+        };
+        write("", &["n1", "n2"], Some("n2"), 2);
+        let mut source = ConfigSource::new(&path);
+        let first = source.load(&Scope::All).unwrap();
+        assert_eq!(first.mesh.as_ref().map(|m| m.nodes.len()), Some(2));
+        source.commit(first);
+        assert_eq!(source.current().mesh.nodes[1].name, "n2");
+        assert!(source.load(&Scope::All).unwrap().is_empty());
+
+        // Only the nodes change: the mesh, and no service.
+        write("", &["n1", "n2", "n3"], Some("n2"), 2);
+        let update = source.load(&Scope::All).unwrap();
+        assert!(update.services.is_empty(), "{:?}", update.services);
+        assert_eq!(update.mesh.as_ref().map(|m| m.nodes.len()), Some(3));
+        assert!(!update.is_empty());
+        source.commit(update);
+        assert_eq!(source.current().mesh.nodes.len(), 3);
+
+        // An item-only change after that still takes the item shortcut,
+        // checked against the committed nodes.
+        write("", &["n1", "n2", "n3"], Some("n3"), 2);
+        let update = source.load(&Scope::All).unwrap();
+        assert!(matches!(update.next, Pending::FileDelta { .. }));
+        assert_eq!(names(&update), [("b".into(), true)]);
+        assert!(update.mesh.is_none());
+        source.commit(update);
+
+        // The nodes lose n3 while b's item stays as it was: the unchanged
+        // item is checked again (it is not taken from the index) and the
+        // reload is refused.
+        write("", &["n1", "n2"], Some("n3"), 2);
+        let err = source.load(&Scope::All).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                ":14:52: backend 127.0.0.1:2 of service 'b' names node 'n3', which is not in \
+                 `nodes:` (known nodes: n1, n2)"
+            ),
+            "{err}"
+        );
+        // The nodes and the item change together: accepted.
+        write("", &["n1", "n2"], Some("n2"), 2);
+        let update = source.load(&Scope::All).unwrap();
+        assert_eq!(names(&update), [("b".into(), true)]);
+        assert_eq!(update.mesh.as_ref().map(|m| m.nodes.len()), Some(2));
+        source.commit(update);
+
+        // A default of strict makes a valid service invalid: refused, and
+        // the committed state stays.
+        write("mesh:\n  mtls: strict\n", &["n1", "n2"], None, 2);
+        let err = source.load(&Scope::All).unwrap_err().to_string();
+        assert!(
+            err.contains(
+                "service 'b' is mtls strict (the mesh default, `mesh: mtls:`), but backend \
+                 127.0.0.1:2 names no node"
+            ),
+            "{err}"
+        );
+        // The same default with b on a node: only the mesh changes.
+        write("mesh:\n  mtls: strict\n", &["n1", "n2"], Some("n2"), 2);
+        let update = source.load(&Scope::All).unwrap();
+        assert!(update.services.is_empty());
+        assert_eq!(
+            update.mesh.as_ref().map(|m| m.default_mtls),
+            Some(crate::state::MtlsMode::Strict)
+        );
+        source.commit(update);
+        let mut fresh = ConfigSource::new(&path);
+        let all = fresh.load(&Scope::All).unwrap();
+        fresh.commit(all);
+        assert_eq!(source.current(), fresh.current());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_directory_checks_nodes_across_files() {
+        let dir = temp_dir("dirnodes");
+        let mesh_file = dir.join("00-mesh.yaml");
+        let web_file = dir.join("10-web.yaml");
+        let write_mesh = |mesh: &str| {
+            std::fs::write(&mesh_file, format!("{mesh}{}", nodes_yaml(&["n1", "n2"]))).unwrap();
+        };
+        write_mesh("mesh:\n  mtls: permissive\n");
+        let web = |port: u16, node: Option<&str>| {
+            format!("services:\n{}", service_on("web", "10.96.0.1", port, node))
+        };
+        std::fs::write(&web_file, web(1, Some("n2"))).unwrap();
+        let mut source = ConfigSource::new(&dir);
+        let update = source.load(&Scope::All).unwrap();
+        assert_eq!(names(&update), [("web".into(), true)]);
+        assert_eq!(update.mesh.as_ref().map(|m| m.nodes.len()), Some(2));
+        source.commit(update);
+        assert_eq!(
+            source.current().get("web").unwrap().backends[0]
+                .node
+                .as_deref(),
+            Some("n2")
+        );
+
+        // A change of the services file alone: that file only, against the
+        // nodes of the other.
+        std::fs::write(&web_file, web(2, Some("n1"))).unwrap();
+        let update = source.load(&Scope::Paths(vec![web_file.clone()])).unwrap();
+        assert!(matches!(update.next, Pending::DirDelta { .. }));
+        assert_eq!(names(&update), [("web".into(), true)]);
+        assert!(update.mesh.is_none());
+        source.commit(update);
+        let web_origin = web_file.display().to_string();
+        let mesh_origin = mesh_file.display().to_string();
+        std::fs::write(&web_file, web(2, Some("n3"))).unwrap();
+        let err = source.load(&Scope::All).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "{web_origin}:5:52: backend 127.0.0.1:2 of service 'web' names node 'n3', which \
+                 is not in `nodes:` (known nodes: n1, n2)"
+            )),
+            "{err}"
+        );
+        std::fs::write(&web_file, web(2, None)).unwrap();
+        let update = source.load(&Scope::All).unwrap();
+        source.commit(update);
+
+        // Strict by default in the mesh file: the services file, unchanged,
+        // is checked again and refused.
+        write_mesh("mesh:\n  mtls: strict\n");
+        let err = source
+            .load(&Scope::Paths(vec![mesh_file.clone()]))
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.starts_with(&format!(
+                "{web_origin}:5:26: service 'web' is mtls strict (the mesh default, \
+                 `mesh: mtls:`), but backend 127.0.0.1:2 names no node"
+            )),
+            "{err}"
+        );
+        write_mesh("mesh:\n  mtls: permissive\n");
+
+        // A second `nodes:` or `mesh:` is refused, naming both files.
+        let more = dir.join("20-more.yaml");
+        std::fs::write(&more, nodes_yaml(&["n9"])).unwrap();
+        let err = source.load(&Scope::All).unwrap_err().to_string();
+        let more_origin = more.display().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "{more_origin}:2:3: `nodes:` is also set in {mesh_origin}; set it in one file of \
+                 the directory only (it holds the whole mesh's node list)"
+            )),
+            "{err}"
+        );
+        std::fs::write(&more, "mesh:\n  mtls: disabled\n").unwrap();
+        let err = source.load(&Scope::All).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "{more_origin}:2:3: `mesh:` is also set in {mesh_origin}; set it in one file"
+            )),
+            "{err}"
+        );
+        // Moved there from the mesh file: accepted.
+        write_mesh("");
+        let update = source.load(&Scope::All).unwrap();
+        assert!(update.services.is_empty());
+        assert_eq!(
+            update.mesh.as_ref().map(|m| m.default_mtls),
+            Some(crate::state::MtlsMode::Disabled)
+        );
+        source.commit(update);
+
+        // Without the nodes, a backend that names one is refused.
+        std::fs::write(&web_file, web(2, Some("n1"))).unwrap();
+        let update = source.load(&Scope::All).unwrap();
+        source.commit(update);
+        std::fs::remove_file(&mesh_file).unwrap();
+        let err = source.load(&Scope::All).unwrap_err().to_string();
+        assert!(
+            err.starts_with(&format!(
+                "{web_origin}:5:52: backend 127.0.0.1:2 of service 'web' names node 'n1', but \
+                 there is no `nodes:` list"
+            )),
+            "{err}"
+        );
+        let mut fresh = ConfigSource::new(&dir);
+        assert!(fresh.load(&Scope::All).is_err());
+        std::fs::write(&web_file, web(2, None)).unwrap();
+        let update = source.load(&Scope::All).unwrap();
+        assert_eq!(update.mesh.as_ref().map(|m| m.nodes.len()), Some(0));
+        source.commit(update);
+        let all = fresh.load(&Scope::All).unwrap();
+        fresh.commit(all);
+        assert_eq!(source.current(), fresh.current());
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    /// A file whose services changed (its workloads not) and that is then
+    /// removed takes its workloads with it.
+    #[test]
+    fn a_removed_file_takes_its_workloads_after_an_incremental_change() {
+        let dir = temp_dir("wremoved");
+        let w = dir.join("w.yaml");
+        let text = |port: u16| {
+            format!(
+                "workloads:\n  - name: frontend\n    cgroup: /sys/fs/cgroup/f\nservices:\n{}",
+                service_yaml("a", "10.0.0.1", port)
+            )
+        };
+        std::fs::write(&w, text(1)).unwrap();
+        std::fs::write(
+            dir.join("s.yaml"),
+            format!("services:\n{}", service_yaml("b", "10.0.0.2", 2)),
+        )
+        .unwrap();
+        let mut source = ConfigSource::new(&dir);
+        let update = source.load(&Scope::All).unwrap();
+        source.commit(update);
+        std::fs::write(&w, text(3)).unwrap();
+        let update = source.load(&Scope::All).unwrap();
+        assert!(matches!(update.next, Pending::DirDelta { .. }));
+        assert_eq!(names(&update), [("a".into(), true)]);
+        source.commit(update);
+        std::fs::remove_file(&w).unwrap();
+        let update = source.load(&Scope::All).unwrap();
+        assert_eq!(names(&update), [("a".into(), false)]);
+        assert_eq!(update.workloads.as_ref().map(|w| w.len()), Some(0));
+        source.commit(update);
+        assert!(source.current().workloads.is_empty());
         let _ = std::fs::remove_dir_all(&dir);
     }
 }
