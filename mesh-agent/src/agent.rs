@@ -30,6 +30,7 @@ use crate::{
     reconcile::{ApplyReport, Capacity, ReconcileError, Reconciler, service_keys},
     redirect::{Redirect, RedirectError, RedirectHandle, RedirectOptions},
     state::{DesiredState, Service, ServiceSet},
+    tunnel::{NodeTunnel, NodeTunnelError, TunnelSettings},
 };
 
 /// Default mark of the agent's own sockets ("MESH"); the programs skip them.
@@ -66,28 +67,12 @@ pub struct AgentOptions {
     pub tunnel: Option<TunnelSettings>,
 }
 
-/// Where the tunnel listens and who this node is to its peers.
-#[derive(Clone, Debug)]
-pub struct TunnelSettings {
-    /// cert.pem, key.pem and bundle.pem of this node (`meshctl ca issue`).
-    pub identity_dir: PathBuf,
-    /// Where the kernel sends captured connections: one listener per family.
-    pub outbound_v4: std::net::SocketAddrV4,
-    pub outbound_v6: std::net::SocketAddrV6,
-    /// HBONE from other nodes' agents.
-    pub inbound: std::net::SocketAddr,
-    /// How long a stopping agent lets its tunnelled connections finish.
-    pub drain_timeout: Duration,
-}
-
-impl TunnelSettings {
-    /// The listener addresses as `MESH_CONFIG` holds them.
-    fn kernel_config(&self, config: &mut ConfigValue) {
-        config.tunnel_v4 = u32::from_ne_bytes(self.outbound_v4.ip().octets());
-        config.tunnel_v6 = crate::reconcile::ip_to_words((*self.outbound_v6.ip()).into()).0;
-        // One port for both listeners (the kernel keeps one).
-        config.tunnel_port = self.outbound_v4.port().to_be();
-    }
+/// The listener addresses as `MESH_CONFIG` holds them.
+fn tunnel_kernel_config(tunnel: &TunnelSettings, config: &mut ConfigValue) {
+    config.tunnel_v4 = u32::from_ne_bytes(tunnel.outbound_v4.ip().octets());
+    config.tunnel_v6 = crate::reconcile::ip_to_words((*tunnel.outbound_v6.ip()).into()).0;
+    // One port for both listeners (the kernel keeps one).
+    config.tunnel_port = tunnel.outbound_v4.port().to_be();
 }
 
 /// How often the node's own addresses are re-read for same-node redirect.
@@ -119,6 +104,8 @@ pub enum AgentError {
     Metrics(#[from] MetricsError),
     #[error("kernel debug log: {0}")]
     KernelLog(#[from] KernelLogError),
+    #[error("tunnel: {0}")]
+    Tunnel(#[from] NodeTunnelError),
 }
 
 /// State shared between the reload loop and the admin API.
@@ -128,6 +115,8 @@ pub struct Shared {
     redirect: RedirectHandle,
     metrics: Arc<Metrics>,
     debug_log: Mutex<DebugLogSwitch>,
+    /// The cross-node tunnel, when this node has an identity.
+    tunnel: Option<NodeTunnel>,
     /// The kernel's event ring, once the reader runs.
     event_ring: std::sync::OnceLock<events::Ring>,
 }
@@ -610,6 +599,9 @@ impl Shared {
             inner.draining = draining;
             inner.panicking = panicking;
             inner.placement = placement;
+            if let Some(tunnel) = &self.tunnel {
+                tunnel.update(inner.desired.iter(), &inner.placement.mesh);
+            }
             for name in &metric_names {
                 let Some(svc) = inner.desired.get(name) else {
                     self.metrics.health.forget(name, |_| false);
@@ -757,7 +749,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     };
     let mut agent_config = agent_config;
     if let Some(tunnel) = &opts.tunnel {
-        tunnel.kernel_config(&mut agent_config);
+        tunnel_kernel_config(tunnel, &mut agent_config);
     }
     maps.config
         .set(0, agent_config, 0)
@@ -810,6 +802,21 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             .time_apply(|| reconciler.apply_set(desired.iter(), &desired.workloads, &mut maps))
             .map_err(AgentError::from)
     })?;
+    let tunnel = match &opts.tunnel {
+        Some(settings) => {
+            let origins = bpf::TunnelOrigins::take_from(&mut ebpf).map_err(BpfError::from)?;
+            let tunnel = NodeTunnel::start(
+                settings,
+                &opts.node_name,
+                opts.socket_mark,
+                origins,
+                metrics.tunnel.clone(),
+            )?;
+            tunnel.update(desired.iter(), &placement.mesh);
+            Some(tunnel)
+        }
+        None => None,
+    };
     metrics.applied_lazily();
     release_free_memory();
     metrics.set_ready();
@@ -853,6 +860,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         redirect: redirect.clone(),
         metrics: metrics.clone(),
         debug_log: Mutex::new(debug_log),
+        tunnel,
         event_ring: std::sync::OnceLock::new(),
     });
     // What the kernel's ids mean, built when Prometheus asks (not on each
@@ -894,6 +902,9 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     watch(&opts, &shared, health_changes).await?;
 
     admin_task.abort();
+    if let Some(tunnel) = &shared.tunnel {
+        tunnel.shutdown().await;
+    }
     events_task.abort();
     kernel_log_task.abort();
     refresher.abort();

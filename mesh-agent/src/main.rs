@@ -285,7 +285,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 metrics_addr: metrics_addr.0,
                 kernel_debug_log,
                 node_name,
-                tunnel: identity_dir.map(|identity_dir| agent::TunnelSettings {
+                tunnel: identity_dir.map(|identity_dir| mesh_agent::tunnel::TunnelSettings {
                     identity_dir,
                     outbound_v4: tunnel_outbound,
                     outbound_v6: tunnel_outbound6,

@@ -105,6 +105,7 @@ pub struct Metrics {
     pub reconcile: reconcile::Metrics,
     pub health: health::Metrics,
     pub kernel: Arc<KernelCollector>,
+    pub tunnel: crate::tunnel::TunnelMetrics,
     probes: Probes,
     registry: Registry,
 }
@@ -136,6 +137,7 @@ impl Metrics {
         );
         let reconcile = reconcile::Metrics::new(&mut registry);
         let health = health::Metrics::new(&mut registry);
+        let tunnel = crate::tunnel::TunnelMetrics::new(&mut registry);
         let kernel = Arc::new(KernelCollector::default());
         health.list_from(kernel.clone());
         registry.register_collector(Box::new(kernel.clone()));
@@ -143,6 +145,7 @@ impl Metrics {
             reconcile,
             health,
             kernel,
+            tunnel,
             probes: Probes::new(),
             registry,
         }

@@ -19,6 +19,7 @@ pub mod copy;
 pub mod hbone;
 pub mod inbound;
 pub mod metrics;
+pub mod node;
 pub mod outbound;
 pub mod policy;
 pub mod pool;
@@ -43,6 +44,7 @@ use tokio::sync::Notify;
 
 pub use inbound::Inbound;
 pub use metrics::TunnelMetrics;
+pub use node::{NodeTunnel, NodeTunnelError, TunnelSettings};
 pub use outbound::{Destination, Outbound};
 pub use policy::{AllowAll, Authorizer, Deny, InboundPolicy, LocalBackends, PeerInfo};
 pub use snapshot::{ConnSnapshot, PeerSnapshot};

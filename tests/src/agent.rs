@@ -68,14 +68,18 @@ impl Agent {
         Ok(agent)
     }
 
-    /// `mesh-agent` itself, or through `ip netns exec` (which execs it in
-    /// place: the child's PID is the agent's).
+    /// `mesh-agent` itself, or through `nsenter --net` (which execs it in
+    /// place: the child's PID is the agent's). Not `ip netns exec`: that
+    /// mounts a sysfs of the namespace's own, hiding the cgroup and bpffs
+    /// mounts under /sys the agent needs.
     fn agent_command(agent_bin: &Path, netns: Option<&str>) -> Command {
         match netns {
             None => Command::new(agent_bin),
             Some(ns) => {
-                let mut cmd = Command::new("ip");
-                cmd.args(["netns", "exec", ns]).arg(agent_bin);
+                let mut cmd = Command::new("nsenter");
+                cmd.arg(format!("--net=/run/netns/{ns}"))
+                    .arg("--")
+                    .arg(agent_bin);
                 cmd
             }
         }

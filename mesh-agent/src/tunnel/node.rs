@@ -118,7 +118,7 @@ pub struct NodeTunnel {
     credentials: NodeCredentials,
     node: String,
     placement: Arc<RwLock<Arc<Placement>>>,
-    tasks: Vec<JoinHandle<()>>,
+    tasks: std::sync::Mutex<Vec<JoinHandle<()>>>,
     drain_timeout: Duration,
 }
 
@@ -133,13 +133,12 @@ impl NodeTunnel {
         metrics: TunnelMetrics,
     ) -> Result<NodeTunnel, NodeTunnelError> {
         let dir = settings.identity_dir.display().to_string();
-        let credentials =
-            NodeCredentials::load(&settings.identity_dir).map_err(|source| {
-                NodeTunnelError::Identity {
-                    dir: dir.clone(),
-                    source,
-                }
-            })?;
+        let credentials = NodeCredentials::load(&settings.identity_dir).map_err(|source| {
+            NodeTunnelError::Identity {
+                dir: dir.clone(),
+                source,
+            }
+        })?;
         if credentials.node_name() != node {
             return Err(NodeTunnelError::WrongNode {
                 dir,
@@ -169,9 +168,9 @@ impl NodeTunnel {
         let inbound_listener = listen(settings.inbound)?;
         {
             let inbound = inbound.clone();
-            tasks.push(tokio::spawn(
-                async move { inbound.serve(inbound_listener).await },
-            ));
+            tasks.push(tokio::spawn(async move {
+                inbound.serve(inbound_listener).await
+            }));
         }
         let origins = Arc::new(origins);
         let outbound_addrs = [
@@ -210,7 +209,7 @@ impl NodeTunnel {
             credentials,
             node: node.to_owned(),
             placement,
-            tasks,
+            tasks: std::sync::Mutex::new(tasks),
             drain_timeout: settings.drain_timeout,
         })
     }
@@ -231,11 +230,12 @@ impl NodeTunnel {
 
     /// Stops taking connections, lets open ones finish for the drain
     /// timeout (a successor agent takes the new ones), then resets the rest.
-    pub async fn shutdown(self) {
+    pub async fn shutdown(&self) {
         let drain = self.drain_timeout;
         info!(?drain, "tunnel draining");
         tokio::join!(self.outbound.shutdown(drain), self.inbound.shutdown(drain));
-        for task in self.tasks {
+        let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
+        for task in tasks {
             task.abort();
         }
     }
