@@ -13,6 +13,7 @@ pub use redirect::{RedirectCounters, RedirectResponse, SetRedirectRequest};
 pub use server::{AdminServerError, serve};
 pub use views::{
     BackendView, EventView, EventsResponse, MapFill, ServiceView, ServicesResponse, StatusResponse,
+    TunnelsResponse,
 };
 
 /// Where the agent listens unless told otherwise.
@@ -31,3 +32,5 @@ pub const PATH_OVERRIDES: &str = "/v1/overrides";
 pub const PATH_REDIRECT: &str = "/v1/redirect";
 /// Kernel-side debug logs: GET shows, POST `{"enabled": bool}` switches.
 pub const PATH_DEBUG_LOG: &str = "/v1/debug-log";
+/// The cross-node tunnel: this node's identity and its connections per peer.
+pub const PATH_TUNNELS: &str = "/v1/tunnels";

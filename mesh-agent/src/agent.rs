@@ -248,6 +248,20 @@ impl Shared {
         }
     }
 
+    pub fn tunnels(&self) -> admin::TunnelsResponse {
+        let node = self.lock().placement.node.clone();
+        admin::TunnelsResponse {
+            node,
+            enabled: self.tunnel.is_some(),
+            certificate: self.tunnel.as_ref().map(|t| t.certificate()),
+            peers: self
+                .tunnel
+                .as_ref()
+                .map(|t| t.snapshot())
+                .unwrap_or_default(),
+        }
+    }
+
     pub fn services(&self) -> ServicesResponse {
         let inner = self.lock();
         let services = inner

@@ -10,6 +10,7 @@ mod debug_log;
 mod offline;
 mod redirect;
 mod table;
+mod tunnels;
 
 use std::{io::IsTerminal as _, path::PathBuf, process::ExitCode, time::Duration};
 
@@ -124,6 +125,9 @@ enum Command {
         #[arg(value_enum)]
         switch: Option<redirect::Switch>,
     },
+    /// The cross-node mTLS tunnel: this node's certificate, and per peer
+    /// node its connections, streams, bytes each way, age and expiry.
+    Tunnels,
     /// Kernel-side debug logs at the balancing decisions, forwarded into the
     /// agent's log (target `mesh_kernel`); `on`/`off` switches them. Off,
     /// they cost one branch per decision.
@@ -271,6 +275,10 @@ async fn execute(cli: &Cli) -> Result<String, CliError> {
         Command::Redirect { switch } => {
             let view = redirect::execute(socket, *switch).await?;
             render(out, &view, redirect::render)
+        }
+        Command::Tunnels => {
+            let view: admin::TunnelsResponse = admin::get(socket, admin::PATH_TUNNELS).await?;
+            render(out, &view, tunnels::render)
         }
         Command::DebugLog { switch } => {
             let view = debug_log::execute(socket, *switch).await?;

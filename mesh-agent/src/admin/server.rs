@@ -88,6 +88,7 @@ fn route(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
     match req.uri().path() {
         PATH_STATUS => json(&shared.status()),
         PATH_SERVICES => json(&shared.services()),
+        super::PATH_TUNNELS => json(&shared.tunnels()),
         PATH_EVENTS => {
             let number = |name: &str| param(name).map(|v| v.parse::<u64>());
             let (limit, client, after) = match (number("limit"), number("client"), number("after"))

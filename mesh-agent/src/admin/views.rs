@@ -39,6 +39,19 @@ pub struct StatusResponse {
     pub kernel_log_sites_removed: bool,
 }
 
+/// `GET /v1/tunnels`.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+pub struct TunnelsResponse {
+    /// This node's name in the mesh.
+    pub node: String,
+    /// False: no `--identity-dir`, so nothing leaves this node encrypted
+    /// (strict services' remote backends are refused).
+    pub enabled: bool,
+    /// The certificate this node presents.
+    pub certificate: Option<crate::identity::CertInfo>,
+    pub peers: Vec<crate::tunnel::PeerSnapshot>,
+}
+
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
 pub struct ServicesResponse {
     pub services: Vec<ServiceView>,

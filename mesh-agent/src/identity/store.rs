@@ -21,7 +21,7 @@ const HINT: &str = "the identity directory holds cert.pem, key.pem and bundle.pe
                     `meshctl ca issue --out DIR` writes them";
 
 /// What `meshctl certs` and the admin API show about the loaded identity.
-#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize)]
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct CertInfo {
     pub spiffe_id: SpiffeId,
     /// Colon-separated hex, as openssl prints it.

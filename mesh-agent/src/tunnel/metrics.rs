@@ -12,7 +12,7 @@ use prometheus_client::{
 };
 
 /// Which side of the tunnel: `outbound` dials peers, `inbound` serves :15008.
-#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
 pub enum Direction {
     Outbound,

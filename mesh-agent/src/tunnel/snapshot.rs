@@ -138,7 +138,7 @@ impl Tracker {
 }
 
 /// One peer node's tunnel connections (both directions).
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
 pub struct PeerSnapshot {
     pub node: String,
     pub connections: usize,
@@ -149,7 +149,7 @@ pub struct PeerSnapshot {
     pub conns: Vec<ConnSnapshot>,
 }
 
-#[derive(Clone, Debug, Serialize, PartialEq)]
+#[derive(Clone, Debug, Serialize, serde::Deserialize, PartialEq)]
 pub struct ConnSnapshot {
     pub id: u64,
     pub direction: Direction,
