@@ -113,16 +113,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
     // a. tools and binaries
     crate::setup::run()?;
     util::build_kernel_programs()?;
-    // The same build as `cargo xtask test`'s, so each finds the other's
-    // artifacts fresh (`-p mesh-agent` alone would unify other features).
     step("demo: building mesh-agent and meshctl");
-    util::run(util::cargo_build().args([
-        "build",
-        "--workspace",
-        "--exclude",
-        "mesh-ebpf",
-        "--bins",
-    ]))?;
+    util::run(util::cargo_build().args(["build", "-p", "mesh-agent", "--bins"]))?;
     let bin_dir = util::target_dir()?.join("debug");
     let agent_bin = bin_dir.join("mesh-agent");
     let meshctl_bin = bin_dir.join("meshctl");

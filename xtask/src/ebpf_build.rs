@@ -71,6 +71,15 @@ pub fn build(
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped());
+    // What an outer cargo gives a build script (or `cargo run` a binary)
+    // must not leak in: the inner build scripts' `rerun-if-env-changed=HOST`
+    // and the like would then see a change between a run from build.rs and
+    // one from xtask, and each would rebuild what the other just built.
+    for (key, _) in std::env::vars_os() {
+        if key.to_str().is_some_and(leaked_from_outer_cargo) {
+            cmd.env_remove(key);
+        }
+    }
     let shown = format!("{cmd:?}");
     let mut child = cmd.spawn().with_context(|| {
         format!("could not start `{shown}`; is rustup installed? (`cargo xtask setup`)")
@@ -148,4 +157,28 @@ pub fn build(
         )
     })?;
     Ok(Built { object, warnings })
+}
+
+fn leaked_from_outer_cargo(key: &str) -> bool {
+    const EXACT: &[&str] = &[
+        "HOST",
+        "TARGET",
+        "OUT_DIR",
+        "NUM_JOBS",
+        "OPT_LEVEL",
+        "DEBUG",
+        "PROFILE",
+        "RUSTC_LINKER",
+        "RUSTDOC",
+        "CARGO_PRIMARY_PACKAGE",
+        "CARGO_CRATE_NAME",
+        "CARGO_BIN_NAME",
+    ];
+    const PREFIXES: &[&str] = &[
+        "CARGO_CFG_",
+        "CARGO_FEATURE_",
+        "CARGO_PKG_",
+        "CARGO_MANIFEST_",
+    ];
+    EXACT.contains(&key) || PREFIXES.iter().any(|p| key.starts_with(p))
 }
