@@ -791,6 +791,8 @@ mod tests {
             "/sys/fs/bpf/mesh-unit-migrate-{}",
             std::process::id()
         )));
+        // Not left to whichever test (or agent) happened to mount it first.
+        crate::bpf::ensure_bpffs(&root.0).unwrap_or_else(|e| panic!("{e} (run as root)"));
         let (old, new_maps) = (root.0.join("v1"), root.0.join("v2/maps"));
         let old_maps = old.join("maps");
         for dir in [&old_maps, &new_maps] {

@@ -213,6 +213,7 @@ impl Agent {
         let agent_bin = require_bin_in(bin_dir, "mesh-agent")?;
         let meshctl_bin = require_bin_in(bin_dir, "meshctl")?;
         let (pid, n) = (std::process::id(), crate::next_id());
+        let bpffs = crate::bpffs_dir(&format!("mesh-test-{pid}-{n}"))?;
         let dir = std::env::temp_dir().join(format!("mesh-test-agent-{pid}-{n}"));
         // A leftover from an earlier process with the same PID is stale.
         let _ = std::fs::remove_dir_all(&dir);
@@ -222,7 +223,6 @@ impl Agent {
             Config::Dir(_) => dir.join("conf.d"),
         };
         let admin_socket = dir.join("admin.sock");
-        let bpffs = PathBuf::from(format!("/sys/fs/bpf/mesh-test-{pid}-{n}"));
         let log_path = dir.join("agent.log");
         let mut args: Vec<std::ffi::OsString> = vec!["run".into(), "--config".into()];
         args.push(config.clone().into());

@@ -9,6 +9,7 @@
 
 pub mod agent;
 pub mod backends;
+pub mod bpffs;
 pub mod bulk;
 pub mod bulk_harness;
 pub mod cgroup;
@@ -19,6 +20,7 @@ pub mod stats;
 
 pub use agent::Agent;
 pub use backends::{HttpBackend, KeepAlive, TestBackend, UdpBackend, listener_on};
+pub use bpffs::{bpffs_dir, ensure_bpffs};
 
 pub use bulk::BulkReport;
 pub use bulk_harness::{BulkServer, link_bytes, run_bulk, veth_pair};

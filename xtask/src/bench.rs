@@ -139,8 +139,9 @@ pub fn run(args: BenchArgs) -> Result<()> {
 
     // Release builds: the agent as users run it, and a load generator that
     // is not the bottleneck.
+    util::build_kernel_programs()?;
     step("bench: building mesh-agent, meshctl and the load generator (release)");
-    util::run(util::cargo().args([
+    util::run(util::cargo_build().args([
         "build",
         "--release",
         "-p",

@@ -112,8 +112,9 @@ pub fn run(args: DemoArgs) -> Result<()> {
 
     // a. tools and binaries
     crate::setup::run()?;
+    util::build_kernel_programs()?;
     step("demo: building mesh-agent and meshctl");
-    util::run(util::cargo().args(["build", "-p", "mesh-agent", "--bins"]))?;
+    util::run(util::cargo_build().args(["build", "-p", "mesh-agent", "--bins"]))?;
     let bin_dir = util::target_dir()?.join("debug");
     let agent_bin = bin_dir.join("mesh-agent");
     let meshctl_bin = bin_dir.join("meshctl");

@@ -3,6 +3,9 @@
 
 mod bench;
 mod demo;
+mod ebpf_build;
+mod fresh;
+mod host;
 mod lint;
 mod setup;
 mod test;
@@ -19,6 +22,10 @@ use clap::{Parser, Subcommand};
     about = "Set up, test, lint and demo mesh"
 )]
 struct Cli {
+    /// Show the full output of steps that are quiet when they succeed
+    /// (the kernel programs' build).
+    #[arg(short, long, global = true)]
+    verbose: bool,
     #[command(subcommand)]
     cmd: Cmd,
 }
@@ -49,7 +56,9 @@ enum Cmd {
 }
 
 fn main() -> ExitCode {
-    let result = match Cli::parse().cmd {
+    let cli = Cli::parse();
+    util::set_verbose(cli.verbose);
+    let result = match cli.cmd {
         Cmd::Setup => setup::run(),
         Cmd::Test(args) => test::run(args),
         Cmd::Lint => lint::run(),

@@ -1,5 +1,6 @@
 //! `cargo xtask setup`: installs what a fresh Debian machine lacks to build
-//! and test mesh. Every check is cheap and runs without root, so a second run
+//! and test mesh, and checks what the kernel-facing tests assume of the host
+//! (see `host`). Every check is cheap and runs without root, so a second run
 //! finishes in a fraction of a second.
 
 use std::process::Command;
@@ -14,17 +15,23 @@ const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn run() -> Result<()> {
     let start = Instant::now();
-    nightly()?;
+    // What is already there gets one line for all, not one each.
+    let mut present = Vec::new();
+    nightly(&mut present)?;
     // LLVM first: bpf-linker links against it.
-    apt_packages()?;
-    bpf_linker()?;
-    nextest()?;
+    apt_packages(&mut present)?;
+    bpf_linker(&mut present)?;
+    nextest(&mut present)?;
+    if !present.is_empty() {
+        step(format!("setup: already installed: {}", present.join(", ")));
+    }
+    crate::host::check()?;
     step(format!("setup: done in {:.2?}", start.elapsed()));
     Ok(())
 }
 
 /// The eBPF crate builds with nightly and `-Z build-std=core`, hence rust-src.
-fn nightly() -> Result<()> {
+fn nightly(present: &mut Vec<String>) -> Result<()> {
     if util::on_path("rustup").is_none() {
         bail!("rustup is not on PATH; install it from https://rustup.rs, then run setup again");
     }
@@ -46,13 +53,13 @@ fn nightly() -> Result<()> {
         ]))?;
         return Ok(());
     };
-    step("setup: rustup toolchain nightly ... already installed");
+    present.push("nightly".into());
     // Listed as `rust-src` (no target suffix); accept either form.
     if components
         .lines()
         .any(|c| c == "rust-src" || c.starts_with("rust-src-"))
     {
-        step("setup: nightly rust-src ... already installed");
+        present.push("rust-src".into());
     } else {
         step("setup: nightly rust-src ... missing, installing");
         util::run(Command::new("rustup").args([
@@ -66,7 +73,7 @@ fn nightly() -> Result<()> {
     Ok(())
 }
 
-fn apt_packages() -> Result<()> {
+fn apt_packages(present: &mut Vec<String>) -> Result<()> {
     // One dpkg-query for all packages; it prints the known ones and exits
     // non-zero if any is unknown, so read stdout regardless of the status.
     let out = Command::new("dpkg-query")
@@ -79,7 +86,7 @@ fn apt_packages() -> Result<()> {
     };
     let missing = missing_packages(&out);
     for pkg in APT_PACKAGES.iter().filter(|p| !missing.contains(p)) {
-        step(format!("setup: {pkg} ... already installed"));
+        present.push((*pkg).into());
     }
     if missing.is_empty() {
         return Ok(());
@@ -119,15 +126,13 @@ fn missing_packages(dpkg_output: &str) -> Vec<&'static str> {
 }
 
 /// bpf-linker must be built against the same LLVM major as nightly rustc.
-fn bpf_linker() -> Result<()> {
+fn bpf_linker(present: &mut Vec<String>) -> Result<()> {
     let version = util::probe(Command::new("bpf-linker").arg("--version"));
     if version
         .as_deref()
         .is_some_and(|v| v.contains(BPF_LINKER_VERSION))
     {
-        step(format!(
-            "setup: bpf-linker {BPF_LINKER_VERSION} ... already installed"
-        ));
+        present.push(format!("bpf-linker {BPF_LINKER_VERSION}"));
         return Ok(());
     }
     step(format!(
@@ -142,12 +147,9 @@ fn bpf_linker() -> Result<()> {
     )
 }
 
-fn nextest() -> Result<()> {
-    if let Some(path) = util::on_path("cargo-nextest") {
-        step(format!(
-            "setup: cargo-nextest ... already installed ({})",
-            path.display()
-        ));
+fn nextest(present: &mut Vec<String>) -> Result<()> {
+    if util::on_path("cargo-nextest").is_some() {
+        present.push("cargo-nextest".into());
         return Ok(());
     }
     step("installing cargo-nextest (takes a few minutes)");

@@ -1,4 +1,5 @@
-//! `cargo xtask test`: set up, build, and run every test with cargo-nextest.
+//! `cargo xtask test`: set up, build, and run every test with cargo-nextest;
+//! with `--fresh`, do that in a fresh clone of HEAD (see `fresh`).
 
 use anyhow::{Result, bail};
 use clap::Args;
@@ -7,6 +8,11 @@ use crate::util::{self, step};
 
 #[derive(Args)]
 pub struct TestArgs {
+    /// Run the suite as on a fresh machine: clone HEAD into a temporary
+    /// directory and test it there, with bpffs unmounted in a private mount
+    /// namespace (the host's mounts and others' runs are left alone).
+    #[arg(long)]
+    fresh: bool,
     /// Extra arguments for `cargo nextest run`, after `--`.
     #[arg(last = true)]
     nextest_args: Vec<String>,
@@ -20,16 +26,26 @@ pub fn run(args: TestArgs) -> Result<()> {
              need root; run as root, e.g. `sudo -E env PATH=\"$PATH\" cargo xtask test`"
         );
     }
+    if args.fresh {
+        return crate::fresh::run(&args.nextest_args);
+    }
     crate::setup::run()?;
 
     // Builds the default members: mesh-ebpf only builds for the BPF target
     // (mesh-agent's build.rs does that), so it is left out.
+    util::build_kernel_programs()?;
     step("test: building the workspace's binaries");
-    util::run(util::cargo().args(["build", "--workspace", "--exclude", "mesh-ebpf", "--bins"]))?;
+    util::run(util::cargo_build().args([
+        "build",
+        "--workspace",
+        "--exclude",
+        "mesh-ebpf",
+        "--bins",
+    ]))?;
 
     step("test: running the tests with cargo-nextest");
     util::run(
-        util::cargo()
+        util::cargo_build()
             .args([
                 "nextest",
                 "run",

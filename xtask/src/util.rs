@@ -3,12 +3,77 @@
 
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use anyhow::{Context, Result, bail};
 
 /// Prints a progress line; every step a person waits on gets one.
 pub fn step(msg: impl std::fmt::Display) {
     println!("==> {msg}");
+}
+
+static VERBOSE: AtomicBool = AtomicBool::new(false);
+
+/// `-v`: show the full output of steps that are quiet when they succeed.
+pub fn set_verbose(on: bool) {
+    VERBOSE.store(on, Ordering::Relaxed);
+}
+
+pub fn verbose() -> bool {
+    VERBOSE.load(Ordering::Relaxed)
+}
+
+/// Builds the kernel programs as one timed progress line (their full
+/// output only with `-v` or on failure), so that the cargo build after it
+/// finds them fresh. Real warnings are shown by that build's build script.
+pub fn build_kernel_programs() -> Result<()> {
+    let verbose = verbose();
+    let what = "building kernel programs (nightly, bpf-linker)";
+    if verbose {
+        step(format!("{what}:"));
+    } else {
+        print!("==> {what} ... ");
+        let _ = std::io::Write::flush(&mut std::io::stdout());
+    }
+    let start = std::time::Instant::now();
+    let built = crate::ebpf_build::build(
+        &workspace_root(),
+        &crate::ebpf_build::target_dir(&target_dir()?),
+        std::env::consts::ARCH,
+        cfg!(target_endian = "big"),
+        verbose.then_some(echo_indented as fn(&str)),
+    );
+    if built.is_err() && !verbose {
+        println!("failed");
+    }
+    let built = built?;
+    let warnings = match built.warnings.len() {
+        0 => String::new(),
+        1 => ", 1 warning (shown by the build below)".into(),
+        n => format!(", {n} warnings (shown by the build below)"),
+    };
+    let done = format!("done in {:.1} s{warnings}", start.elapsed().as_secs_f64());
+    if verbose {
+        step(format!("{what}: {done}: {}", built.object.display()));
+    } else {
+        println!("{done}");
+    }
+    Ok(())
+}
+
+fn echo_indented(line: &str) {
+    println!("    {line}");
+}
+
+/// `cargo`, with mesh-agent's build script told to relay the kernel
+/// build's output under `-v`. Unset otherwise, as for a plain `cargo build`:
+/// a change of it reruns that script, and so rebuilds the agent.
+pub fn cargo_build() -> Command {
+    let mut cmd = cargo();
+    if verbose() {
+        cmd.env("MESH_EBPF_VERBOSE", "1");
+    }
+    cmd
 }
 
 /// The workspace root: xtask lives one level below it.
@@ -126,22 +191,38 @@ pub fn target_dir() -> Result<PathBuf> {
 
 /// The cgroup v2 mount: /sys/fs/cgroup on most machines, but not all.
 pub fn cgroup2_mount() -> Result<PathBuf> {
-    let info = std::fs::read_to_string("/proc/self/mountinfo")
-        .context("could not read /proc/self/mountinfo")?;
-    find_cgroup2(&info).context(
+    find_cgroup2(&mountinfo()?).context(
         "no cgroup2 filesystem is mounted (see /proc/self/mountinfo); \
          mount one with `mount -t cgroup2 none /sys/fs/cgroup`",
     )
 }
 
+/// Every mount point whose filesystem type is `fstype`, in mount order.
+pub fn mounts_of_type(fstype: &str) -> Result<Vec<PathBuf>> {
+    Ok(parse_mounts(&mountinfo()?)
+        .filter(|(_, t)| *t == fstype)
+        .map(|(path, _)| path)
+        .collect())
+}
+
+fn mountinfo() -> Result<String> {
+    std::fs::read_to_string("/proc/self/mountinfo").context("could not read /proc/self/mountinfo")
+}
+
 fn find_cgroup2(mountinfo: &str) -> Option<PathBuf> {
+    parse_mounts(mountinfo).find_map(|(path, fstype)| (fstype == "cgroup2").then_some(path))
+}
+
+/// (mount point, filesystem type) of each line of /proc/self/mountinfo.
+fn parse_mounts(mountinfo: &str) -> impl Iterator<Item = (PathBuf, &str)> {
     // Fields: id parent dev root mount-point options [optional…] - fstype source super-options
-    mountinfo.lines().find_map(|line| {
+    mountinfo.lines().filter_map(|line| {
         let (left, right) = line.split_once(" - ")?;
-        if right.split(' ').next()? != "cgroup2" {
-            return None;
-        }
-        Some(PathBuf::from(unescape_mountinfo(left.split(' ').nth(4)?)))
+        let fstype = right.split(' ').next()?;
+        Some((
+            PathBuf::from(unescape_mountinfo(left.split(' ').nth(4)?)),
+            fstype,
+        ))
     })
 }
 

@@ -3,7 +3,6 @@
 //! may not be mounted at all on a fresh machine.
 
 use std::{
-    ffi::CString,
     io,
     path::{Path, PathBuf},
 };
@@ -53,11 +52,17 @@ pub fn cgroup2_mount() -> Result<PathBuf, MountError> {
 
 /// Makes sure `pin_root` will be on a bpffs, mounting one at /sys/fs/bpf if
 /// nothing covers it yet (as Cilium's agent does on a fresh node).
+///
+/// The check and the mount hold a lock on /sys/fs/bpf itself, so agents (or
+/// tests) starting at once on a fresh node mount it once: a second mount
+/// stacked on the first would hide whatever was pinned in the first.
 pub fn ensure_bpffs(pin_root: &Path) -> Result<(), MountError> {
-    let covered = mounts()?
-        .iter()
-        .any(|(mount_point, fstype)| fstype == "bpf" && pin_root.starts_with(mount_point));
-    if covered {
+    let covered = || -> Result<bool, MountError> {
+        Ok(mounts()?
+            .iter()
+            .any(|(mount_point, fstype)| fstype == "bpf" && pin_root.starts_with(mount_point)))
+    };
+    if covered()? {
         return Ok(());
     }
     let target = Path::new("/sys/fs/bpf");
@@ -70,14 +75,20 @@ pub fn ensure_bpffs(pin_root: &Path) -> Result<(), MountError> {
             "the pin root is outside /sys/fs/bpf",
         )));
     }
-    let c = |s: &str| CString::new(s).expect("no NUL in literal");
-    let (source, dir, fstype) = (c("bpf"), c("/sys/fs/bpf"), c("bpf"));
+    // Whoever held the lock before us may have mounted it meanwhile. (A
+    // process that opens the directory after that mount locks the new
+    // root instead, but then it also sees the mount.)
+    let dir = std::fs::File::open(target).map_err(fail)?;
+    dir.lock().map_err(fail)?;
+    if covered()? {
+        return Ok(());
+    }
     // SAFETY: all pointers are valid NUL-terminated strings for the call.
     let rc = unsafe {
         libc::mount(
-            source.as_ptr(),
-            dir.as_ptr(),
-            fstype.as_ptr(),
+            c"bpf".as_ptr(),
+            c"/sys/fs/bpf".as_ptr(),
+            c"bpf".as_ptr(),
             0,
             std::ptr::null(),
         )
