@@ -771,10 +771,17 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let kernel_log_task = crate::kernel_log::forward(&mut ebpf)?;
     let debug_log = DebugLogSwitch::open(&pins.maps_dir(), log_sites)?;
     let redirect_maps = bpf::RedirectMaps::take_from(&mut ebpf).map_err(BpfError::from)?;
-    let redirect_opts = RedirectOptions {
+    let mut redirect_opts = RedirectOptions {
         workload_cgroup: Some(cgroup.clone()),
         ..opts.redirect.clone()
     };
+    if let Some(tunnel) = &opts.tunnel {
+        // The client's leg to the outbound listener stays on TCP: a reset
+        // of a socket in the sockhash frees the bytes redirected into it
+        // and not yet read (sk_psock_drop), so a client that writes and
+        // resets would lose what a direct connection delivers.
+        redirect_opts.exclude_ports.push(tunnel.outbound_v4.port());
+    }
     let redirect = Redirect::start(redirect_maps, &pins.maps_dir(), redirect_opts)?;
     let capacity = Capacity::of(&maps);
     if (capacity.services, capacity.backends, capacity.slots)

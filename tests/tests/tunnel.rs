@@ -1,45 +1,362 @@
 //! The cross-node mTLS tunnel end to end: three namespace nodes, an agent
 //! each, a client on one reaching a backend on another through the VIP.
 
-use std::time::Duration;
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Stdio};
+use std::time::{Duration, Instant};
 
-use anyhow::Result;
-use mesh_tests::{BulkReport, BulkServer, Cluster, run_bulk};
+use anyhow::{Context, Result, bail};
+use mesh_tests::{BulkReport, BulkServer, Cluster, cluster::Node, run_bulk, run_with_timeout};
 
 const LIMIT: Duration = Duration::from_secs(60);
+const VIP4: &str = "127.77.0.1";
+const VIP6: &str = "::1:77";
 
-/// One service, VIP on loopback, its only backend `backend` on `node`.
-fn service_yaml(mtls: &str, backend: &str, node: &str) -> String {
-    format!(
-        "services:\n  - name: web\n    vip: 127.77.0.1\n    port: 80\n    mtls: {mtls}\n    backends:\n      - address: {backend}\n        port: 9000\n        node: {node}\n"
-    )
+/// One service on `vip`:80, its backends `(address, node)` on port 9000.
+fn service_yaml(vip: &str, mtls: &str, backends: &[(&str, &str)]) -> String {
+    let mut yaml = format!(
+        "services:\n  - name: web\n    vip: \"{vip}\"\n    port: 80\n    mtls: {mtls}\n    backends:\n"
+    );
+    for (address, node) in backends {
+        yaml.push_str(&format!(
+            "      - address: \"{address}\"\n        port: 9000\n        node: {node}\n"
+        ));
+    }
+    yaml
 }
 
 fn assert_ok(r: &BulkReport) {
     assert!(r.ok, "{} failed: {:?}", r.scenario, r.errors);
 }
 
-#[test]
-fn a_client_reaches_a_backend_on_another_node_through_the_tunnel() -> Result<()> {
-    let mut cluster = Cluster::new(3)?;
-    let backend = cluster.nodes[1].ip4.to_string();
-    cluster.start_agents(&service_yaml("strict", &backend, "node-b"), &[])?;
-    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
-    let server = BulkServer::start(
-        &b.cgroup,
-        Some(&b.netns),
-        &["--scenario", "echo", "--bind", &format!("{backend}:9000")],
+fn target(vip: &str) -> String {
+    if vip.contains(':') {
+        format!("[{vip}]:80")
+    } else {
+        format!("{vip}:80")
+    }
+}
+
+/// Runs `scenario` from `client` to the VIP against a fresh server on
+/// `server` at `bind`:9000; both reports.
+fn scenario(
+    client: &Node,
+    server: &Node,
+    bind: &str,
+    vip: &str,
+    scenario: &str,
+    extra: &[&str],
+) -> Result<(BulkReport, BulkReport)> {
+    let bind = if bind.contains(':') {
+        format!("[{bind}]:9000")
+    } else {
+        format!("{bind}:9000")
+    };
+    let srv = BulkServer::start(
+        &server.cgroup,
+        Some(&server.netns),
+        &["--scenario", scenario, "--bind", &bind],
     )?;
-    let r = run_bulk(
-        &a.cgroup,
-        Some(&a.netns),
-        &["client", "--scenario", "echo", "--target", "127.77.0.1:80"],
+    let mut args = vec!["client", "--scenario", scenario, "--target"];
+    let target = target(vip);
+    args.push(&target);
+    args.extend_from_slice(extra);
+    let c = run_bulk(&client.cgroup, Some(&client.netns), &args, LIMIT)?;
+    let s = srv.finish(LIMIT)?;
+    Ok((c, s))
+}
+
+fn service_counter(node: &Node, field: &str) -> Result<u64> {
+    let services = node.agent().meshctl_json(&["services"])?;
+    services["services"][0][field]
+        .as_u64()
+        .with_context(|| format!("no {field} in {services}"))
+}
+
+/// Bytes the tunnel carried, summed over this node's peers.
+fn tunnel_bytes(node: &Node) -> Result<u64> {
+    let view = node.agent().meshctl_json(&["tunnels"])?;
+    let peers = view["peers"].as_array().context("peers")?;
+    Ok(peers
+        .iter()
+        .map(|p| p["bytes_sent"].as_u64().unwrap_or(0) + p["bytes_received"].as_u64().unwrap_or(0))
+        .sum())
+}
+
+/// Echo, half-close, reset and a bulk transfer behave through the tunnel
+/// exactly as they do on a direct connection, byte for byte.
+fn same_as_direct(vip: &str, backend_of: impl Fn(&Node) -> String) -> Result<()> {
+    let mut cluster = Cluster::new(3)?;
+    let backend = backend_of(&cluster.nodes[1]);
+    let direct = service_yaml(vip, "disabled", &[(&backend, "node-b")]);
+    let tunnelled = service_yaml(vip, "strict", &[(&backend, "node-b")]);
+    cluster.start_agents(&direct, &[])?;
+    let cases: [(&str, &[&str]); 4] = [
+        ("echo", &[]),
+        ("half-close", &[]),
+        ("rst", &[]),
+        ("bulk", &["--bytes", "268435456"]),
+    ];
+    let mut seen = Vec::new();
+    for mode in ["direct", "tunnel"] {
+        if mode == "tunnel" {
+            cluster.write_config(&tunnelled)?;
+            wait_for(|| {
+                let s = cluster.nodes[0].agent().meshctl_json(&["services"])?;
+                Ok(s["services"][0]["backends"][0]["tunnel"] == true)
+            })?;
+        }
+        let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+        for (name, extra) in cases {
+            let before = service_counter(a, "tunnelled")?;
+            let (c, s) = scenario(a, b, &backend, vip, name, extra)?;
+            assert_ok(&c);
+            assert_ok(&s);
+            let through = service_counter(a, "tunnelled")? - before;
+            assert_eq!(
+                through,
+                u64::from(mode == "tunnel"),
+                "{name} ({mode}): connections through the tunnel"
+            );
+            seen.push((mode, name, c.observed, s.observed));
+        }
+    }
+    let (direct, tunnel) = seen.split_at(cases.len());
+    for (d, t) in direct.iter().zip(tunnel) {
+        assert_eq!((&d.2, &d.3), (&t.2, &t.3), "{}: direct vs tunnel", d.1);
+    }
+    assert!(tunnel_bytes(&cluster.nodes[0])? >= 256 << 20);
+    Ok(())
+}
+
+#[test]
+fn ipv4_through_the_tunnel_is_exactly_what_a_direct_connection_is() -> Result<()> {
+    same_as_direct(VIP4, |n| n.ip4.to_string())
+}
+
+#[test]
+fn ipv6_through_the_tunnel_is_exactly_what_a_direct_connection_is() -> Result<()> {
+    same_as_direct(VIP6, |n| n.ip6.to_string())
+}
+
+/// A small Python program run inside a node (python3 is on every machine
+/// of this kind).
+fn python(node: &Node, program: &str, args: &[&str]) -> Result<String> {
+    let out = run_with_timeout(
+        node.command("python3").arg("-c").arg(program).args(args),
         LIMIT,
     )?;
-    assert_ok(&r);
-    assert_ok(&server.finish(LIMIT)?);
+    if !out.status.success() {
+        bail!(
+            "python in {} failed: {}",
+            node.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
+/// Echoes one connection at `addr`:9000 (printing `listening` first).
+const ECHO_SERVER: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET)
+s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 9000)); s.listen(8)
+print('listening', flush=True)
+c, _ = s.accept()
+while True:
+    b = c.recv(65536)
+    if not b: break
+    c.sendall(b)
+c.close()
+"#;
+
+/// Sends argv[2] to argv[1]:80, half-closes, prints the peer name and what
+/// came back.
+const MARKER_CLIENT: &str = r#"
+import socket, sys
+s = socket.create_connection((sys.argv[1], 80), timeout=20)
+print(s.getpeername()[0])
+s.sendall(sys.argv[2].encode()); s.shutdown(socket.SHUT_WR)
+got = b''
+while True:
+    b = s.recv(65536)
+    if not b: break
+    got += b
+print(got.decode())
+"#;
+
+fn spawn_ready(mut cmd: std::process::Command, ready: &str) -> Result<Child> {
+    let mut child = cmd
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let out = child.stdout.take().context("stdout")?;
+    let err = child.stderr.take().context("stderr")?;
+    let (tx, rx) = std::sync::mpsc::channel();
+    for stream in [
+        Box::new(out) as Box<dyn std::io::Read + Send>,
+        Box::new(err),
+    ] {
+        let tx = tx.clone();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stream).lines().map_while(Result::ok) {
+                let _ = tx.send(line);
+            }
+        });
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    loop {
+        let left = deadline.saturating_duration_since(Instant::now());
+        match rx.recv_timeout(left) {
+            Ok(line) if line.contains(ready) => return Ok(child),
+            Ok(_) => {}
+            Err(_) => {
+                let _ = child.kill();
+                let _ = child.wait();
+                bail!("no '{ready}' within 10 s");
+            }
+        }
+    }
+}
+
+struct Reaped(Child);
+
+impl Drop for Reaped {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+#[test]
+fn only_tls_crosses_the_wire_and_the_client_sees_the_vip() -> Result<()> {
+    let mut cluster = Cluster::new(3)?;
+    let backend = cluster.nodes[1].ip4.to_string();
+    cluster.start_agents(&service_yaml(VIP4, "strict", &[(&backend, "node-b")]), &[])?;
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let pcap = cluster.dir().join("a.pcap");
+    let mut dump = a.netns.exec("tcpdump");
+    dump.args(["-i", "eth0", "--immediate-mode", "-U", "-s", "0", "-w"])
+        .arg(&pcap);
+    let dump = Reaped(spawn_ready(dump, "listening on")?);
+    let mut server = b.command("python3");
+    server.arg("-u").arg("-c").arg(ECHO_SERVER).arg(&backend);
+    let server = Reaped(spawn_ready(server, "listening")?);
+    let marker = "mesh-plaintext-marker-5f3c9a";
+    let out = python(a, MARKER_CLIENT, &[VIP4, marker])?;
+    assert_eq!(out, format!("{VIP4}\n{marker}"), "peer name, then the echo");
+    drop(server);
+    // SIGTERM, so tcpdump writes out what it holds.
+    // SAFETY: a plain kill(2) of our own unreaped child.
+    unsafe { libc::kill(dump.0.id() as i32, libc::SIGTERM) };
+    let mut dump = dump;
+    let _ = dump.0.wait();
+    let wire = std::fs::read(&pcap)?;
+    assert!(wire.len() > 24, "nothing captured");
+    assert!(
+        !wire.windows(marker.len()).any(|w| w == marker.as_bytes()),
+        "the plaintext marker crossed the veth"
+    );
+    // TLS 1.3 application data records: type 23, legacy version 3.3.
+    assert!(
+        wire.windows(3).any(|w| w == [0x17, 0x03, 0x03]),
+        "no TLS application data on the wire"
+    );
+    Ok(())
+}
+
+/// Sends a request and reads: prints `reset` if the connection was reset,
+/// `eof:<bytes>` if it ended cleanly.
+const RESET_CLIENT: &str = r#"
+import socket, sys
+got = b''
+try:
+    s = socket.create_connection((sys.argv[1], 80), timeout=20)
+    s.sendall(b'hello'); s.shutdown(socket.SHUT_WR)
+    while True:
+        b = s.recv(65536)
+        if not b: break
+        got += b
+    print('eof:%d' % len(got))
+except (ConnectionResetError, BrokenPipeError):
+    print('reset')
+"#;
+
+#[test]
+fn a_backend_that_is_down_reaches_the_client_as_a_reset() -> Result<()> {
+    let mut cluster = Cluster::new(2)?;
+    let backend = cluster.nodes[1].ip4.to_string();
+    cluster.start_agents(&service_yaml(VIP4, "strict", &[(&backend, "node-b")]), &[])?;
+    // Nothing listens on node-b:9000.
+    assert_eq!(python(&cluster.nodes[0], RESET_CLIENT, &[VIP4])?, "reset");
+    Ok(())
+}
+
+#[test]
+fn a_backend_on_the_clients_own_node_stays_off_the_tunnel() -> Result<()> {
+    let mut cluster = Cluster::new(2)?;
+    let (local, remote) = (
+        cluster.nodes[0].ip4.to_string(),
+        cluster.nodes[1].ip4.to_string(),
+    );
+    let yaml = service_yaml(VIP4, "strict", &[(&local, "node-a"), (&remote, "node-b")]);
+    cluster.start_agents(&yaml, &[])?;
+    let a = &cluster.nodes[0];
     let services = a.agent().meshctl_json(&["services"])?;
-    let web = &services["services"][0];
-    assert!(web["tunnelled"].as_u64() >= Some(1), "{web}");
+    let backends = &services["services"][0]["backends"];
+    assert_eq!(backends[0]["tunnel"], false, "{backends}");
+    assert_eq!(backends[1]["tunnel"], true, "{backends}");
+    // Only the local backend listens: every connection that succeeds went
+    // there, and the tunnel's counters do not move for them.
+    let mut server = a.command("python3");
+    server.arg("-u").arg("-c").arg(ECHO_SERVER).arg(&local);
+    let mut served = 0;
+    for _ in 0..40 {
+        let _server = Reaped(spawn_ready(
+            {
+                let mut c = a.command("python3");
+                c.arg("-u").arg("-c").arg(ECHO_SERVER).arg(&local);
+                c
+            },
+            "listening",
+        )?);
+        let before = (service_counter(a, "tunnelled")?, tunnel_bytes(a)?);
+        let out = python(a, RESET_CLIENT, &[VIP4])?;
+        let after = (service_counter(a, "tunnelled")?, tunnel_bytes(a)?);
+        if out == "eof:5" {
+            served += 1;
+            assert_eq!(
+                before, after,
+                "a local connection moved the tunnel's counters"
+            );
+        } else {
+            assert_eq!(out, "reset");
+            assert_eq!(
+                after.0,
+                before.0 + 1,
+                "a remote pick went through the tunnel"
+            );
+        }
+        if served >= 5 {
+            break;
+        }
+    }
+    assert!(
+        served >= 5,
+        "the local backend was picked only {served} times in 40"
+    );
+    Ok(())
+}
+
+fn wait_for(mut done: impl FnMut() -> Result<bool>) -> Result<()> {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while !done()? {
+        if Instant::now() >= deadline {
+            bail!("not within 10 s");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
     Ok(())
 }

@@ -10,7 +10,13 @@ use anyhow::{Result, bail};
 
 use crate::util::{self, step};
 
-const APT_PACKAGES: &[&str] = &["llvm-22-dev", "libpolly-22-dev", "iproute2"];
+const APT_PACKAGES: &[&str] = &[
+    "llvm-22-dev",
+    "libpolly-22-dev",
+    "iproute2",
+    // The tunnel tests capture the wire between namespace nodes.
+    "tcpdump",
+];
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn run() -> Result<()> {
@@ -164,6 +170,9 @@ mod tests {
     fn reads_dpkg_status() {
         let out = "llvm-22-dev install ok installed\n\
                    libpolly-22-dev deinstall ok config-files\n";
-        assert_eq!(missing_packages(out), ["libpolly-22-dev", "iproute2"]);
+        assert_eq!(
+            missing_packages(out),
+            ["libpolly-22-dev", "iproute2", "tcpdump"]
+        );
     }
 }

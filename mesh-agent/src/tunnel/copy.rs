@@ -28,6 +28,12 @@ use super::{Phase, snapshot::ConnState, socket};
 pub(crate) const INITIAL_BUF: usize = 16 << 10;
 pub(crate) const MAX_BUF: usize = 256 << 10;
 
+/// How long a socket's reset waits before it becomes RST_STREAM. h2 drops
+/// the DATA a stream has queued but not yet written when the stream is
+/// reset, so without the wait the bytes a client wrote just before its
+/// reset would be lost, where a direct TCP connection delivers them first.
+const RESET_GRACE: std::time::Duration = std::time::Duration::from_millis(20);
+
 /// Why one direction of a stream stopped early.
 #[derive(Debug, thiserror::Error)]
 pub enum CopyError {
@@ -127,6 +133,9 @@ pub(crate) async fn splice(
         async move {
             let mut send = send;
             let result = tcp_to_h2(&tcp, &mut send, &cancel, &counters).await;
+            if let Err(CopyError::TcpRead(_)) = result {
+                tokio::time::sleep(RESET_GRACE).await;
+            }
             if result.is_err() {
                 cancel.trigger();
             }
@@ -218,6 +227,28 @@ async fn tcp_to_h2(
     }
 }
 
+/// Writes what the stream has already received (DATA that came before a
+/// RST_STREAM, say) to the socket, as far as it takes it without waiting:
+/// the far end wrote those bytes before its reset, and a direct TCP
+/// connection would have delivered them.
+async fn deliver_received(recv: &mut RecvStream, tcp: &TcpStream, counters: &Counters) {
+    // A zero timeout polls once: only frames already here.
+    while let Ok(Some(Ok(data))) =
+        tokio::time::timeout(std::time::Duration::ZERO, recv.data()).await
+    {
+        let mut written = 0;
+        while written < data.len() {
+            match tcp.try_write(&data[written..]) {
+                Ok(n) => {
+                    written += n;
+                    counters.received(n);
+                }
+                Err(_) => return,
+            }
+        }
+    }
+}
+
 async fn h2_to_tcp(
     mut recv: RecvStream,
     tcp: &TcpStream,
@@ -229,7 +260,10 @@ async fn h2_to_tcp(
     loop {
         let next = tokio::select! {
             biased;
-            _ = &mut cancelled => return Err(CopyError::Cancelled),
+            _ = &mut cancelled => {
+                deliver_received(&mut recv, tcp, counters).await;
+                return Err(CopyError::Cancelled);
+            }
             next = recv.data() => next,
         };
         let data = match next {

@@ -22,6 +22,9 @@ use crate::bpf::TunnelOrigins;
 use crate::identity::{self, CertInfo, IdentityError, NodeCredentials};
 use crate::state::{Mesh, Node, Service};
 
+/// Receive buffer of the client leg's sockets (see `NodeTunnel::start`).
+const CLIENT_RCVBUF: usize = 1 << 20;
+
 /// Where the tunnel listens and who this node is to its peers.
 #[derive(Clone, Debug)]
 pub struct TunnelSettings {
@@ -187,6 +190,14 @@ impl NodeTunnel {
                 }
                 Err(e) => return Err(e),
             };
+            // Accepted sockets inherit it. A client may write and reset at
+            // once (an abortive close discards what it has not sent yet),
+            // while the stream to the peer is still being opened: a direct
+            // connection's peer takes about this much unread, so the tunnel
+            // must too, or those bytes never leave the client.
+            if let Err(e) = socket2::SockRef::from(&listener).set_recv_buffer_size(CLIENT_RCVBUF) {
+                warn!("cannot size the outbound listener's receive buffer: {e}");
+            }
             tasks.push(spawn_outbound(
                 outbound.clone(),
                 listener,
@@ -252,8 +263,7 @@ fn spawn_outbound(
     placement: Arc<RwLock<Arc<Placement>>>,
     source_identity: String,
 ) -> JoinHandle<()> {
-    let resolve = move |tcp: &TcpStream| -> Result<Destination, ResolveError> {
-        let client = tcp.peer_addr()?;
+    let resolve = move |tcp: &TcpStream, client: SocketAddr| -> Result<Destination, ResolveError> {
         let captured = origins
             .claim(client, tcp.local_addr()?)
             .ok_or(ResolveError::NotCaptured(client))?;

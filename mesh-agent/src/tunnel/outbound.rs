@@ -262,11 +262,13 @@ impl Outbound {
 
     /// Accepts on `listener` (see [`socket::reuseport_listener`]) until
     /// shutdown; `resolve` names each accepted socket's destination (the
-    /// kernel's record of the original backend). A socket it cannot place
-    /// is reset.
+    /// kernel's record of the original backend), given the client's
+    /// address as accept() returned it (a client that has already reset
+    /// has no peer name left to ask for, yet its bytes are to be
+    /// delivered). A socket it cannot place is reset.
     pub async fn serve<F, E>(&self, listener: TcpListener, resolve: F)
     where
-        F: Fn(&TcpStream) -> Result<Destination, E> + Send + Sync + 'static,
+        F: Fn(&TcpStream, SocketAddr) -> Result<Destination, E> + Send + Sync + 'static,
         E: Display,
     {
         let mut phase = self.inner.phase.subscribe();
@@ -284,7 +286,7 @@ impl Outbound {
                     continue;
                 }
             };
-            match resolve(&client) {
+            match resolve(&client, peer) {
                 Ok(dest) => {
                     let outbound = self.clone();
                     tokio::spawn(async move {

@@ -328,6 +328,42 @@ async fn client_reset_resets_the_backend() {
     assert!(handle.await.unwrap().is_err());
 }
 
+/// Bytes a client writes just before it resets still reach the backend,
+/// then the reset, as on a direct connection.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bytes_written_before_a_reset_arrive_before_it() {
+    let h = Harness::new(config(), allow_all()).await;
+    let (tx, rx) = tokio::sync::oneshot::channel::<(usize, io::Error)>();
+    let tx = Arc::new(std::sync::Mutex::new(Some(tx)));
+    let backend = spawn_backend(move |mut conn| {
+        let tx = tx.clone();
+        async move {
+            // Let the reset arrive before reading anything.
+            tokio::time::sleep(Duration::from_millis(300)).await;
+            let mut got = 0;
+            let mut buf = vec![0u8; 1 << 16];
+            let end = loop {
+                match conn.read(&mut buf).await {
+                    Ok(0) => break io::Error::other("clean EOF"),
+                    Ok(n) => got += n,
+                    Err(e) => break e,
+                }
+            };
+            if let Some(tx) = tx.lock().unwrap().take() {
+                let _ = tx.send((got, end));
+            }
+        }
+    })
+    .await;
+    let (mut client, handle) = h.client(backend).await;
+    client.write_all(&vec![7u8; 100_000]).await.unwrap();
+    socket::reset(client);
+    let (got, end) = tokio::time::timeout(WAIT, rx).await.unwrap().unwrap();
+    assert_eq!(got, 100_000, "bytes before the reset");
+    assert!(socket::is_reset(&end), "then a reset, not {end}");
+    assert!(handle.await.unwrap().is_err());
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn backend_reset_resets_the_client() {
     let h = Harness::new(config(), allow_all()).await;
@@ -770,7 +806,7 @@ async fn outbound_shutdown_finishes_streams_then_resets_the_rest() {
         let outbound = h.outbound.clone();
         async move {
             outbound
-                .serve(listener, move |_| Ok::<_, String>(dest.clone()))
+                .serve(listener, move |_, _| Ok::<_, String>(dest.clone()))
                 .await
         }
     });
