@@ -43,6 +43,57 @@ impl Node {
     pub fn agent_mut(&mut self) -> &mut Agent {
         self.agent.as_mut().expect("the node's agent runs")
     }
+
+    /// The agent's /metrics text, fetched from inside the node (its
+    /// metrics address is a loopback port of the node's own namespace).
+    pub fn scrape(&self) -> Result<String> {
+        let status = self.agent().status()?;
+        let addr = status["metrics_addr"]
+            .as_str()
+            .with_context(|| format!("{}: no metrics_addr in {status}", self.name))?
+            .to_owned();
+        let program = "import sys, urllib.request\nprint(urllib.request.urlopen('http://' + sys.argv[1] + '/metrics', timeout=10).read().decode())";
+        let out = run_with_timeout(
+            self.command("python3").args(["-c", program, &addr]),
+            IP_TIMEOUT,
+        )?;
+        if !out.status.success() {
+            bail!(
+                "scraping {addr} in {}: {}",
+                self.name,
+                String::from_utf8_lossy(&out.stderr).trim()
+            );
+        }
+        Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+    }
+}
+
+/// The sum of the samples of `name` in OpenMetrics `text` whose labels
+/// include all of `labels`.
+pub fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, rest) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            let have: Vec<(&str, &str)> = rest
+                .split(',')
+                .filter_map(|kv| kv.split_once('='))
+                .map(|(k, v)| (k, v.trim_matches('"')))
+                .collect();
+            labels
+                .iter()
+                .all(|want| have.contains(want))
+                .then(|| value.parse::<f64>().ok())
+                .flatten()
+        })
+        .sum::<f64>() as u64
 }
 
 pub struct Cluster {

@@ -6,7 +6,11 @@ use std::process::{Child, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use mesh_tests::{BulkReport, BulkServer, Cluster, cluster::Node, run_bulk, run_with_timeout};
+use mesh_tests::{
+    BulkReport, BulkServer, Cluster,
+    cluster::{Node, metric},
+    run_bulk, run_with_timeout,
+};
 
 const LIMIT: Duration = Duration::from_secs(60);
 const VIP4: &str = "127.77.0.1";
@@ -347,6 +351,89 @@ fn a_backend_on_the_clients_own_node_stays_off_the_tunnel() -> Result<()> {
         served >= 5,
         "the local backend was picked only {served} times in 40"
     );
+    Ok(())
+}
+
+/// Threaded echo server for many connections at once.
+const MANY_ECHO_SERVER: &str = r#"
+import socket, sys, threading
+s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+s.bind((sys.argv[1], 9000)); s.listen(512)
+print('listening', flush=True)
+def echo(c):
+    while True:
+        b = c.recv(65536)
+        if not b: break
+        c.sendall(b)
+    c.close()
+while True:
+    c, _ = s.accept()
+    threading.Thread(target=echo, args=(c,), daemon=True).start()
+"#;
+
+/// Opens argv[2] connections at once, each says its number and reads it
+/// back; all are held open until every one has its answer, then prints how
+/// many got theirs.
+const BURST_CLIENT: &str = r#"
+import socket, sys, threading
+n = int(sys.argv[2]); ok = []; lock = threading.Lock(); all_in = threading.Barrier(n)
+def one(i):
+    s = socket.create_connection((sys.argv[1], 80), timeout=30)
+    msg = b'%08d' % i
+    s.sendall(msg)
+    got = b''
+    while len(got) < len(msg):
+        b = s.recv(64)
+        if not b: break
+        got += b
+    if got == msg:
+        with lock: ok.append(i)
+    all_in.wait(timeout=30)
+    s.close()
+ts = [threading.Thread(target=one, args=(i,)) for i in range(n)]
+for t in ts: t.start()
+for t in ts: t.join()
+print(len(ok))
+"#;
+
+#[test]
+fn a_burst_of_200_new_connections_opens_only_what_the_stream_limit_needs() -> Result<()> {
+    let mut cluster = Cluster::new(2)?;
+    let backend = cluster.nodes[1].ip4.to_string();
+    cluster.start_agents(&service_yaml(VIP4, "strict", &[(&backend, "node-b")]), &[])?;
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let mut server = b.command("python3");
+    server
+        .arg("-u")
+        .arg("-c")
+        .arg(MANY_ECHO_SERVER)
+        .arg(&backend);
+    let _server = Reaped(spawn_ready(server, "listening")?);
+    assert_eq!(python(a, BURST_CLIENT, &[VIP4, "200"])?, "200");
+    let text = a.scrape()?;
+    let outbound = [("direction", "outbound")];
+    let opened = metric(&text, "mesh_tunnel_connections_opened_total", &outbound);
+    let handshakes = metric(&text, "mesh_tunnel_handshakes_total", &outbound);
+    let streams = metric(&text, "mesh_tunnel_streams_total", &outbound);
+    assert_eq!(streams, 200, "{text}");
+    // 100 streams a connection, one handshake in flight per key: 200
+    // streams held open together need exactly two connections.
+    assert_eq!((opened, handshakes), (2, 2), "{text}");
+    Ok(())
+}
+
+#[test]
+fn several_gib_cross_the_tunnel_byte_exact() -> Result<()> {
+    let mut cluster = Cluster::new(2)?;
+    let backend = cluster.nodes[1].ip4.to_string();
+    cluster.start_agents(&service_yaml(VIP4, "strict", &[(&backend, "node-b")]), &[])?;
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let gib = 3u64 << 30;
+    let (c, s) = scenario(a, b, &backend, VIP4, "bulk", &["--bytes", &gib.to_string()])?;
+    assert_ok(&c);
+    assert_ok(&s);
+    assert_eq!(service_counter(a, "tunnelled")?, 1);
+    assert!(tunnel_bytes(a)? >= gib);
     Ok(())
 }
 
