@@ -1,7 +1,9 @@
 //! `cargo xtask demo`: runs the agent on a config (examples/mesh.yaml by
 //! default) against a cgroup made for the demo, starts the sample backends,
 //! sends connections to the service's VIP from inside that cgroup, and shows
-//! where they went, as the client saw it and as the kernel counted it.
+//! where they went, as the client saw it and as the kernel counted it (act
+//! 1). Act 2 (`cross_node`) builds two network-namespace nodes and shows a
+//! connection between them crossing the wire only as TLS records.
 //!
 //! Everything the demo creates is recorded in one `Cleanup`, which a guard's
 //! Drop and the Ctrl-C handler both run, so no path leaves anything behind.
@@ -25,6 +27,9 @@ use serde::Deserialize;
 
 use crate::util::{self, step};
 
+mod capture;
+mod cross_node;
+
 #[derive(Args)]
 pub struct DemoArgs {
     /// The agent's config [default: examples/mesh.yaml in the workspace].
@@ -36,6 +41,9 @@ pub struct DemoArgs {
     /// How many connections to make.
     #[arg(long, default_value_t = 1000)]
     connections: u32,
+    /// Skip act 2 (two network-namespace nodes and the mTLS tunnel).
+    #[arg(long)]
+    no_nodes: bool,
 }
 
 #[derive(Args)]
@@ -138,19 +146,22 @@ pub fn run(args: DemoArgs) -> Result<()> {
     let tmp = std::env::temp_dir().join(format!("mesh-demo-{pid}"));
     let bpffs = PathBuf::from(format!("/sys/fs/bpf/mesh-demo-{pid}"));
     let socket = tmp.join("admin.sock");
-    step(format!("demo: creating cgroup {}", cgroup.display()));
+    step(format!("demo: act 1: creating cgroup {}", cgroup.display()));
     register(&cleanup, |c| {
-        fs::create_dir(&cgroup)
-            .with_context(|| format!("could not create cgroup {}", cgroup.display()))?;
-        c.cgroup = Some(cgroup.clone());
         fs::create_dir_all(&tmp).with_context(|| format!("could not create {}", tmp.display()))?;
         c.tmp = Some(tmp.clone());
         Ok(())
     })?;
+    make_cgroup(&cleanup, &cgroup)?;
 
     // c. sample backends, as threads of this process (outside the cgroup)
+    let addrs: Vec<String> = service
+        .backends
+        .iter()
+        .map(|b| b.addr().to_string())
+        .collect();
+    step(format!("demo: starting backends {}", addrs.join(", ")));
     for backend in &service.backends {
-        step(format!("demo: starting backend {}", backend.addr()));
         start_backend(backend.addr())?;
     }
 
@@ -172,21 +183,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
         log_path.display(),
         util::display(&agent_cmd)
     ));
-    let log = fs::File::create(&log_path)
-        .with_context(|| format!("could not create {}", log_path.display()))?;
-    agent_cmd
-        .stdin(Stdio::null())
-        .stdout(log.try_clone()?)
-        .stderr(log);
-    register(&cleanup, |c| {
-        let child = agent_cmd
-            .spawn()
-            .with_context(|| format!("could not start {}", agent_bin.display()))?;
-        c.agent = Some(child);
-        c.bpffs = Some(bpffs.clone());
-        Ok(())
-    })?;
-    wait_ready(&cleanup, &meshctl_bin, &socket, &log_path)?;
+    let agent = spawn_agent(&cleanup, "mesh-agent", agent_cmd, &bpffs, &log_path)?;
+    wait_ready(&cleanup, agent, &meshctl_bin, &socket, &log_path)?;
 
     // e. the client, moved into the cgroup before it runs
     let target = SocketAddr::new(service.vip, service.port);
@@ -207,27 +205,8 @@ pub fn run(args: DemoArgs) -> Result<()> {
             .arg(format!("{}={}", b.addr(), b.weight));
     }
     join_cgroup_on_exec(&mut client_cmd, &cgroup)?;
-    register(&cleanup, |c| {
-        c.client = Some(
-            client_cmd
-                .spawn()
-                .context("could not start the demo client")?,
-        );
-        Ok(())
-    })?;
-    // Poll rather than block, so the Ctrl-C handler can take the child.
-    let status = loop {
-        if let Some(status) = lock(&cleanup)
-            .client
-            .as_mut()
-            .and_then(|c| c.try_wait().transpose())
-        {
-            break status?;
-        }
-        thread::sleep(Duration::from_millis(50));
-    };
-    lock(&cleanup).client = None;
-    let client_ok = status.success();
+    let client = spawn(&cleanup, "demo client", client_cmd)?;
+    let (_, status) = wait_exit(&cleanup, client, Duration::from_secs(600))?;
 
     // f. what the kernel counted
     step("demo: meshctl services (the kernel's per-backend counts)");
@@ -237,15 +216,26 @@ pub fn run(args: DemoArgs) -> Result<()> {
             .arg(&socket)
             .arg("services"),
     );
-
-    if !client_ok {
+    if !status.success() {
         // The temp dir goes with the cleanup, so show the agent's log now.
         bail!(
             "the demo client failed ({status}); the agent's output:\n{}",
             fs::read_to_string(&log_path).unwrap_or_default()
         );
     }
-    services
+    services?;
+
+    if !args.no_nodes {
+        cross_node::run(&cross_node::Demo {
+            cleanup: &cleanup,
+            agent_bin: &agent_bin,
+            meshctl_bin: &meshctl_bin,
+            cgroup_mount: &mount,
+            tmp: &tmp,
+            pid,
+        })?;
+    }
+    Ok(())
 }
 
 fn load_config(path: &Path) -> Result<Config> {
@@ -293,38 +283,31 @@ fn start_backend(addr: SocketAddr) -> Result<()> {
 }
 
 /// Waits until `meshctl status` answers, failing early if the agent dies.
+/// One progress line, finished in place.
 fn wait_ready(
-    cleanup: &Arc<Mutex<Cleanup>>,
+    cleanup: &Mutex<Cleanup>,
+    agent: u32,
     meshctl: &Path,
     socket: &Path,
     log: &Path,
 ) -> Result<()> {
-    step("demo: waiting for the agent (meshctl status)");
+    print!("==> demo: waiting for the agent (meshctl status) ... ");
+    let _ = io::stdout().flush();
     let deadline = Instant::now() + Duration::from_secs(20);
     loop {
-        if let Some(agent) = lock(cleanup).agent.as_mut()
-            && let Some(status) = agent.try_wait()?
-        {
+        if let Some(status) = exited(cleanup, agent)? {
+            println!("failed");
             bail!(
                 "mesh-agent exited ({status}) before it was ready; its output:\n{}",
                 fs::read_to_string(log).unwrap_or_default()
             );
         }
-        let ready = Command::new(meshctl)
-            .arg("--admin-socket")
-            .arg(socket)
-            .arg("status")
-            .stdin(Stdio::null())
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .with_context(|| format!("could not run {}", meshctl.display()))?
-            .success();
-        if ready {
-            step("demo: agent is ready");
+        if meshctl_status(meshctl, socket)? {
+            println!("ready");
             return Ok(());
         }
         if Instant::now() > deadline {
+            println!("failed");
             bail!(
                 "mesh-agent was not ready after 20 s (`meshctl status` kept failing); its output:\n{}",
                 fs::read_to_string(log).unwrap_or_default()
@@ -332,6 +315,20 @@ fn wait_ready(
         }
         thread::sleep(Duration::from_millis(200));
     }
+}
+
+/// True once the agent behind `socket` answers `meshctl status`.
+fn meshctl_status(meshctl: &Path, socket: &Path) -> Result<bool> {
+    Ok(Command::new(meshctl)
+        .arg("--admin-socket")
+        .arg(socket)
+        .arg("status")
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::null())
+        .status()
+        .with_context(|| format!("could not run {}", meshctl.display()))?
+        .success())
 }
 
 /// Makes the child write itself into the cgroup between fork and exec, so
@@ -428,10 +425,13 @@ fn connect_once(target: SocketAddr) -> io::Result<String> {
 /// Everything the demo started or made, undone in reverse order.
 struct Cleanup {
     agent_bin: PathBuf,
-    client: Option<Child>,
-    agent: Option<Child>,
-    bpffs: Option<PathBuf>,
-    cgroup: Option<PathBuf>,
+    /// Running children and what to call them; stopped newest first.
+    children: Vec<(String, Child)>,
+    /// Agents' bpffs pin directories, for `mesh-agent cleanup`.
+    pins: Vec<PathBuf>,
+    cgroups: Vec<PathBuf>,
+    /// Network namespaces (`ip netns add`), deleted newest first.
+    netns: Vec<String>,
     tmp: Option<PathBuf>,
     /// Set once cleanup has run: nothing new may be made after that.
     done: bool,
@@ -461,62 +461,192 @@ fn register<T>(c: &Mutex<Cleanup>, make: impl FnOnce(&mut Cleanup) -> Result<T>)
     make(&mut c)
 }
 
+/// Starts `cmd` as one of the demo's children; its PID names it from then on.
+fn spawn(c: &Mutex<Cleanup>, name: &str, mut cmd: Command) -> Result<u32> {
+    register(c, |c| {
+        let child = cmd
+            .spawn()
+            .with_context(|| format!("could not start the {name} (`{}`)", util::display(&cmd)))?;
+        let pid = child.id();
+        c.children.push((name.to_owned(), child));
+        Ok(pid)
+    })
+}
+
+/// Starts an agent with its output in `log`; its pins are cleaned up after it.
+fn spawn_agent(
+    c: &Mutex<Cleanup>,
+    name: &str,
+    mut cmd: Command,
+    bpffs: &Path,
+    log: &Path,
+) -> Result<u32> {
+    let out =
+        fs::File::create(log).with_context(|| format!("could not create {}", log.display()))?;
+    cmd.stdin(Stdio::null())
+        .stdout(out.try_clone()?)
+        .stderr(out);
+    register(c, |c| {
+        c.pins.push(bpffs.to_owned());
+        Ok(())
+    })?;
+    spawn(c, name, cmd)
+}
+
+/// Creates a cgroup the cleanup removes.
+fn make_cgroup(c: &Mutex<Cleanup>, cgroup: &Path) -> Result<()> {
+    register(c, |c| {
+        fs::create_dir(cgroup)
+            .with_context(|| format!("could not create cgroup {}", cgroup.display()))?;
+        c.cgroups.push(cgroup.to_owned());
+        Ok(())
+    })
+}
+
+/// The child's exit status if it has exited (it stays registered).
+fn exited(c: &Mutex<Cleanup>, pid: u32) -> Result<Option<std::process::ExitStatus>> {
+    let mut c = lock(c);
+    match c.children.iter_mut().find(|(_, ch)| ch.id() == pid) {
+        Some((_, child)) => Ok(child.try_wait()?),
+        None => bail!("interrupted"),
+    }
+}
+
+/// Waits (at most `limit`) for the child to exit and hands it back. Polls
+/// rather than blocks, so the Ctrl-C handler can take the child meanwhile.
+fn wait_exit(
+    c: &Mutex<Cleanup>,
+    pid: u32,
+    limit: Duration,
+) -> Result<(Child, std::process::ExitStatus)> {
+    let deadline = Instant::now() + limit;
+    loop {
+        if let Some(status) = exited(c, pid)? {
+            let mut c = lock(c);
+            let at = c
+                .children
+                .iter()
+                .position(|(_, ch)| ch.id() == pid)
+                .context("interrupted")?;
+            return Ok((c.children.remove(at).1, status));
+        }
+        if Instant::now() > deadline {
+            let name = lock(c)
+                .children
+                .iter()
+                .find(|(_, ch)| ch.id() == pid)
+                .map_or(String::new(), |(n, _)| n.clone());
+            bail!("the {name} (pid {pid}) did not finish within {limit:?}");
+        }
+        thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// Stops one child now (SIGTERM, SIGKILL after 3 s), under the lock so the
+/// Ctrl-C handler never sees it half-stopped.
+fn stop_now(c: &Mutex<Cleanup>, pid: u32) {
+    let mut c = lock(c);
+    if let Some(at) = c.children.iter().position(|(_, ch)| ch.id() == pid) {
+        let (name, child) = c.children.remove(at);
+        util::stop_child(&name, child);
+    }
+}
+
 impl Cleanup {
     fn new(agent_bin: PathBuf) -> Self {
         Cleanup {
             agent_bin,
-            client: None,
-            agent: None,
-            bpffs: None,
-            cgroup: None,
+            children: Vec::new(),
+            pins: Vec::new(),
+            cgroups: Vec::new(),
+            netns: Vec::new(),
             tmp: None,
             done: false,
         }
     }
 
+    /// Undoes everything, saying so in at most three lines; what fails is
+    /// a warning and the rest still goes.
     fn run(&mut self) {
         if self.done {
             return;
         }
         self.done = true;
-        if let Some(child) = self.client.take() {
-            stop("demo client", child);
-        }
-        if let Some(child) = self.agent.take() {
-            stop("mesh-agent", child);
-        }
-        if let Some(bpffs) = self.bpffs.take() {
-            let mut cmd = Command::new(&self.agent_bin);
-            cmd.arg("cleanup").arg("--bpffs").arg(&bpffs);
-            step("demo: cleanup: removing the agent's pinned maps and links");
-            if let Err(e) = util::run(&mut cmd) {
-                eprintln!("warning: {e:#}");
+        if !self.children.is_empty() {
+            let names: Vec<String> = self
+                .children
+                .iter()
+                .rev()
+                .map(|(name, child)| format!("{name} ({})", child.id()))
+                .collect();
+            step(format!("demo: cleanup: stopping {}", names.join(", ")));
+            while let Some((name, child)) = self.children.pop() {
+                util::stop_child(&name, child);
             }
         }
-        if let Some(cgroup) = self.cgroup.take() {
+        if !self.pins.is_empty() {
+            let dirs: Vec<String> = self.pins.iter().map(|p| p.display().to_string()).collect();
             step(format!(
-                "demo: cleanup: removing cgroup {}",
-                cgroup.display()
+                "demo: cleanup: mesh-agent cleanup --bpffs {} (programs detached, maps released)",
+                dirs.join(", ")
             ));
-            if let Err(e) = remove_cgroup(&cgroup) {
-                eprintln!("warning: could not remove cgroup {}: {e}", cgroup.display());
+            for bpffs in self.pins.drain(..) {
+                let out = Command::new(&self.agent_bin)
+                    .arg("cleanup")
+                    .arg("--bpffs")
+                    .arg(&bpffs)
+                    .stdin(Stdio::null())
+                    .output();
+                match out {
+                    Ok(out) if out.status.success() => {}
+                    Ok(out) => eprintln!(
+                        "warning: `mesh-agent cleanup --bpffs {}` failed ({}): {}",
+                        bpffs.display(),
+                        out.status,
+                        String::from_utf8_lossy(&out.stderr).trim()
+                    ),
+                    Err(e) => eprintln!("warning: could not run mesh-agent cleanup: {e}"),
+                }
             }
         }
-        if let Some(tmp) = self.tmp.take()
-            && let Err(e) = fs::remove_dir_all(&tmp)
-        {
-            eprintln!("warning: could not remove {}: {e}", tmp.display());
+        let (mut cgroups, mut netns) = (Vec::new(), Vec::new());
+        for cgroup in self.cgroups.drain(..).rev() {
+            match remove_cgroup(&cgroup) {
+                Ok(()) => cgroups.push(cgroup.display().to_string()),
+                Err(e) => eprintln!("warning: could not remove cgroup {}: {e}", cgroup.display()),
+            }
+        }
+        for ns in self.netns.drain(..).rev() {
+            match Command::new("ip").args(["netns", "del", &ns]).output() {
+                Ok(out) if out.status.success() => netns.push(ns),
+                Ok(out) => eprintln!(
+                    "warning: `ip netns del {ns}` failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ),
+                Err(e) => eprintln!("warning: could not run `ip netns del {ns}`: {e}"),
+            }
+        }
+        let mut gone = Vec::new();
+        for (one, many, names) in [
+            ("cgroup", "cgroups", cgroups),
+            ("network namespace", "network namespaces", netns),
+        ] {
+            match names.len() {
+                0 => {}
+                1 => gone.push(format!("{one} {}", names[0])),
+                _ => gone.push(format!("{many} {}", names.join(", "))),
+            }
+        }
+        if let Some(tmp) = self.tmp.take() {
+            match fs::remove_dir_all(&tmp) {
+                Ok(()) => gone.push(tmp.display().to_string()),
+                Err(e) => eprintln!("warning: could not remove {}: {e}", tmp.display()),
+            }
+        }
+        if !gone.is_empty() {
+            step(format!("demo: cleanup: removed {}", gone.join("; ")));
         }
     }
-}
-
-/// Says what it stops, then stops it gracefully (see `util::stop_child`).
-fn stop(name: &str, child: Child) {
-    step(format!(
-        "demo: cleanup: stopping {name} (pid {})",
-        child.id()
-    ));
-    util::stop_child(name, child);
 }
 
 /// A cgroup can only be removed once its processes have exited; they may
