@@ -205,8 +205,8 @@ impl Ids {
     fn build(old_dir: &Path, new_dir: &Path) -> Result<Self, MigrateError> {
         let old_services = read_all::<ServiceKey, ServiceValue>(old_dir, map_names::SERVICES)?;
         let new_services = read_all::<ServiceKey, ServiceValue>(new_dir, map_names::SERVICES)?;
-        let old_backends = read_all::<BackendId, BackendValue>(old_dir, map_names::BACKENDS)?;
-        let new_backends = read_all::<BackendId, BackendValue>(new_dir, map_names::BACKENDS)?;
+        let old_backends = read_backends(old_dir)?;
+        let new_backends = read_backends(new_dir)?;
         let new_service_by_key: StdHashMap<ServiceKey, u32> = new_services
             .iter()
             .map(|(k, v)| (*k, v.service_id))
@@ -215,7 +215,7 @@ impl Ids {
             .iter()
             .filter_map(|(k, v)| Some((v.service_id, *new_service_by_key.get(k)?)))
             .collect();
-        let identity = |b: &BackendValue, service: u32| (service, b.addr, b.port, b.family);
+        let identity = |b: &BackendPrefix, service: u32| (service, b.addr, b.port, b.family);
         let new_backend_by_identity: StdHashMap<_, BackendId> = new_backends
             .iter()
             .map(|(id, b)| (identity(b, b.service_id), *id))
@@ -709,6 +709,49 @@ fn open_pair<T: Typed>(
 }
 
 /// Every entry of a pinned hash map.
+/// What migration matches backends by, as every layout so far stores it:
+/// schema v1's `BackendValue` (24 bytes) is the start of v2's, which adds
+/// the flags (the tunnel's).
+#[repr(C)]
+#[derive(Clone, Copy, Debug, Default)]
+struct BackendPrefix {
+    addr: [u32; 4],
+    port: u16,
+    family: u8,
+    state: u8,
+    service_id: u32,
+}
+
+// SAFETY: `#[repr(C)]` integers without padding; any bit pattern is valid.
+unsafe impl Pod for BackendPrefix {}
+
+const _: () = assert!(size_of::<BackendPrefix>() == 24);
+
+/// A `MESH_BACKENDS` of this layout or of v1.
+fn read_backends(dir: &Path) -> Result<Vec<(BackendId, BackendPrefix)>, MigrateError> {
+    match read_all::<BackendId, BackendValue>(dir, map_names::BACKENDS) {
+        Ok(all) => Ok(all
+            .into_iter()
+            .map(|(id, b)| {
+                let prefix = BackendPrefix {
+                    addr: b.addr,
+                    port: b.port,
+                    family: b.family,
+                    state: b.state,
+                    service_id: b.service_id,
+                };
+                (id, prefix)
+            })
+            .collect()),
+        Err(MigrateError::Layout {
+            key_size: 4,
+            value_size: 24,
+            ..
+        }) => read_all::<BackendId, BackendPrefix>(dir, map_names::BACKENDS),
+        Err(e) => Err(e),
+    }
+}
+
 fn read_all<K: Pod, V: Pod>(dir: &Path, map: &'static str) -> Result<Vec<(K, V)>, MigrateError> {
     let (typed, capacity) = open_typed::<HashMap<MapData, K, V>>(dir, map)?;
     typed
@@ -838,7 +881,14 @@ mod tests {
         // New layout: service 7 is now 1, backend 70 is now 3.
         let m = pinned_map(&new_maps, map_names::SERVICES, HASH, 20, 20);
         put(&m, service_key(1), service(1));
-        let m = pinned_map(&new_maps, map_names::BACKENDS, HASH, 4, 24);
+        // This build's layout; the old one is v1's, without the flags.
+        let m = pinned_map(
+            &new_maps,
+            map_names::BACKENDS,
+            HASH,
+            4,
+            size_of::<BackendValue>(),
+        );
         put(&m, 3u32, backend(1, 1000));
         pinned_map(&new_maps, map_names::CONNS, LRU_HASH, 8, 8);
         pinned_map(&new_maps, map_names::AFFINITY, LRU_HASH, 16, 16);

@@ -18,7 +18,7 @@ use mesh_common::{EndpointKey, SOCK_REDIRECT_OK, SockKey, SockRedirect};
 
 use crate::{
     lb,
-    redirect::{self, Tuple, read_ip6},
+    redirect::{self, Tuple},
     redirect_maps::{MESH_EXCL_EP, MESH_REDIR_EXCL, MESH_SOCKS, forget_sock_state, set_sock_state},
 };
 

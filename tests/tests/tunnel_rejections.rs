@@ -15,7 +15,7 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use mesh_tests::cluster::{Node, TRUST_DOMAIN};
+use mesh_tests::cluster::{Node, TRUST_DOMAIN, metric};
 use mesh_tests::{Agent, Cluster, require_bin, run_with_timeout};
 use serde_json::Value;
 
@@ -34,7 +34,7 @@ const HANDSHAKES: &str = "mesh_tunnel_handshakes_total";
 /// object (or, for `listen`, a "listening" line and then one line per
 /// accepted connection).
 const PY: &str = r#"
-import json, socket, ssl, sys, urllib.request
+import json, socket, ssl, sys
 
 def classify_read(s):
     try:
@@ -52,10 +52,7 @@ def classify_read(s):
     return {"read": "data", "len": len(b), "hex": b[:64].hex()}
 
 mode = sys.argv[1]
-if mode == "scrape":
-    with urllib.request.urlopen("http://%s/metrics" % sys.argv[2], timeout=10) as r:
-        sys.stdout.write(r.read().decode())
-elif mode == "tls":
+if mode == "tls":
     host, port, cert, key = sys.argv[2], int(sys.argv[3]), sys.argv[4], sys.argv[5]
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     # The server's certificate is not what these tests look at.
@@ -210,55 +207,6 @@ fn py_json(node: &Node, args: &[&str]) -> Result<Value> {
         .with_context(|| format!("python3 {} printed {stdout:?}", args.join(" ")))
 }
 
-/// The node agent's /metrics text, fetched from inside the node (the
-/// metrics address is a loopback port of the node's own namespace).
-fn scrape(node: &Node) -> Result<String> {
-    let status = node.agent().status()?;
-    let addr = status["metrics_addr"]
-        .as_str()
-        .with_context(|| format!("{}: no metrics_addr in status {status}", node.name))?
-        .to_owned();
-    let out = run_with_timeout(
-        node.command("python3").args(["-c", PY, "scrape", &addr]),
-        PY_LIMIT,
-    )?;
-    if !out.status.success() {
-        bail!(
-            "scraping {addr} in {}: {}",
-            node.name,
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).into_owned())
-}
-
-/// The sum of the samples of `name` whose labels include all of `labels`.
-fn metric(text: &str, name: &str, labels: &[(&str, &str)]) -> u64 {
-    text.lines()
-        .filter(|l| !l.starts_with('#'))
-        .filter_map(|l| {
-            let (series, value) = l.rsplit_once(' ')?;
-            let (metric, rest) = match series.split_once('{') {
-                Some((m, rest)) => (m, rest.trim_end_matches('}')),
-                None => (series, ""),
-            };
-            if metric != name {
-                return None;
-            }
-            let have: Vec<(&str, &str)> = rest
-                .split(',')
-                .filter_map(|kv| kv.split_once('='))
-                .map(|(k, v)| (k, v.trim_matches('"')))
-                .collect();
-            labels
-                .iter()
-                .all(|want| have.contains(want))
-                .then(|| value.parse::<f64>().ok())
-                .flatten()
-        })
-        .sum::<f64>() as u64
-}
-
 /// The series of `name` (with their labels) that are not zero, for messages.
 fn nonzero(text: &str, name: &str) -> Vec<String> {
     text.lines()
@@ -272,7 +220,7 @@ fn nonzero(text: &str, name: &str) -> Vec<String> {
 fn wait_metric(node: &Node, name: &str, labels: &[(&str, &str)], min: u64) -> Result<String> {
     let deadline = Instant::now() + METRIC_WAIT;
     loop {
-        let text = scrape(node)?;
+        let text = node.scrape()?;
         if metric(&text, name, labels) >= min {
             return Ok(text);
         }
@@ -515,7 +463,7 @@ fn a_peer_with_the_wrong_spiffe_id_is_refused_and_the_application_is_reset() -> 
         1,
     )?;
     // node-c saw a client that gave up on it (it sent us its certificate).
-    let text_c = scrape(c)?;
+    let text_c = c.scrape()?;
     assert_eq!(
         metric(&text_c, HANDSHAKES, &[("direction", "inbound")]),
         0,
@@ -533,7 +481,11 @@ fn a_peer_with_the_wrong_spiffe_id_is_refused_and_the_application_is_reset() -> 
 fn a_client_that_does_not_speak_tls_is_closed_and_counted() -> Result<()> {
     let cluster = standard_cluster()?;
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
-    let before = metric(&scrape(b)?, HANDSHAKE_FAILURES, &[("direction", "inbound")]);
+    let before = metric(
+        &b.scrape()?,
+        HANDSHAKE_FAILURES,
+        &[("direction", "inbound")],
+    );
     assert_eq!(before, 0);
     let r = py_json(a, &["plain", &b.ip4.to_string(), TUNNEL_PORT])?;
     match r["read"].as_str() {

@@ -67,7 +67,7 @@ impl HandshakeError {
     fn reason(&self) -> &'static str {
         match self {
             Self::Setup(_) => "tls_config",
-            Self::Tls(_) => "tls",
+            Self::Tls(e) => crate::identity::io_failure_reason(e),
             Self::Timeout => "timeout",
             Self::Alpn(_) => "alpn",
             Self::NoCertificate => "no_certificate",

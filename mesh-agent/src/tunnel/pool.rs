@@ -82,7 +82,7 @@ impl ConnectError {
         match self {
             Self::TlsSetup(_) => "tls_config",
             Self::Tcp { .. } => "tcp_connect",
-            Self::Tls { .. } => "tls",
+            Self::Tls { source, .. } => crate::identity::io_failure_reason(source),
             Self::Timeout(_) => "timeout",
             Self::Alpn { .. } => "alpn",
             Self::H2 { .. } => "h2",
