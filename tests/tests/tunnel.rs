@@ -7,7 +7,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use mesh_tests::{
-    BulkReport, BulkServer, Cluster,
+    Agent, BulkReport, BulkServer, Cluster,
     cluster::{Node, metric},
     run_bulk, run_with_timeout,
 };
@@ -419,6 +419,16 @@ fn a_burst_of_200_new_connections_opens_only_what_the_stream_limit_needs() -> Re
     // 100 streams a connection, one handshake in flight per key: 200
     // streams held open together need exactly two connections.
     assert_eq!((opened, handshakes), (2, 2), "{text}");
+    // The operator's view: one peer, its two connections.
+    let out = a.agent().meshctl(&["tunnels"])?;
+    let table = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{table}");
+    assert!(table.contains("spiffe://mesh.test/node/node-a"), "{table}");
+    assert!(
+        table.contains("node-b") && table.contains("2 conns"),
+        "{table}"
+    );
+    assert_eq!(table.matches("outbound").count(), 2, "{table}");
     Ok(())
 }
 
@@ -434,6 +444,92 @@ fn several_gib_cross_the_tunnel_byte_exact() -> Result<()> {
     assert_ok(&s);
     assert_eq!(service_counter(a, "tunnelled")?, 1);
     assert!(tunnel_bytes(a)? >= gib);
+    Ok(())
+}
+
+/// Connects to argv[1]:80 and prints `refused`, or `ok` after an echo.
+const CONNECT_CLIENT: &str = r#"
+import socket, sys
+try:
+    s = socket.create_connection((sys.argv[1], 80), timeout=10)
+    s.sendall(b'ping'); s.shutdown(socket.SHUT_WR)
+    print('ok' if s.recv(16) == b'ping' else 'wrong')
+except ConnectionRefusedError:
+    print('refused')
+"#;
+
+#[test]
+fn without_a_tunnel_strict_is_refused_and_permissive_goes_direct() -> Result<()> {
+    let cluster = Cluster::new(2)?;
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let backend = b.ip4.to_string();
+    let config = |mtls| {
+        format!(
+            "{}{}",
+            cluster.nodes_yaml(),
+            service_yaml(VIP4, mtls, &[(&backend, "node-b")])
+        )
+    };
+    // node-a has no identity: nothing can leave it encrypted.
+    let agent = Agent::start_in(
+        &a.netns,
+        &config("strict"),
+        &a.cgroup,
+        &["--node-name", "node-a", "--metrics-addr", "127.0.0.1:0"],
+    )?;
+    let mut server = b.command("python3");
+    server
+        .arg("-u")
+        .arg("-c")
+        .arg(MANY_ECHO_SERVER)
+        .arg(&backend);
+    let _server = Reaped(spawn_ready(server, "listening")?);
+    assert_eq!(python(a, CONNECT_CLIENT, &[VIP4])?, "refused");
+    let tunnels = agent.meshctl_json(&["tunnels"])?;
+    assert_eq!(tunnels["enabled"], false, "{tunnels}");
+    let generation = agent.status()?["config_generation"].as_u64().unwrap_or(0);
+    agent.write_config(&config("permissive"))?;
+    agent.wait_for_generation(generation + 1, Duration::from_secs(10))?;
+    assert_eq!(python(a, CONNECT_CLIENT, &[VIP4])?, "ok");
+    Ok(())
+}
+
+/// Sends one datagram to argv[1]:80 and prints the answer.
+const UDP_CLIENT: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(10)
+s.sendto(b'dgram', (sys.argv[1], 80))
+data, peer = s.recvfrom(64)
+print(data.decode(), peer[0])
+"#;
+
+/// Answers each datagram on argv[1]:9000 with its own bytes.
+const UDP_ECHO: &str = r#"
+import socket, sys
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind((sys.argv[1], 9000))
+print('listening', flush=True)
+while True:
+    data, peer = s.recvfrom(64)
+    s.sendto(data, peer)
+"#;
+
+#[test]
+fn udp_of_a_permissive_service_goes_directly_to_the_other_node_and_is_counted() -> Result<()> {
+    let mut cluster = Cluster::new(2)?;
+    let backend = cluster.nodes[1].ip4.to_string();
+    let yaml = service_yaml(VIP4, "permissive", &[(&backend, "node-b")]).replace(
+        "    mtls: permissive\n",
+        "    mtls: permissive\n    protocol: both\n",
+    );
+    cluster.start_agents(&yaml, &[])?;
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    let mut server = b.command("python3");
+    server.arg("-u").arg("-c").arg(UDP_ECHO).arg(&backend);
+    let _server = Reaped(spawn_ready(server, "listening")?);
+    // The application sees the VIP as the datagram's source.
+    assert_eq!(python(a, UDP_CLIENT, &[VIP4])?, format!("dgram {VIP4}"));
+    assert_eq!(service_counter(a, "udp_direct_remote")?, 1);
+    assert_eq!(service_counter(a, "tunnelled")?, 0);
     Ok(())
 }
 
