@@ -39,6 +39,8 @@ enum Switch {
     Off,
 }
 
+// Parsed once at start; boxing `Run` would only add noise.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand, Debug)]
 enum Command {
     /// Attach the programs and keep the kernel's maps in step with the config.
