@@ -225,6 +225,13 @@ fn spawn_ready(mut cmd: std::process::Command, ready: &str) -> Result<Child> {
     }
 }
 
+/// A Python server in `node`, ready once it printed `listening`.
+fn python_server(node: &Node, program: &str, arg: &str) -> Result<Reaped> {
+    let mut server = node.command("python3");
+    server.arg("-u").arg("-c").arg(program).arg(arg);
+    Ok(Reaped(spawn_ready(server, "listening")?))
+}
+
 struct Reaped(Child);
 
 impl Drop for Reaped {
@@ -245,9 +252,7 @@ fn only_tls_crosses_the_wire_and_the_client_sees_the_vip() -> Result<()> {
     dump.args(["-i", "eth0", "--immediate-mode", "-U", "-s", "0", "-w"])
         .arg(&pcap);
     let dump = Reaped(spawn_ready(dump, "listening on")?);
-    let mut server = b.command("python3");
-    server.arg("-u").arg("-c").arg(ECHO_SERVER).arg(&backend);
-    let server = Reaped(spawn_ready(server, "listening")?);
+    let server = python_server(b, ECHO_SERVER, &backend)?;
     let marker = "mesh-plaintext-marker-5f3c9a";
     let out = python(a, MARKER_CLIENT, &[VIP4, marker])?;
     assert_eq!(out, format!("{VIP4}\n{marker}"), "peer name, then the echo");
@@ -314,18 +319,9 @@ fn a_backend_on_the_clients_own_node_stays_off_the_tunnel() -> Result<()> {
     assert_eq!(backends[1]["tunnel"], true, "{backends}");
     // Only the local backend listens: every connection that succeeds went
     // there, and the tunnel's counters do not move for them.
-    let mut server = a.command("python3");
-    server.arg("-u").arg("-c").arg(ECHO_SERVER).arg(&local);
     let mut served = 0;
     for _ in 0..40 {
-        let _server = Reaped(spawn_ready(
-            {
-                let mut c = a.command("python3");
-                c.arg("-u").arg("-c").arg(ECHO_SERVER).arg(&local);
-                c
-            },
-            "listening",
-        )?);
+        let _server = python_server(a, ECHO_SERVER, &local)?;
         let before = (service_counter(a, "tunnelled")?, tunnel_bytes(a)?);
         let out = python(a, RESET_CLIENT, &[VIP4])?;
         let after = (service_counter(a, "tunnelled")?, tunnel_bytes(a)?);
@@ -402,13 +398,7 @@ fn a_burst_of_200_new_connections_opens_only_what_the_stream_limit_needs() -> Re
     let backend = cluster.nodes[1].ip4.to_string();
     cluster.start_agents(&service_yaml(VIP4, "strict", &[(&backend, "node-b")]), &[])?;
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
-    let mut server = b.command("python3");
-    server
-        .arg("-u")
-        .arg("-c")
-        .arg(MANY_ECHO_SERVER)
-        .arg(&backend);
-    let _server = Reaped(spawn_ready(server, "listening")?);
+    let _server = python_server(b, MANY_ECHO_SERVER, &backend)?;
     assert_eq!(python(a, BURST_CLIENT, &[VIP4, "200"])?, "200");
     let text = a.scrape()?;
     let outbound = [("direction", "outbound")];
@@ -477,13 +467,7 @@ fn without_a_tunnel_strict_is_refused_and_permissive_goes_direct() -> Result<()>
         &a.cgroup,
         &["--node-name", "node-a", "--metrics-addr", "127.0.0.1:0"],
     )?;
-    let mut server = b.command("python3");
-    server
-        .arg("-u")
-        .arg("-c")
-        .arg(MANY_ECHO_SERVER)
-        .arg(&backend);
-    let _server = Reaped(spawn_ready(server, "listening")?);
+    let _server = python_server(b, MANY_ECHO_SERVER, &backend)?;
     assert_eq!(python(a, CONNECT_CLIENT, &[VIP4])?, "refused");
     let tunnels = agent.meshctl_json(&["tunnels"])?;
     assert_eq!(tunnels["enabled"], false, "{tunnels}");
@@ -523,9 +507,7 @@ fn udp_of_a_permissive_service_goes_directly_to_the_other_node_and_is_counted() 
     );
     cluster.start_agents(&yaml, &[])?;
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
-    let mut server = b.command("python3");
-    server.arg("-u").arg("-c").arg(UDP_ECHO).arg(&backend);
-    let _server = Reaped(spawn_ready(server, "listening")?);
+    let _server = python_server(b, UDP_ECHO, &backend)?;
     // The application sees the VIP as the datagram's source.
     assert_eq!(python(a, UDP_CLIENT, &[VIP4])?, format!("dgram {VIP4}"));
     assert_eq!(service_counter(a, "udp_direct_remote")?, 1);
