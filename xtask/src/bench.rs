@@ -10,6 +10,7 @@
 mod bare;
 mod connect;
 mod control;
+mod cross_node;
 mod env;
 mod health;
 mod kstats;
@@ -27,7 +28,26 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use clap::Args;
 
-pub use load::{ClientArgs, ServerArgs, client, server};
+pub use load::{ClientArgs, ServerArgs};
+
+/// `bench-client`; the cross-node scenario asks for its own exchanges
+/// through the environment, so the subcommand's flags stay as they are.
+pub fn client(args: ClientArgs) -> Result<()> {
+    if cross_node::exchange_enabled() {
+        cross_node::client(args)
+    } else {
+        load::client(args)
+    }
+}
+
+/// `bench-server`; see [`client`].
+pub fn server(args: ServerArgs) -> Result<()> {
+    if cross_node::exchange_enabled() {
+        cross_node::server(args)
+    } else {
+        load::server(args)
+    }
+}
 
 use self::env::Cgroup;
 use self::peers::Bins;
@@ -99,6 +119,7 @@ fn scenarios() -> Vec<Box<dyn Scenario>> {
     vec![
         Box::new(connect::Connect),
         Box::new(same_node::SameNode),
+        Box::new(cross_node::CrossNode),
         Box::new(control::ControlPlane),
         Box::new(health::HealthChecks),
         Box::new(micro::Micro),
@@ -292,6 +313,7 @@ const PEER_PACKAGES: &[(&str, &str)] = &[
     ("iptables-legacy-restore", "iptables"),
     ("nft", "nftables"),
     ("haproxy", "haproxy"),
+    ("stunnel4", "stunnel4"),
 ];
 
 fn install_peers() -> Result<()> {
@@ -303,7 +325,7 @@ fn install_peers() -> Result<()> {
         .map(|(_, pkg)| *pkg)
         .collect();
     if missing.is_empty() {
-        step("bench: iptables, nftables, haproxy ... already installed");
+        step("bench: iptables, nftables, haproxy, stunnel4 ... already installed");
         return Ok(());
     }
     step(format!("bench: installing {}", missing.join(" ")));

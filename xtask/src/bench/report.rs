@@ -267,6 +267,7 @@ pub fn targets(r: &Results) -> Vec<Target> {
             ),
         ));
     }
+    out.extend(super::cross_node::targets(r));
     out
 }
 
@@ -284,6 +285,8 @@ fn fmt_target(t: &Target) -> (String, &'static str) {
     let v = t.measured.map_or("not measured".to_string(), |v| {
         if t.goal.contains('×') {
             format!("{v:.2}×")
+        } else if t.goal.contains("µs") {
+            format!("{v:.1} µs")
         } else if t.goal.contains("ms") {
             format!("{v:.2} ms")
         } else if t.goal.contains('%') {
@@ -772,6 +775,8 @@ pub fn write_markdown(r: &Results, root: &Path) -> Result<()> {
         ));
         md.push('\n');
     }
+
+    super::cross_node::markdown(r, 7, &mut md);
 
     let failures: Vec<String> = r
         .scenarios

@@ -12,6 +12,7 @@ pub const SCHEMA: u32 = 1;
 pub const EXPECTED: &[(&str, &[&str])] = &[
     ("connect", &super::connect::PEERS),
     ("same-node", &super::same_node::PEERS),
+    (super::cross_node::ID, &super::cross_node::PEERS),
     ("control-plane", &["mesh", "mesh-conf.d"]),
     ("kernel-cost", &super::kstats::PROGRAMS),
     ("health-checks", &super::health::PEERS),
