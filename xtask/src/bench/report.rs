@@ -500,7 +500,7 @@ pub fn write_markdown(r: &Results, root: &Path) -> Result<()> {
         "## Reproduce\n\n```sh\ncargo xtask bench          # full run (tens of minutes)\n\
          cargo xtask bench --quick  # under five minutes\n\
          cargo xtask bench --only connect,same-node   # some scenarios; results file left alone\n```\n\n\
-         Needs root on a Debian machine. It installs iptables, nftables and haproxy from \
+         Needs root on a Debian machine. It installs iptables, nftables, haproxy and stunnel4 from \
          Debian's packages if missing. Every topology lives in network namespaces the \
          benchmark creates (`mesh-bench-<pid>-…`), on a veth pair inside each namespace: backends on \
          10.200.0.1–10:8080, service VIPs from 10.96.0.1:80; every netfilter rule is loaded \
