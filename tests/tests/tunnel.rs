@@ -125,6 +125,16 @@ fn same_as_direct(vip: &str, backend_of: impl Fn(&Node) -> String) -> Result<()>
             seen.push((mode, name, c.observed, s.observed));
         }
     }
+    // How much of what a client wrote just before its abortive close
+    // arrives depends on how much had left its socket by then, on either
+    // path (an abortive close discards the rest): that count is no
+    // property of the tunnel, the way the stream ends is.
+    for (_, name, _, server) in &mut seen {
+        if *name == "rst" {
+            let read = server.remove("server_read_before_end").unwrap_or_default();
+            assert!(read.parse::<u64>().is_ok_and(|n| n <= 100_000), "{read}");
+        }
+    }
     let (direct, tunnel) = seen.split_at(cases.len());
     for (d, t) in direct.iter().zip(tunnel) {
         assert_eq!((&d.2, &d.3), (&t.2, &t.3), "{}: direct vs tunnel", d.1);
