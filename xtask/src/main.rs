@@ -40,9 +40,10 @@ enum Cmd {
     Lint,
     /// Apply cargo fmt to the whole workspace.
     Fmt,
-    /// Run the agent on examples/mesh.yaml and send connections through it (needs root).
+    /// Run the agent on examples/mesh.yaml and send connections through it,
+    /// then two namespace nodes and the mTLS tunnel between them (needs root).
     Demo(demo::DemoArgs),
-    /// Benchmark mesh against iptables, nftables and HAProxy (needs root).
+    /// Benchmark mesh against iptables, nftables, HAProxy and stunnel (needs root).
     Bench(bench::BenchArgs),
     /// The benchmark's load generator, run by `bench` inside its namespaces.
     #[command(hide = true)]
