@@ -261,7 +261,16 @@ impl Inbound {
                         state.mark_dead();
                         return Some(if e.is_go_away() { "goaway" } else { "error" });
                     }
-                    None => return None,
+                    None => {
+                        // No new streams will come (GOAWAY), but the open
+                        // ones need the connection driven until they end:
+                        // dropping it here would reset them.
+                        tokio::select! {
+                            _ = std::future::poll_fn(|cx| connection.poll_closed(cx)) => {}
+                            _ = phase.wait_for(|p| *p == Phase::Stopped) => return Some("shutdown"),
+                        }
+                        return None;
+                    }
                 },
                 end = &mut keepalive => {
                     tracing::warn!(peer = %peer.addr, node = %peer.identity, "inbound tunnel connection dropped: PING unanswered");

@@ -820,7 +820,10 @@ async fn inbound_drains_across_a_restart_on_the_same_port() {
         tokio::time::sleep(Duration::from_millis(10)).await;
     }
 
-    // The stream in flight finishes on the old agent.
+    // The stream in flight finishes on the old agent, even after the old
+    // connection's GOAWAY exchange is over (its final GOAWAY follows a
+    // PING round trip; give it time to happen first).
+    tokio::time::sleep(Duration::from_millis(300)).await;
     let rest = pattern(2 << 20, 2);
     w.write_all(&rest).await.unwrap();
     w.shutdown().await.unwrap();
