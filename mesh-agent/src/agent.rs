@@ -569,6 +569,12 @@ impl Shared {
                         })
                         .map_err(AgentError::from)
                 })?;
+            // The tunnel's view of where backends are changes only with a
+            // backend's address or node (not its health or weight).
+            let placement_changed = update.mesh.is_some()
+                || changes
+                    .iter()
+                    .any(|(old, new)| placed(*old).ne(placed(*new)));
             drop(changes);
             // Accepted: the source, health checks and overrides follow.
             let watched_source = DesiredState {
@@ -613,7 +619,9 @@ impl Shared {
             inner.draining = draining;
             inner.panicking = panicking;
             inner.placement = placement;
-            if let Some(tunnel) = &self.tunnel {
+            if let Some(tunnel) = &self.tunnel
+                && placement_changed
+            {
                 tunnel.update(inner.desired.iter(), &inner.placement.mesh);
             }
             for name in &metric_names {
@@ -702,6 +710,14 @@ impl Shared {
             release_free_memory();
         }
     }
+}
+
+/// Each backend of a service (if any) with its node: what the tunnel's
+/// placement is built from.
+fn placed(svc: Option<&Service>) -> impl Iterator<Item = (std::net::SocketAddr, Option<&str>)> {
+    svc.into_iter()
+        .flat_map(|s| &s.backends)
+        .map(|b| (b.socket_addr(), b.node.as_deref()))
 }
 
 /// Hands memory freed by a large apply (parse trees, plans) back to the

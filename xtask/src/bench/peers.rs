@@ -159,30 +159,13 @@ impl Node {
         targets: u32,
     ) -> Result<ClientReport> {
         let mut cmd = self.ns.exec(&bins.xtask);
-        cmd.arg("bench-client")
-            .arg("--mode")
-            .arg(match load.mode {
-                Mode::Connect => "connect",
-                Mode::Rr => "rr",
-                Mode::Bulk => "bulk",
-            })
-            .arg("--first")
-            .arg(first.to_string())
-            .arg("--targets")
-            .arg(targets.to_string())
-            .arg("--threads")
-            .arg(load.threads.to_string())
-            .arg("--duration-ms")
-            .arg(load.duration_ms.to_string())
-            .arg("--max-ops")
-            .arg(load.max_ops.to_string());
+        load.client_args(&mut cmd, first);
+        cmd.arg("--targets").arg(targets.to_string());
         if let Some(cpu) = load.cpu {
             cmd.arg("--cpu").arg(cpu.to_string());
         }
         cgroup.join_on_exec(&mut cmd);
-        let timeout = Duration::from_millis(load.duration_ms) + Duration::from_secs(30);
-        let out = output_within("bench-client", &mut cmd, timeout)?;
-        serde_json::from_slice(&out).context("bench-client printed invalid JSON")
+        load.run_client(&mut cmd)
     }
 
     /// Sends a few connections until they all succeed: the peer is ready
@@ -237,6 +220,35 @@ pub struct Load {
     pub max_ops: u64,
     /// The CPU the client runs on; None leaves it to the scheduler.
     pub cpu: Option<usize>,
+}
+
+impl Load {
+    /// `bench-client` and the arguments every scenario gives it.
+    pub fn client_args(&self, cmd: &mut Command, first: SocketAddrV4) {
+        cmd.arg("bench-client")
+            .arg("--mode")
+            .arg(match self.mode {
+                Mode::Connect => "connect",
+                Mode::Rr => "rr",
+                Mode::Bulk => "bulk",
+            })
+            .arg("--first")
+            .arg(first.to_string())
+            .arg("--threads")
+            .arg(self.threads.to_string())
+            .arg("--duration-ms")
+            .arg(self.duration_ms.to_string())
+            .arg("--max-ops")
+            .arg(self.max_ops.to_string());
+    }
+
+    /// Runs the client `cmd` (bounded by the load's duration) and reads its
+    /// report.
+    pub fn run_client(&self, cmd: &mut Command) -> Result<ClientReport> {
+        let timeout = Duration::from_millis(self.duration_ms) + Duration::from_secs(30);
+        let out = output_within("bench-client", cmd, timeout)?;
+        serde_json::from_slice(&out).context("bench-client printed invalid JSON")
+    }
 }
 
 // ---------------------------------------------------------------- mesh ----

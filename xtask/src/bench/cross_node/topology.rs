@@ -13,7 +13,7 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 
 use super::super::env::{Cgroup, Netns, Pins, Proc, TempDir, output_within};
-use super::super::load::{ClientReport, Mode};
+use super::super::load::ClientReport;
 use super::super::peers::{Bins, Load, VIP_PORT, agent_has_flag, vip};
 use super::super::same_node::REDIRECT_FLAG;
 use super::exchange;
@@ -142,26 +142,10 @@ impl Nodes {
     /// The load generator in node A's namespace and cgroup.
     pub fn client(&self, bins: &Bins, load: &Load, target: SocketAddrV4) -> Result<ClientReport> {
         let mut cmd = in_ns(&self.a, &bins.xtask);
-        cmd.arg("bench-client")
-            .arg("--mode")
-            .arg(match load.mode {
-                Mode::Connect => "connect",
-                Mode::Rr => "rr",
-                Mode::Bulk => "bulk",
-            })
-            .arg("--first")
-            .arg(target.to_string())
-            .arg("--threads")
-            .arg(load.threads.to_string())
-            .arg("--duration-ms")
-            .arg(load.duration_ms.to_string())
-            .arg("--max-ops")
-            .arg(load.max_ops.to_string())
-            .env(exchange::ENV, "1");
+        load.client_args(&mut cmd, target);
+        cmd.env(exchange::ENV, "1");
         self.a_cg.join_on_exec(&mut cmd);
-        let timeout = Duration::from_millis(load.duration_ms) + Duration::from_secs(30);
-        let out = output_within("bench-client", &mut cmd, timeout)?;
-        serde_json::from_slice(&out).context("bench-client printed invalid JSON")
+        load.run_client(&mut cmd)
     }
 
     /// CPU time (µs) the workloads have used: client (A) + backend (B).
