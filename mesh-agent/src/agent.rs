@@ -30,7 +30,7 @@ use crate::{
     reconcile::{ApplyReport, Capacity, ReconcileError, Reconciler, service_keys},
     redirect::{Redirect, RedirectError, RedirectHandle, RedirectOptions},
     state::{DesiredState, Service, ServiceSet},
-    tunnel::{NodeTunnel, NodeTunnelError, TunnelSettings},
+    tunnel::{NodeTunnel, NodeTunnelError, TunnelSettings, TunnelView},
 };
 
 /// Default mark of the agent's own sockets ("MESH"); the programs skip them.
@@ -569,12 +569,15 @@ impl Shared {
                         })
                         .map_err(AgentError::from)
                 })?;
-            // The tunnel's view of where backends are changes only with a
-            // backend's address or node (not its health or weight).
+            // The tunnel's view changes only with a backend's address or
+            // node, a policy, the workloads or the mesh (not with health or
+            // weights).
             let placement_changed = update.mesh.is_some()
-                || changes
-                    .iter()
-                    .any(|(old, new)| placed(*old).ne(placed(*new)));
+                || update.workloads.is_some()
+                || changes.iter().any(|(old, new)| {
+                    placed(*old).ne(placed(*new))
+                        || old.map(|s| &s.policy) != new.map(|s| &s.policy)
+                });
             drop(changes);
             // Accepted: the source, health checks and overrides follow.
             let watched_source = DesiredState {
@@ -622,7 +625,12 @@ impl Shared {
             if let Some(tunnel) = &self.tunnel
                 && placement_changed
             {
-                tunnel.update(inner.desired.iter(), &inner.placement.mesh);
+                tunnel.update(TunnelView {
+                    services: &inner.desired,
+                    mesh: &inner.placement.mesh,
+                    workloads: &inner.desired.workloads,
+                    identities: inner.reconciler.identities(),
+                });
             }
             for name in &metric_names {
                 let Some(svc) = inner.desired.get(name) else {
@@ -832,7 +840,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     metrics
         .kernel
         .attach(KernelMaps::open(&pins.maps_dir())?, capacity);
-    let mut reconciler = Reconciler::recover(capacity, &mut maps);
+    let mut reconciler = Reconciler::recover(capacity, &mut maps).on_node(&opts.node_name);
     redirect.around_service_changes(desired.iter().map(|s| (None, Some(s))), || {
         metrics
             .reconcile
@@ -849,7 +857,12 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                 origins,
                 metrics.tunnel.clone(),
             )?;
-            tunnel.update(desired.iter(), &placement.mesh);
+            tunnel.update(TunnelView {
+                services: &desired,
+                mesh: &placement.mesh,
+                workloads: &desired.workloads,
+                identities: reconciler.identities(),
+            });
             Some(tunnel)
         }
         None => None,

@@ -111,8 +111,8 @@ fn parse_plain(text: &str) -> Option<DesiredState> {
         if raw.services.is_some() {
             return None;
         }
-        let workloads = self::workloads(raw.workloads.unwrap_or_default()).ok()?;
         let mesh = mesh_part(raw.mesh, raw.nodes).ok()?.to_mesh();
+        let workloads = self::workloads(raw.workloads.unwrap_or_default(), Some(&mesh)).ok()?;
         (workloads, mesh)
     };
     let identities: HashSet<&str> = workloads.iter().map(|w| w.identity.as_str()).collect();
@@ -240,7 +240,6 @@ pub(crate) struct Located {
 /// those identities (workloads of other files), and services are checked
 /// against that mesh (the directory's) instead of the file's own.
 fn validate_located(raw: RawConfig, others: Option<(&HashSet<String>, &Mesh)>) -> Check<Part> {
-    let workloads = workloads(raw.workloads.unwrap_or_default())?;
     let mesh_part = mesh_part(raw.mesh, raw.nodes)?;
     let own_mesh;
     let mesh = match others {
@@ -250,6 +249,7 @@ fn validate_located(raw: RawConfig, others: Option<(&HashSet<String>, &Mesh)>) -
             &own_mesh
         }
     };
+    let workloads = workloads(raw.workloads.unwrap_or_default(), Some(mesh))?;
     let mut identities: HashSet<&str> = workloads.iter().map(|w| w.identity.as_str()).collect();
     if let Some((more, _)) = others {
         identities.extend(more.iter().map(String::as_str));
@@ -342,7 +342,7 @@ pub(crate) fn sections_located(text: &str, origin: &str) -> Result<Sections, Con
         .filter_map(|w| w.value.name.as_ref())
         .map(|n| (n.value.clone(), n.referenced))
         .collect();
-    let workloads = workloads(raw).map_err(invalid)?;
+    let workloads = workloads(raw, None).map_err(invalid)?;
     let workloads = workloads
         .into_iter()
         .map(|w| {
@@ -385,7 +385,7 @@ fn invalid(origin: &str, location: Location, problem: Problem) -> ConfigError {
     }
 }
 
-fn workloads(raw: Vec<Spanned<RawWorkload>>) -> Check<Vec<Workload>> {
+fn workloads(raw: Vec<Spanned<RawWorkload>>, mesh: Option<&Mesh>) -> Check<Vec<Workload>> {
     let mut workloads = Vec::new();
     let mut names: HashMap<String, Location> = HashMap::new();
     for raw in raw {
@@ -416,19 +416,62 @@ fn workloads(raw: Vec<Spanned<RawWorkload>>) -> Check<Vec<Workload>> {
         }
         let identity = match raw.identity {
             Some(identity) => {
-                valid_name(&identity, "identity")?;
+                valid_identity(&identity)?;
                 identity.value
             }
             None => name.value.clone(),
+        };
+        let node = match (raw.node, mesh) {
+            (None, _) => None,
+            // A file of a directory: its nodes may be in another file;
+            // `validate_located` checks it against the directory's.
+            (Some(node), None) => Some(node.value),
+            (Some(node), Some(mesh)) if mesh.node(&node.value).is_some() => Some(node.value),
+            (Some(node), Some(mesh)) => {
+                return Err((
+                    node.referenced,
+                    Problem::WorkloadUnknownNode {
+                        workload: name.value,
+                        node: node.value.escape_debug().to_string(),
+                        known: node_names(mesh),
+                    },
+                ));
+            }
         };
         workloads.push(Workload {
             name: name.value,
             cgroup: path,
             identity,
+            node,
         });
     }
     workloads.sort_by(|a, b| a.name.cmp(&b.name));
     Ok(workloads)
+}
+
+/// A workload's identity: a short name, or a workload SPIFFE ID
+/// (`spiffe://<td>/ns/<ns>/sa/<sa>`).
+fn valid_identity(identity: &Spanned<String>) -> Check<()> {
+    if !identity.value.starts_with("spiffe://") {
+        return valid_name(identity, "identity");
+    }
+    match identity.value.parse::<crate::identity::SpiffeId>() {
+        Ok(id) if id.workload_parts().is_some() => Ok(()),
+        Ok(_) => Err((
+            identity.referenced,
+            Problem::BadWorkloadSpiffeId {
+                id: identity.value.escape_debug().to_string(),
+                why: "it is not of the form spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>".into(),
+            },
+        )),
+        Err(e) => Err((
+            identity.referenced,
+            Problem::BadWorkloadSpiffeId {
+                id: identity.value.escape_debug().to_string(),
+                why: e.to_string(),
+            },
+        )),
+    }
 }
 
 /// One service, with where its name and VIP are for the cross-service

@@ -13,6 +13,7 @@
 //! it, and [`failure_reason`] / [`io_failure_reason`] turn any handshake
 //! error into a short stable label for metrics.
 
+pub mod authz;
 pub mod ca;
 mod cert;
 mod spiffe;
@@ -25,6 +26,7 @@ mod testutil;
 
 use std::path::PathBuf;
 
+pub use authz::{Admitted, Authorization, Refusal, ResolvedPolicy, Rule};
 pub use spiffe::SpiffeId;
 pub use store::{CertInfo, NodeCredentials};
 pub use tls::{ALPN_H2, failure_reason, identity_error, io_failure_reason, io_identity_error};

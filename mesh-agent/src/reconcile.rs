@@ -192,6 +192,9 @@ pub struct Reconciler {
     /// few services need not count them all).
     live_slots: usize,
     live_backends: usize,
+    /// This node's name: workloads of other nodes get no cgroup entry.
+    /// `None`: every workload is this node's.
+    node: Option<String>,
 }
 
 /// What one apply changed.
@@ -325,7 +328,19 @@ impl Reconciler {
             backend_ids,
             live_slots,
             live_backends,
+            node: None,
         }
+    }
+
+    /// Registers only the cgroups of workloads on `node` (`Workload::is_on`).
+    pub fn on_node(mut self, node: &str) -> Self {
+        self.node = Some(node.to_owned());
+        self
+    }
+
+    /// Identity names and the ids the kernel knows them by.
+    pub fn identities(&self) -> &BTreeMap<String, u32> {
+        &self.identities
     }
 
     pub fn services(&self) -> impl Iterator<Item = (&ServiceKey, &ProgrammedService)> {
@@ -500,7 +515,8 @@ impl Reconciler {
             identities: identity_ids(workloads, &self.identities),
             ..Plan::default()
         };
-        for w in workloads {
+        let local = |w: &&Workload| self.node.as_deref().is_none_or(|n| w.is_on(n));
+        for w in workloads.iter().filter(local) {
             let cgroup_id = std::fs::metadata(&w.cgroup)
                 .map_err(|source| ReconcileError::Workload {
                     name: w.name.clone(),

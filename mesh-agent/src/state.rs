@@ -272,7 +272,34 @@ impl Policy {
 pub struct Workload {
     pub name: String,
     pub cgroup: PathBuf,
+    /// The name policies use: a SPIFFE ID, or a short name that stands for
+    /// `spiffe://<trust-domain>/ns/default/sa/<name>` (see [`spiffe_id_of`]).
     pub identity: String,
+    /// The node that hosts it. `None`: the node of whichever agent reads
+    /// the configuration; such a workload is never accepted from a peer.
+    pub node: Option<String>,
+}
+
+impl Workload {
+    /// Whether the agent of node `node` runs this workload's processes.
+    pub fn is_on(&self, node: &str) -> bool {
+        self.node.as_deref().is_none_or(|n| n == node)
+    }
+
+    /// Whether a peer node `node` may speak for this workload.
+    pub fn is_hosted_by(&self, node: &str) -> bool {
+        self.node.as_deref() == Some(node)
+    }
+}
+
+/// The SPIFFE ID a policy identity stands for in trust domain `td`: itself
+/// when it is one, `spiffe://<td>/ns/default/sa/<name>` for a short name.
+pub fn spiffe_id_of(identity: &str, td: &str) -> String {
+    if identity.starts_with("spiffe://") {
+        identity.to_owned()
+    } else {
+        format!("spiffe://{td}/ns/default/sa/{identity}")
+    }
 }
 
 /// How and how often the agent probes each backend.

@@ -44,9 +44,9 @@ use tokio::sync::Notify;
 
 pub use inbound::Inbound;
 pub use metrics::TunnelMetrics;
-pub use node::{NodeTunnel, NodeTunnelError, TunnelSettings};
+pub use node::{NodeTunnel, NodeTunnelError, TunnelSettings, TunnelView};
 pub use outbound::{Destination, Outbound};
-pub use policy::{AllowAll, Authorizer, Deny, InboundPolicy, LocalBackends, PeerInfo};
+pub use policy::{Admit, AllowAll, Authorizer, Deny, InboundPolicy, LocalBackends, PeerInfo};
 pub use snapshot::{ConnSnapshot, PeerSnapshot};
 pub use tls::{InboundTls, InboundTlsConfig, OutboundTls, OutboundTlsConfig};
 

@@ -143,6 +143,20 @@ pub enum Problem {
         "workload name '{name}' is already used on line {first_line}; give each workload its own name"
     )]
     DuplicateWorkload { name: String, first_line: usize },
+    #[error(
+        "workload '{workload}' names node '{node}', which is not in `nodes:` (known nodes: \
+         {known}); fix the name or add the node to `nodes:`"
+    )]
+    WorkloadUnknownNode {
+        workload: String,
+        node: String,
+        known: String,
+    },
+    #[error(
+        "identity '{id}' is not a workload SPIFFE ID: {why}; write a short name (it stands for \
+         spiffe://<trust-domain>/ns/default/sa/<name>) or spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>"
+    )]
+    BadWorkloadSpiffeId { id: String, why: String },
     #[error("port 0 is not a usable port; use a port from 1 to 65535")]
     PortZero,
     #[error("port {value} is out of range; use a port from 1 to 65535")]

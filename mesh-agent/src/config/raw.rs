@@ -90,6 +90,7 @@ pub(super) struct RawWorkload {
     pub name: Option<Spanned<String>>,
     pub cgroup: Option<Spanned<String>>,
     pub identity: Option<Spanned<String>>,
+    pub node: Option<Spanned<String>>,
 }
 
 #[derive(Debug, Deserialize)]

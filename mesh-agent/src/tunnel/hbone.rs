@@ -32,17 +32,19 @@ pub fn forwarded_for(client: SocketAddr) -> String {
 pub fn connect_request(
     backend: SocketAddr,
     client: SocketAddr,
-    source_identity: &str,
+    workload: Option<&str>,
 ) -> Result<Request<()>, http::Error> {
     // An authority-only URI: h2 then sends :method and :authority only,
     // no :scheme or :path (RFC 9113 §8.5).
     let uri: Uri = authority(backend).parse()?;
-    Request::builder()
+    let mut request = Request::builder()
         .method(Method::CONNECT)
         .uri(uri)
-        .header(FORWARDED, forwarded_for(client))
-        .header(SOURCE_IDENTITY_HEADER, source_identity)
-        .body(())
+        .header(FORWARDED, forwarded_for(client));
+    if let Some(workload) = workload {
+        request = request.header(SOURCE_IDENTITY_HEADER, workload);
+    }
+    request.body(())
 }
 
 /// A well-formed CONNECT, as inbound understood it.
@@ -295,8 +297,8 @@ mod tests {
             ("10.1.2.3:8080", "10.0.0.7:40000"),
             ("[fd00::1]:80", "[fd00::7]:1"),
         ] {
-            let req =
-                connect_request(addr(backend), addr(client), "spiffe://td/ns/a/sa/b").unwrap();
+            let req = connect_request(addr(backend), addr(client), Some("spiffe://td/ns/a/sa/b"))
+                .unwrap();
             assert!(req.uri().scheme().is_none());
             assert!(req.uri().path_and_query().is_none());
             let parsed = parse_connect(&req).unwrap();

@@ -5,8 +5,12 @@
 //! failure), and only then 200 and the byte copy.
 
 use std::{
+    collections::HashMap,
     net::SocketAddr,
-    sync::{Arc, RwLock},
+    sync::{
+        Arc, Mutex, RwLock,
+        atomic::{AtomicU64, Ordering},
+    },
     time::Duration,
 };
 
@@ -42,6 +46,37 @@ struct Inner {
     policy: RwLock<InboundPolicy>,
     phase: watch::Sender<Phase>,
     conns: Arc<Active>,
+    /// Streams past their 200, so a new policy can close those it denies.
+    open: Mutex<HashMap<u64, OpenStream>>,
+    next_stream: AtomicU64,
+}
+
+/// What an open stream was authorized as, and how to end it.
+struct OpenStream {
+    peer: PeerInfo,
+    source_identity: Option<String>,
+    backend: SocketAddr,
+    cancel: Cancel,
+}
+
+/// Removes a stream from [`Inner::open`] when it ends.
+struct OpenGuard<'a> {
+    inner: &'a Inner,
+    id: u64,
+}
+
+impl Drop for OpenGuard<'_> {
+    fn drop(&mut self) {
+        self.inner.open_streams().remove(&self.id);
+    }
+}
+
+impl Inner {
+    fn open_streams(&self) -> std::sync::MutexGuard<'_, HashMap<u64, OpenStream>> {
+        self.open
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
 }
 
 /// Why an accepted connection was not taken (for the failure counter).
@@ -90,17 +125,47 @@ impl Inbound {
                 policy: RwLock::new(policy),
                 phase: watch::channel(Phase::Running).0,
                 conns: Arc::new(Active::default()),
+                open: Mutex::new(HashMap::new()),
+                next_stream: AtomicU64::new(0),
             }),
         }
     }
 
-    /// Replaces the backend set and authorizer; streams opened from now on
-    /// use the new one.
-    pub fn set_policy(&self, policy: InboundPolicy) {
+    /// Replaces the backend set and authorizer. Streams opened from now on
+    /// use the new one, and every open stream is checked again: those it
+    /// denies are reset (both ends) and counted as revoked. Returns how
+    /// many were.
+    pub fn set_policy(&self, policy: InboundPolicy) -> usize {
         match self.inner.policy.write() {
-            Ok(mut current) => *current = policy,
-            Err(poisoned) => *poisoned.into_inner() = policy,
+            Ok(mut current) => *current = policy.clone(),
+            Err(poisoned) => *poisoned.into_inner() = policy.clone(),
         }
+        let mut revoked = 0;
+        for stream in self.inner.open_streams().values() {
+            let verdict = policy.authorizer.authorize(
+                &stream.peer,
+                stream.source_identity.as_deref(),
+                stream.backend,
+            );
+            if let Err(deny) = verdict {
+                tracing::info!(
+                    peer = %stream.peer.identity,
+                    source = ?stream.source_identity,
+                    backend = %stream.backend,
+                    %deny,
+                    "open tunnel stream closed: the new policy denies it"
+                );
+                self.inner.shared.metrics.revoked(deny.reason);
+                stream.cancel.trigger();
+                revoked += 1;
+            }
+        }
+        revoked
+    }
+
+    /// Streams past their 200 now.
+    pub fn open_streams(&self) -> usize {
+        self.inner.open_streams().len()
     }
 
     fn policy(&self) -> InboundPolicy {
@@ -324,14 +389,17 @@ impl Inbound {
             tracing::debug!(peer = %peer.addr, backend = %connect.backend, "CONNECT to a backend this node does not serve");
             return reject(&mut respond, StatusCode::BAD_REQUEST, "not_local_backend");
         }
-        if let Err(deny) =
-            policy
-                .authorizer
-                .authorize(&peer, connect.source_identity.as_deref(), connect.backend)
-        {
-            tracing::info!(peer = %peer.identity, source = ?connect.source_identity, backend = %connect.backend, %deny, "tunnel stream denied");
-            return reject(&mut respond, StatusCode::UNAUTHORIZED, "denied");
-        }
+        let admitted = match policy.authorizer.authorize(
+            &peer,
+            connect.source_identity.as_deref(),
+            connect.backend,
+        ) {
+            Ok(admitted) => admitted,
+            Err(deny) => {
+                tracing::info!(peer = %peer.identity, source = ?connect.source_identity, backend = %connect.backend, %deny, "tunnel stream denied");
+                return reject(&mut respond, StatusCode::UNAUTHORIZED, deny.reason);
+            }
+        };
         let backend = match socket::connect(
             connect.backend,
             shared.config.socket_mark,
@@ -362,6 +430,9 @@ impl Inbound {
             }
         };
         TunnelMetrics::counter(&metrics.streams, Direction::Inbound).inc();
+        if let Some(service) = &admitted {
+            metrics.admitted(service);
+        }
         let active = TunnelMetrics::gauge(&metrics.streams_active, Direction::Inbound);
         active.inc();
         state
@@ -374,6 +445,30 @@ impl Inbound {
             received,
         };
         let cancel = Cancel::new(self.inner.phase.subscribe());
+        let id = self.inner.next_stream.fetch_add(1, Ordering::Relaxed);
+        self.inner.open_streams().insert(
+            id,
+            OpenStream {
+                peer: peer.clone(),
+                source_identity: connect.source_identity.clone(),
+                backend: connect.backend,
+                cancel: cancel.clone(),
+            },
+        );
+        let _open = OpenGuard {
+            inner: &self.inner,
+            id,
+        };
+        // A policy swapped between the check above and the insert would not
+        // have seen this stream: check once more against the current one.
+        if let Err(deny) = self.policy().authorizer.authorize(
+            &peer,
+            connect.source_identity.as_deref(),
+            connect.backend,
+        ) {
+            shared.metrics.revoked(deny.reason);
+            cancel.trigger();
+        }
         if let Err(e) = copy::splice(backend, send, request.into_body(), cancel, counters).await {
             tracing::debug!(backend = %connect.backend, error = %e, "inbound stream ended abnormally");
         }

@@ -54,6 +54,16 @@ pub struct RejectLabels {
     pub status: u16,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ServiceLabels {
+    pub service: String,
+}
+
 #[derive(Clone, Debug)]
 pub struct TunnelMetrics {
     pub(crate) handshakes: Family<DirectionLabels, Counter>,
@@ -64,6 +74,8 @@ pub struct TunnelMetrics {
     pub(crate) streams_active: Family<DirectionLabels, Gauge>,
     pub(crate) streams: Family<DirectionLabels, Counter>,
     pub(crate) streams_rejected: Family<RejectLabels, Counter>,
+    pub(crate) streams_revoked: Family<ReasonLabels, Counter>,
+    pub(crate) service_streams: Family<ServiceLabels, Counter>,
     pub(crate) bytes_sent: Family<DirectionLabels, Counter>,
     pub(crate) bytes_received: Family<DirectionLabels, Counter>,
     pub(crate) stream_setup: Histogram,
@@ -113,6 +125,16 @@ impl TunnelMetrics {
             "CONNECT streams refused or failed before 200, by reason and status",
             metrics.streams_rejected.clone(),
         );
+        r.register(
+            "streams_revoked",
+            "Open inbound streams closed because a new policy denies them, by reason",
+            metrics.streams_revoked.clone(),
+        );
+        r.register(
+            "service_streams",
+            "Inbound streams admitted, by the destination service whose policy admitted them",
+            metrics.service_streams.clone(),
+        );
         r.register_with_unit(
             "sent",
             "Payload bytes written into the tunnel",
@@ -146,6 +168,8 @@ impl TunnelMetrics {
             streams_active: Family::default(),
             streams: Family::default(),
             streams_rejected: Family::default(),
+            streams_revoked: Family::default(),
+            service_streams: Family::default(),
             bytes_sent: Family::default(),
             bytes_received: Family::default(),
             // 50 µs .. about 3.3 s.
@@ -165,6 +189,20 @@ impl TunnelMetrics {
                 direction,
                 reason,
                 status,
+            })
+            .inc();
+    }
+
+    pub(crate) fn revoked(&self, reason: &'static str) {
+        self.streams_revoked
+            .get_or_create(&ReasonLabels { reason })
+            .inc();
+    }
+
+    pub(crate) fn admitted(&self, service: &str) {
+        self.service_streams
+            .get_or_create(&ServiceLabels {
+                service: service.to_owned(),
             })
             .inc();
     }
@@ -222,6 +260,12 @@ impl TunnelMetrics {
                 reason,
                 status,
             })
+            .get()
+    }
+
+    pub fn streams_revoked(&self, reason: &'static str) -> u64 {
+        self.streams_revoked
+            .get_or_create(&ReasonLabels { reason })
             .get()
     }
 

@@ -3,7 +3,7 @@
 //! (from the applied state). The agent starts it, hands it every new
 //! state, and shuts it down; everything else happens here.
 
-use std::collections::{BTreeMap, HashMap, HashSet};
+use std::collections::{BTreeMap, HashMap};
 use std::net::{IpAddr, Ipv4Addr, SocketAddr};
 use std::sync::{Arc, RwLock};
 use std::time::Duration;
@@ -14,13 +14,14 @@ use tokio::task::JoinHandle;
 use tracing::{info, warn};
 
 use super::{
-    AllowAll, Destination, Inbound, InboundPolicy, InboundTls, InboundTlsConfig, Outbound,
-    OutboundTls, OutboundTlsConfig, PeerSnapshot, Tunnel, TunnelConfig, TunnelMetrics, socket,
+    Admit, Authorizer, Deny, Destination, Inbound, InboundPolicy, InboundTls, InboundTlsConfig,
+    Outbound, OutboundTls, OutboundTlsConfig, PeerInfo, PeerSnapshot, Tunnel, TunnelConfig,
+    TunnelMetrics, socket,
     tls::{PeerRejected, TlsSetupError},
 };
 use crate::bpf::TunnelOrigins;
-use crate::identity::{self, CertInfo, IdentityError, NodeCredentials};
-use crate::state::{Mesh, Node, Service};
+use crate::identity::{self, Authorization, CertInfo, IdentityError, NodeCredentials};
+use crate::state::{Mesh, Node, ServiceSet, Workload, spiffe_id_of};
 
 /// Receive buffer of the client leg's sockets (see `NodeTunnel::start`).
 const CLIENT_RCVBUF: usize = 1 << 20;
@@ -77,38 +78,81 @@ enum ResolveError {
     UnknownBackend(SocketAddr),
 }
 
-/// Where the backends are, as of the last applied state.
+/// What the tunnel needs of one applied state.
+pub struct TunnelView<'a> {
+    pub services: &'a ServiceSet,
+    pub mesh: &'a Mesh,
+    pub workloads: &'a [Workload],
+    /// Identity names and the ids the kernel records them by
+    /// (`Reconciler::identities`).
+    pub identities: &'a BTreeMap<String, u32>,
+}
+
+/// Where the backends are and who may reach this node's, as of the last
+/// applied state.
 #[derive(Debug, Default)]
 struct Placement {
     nodes: BTreeMap<String, Node>,
     /// Backends on other nodes, by address, and their node.
     remote: HashMap<SocketAddr, String>,
-    /// Backends on this node: what inbound streams may ask for.
-    local: HashSet<SocketAddr>,
+    /// This node's backends (what inbound streams may ask for) and their
+    /// policies.
+    authorization: Authorization,
+    /// Kernel identity id → the SPIFFE ID a stream from such a client claims.
+    claims: HashMap<u32, String>,
 }
 
 impl Placement {
-    fn of<'a>(node: &str, services: impl Iterator<Item = &'a Service>, mesh: &Mesh) -> Self {
+    fn of(node: &str, trust_domain: &str, view: TunnelView<'_>) -> Self {
         let mut placement = Placement {
-            nodes: mesh
+            nodes: view
+                .mesh
                 .nodes
                 .iter()
                 .map(|n| (n.name.clone(), n.clone()))
                 .collect(),
+            authorization: Authorization::of(
+                node,
+                trust_domain,
+                view.services.iter(),
+                view.workloads,
+            ),
+            claims: view
+                .identities
+                .iter()
+                .map(|(name, &id)| (id, spiffe_id_of(name, trust_domain)))
+                .collect(),
             ..Default::default()
         };
-        for b in services.flat_map(|s| &s.backends) {
-            match b.node.as_deref() {
-                Some(n) if n == node => {
-                    placement.local.insert(b.socket_addr());
-                }
-                Some(n) => {
-                    placement.remote.insert(b.socket_addr(), n.to_owned());
-                }
-                None => {}
+        for b in view.services.iter().flat_map(|s| &s.backends) {
+            if let Some(n) = b.node.as_deref()
+                && n != node
+            {
+                placement.remote.insert(b.socket_addr(), n.to_owned());
             }
         }
         placement
+    }
+}
+
+/// The destination's check of each stream, against the current placement.
+struct PlacementAuthorizer(Arc<RwLock<Arc<Placement>>>);
+
+impl Authorizer for PlacementAuthorizer {
+    fn authorize(
+        &self,
+        peer: &PeerInfo,
+        source_identity: Option<&str>,
+        backend: SocketAddr,
+    ) -> Result<Admit, Deny> {
+        read(&self.0)
+            .authorization
+            .authorize(&peer.identity, source_identity, backend)
+            .map(|admitted| Some(admitted.service))
+            .map_err(|refusal| Deny {
+                reason: refusal.reason(),
+                detail: refusal.to_string(),
+            })
     }
 }
 
@@ -118,6 +162,9 @@ pub struct NodeTunnel {
     tunnel: Tunnel,
     outbound: Outbound,
     inbound: Inbound,
+    /// Reads `placement`; given to inbound again after each update so that
+    /// it checks its open streams against the new state.
+    policy: InboundPolicy,
     credentials: NodeCredentials,
     node: String,
     placement: Arc<RwLock<Arc<Placement>>>,
@@ -159,10 +206,10 @@ impl NodeTunnel {
         let placement: Arc<RwLock<Arc<Placement>>> = Arc::default();
         let local = placement.clone();
         let policy = InboundPolicy::new(
-            move |addr: SocketAddr| read(&local).local.contains(&addr),
-            AllowAll,
+            move |addr: SocketAddr| read(&local).authorization.is_local_backend(addr),
+            PlacementAuthorizer(placement.clone()),
         );
-        let inbound = tunnel.inbound(tls, policy);
+        let inbound = tunnel.inbound(tls, policy.clone());
         let listen = |addr: SocketAddr| {
             socket::reuseport_listener(addr)
                 .map_err(|source| NodeTunnelError::Listen { addr, source })
@@ -217,6 +264,7 @@ impl NodeTunnel {
             tunnel,
             outbound,
             inbound,
+            policy,
             credentials,
             node: node.to_owned(),
             placement,
@@ -225,10 +273,27 @@ impl NodeTunnel {
         })
     }
 
-    /// Takes the backends' placement from a newly applied state.
-    pub fn update<'a>(&self, services: impl Iterator<Item = &'a Service>, mesh: &Mesh) {
-        let next = Arc::new(Placement::of(&self.node, services, mesh));
+    /// Takes the placement and policies of a newly applied state; open
+    /// inbound streams that it denies are closed.
+    pub fn update(&self, view: TunnelView<'_>) {
+        let trust_domain = self.credentials.trust_domain();
+        for w in view.workloads.iter().filter(|w| w.is_on(&self.node)) {
+            let id = spiffe_id_of(&w.identity, &trust_domain);
+            if !id.starts_with(&format!("spiffe://{trust_domain}/")) {
+                warn!(
+                    workload = %w.name,
+                    identity = %id,
+                    "workload identity is not of this node's trust domain {trust_domain}: \
+                     every peer will refuse its streams; fix its `identity:`"
+                );
+            }
+        }
+        let next = Arc::new(Placement::of(&self.node, &trust_domain, view));
         *self.placement.write().unwrap_or_else(|e| e.into_inner()) = next;
+        let revoked = self.inbound.set_policy(self.policy.clone());
+        if revoked > 0 {
+            info!(revoked, "closed open tunnel streams the new policy denies");
+        }
     }
 
     pub fn snapshot(&self) -> Vec<PeerSnapshot> {
@@ -279,6 +344,7 @@ fn spawn_outbound(
             backend: captured.backend,
             client_addr: client,
             source_identity: source_identity.clone(),
+            workload: placement.claims.get(&captured.identity).cloned(),
         })
     };
     tokio::spawn(async move { outbound.serve(listener, resolve).await })

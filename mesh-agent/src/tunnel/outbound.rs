@@ -32,8 +32,11 @@ pub struct Destination {
     pub backend: SocketAddr,
     /// The application's own address; becomes `forwarded: for=`.
     pub client_addr: SocketAddr,
-    /// SPIFFE ID of the workload that connected; part of the pool key.
+    /// Who this node is to the peer (its node SPIFFE ID); the pool key.
     pub source_identity: String,
+    /// The SPIFFE ID of the workload that connected, claimed per stream
+    /// (`x-mesh-source-identity`); `None` for a client with none.
+    pub workload: Option<String>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -185,7 +188,7 @@ impl Outbound {
                 )
             })?;
             let request =
-                hbone::connect_request(dest.backend, dest.client_addr, &dest.source_identity)
+                hbone::connect_request(dest.backend, dest.client_addr, dest.workload.as_deref())
                     .map_err(|source| {
                         (
                             "request",

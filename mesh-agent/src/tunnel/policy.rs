@@ -14,11 +14,14 @@ pub struct PeerInfo {
     pub addr: SocketAddr,
 }
 
-/// An authorization refusal (answered 401).
+/// An authorization refusal (answered 401, or the stream closed when it
+/// was already open).
 #[derive(Clone, Debug, PartialEq, Eq, thiserror::Error)]
-#[error("denied: {reason}")]
+#[error("{detail}")]
 pub struct Deny {
-    pub reason: String,
+    /// A short stable label for metrics (`denied`, `not_hosted`, ...).
+    pub reason: &'static str,
+    pub detail: String,
 }
 
 pub trait LocalBackends: Send + Sync + 'static {
@@ -35,26 +38,32 @@ where
 }
 
 pub trait Authorizer: Send + Sync + 'static {
-    /// `source_identity` is the `x-mesh-source-identity` the stream claims;
-    /// checking it against what `peer` hosts is this hook's job.
+    /// `source_identity` is the workload identity the stream claims
+    /// (`x-mesh-source-identity`); checking it against what `peer` hosts is
+    /// this hook's job. Called for each new stream, and again for the open
+    /// ones when the policy is replaced.
     fn authorize(
         &self,
         peer: &PeerInfo,
         source_identity: Option<&str>,
         backend: SocketAddr,
-    ) -> Result<(), Deny>;
+    ) -> Result<Admit, Deny>;
 }
+
+/// What an authorizer admitted a stream as: the destination service whose
+/// policy let it through, when it knows one (for per-service metrics).
+pub type Admit = Option<String>;
 
 impl<F> Authorizer for F
 where
-    F: Fn(&PeerInfo, Option<&str>, SocketAddr) -> Result<(), Deny> + Send + Sync + 'static,
+    F: Fn(&PeerInfo, Option<&str>, SocketAddr) -> Result<Admit, Deny> + Send + Sync + 'static,
 {
     fn authorize(
         &self,
         peer: &PeerInfo,
         source_identity: Option<&str>,
         backend: SocketAddr,
-    ) -> Result<(), Deny> {
+    ) -> Result<Admit, Deny> {
         self(peer, source_identity, backend)
     }
 }
@@ -64,8 +73,8 @@ where
 pub struct AllowAll;
 
 impl Authorizer for AllowAll {
-    fn authorize(&self, _: &PeerInfo, _: Option<&str>, _: SocketAddr) -> Result<(), Deny> {
-        Ok(())
+    fn authorize(&self, _: &PeerInfo, _: Option<&str>, _: SocketAddr) -> Result<Admit, Deny> {
+        Ok(None)
     }
 }
 

@@ -82,6 +82,7 @@ impl Harness {
             backend,
             client_addr: "127.0.0.1:40000".parse().unwrap(),
             source_identity: SOURCE.into(),
+            workload: Some(SOURCE.into()),
         }
     }
 
@@ -415,9 +416,10 @@ async fn foreign_backend_is_400_and_denied_stream_is_401() {
     let policy = InboundPolicy::new(
         move |addr: SocketAddr| addr == local,
         |_: &PeerInfo, source: Option<&str>, _: SocketAddr| match source {
-            Some(SOURCE) => Ok(()),
+            Some(SOURCE) => Ok(None),
             _ => Err(Deny {
-                reason: "not allowed".into(),
+                reason: "denied",
+                detail: "not allowed".into(),
             }),
         },
     );
@@ -440,7 +442,7 @@ async fn foreign_backend_is_400_and_denied_stream_is_401() {
     );
 
     let mut dest = h.dest(backend);
-    dest.source_identity = "spiffe://test.local/ns/other/sa/intruder".into();
+    dest.workload = Some("spiffe://test.local/ns/other/sa/intruder".into());
     let (mut client, handle) = h.client_to(dest).await;
     assert_reset(read_until_end(&mut client).await);
     assert!(matches!(
@@ -466,10 +468,64 @@ async fn foreign_backend_is_400_and_denied_stream_is_401() {
     // A policy swap takes effect for the next stream.
     h.inbound.set_policy(allow_all());
     let mut dest = h.dest(backend);
-    dest.source_identity = "spiffe://test.local/ns/other/sa/intruder".into();
+    dest.workload = Some("spiffe://test.local/ns/other/sa/intruder".into());
     let (client, handle) = h.client_to(dest).await;
     assert_eq!(round_trip(client, b"ok".to_vec()).await.unwrap(), b"ok");
     handle.await.unwrap().unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_new_policy_closes_the_open_streams_it_denies_and_only_those() {
+    const OTHER: &str = "spiffe://test.local/ns/default/sa/other";
+    let denied: Arc<std::sync::Mutex<Vec<String>>> = Arc::default();
+    let deny_list = denied.clone();
+    let policy = InboundPolicy::new(
+        |_: SocketAddr| true,
+        move |_: &PeerInfo, source: Option<&str>, _: SocketAddr| {
+            let denied = deny_list.lock().unwrap();
+            match source {
+                Some(id) if denied.iter().any(|d| d == id) => Err(Deny {
+                    reason: "denied",
+                    detail: format!("{id} is denied"),
+                }),
+                _ => Ok(Some("web".to_owned())),
+            }
+        },
+    );
+    let h = Harness::new(config(), policy.clone()).await;
+    let backend = echo_backend().await;
+    let mut open = Vec::new();
+    for identity in [SOURCE, OTHER] {
+        let mut dest = h.dest(backend);
+        dest.workload = Some(identity.into());
+        let (mut client, handle) = h.client_to(dest).await;
+        client.write_all(b"ping").await.unwrap();
+        let mut echo = [0u8; 4];
+        tokio::time::timeout(WAIT, client.read_exact(&mut echo))
+            .await
+            .unwrap()
+            .unwrap();
+        assert_eq!(&echo, b"ping");
+        open.push((client, handle));
+    }
+    eventually("both streams open at the destination", || {
+        h.inbound.open_streams() == 2
+    })
+    .await;
+
+    denied.lock().unwrap().push(SOURCE.into());
+    assert_eq!(h.inbound.set_policy(policy), 1);
+
+    let (mut other, other_handle) = open.pop().unwrap();
+    let (mut source, _) = open.pop().unwrap();
+    assert_reset(read_until_end(&mut source).await);
+    // The other identity's stream carries on, byte-exact.
+    other.write_all(b"still here").await.unwrap();
+    other.shutdown().await.unwrap();
+    assert_eq!(read_until_end(&mut other).await.unwrap(), b"still here");
+    other_handle.await.unwrap().unwrap();
+    assert_eq!(h.dst.metrics().streams_revoked("denied"), 1);
+    eventually("no stream left open", || h.inbound.open_streams() == 0).await;
 }
 
 /// A raw h2 client over the harness's TLS, for requests outbound never sends.
