@@ -36,6 +36,14 @@ impl Node {
         cmd
     }
 
+    /// `program` inside this node's network namespace, in `cgroup` (a
+    /// workload's: a child of the node's cgroup, `self.cgroup.child(..)`).
+    pub fn command_in(&self, cgroup: &TestCgroup, program: impl AsRef<std::ffi::OsStr>) -> Command {
+        let mut cmd = cgroup.command("ip");
+        cmd.args(["netns", "exec", self.netns.name()]).arg(program);
+        cmd
+    }
+
     pub fn agent(&self) -> &Agent {
         self.agent.as_ref().expect("the node's agent runs")
     }
@@ -219,8 +227,20 @@ impl Cluster {
     /// Starts every node's agent on `services_yaml` (the `nodes:` section is
     /// added), with the tunnel on and `extra` flags.
     pub fn start_agents(&mut self, services_yaml: &str, extra: &[&str]) -> Result<()> {
-        let yaml = format!("{}{services_yaml}", self.nodes_yaml());
+        self.start_agents_each(|_| services_yaml.to_owned(), extra)
+    }
+
+    /// Like `start_agents`, each node with a configuration of its own (the
+    /// `nodes:` section is added): what a node whose configuration lags
+    /// behind, or lies, looks like.
+    pub fn start_agents_each(
+        &mut self,
+        services_yaml: impl Fn(&Node) -> String,
+        extra: &[&str],
+    ) -> Result<()> {
+        let nodes_yaml = self.nodes_yaml();
         for node in &mut self.nodes {
+            let yaml = format!("{nodes_yaml}{}", services_yaml(node));
             let mut args = vec![
                 "--node-name",
                 &node.name,
@@ -240,8 +260,13 @@ impl Cluster {
 
     /// Writes `services_yaml` (with `nodes:`) to every agent's config.
     pub fn write_config(&self, services_yaml: &str) -> Result<()> {
-        let yaml = format!("{}{services_yaml}", self.nodes_yaml());
+        self.write_config_each(|_| services_yaml.to_owned())
+    }
+
+    /// Writes each node's own `services_yaml(node)` (with `nodes:`).
+    pub fn write_config_each(&self, services_yaml: impl Fn(&Node) -> String) -> Result<()> {
         for node in &self.nodes {
+            let yaml = format!("{}{}", self.nodes_yaml(), services_yaml(node));
             node.agent().write_config(&yaml)?;
         }
         Ok(())

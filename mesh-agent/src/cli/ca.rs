@@ -58,6 +58,10 @@ pub(super) enum CaCommand {
         /// Testing only: an explicit notAfter, Unix seconds (may lie in the past).
         #[arg(long, hide = true)]
         not_after_unix: Option<u64>,
+        /// Testing only: sign a --spiffe-id of another trust domain (which
+        /// every agent refuses).
+        #[arg(long, hide = true, requires = "spiffe_id")]
+        foreign_trust_domain: bool,
     },
     /// Describe a CA directory (ca.pem) or an identity directory (cert.pem,
     /// bundle.pem), and whether the agent would accept the latter.
@@ -121,9 +125,11 @@ pub(super) fn execute(command: &CaCommand, out: Output) -> Result<String, CliErr
             hours,
             not_before_unix,
             not_after_unix,
+            foreign_trust_domain,
         } => {
             let subject = match (node, spiffe_id) {
                 (Some(node), _) => Subject::Node(node.clone()),
+                (None, Some(id)) if *foreign_trust_domain => Subject::ForeignId(id.parse()?),
                 (None, Some(id)) => Subject::Id(id.parse::<SpiffeId>()?),
                 (None, None) => {
                     return Err(IdentityError::Ca {

@@ -74,6 +74,9 @@ pub enum Subject {
     Node(String),
     /// Any SPIFFE ID of the CA's trust domain.
     Id(SpiffeId),
+    /// Testing only: an ID of another trust domain, signed all the same,
+    /// to show that peers refuse it.
+    ForeignId(SpiffeId),
 }
 
 /// A certificate's validity window.
@@ -230,7 +233,7 @@ pub fn issue(opts: &IssueOptions) -> Result<IssuedCert, IdentityError> {
                 found: id.clone(),
             });
         }
-        Subject::Id(id) => id.clone(),
+        Subject::Id(id) | Subject::ForeignId(id) => id.clone(),
     };
     let params = leaf_params(&id, opts.validity)?;
     let key = new_key()?;
