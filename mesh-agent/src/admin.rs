@@ -34,3 +34,6 @@ pub const PATH_REDIRECT: &str = "/v1/redirect";
 pub const PATH_DEBUG_LOG: &str = "/v1/debug-log";
 /// The cross-node tunnel: this node's identity and its connections per peer.
 pub const PATH_TUNNELS: &str = "/v1/tunnels";
+/// `?service=NAME&from=ID&node=NODE`: what the service's policy says of an
+/// identity at a destination (`meshctl authz check`).
+pub const PATH_AUTHZ: &str = "/v1/authz";

@@ -407,11 +407,41 @@ impl Shared {
         Ok(touched)
     }
 
+    /// `meshctl authz check`: `service`'s policy for `from`, as a
+    /// destination of this node's trust domain evaluates it.
+    pub fn authz_check(
+        &self,
+        service: &str,
+        from: Option<&str>,
+        node: Option<&str>,
+    ) -> Result<crate::identity::AuthzCheck, ExplainError> {
+        let inner = self.lock();
+        let svc = inner
+            .desired
+            .get(service)
+            .ok_or_else(|| ExplainError::UnknownService(service.to_owned()))?;
+        Ok(crate::identity::authz::check(
+            svc,
+            &inner.desired.workloads,
+            &self.trust_domain(),
+            from,
+            node,
+        ))
+    }
+
+    fn trust_domain(&self) -> String {
+        self.tunnel.as_ref().map_or_else(
+            || crate::state::DEFAULT_TRUST_DOMAIN.to_owned(),
+            NodeTunnel::trust_domain,
+        )
+    }
+
     pub fn explain(
         &self,
         service: &str,
         cgroup: Option<&Path>,
     ) -> Result<ExplainResponse, ExplainError> {
+        let trust_domain = self.trust_domain();
         let inner = self.lock();
         explain::explain(
             &inner.desired,
@@ -420,6 +450,10 @@ impl Shared {
             service,
             cgroup,
             self.meta.host_netns_cookie,
+            &explain::Vantage {
+                node: &inner.placement.node,
+                trust_domain: &trust_domain,
+            },
         )
     }
 

@@ -5,6 +5,7 @@
 //! Exit codes: 0 success, 1 the command failed, 2 bad usage, 3 no agent
 //! answered on the admin socket (a read-only view may still be printed).
 
+mod authz;
 mod ca;
 mod debug_log;
 mod offline;
@@ -138,6 +139,9 @@ enum Command {
     /// The mesh CA and node certificates (on the operator's machine).
     #[command(subcommand)]
     Ca(ca::CaCommand),
+    /// Authorization of tunnel streams at their destination.
+    #[command(subcommand)]
+    Authz(authz::AuthzCommand),
 }
 
 const EXIT_FAILED: u8 = 1;
@@ -285,6 +289,10 @@ async fn execute(cli: &Cli) -> Result<String, CliError> {
             render(out, &view, debug_log::render)
         }
         Command::Ca(command) => ca::execute(command, out),
+        Command::Authz(command) => {
+            let view: crate::identity::AuthzCheck = admin::get(socket, &command.path()).await?;
+            render(out, &view, authz::render)
+        }
     }
 }
 
@@ -526,6 +534,19 @@ fn render_explain(e: &ExplainResponse) -> String {
         ]);
     }
     out += &c.render();
+    if !e.remote.is_empty() {
+        out.push('\n');
+        let mut r = Table::new(["REMOTE BACKEND", "NODE", "CARRIES", "AT THE DESTINATION"]);
+        for v in &e.remote {
+            r.row([
+                &v.backend,
+                &v.node,
+                v.identity.as_deref().unwrap_or("(no workload identity)"),
+                &v.destination,
+            ]);
+        }
+        out += &r.render();
+    }
     out
 }
 

@@ -10,8 +10,9 @@ use mesh_common::{AffinityKey, SERVICE_AFFINITY, VERDICT_ALLOW, VERDICT_DENY};
 use serde::{Deserialize, Serialize};
 
 use crate::bpf::Maps;
+use crate::identity::ResolvedPolicy;
 use crate::reconcile::{Reconciler, service_keys};
-use crate::state::{Algorithm, ServiceSet};
+use crate::state::{Algorithm, ServiceSet, spiffe_id_of};
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
 pub struct ExplainResponse {
@@ -29,6 +30,26 @@ pub struct ExplainResponse {
     /// determined (Maglev, or a live affinity entry).
     pub chosen: Option<String>,
     pub candidates: Vec<CandidateView>,
+    /// Backends on other nodes, reached through the tunnel: the identity a
+    /// connection carries there and what the destination makes of it.
+    #[serde(default)]
+    pub remote: Vec<RemoteView>,
+}
+
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct RemoteView {
+    pub backend: String,
+    pub node: String,
+    /// The SPIFFE ID the stream claims; `None`: no workload identity.
+    pub identity: Option<String>,
+    /// Whether the destination's policy lets it through, and why.
+    pub destination: String,
+}
+
+/// Where the explaining node stands in the mesh.
+pub struct Vantage<'a> {
+    pub node: &'a str,
+    pub trust_domain: &'a str,
 }
 
 #[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
@@ -66,6 +87,7 @@ pub fn explain(
     service: &str,
     cgroup: Option<&Path>,
     host_netns_cookie: u64,
+    vantage: &Vantage<'_>,
 ) -> Result<ExplainResponse, ExplainError> {
     let svc = desired
         .get(service)
@@ -195,6 +217,7 @@ pub fn explain(
     } else {
         "forward".to_owned()
     };
+    let remote = remote_views(svc, &desired.workloads, client.as_ref(), vantage);
     Ok(ExplainResponse {
         service: svc.name.clone(),
         protocol: svc.protocol.to_string(),
@@ -205,7 +228,57 @@ pub fn explain(
         decision,
         chosen: if denied { None } else { chosen },
         candidates,
+        remote,
     })
+}
+
+/// What each tunnelled backend's node would make of a stream from `client`
+/// (in file mode every node reads the same policies and workloads).
+fn remote_views(
+    svc: &crate::state::Service,
+    workloads: &[crate::state::Workload],
+    client: Option<&ClientView>,
+    vantage: &Vantage<'_>,
+) -> Vec<RemoteView> {
+    let td = vantage.trust_domain;
+    svc.backends
+        .iter()
+        .filter(|b| b.tunnel)
+        .map(|b| {
+            let node = b.node.clone().unwrap_or_default();
+            let Some(client) = client else {
+                return RemoteView {
+                    backend: b.socket_addr().to_string(),
+                    node,
+                    identity: None,
+                    destination: "name a client with --client to see the identity it carries"
+                        .into(),
+                };
+            };
+            let identity = client.identity.as_deref().map(|i| spiffe_id_of(i, td));
+            let hosted = client.identity.as_deref().is_none_or(|name| {
+                workloads
+                    .iter()
+                    .any(|w| w.identity == name && w.is_hosted_by(vantage.node))
+            });
+            let destination = if hosted {
+                let rule = ResolvedPolicy::of(&svc.policy, td).rule_for(identity.as_deref());
+                format!("node '{node}': {}", rule.describe())
+            } else {
+                format!(
+                    "node '{node}' refuses the stream (401 not_hosted): no workload of this \
+                     identity names node '{}' in `workloads:`",
+                    vantage.node
+                )
+            };
+            RemoteView {
+                backend: b.socket_addr().to_string(),
+                node,
+                identity,
+                destination,
+            }
+        })
+        .collect()
 }
 
 fn client_view(

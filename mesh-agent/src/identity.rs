@@ -26,7 +26,7 @@ mod testutil;
 
 use std::path::PathBuf;
 
-pub use authz::{Admitted, Authorization, Refusal, ResolvedPolicy, Rule};
+pub use authz::{Admitted, Authorization, AuthzCheck, ClaimCheck, Refusal, ResolvedPolicy, Rule};
 pub use spiffe::SpiffeId;
 pub use store::{CertInfo, NodeCredentials};
 pub use tls::{ALPN_H2, failure_reason, identity_error, io_failure_reason, io_identity_error};

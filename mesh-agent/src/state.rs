@@ -292,6 +292,10 @@ impl Workload {
     }
 }
 
+/// The trust domain of a node without a tunnel identity (the one Istio and
+/// Kubernetes use by default).
+pub const DEFAULT_TRUST_DOMAIN: &str = "cluster.local";
+
 /// The SPIFFE ID a policy identity stands for in trust domain `td`: itself
 /// when it is one, `spiffe://<td>/ns/default/sa/<name>` for a short name.
 pub fn spiffe_id_of(identity: &str, td: &str) -> String {

@@ -403,6 +403,39 @@ fn an_identity_the_destination_denies_is_answered_401_and_counted() -> Result<()
     let r = once(s.node(0), &s.frontend, "again")?;
     assert_eq!(r["connect"], "failed", "{r}");
     assert_eq!(r["errno"], libc::EPERM, "{r}");
+
+    // meshctl says the same: the policy check, and explain's view of the
+    // remote backend for frontend's cgroup.
+    let check = b
+        .agent()
+        .meshctl_json(&["authz", "check", "--from", "frontend", "--to", "web"])?;
+    assert_eq!(check["from"], FRONTEND, "{check}");
+    assert_eq!(check["allowed"], false, "{check}");
+    assert_eq!(check["rule"], "deny_list", "{check}");
+    assert_eq!(check["hosted_by"], serde_json::json!(["node-a"]), "{check}");
+    let check = b.agent().meshctl_json(&[
+        "authz", "check", "--from", BATCH, "--to", "web", "--node", "node-a",
+    ])?;
+    assert_eq!(
+        check["allowed"], false,
+        "batch is not node-a's to claim: {check}"
+    );
+    assert_eq!(check["claim_from_node"]["believed"], false, "{check}");
+    let frontend_cgroup = s.frontend.path().display().to_string();
+    let explain =
+        s.node(0)
+            .agent()
+            .meshctl_json(&["explain", "web", "--client", &frontend_cgroup])?;
+    let remote = &explain["remote"][0];
+    assert_eq!(remote["node"], "node-b", "{explain}");
+    assert_eq!(remote["identity"], FRONTEND, "{explain}");
+    assert!(
+        remote["destination"]
+            .as_str()
+            .unwrap_or_default()
+            .contains("deny list"),
+        "{explain}"
+    );
     Ok(())
 }
 

@@ -112,6 +112,16 @@ fn route(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
                 limit,
             }))
         }
+        super::PATH_AUTHZ => {
+            let Some(service) = param("service") else {
+                return error(StatusCode::BAD_REQUEST, "authz needs ?service=NAME");
+            };
+            let (from, node) = (param("from"), param("node"));
+            match shared.authz_check(&service, from.as_deref(), node.as_deref()) {
+                Ok(view) => json(&view),
+                Err(e) => error(StatusCode::NOT_FOUND, &e.to_string()),
+            }
+        }
         PATH_EXPLAIN => {
             let Some(service) = param("service") else {
                 return error(StatusCode::BAD_REQUEST, "explain needs ?service=NAME");

@@ -280,6 +280,78 @@ impl Authorization {
     }
 }
 
+/// `meshctl authz check`: what a service's policy says of one identity, and
+/// which nodes a stream claiming it is believed from.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct AuthzCheck {
+    pub service: String,
+    /// The SPIFFE ID checked; `None`: a client without a workload identity.
+    pub from: Option<String>,
+    pub rule: Rule,
+    pub allowed: bool,
+    pub reason: String,
+    /// The nodes the configuration says host a workload of this identity:
+    /// only streams from these nodes may claim it.
+    pub hosted_by: Vec<String>,
+    /// With a node named: whether a stream from it claiming `from` would
+    /// be believed at all (when not, it is refused before the policy).
+    pub claim_from_node: Option<ClaimCheck>,
+}
+
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ClaimCheck {
+    pub node: String,
+    pub believed: bool,
+    pub reason: String,
+}
+
+/// Evaluates `service`'s policy for `from` (a SPIFFE ID or a short name;
+/// `None` for no identity) as a destination of trust domain `td` does.
+pub fn check(
+    service: &Service,
+    workloads: &[Workload],
+    td: &str,
+    from: Option<&str>,
+    node: Option<&str>,
+) -> AuthzCheck {
+    let from = from.map(|f| spiffe_id_of(f, td));
+    let rule = ResolvedPolicy::of(&service.policy, td).rule_for(from.as_deref());
+    let mut hosted_by: Vec<String> = workloads
+        .iter()
+        .filter(|w| from.as_deref() == Some(spiffe_id_of(&w.identity, td).as_str()))
+        .filter_map(|w| w.node.clone())
+        .collect();
+    hosted_by.sort();
+    hosted_by.dedup();
+    let claim_from_node = node.map(|node| {
+        let authz = Authorization::of(node, td, std::iter::empty(), workloads);
+        match authz.believe(node, from.as_deref()) {
+            Ok(_) => ClaimCheck {
+                node: node.to_owned(),
+                believed: true,
+                reason: match &from {
+                    Some(id) => format!("node '{node}' hosts a workload of {id}"),
+                    None => "a stream that claims no identity is taken as such".into(),
+                },
+            },
+            Err(refusal) => ClaimCheck {
+                node: node.to_owned(),
+                believed: false,
+                reason: format!("refused as {}: {refusal}", refusal.reason()),
+            },
+        }
+    });
+    AuthzCheck {
+        service: service.name.clone(),
+        from,
+        rule,
+        allowed: rule.allows() && claim_from_node.as_ref().is_none_or(|c| c.believed),
+        reason: rule.describe().to_owned(),
+        hosted_by,
+        claim_from_node,
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -403,5 +475,32 @@ mod tests {
             a.authorize("c", Some(FRONTEND), web).unwrap_err().reason(),
             "not_hosted"
         );
+    }
+
+    #[test]
+    fn check_names_the_rule_and_the_nodes_a_claim_is_believed_from() {
+        let yaml = format!(
+            "nodes:\n- {{ name: a, address: 10.0.0.1 }}\n- {{ name: c, address: 10.0.0.3 }}\n\
+             workloads:\n- {{ name: frontend, cgroup: /sys/fs/cgroup/f, node: a }}\n\
+             services:\n- name: web\n  vip: 127.77.0.1\n  port: 80\n  policy: {{ deny: [frontend] }}\n  \
+             backends: [{{ address: 10.0.0.3, port: 9000, node: c }}]\n"
+        );
+        let state: DesiredState = crate::config::parse_str(&yaml, "test.yaml").unwrap();
+        let web = &state.services[0];
+        let denied = check(web, &state.workloads, TD, Some("frontend"), None);
+        assert_eq!(denied.from.as_deref(), Some(FRONTEND));
+        assert_eq!((denied.rule, denied.allowed), (Rule::DenyList, false));
+        assert_eq!(denied.hosted_by, ["a"]);
+        let other = check(web, &state.workloads, TD, Some(BATCH), Some("c"));
+        assert_eq!(other.rule, Rule::DefaultAllow);
+        // Allowed by the policy, but node c hosts no batch workload.
+        assert!(!other.allowed);
+        let claim = other.claim_from_node.unwrap();
+        assert!(
+            !claim.believed && claim.reason.contains("not_hosted"),
+            "{claim:?}"
+        );
+        let anonymous = check(web, &state.workloads, TD, None, Some("c"));
+        assert!(anonymous.allowed);
     }
 }

@@ -304,6 +304,10 @@ impl NodeTunnel {
         self.credentials.info()
     }
 
+    pub fn trust_domain(&self) -> String {
+        self.credentials.trust_domain()
+    }
+
     /// Stops taking connections, lets open ones finish for the drain
     /// timeout (a successor agent takes the new ones), then resets the rest.
     pub async fn shutdown(&self) {
