@@ -479,13 +479,11 @@ mod tests {
 
     #[test]
     fn check_names_the_rule_and_the_nodes_a_claim_is_believed_from() {
-        let yaml = format!(
-            "nodes:\n- {{ name: a, address: 10.0.0.1 }}\n- {{ name: c, address: 10.0.0.3 }}\n\
-             workloads:\n- {{ name: frontend, cgroup: /sys/fs/cgroup/f, node: a }}\n\
-             services:\n- name: web\n  vip: 127.77.0.1\n  port: 80\n  policy: {{ deny: [frontend] }}\n  \
-             backends: [{{ address: 10.0.0.3, port: 9000, node: c }}]\n"
-        );
-        let state: DesiredState = crate::config::parse_str(&yaml, "test.yaml").unwrap();
+        let yaml = "nodes:\n- { name: a, address: 10.0.0.1 }\n- { name: c, address: 10.0.0.3 }\n\
+             workloads:\n- { name: frontend, cgroup: /sys/fs/cgroup/f, node: a }\n\
+             services:\n- name: web\n  vip: 127.77.0.1\n  port: 80\n  policy: { deny: [frontend] }\n  \
+             backends: [{ address: 10.0.0.3, port: 9000, node: c }]\n";
+        let state: DesiredState = crate::config::parse_str(yaml, "test.yaml").unwrap();
         let web = &state.services[0];
         let denied = check(web, &state.workloads, TD, Some("frontend"), None);
         assert_eq!(denied.from.as_deref(), Some(FRONTEND));
