@@ -1877,6 +1877,49 @@ services:
             3,
             12,
         );
+        check(
+            &format!(
+                "workloads:\n  - {{name: a, cgroup: /a, identity: 'spiffe://td/node/n'}}\n{BASE}"
+            ),
+            "identity 'spiffe://td/node/n' is not a workload SPIFFE ID",
+            2,
+            37,
+        );
+        check(
+            &format!("workloads:\n  - {{name: a, cgroup: /a, identity: 'spiffe://'}}\n{BASE}"),
+            "is not a workload SPIFFE ID",
+            2,
+            37,
+        );
+        check(
+            &format!("{}workloads:\n  - {{name: a, cgroup: /a, node: node-c}}\n", MESH_BASE),
+            "workload 'a' names node 'node-c', which is not in `nodes:` (known nodes: node-a, node-b)",
+            17,
+            33,
+        );
+    }
+
+    #[test]
+    fn workloads_name_their_node_and_may_carry_a_spiffe_id() {
+        let yaml = format!(
+            "{MESH_BASE}workloads:\n  - {{name: a, cgroup: /a, node: node-a, \
+             identity: 'spiffe://mesh.test/ns/shop/sa/cart'}}\n  - {{name: b, cgroup: /b}}\n"
+        );
+        let state = parse_str(&yaml, "t.yaml").unwrap();
+        let (a, b) = (&state.workloads[0], &state.workloads[1]);
+        assert_eq!(a.node.as_deref(), Some("node-a"));
+        assert!(a.is_on("node-a") && a.is_hosted_by("node-a"));
+        assert!(!a.is_on("node-b") && !a.is_hosted_by("node-b"));
+        assert_eq!(
+            crate::state::spiffe_id_of(&a.identity, "other"),
+            "spiffe://mesh.test/ns/shop/sa/cart"
+        );
+        // No node: every reader's own, and no peer's to claim.
+        assert!(b.is_on("node-a") && b.is_on("node-b") && !b.is_hosted_by("node-a"));
+        assert_eq!(
+            crate::state::spiffe_id_of(&b.identity, "mesh.test"),
+            "spiffe://mesh.test/ns/default/sa/b"
+        );
     }
 
     /// A valid file with nodes and a strict service; tests swap lines.
