@@ -1892,7 +1892,10 @@ services:
             37,
         );
         check(
-            &format!("{}workloads:\n  - {{name: a, cgroup: /a, node: node-c}}\n", MESH_BASE),
+            &format!(
+                "{}workloads:\n  - {{name: a, cgroup: /a, node: node-c}}\n",
+                MESH_BASE
+            ),
             "workload 'a' names node 'node-c', which is not in `nodes:` (known nodes: node-a, node-b)",
             17,
             33,

@@ -253,9 +253,21 @@ impl Drop for Reaped {
 
 #[test]
 fn only_tls_crosses_the_wire_and_the_client_sees_the_vip() -> Result<()> {
+    only_tls_on_the_wire(VIP4, |n| n.ip4.to_string())
+}
+
+#[test]
+fn only_tls_crosses_the_wire_over_ipv6_and_the_client_sees_the_vip() -> Result<()> {
+    only_tls_on_the_wire(VIP6, |n| n.ip6.to_string())
+}
+
+/// A client on node-a reaches `vip`, its backend on node-b at
+/// `backend_of(node-b)`; a capture of node-a's veth holds TLS records and
+/// never the client's plaintext.
+fn only_tls_on_the_wire(vip: &str, backend_of: impl Fn(&Node) -> String) -> Result<()> {
     let mut cluster = Cluster::new(3)?;
-    let backend = cluster.nodes[1].ip4.to_string();
-    cluster.start_agents(&service_yaml(VIP4, "strict", &[(&backend, "node-b")]), &[])?;
+    let backend = backend_of(&cluster.nodes[1]);
+    cluster.start_agents(&service_yaml(vip, "strict", &[(&backend, "node-b")]), &[])?;
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
     let pcap = cluster.dir().join("a.pcap");
     let mut dump = a.netns.exec("tcpdump");
@@ -264,8 +276,16 @@ fn only_tls_crosses_the_wire_and_the_client_sees_the_vip() -> Result<()> {
     let dump = Reaped(spawn_ready(dump, "listening on")?);
     let server = python_server(b, ECHO_SERVER, &backend)?;
     let marker = "mesh-plaintext-marker-5f3c9a";
-    let out = python(a, MARKER_CLIENT, &[VIP4, marker])?;
-    assert_eq!(out, format!("{VIP4}\n{marker}"), "peer name, then the echo");
+    let out = python(a, MARKER_CLIENT, &[vip, marker])?;
+    let (peer, echo) = out.split_once('\n').context("peer name, then the echo")?;
+    // Compared as addresses: python writes ::1:77 as ::0.1.0.119.
+    let peer: std::net::IpAddr = peer.parse()?;
+    assert_eq!(
+        peer,
+        vip.parse::<std::net::IpAddr>()?,
+        "the client sees the VIP"
+    );
+    assert_eq!(echo, marker, "the echo");
     drop(server);
     // SIGTERM, so tcpdump writes out what it holds.
     // SAFETY: a plain kill(2) of our own unreaped child.

@@ -509,7 +509,16 @@ fn a_client_that_does_not_speak_tls_is_closed_and_counted() -> Result<()> {
         1,
         "exactly this connection: {series:?}"
     );
-    eprintln!("counted as {series:?}");
+    // rustls refuses a first record that is not a handshake: a protocol error.
+    assert_eq!(
+        metric(
+            &text,
+            HANDSHAKE_FAILURES,
+            &[("direction", "inbound"), ("reason", "protocol")]
+        ),
+        1,
+        "counted as a protocol error: {series:?}"
+    );
     Ok(())
 }
 
