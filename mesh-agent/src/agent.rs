@@ -889,12 +889,13 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         .attach(KernelMaps::open(&pins.maps_dir())?, capacity);
     let mut reconciler = Reconciler::recover(capacity, &mut maps);
     let mut inbound = bpf::Inbound::take_from(&mut ebpf).map_err(BpfError::from)?;
-    let first_report = redirect.around_service_changes(desired.iter().map(|s| (None, Some(s))), || {
-        metrics
-            .reconcile
-            .time_apply(|| reconciler.apply_set(desired.iter(), &desired.workloads, &mut maps))
-            .map_err(AgentError::from)
-    })?;
+    let first_report =
+        redirect.around_service_changes(desired.iter().map(|s| (None, Some(s))), || {
+            metrics
+                .reconcile
+                .time_apply(|| reconciler.apply_set(desired.iter(), &desired.workloads, &mut maps))
+                .map_err(AgentError::from)
+        })?;
     sync_inbound(
         &mut inbound,
         (&desired, &reconciler, &placement),

@@ -244,11 +244,7 @@ impl Datapath {
             &pins.links_dir(),
         )?);
         // Strict mTLS on this node (cgroup_skb/ingress).
-        attached.push(ingress::attach(
-            &mut ebpf,
-            &cgroup_file,
-            &pins.links_dir(),
-        )?);
+        attached.push(ingress::attach(&mut ebpf, &cgroup_file, &pins.links_dir())?);
         let maps = Maps::take_from(&mut ebpf)?;
         let events = ebpf
             .take_map(map_names::EVENTS)

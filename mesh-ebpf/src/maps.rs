@@ -97,8 +97,7 @@ pub static MESH_NODE_ADDRS: HashMap<LocalAddrKey, u32> =
 
 /// Plaintext connections from other nodes per service id.
 #[map(name = "MESH_IN_STATS")]
-pub static MESH_IN_STATS: PerCpuArray<InboundStats> =
-    PerCpuArray::pinned(limits::MAX_SERVICES, 0);
+pub static MESH_IN_STATS: PerCpuArray<InboundStats> = PerCpuArray::pinned(limits::MAX_SERVICES, 0);
 
 /// The initial sequence number of recent plaintext SYNs, so a
 /// retransmitted SYN is not counted as a second connection.

@@ -103,13 +103,15 @@ except OSError as e:
 
 /// A bounded load on argv[1]:argv[2]: argv[3] threads make connections
 /// until argv[4] were started, argv[5] seconds passed or the file argv[6]
-/// exists. Each connection: connect timeout argv[7] s, 1..8 KiB random
-/// bytes, half-close, read to the end, compare. Prints one line per
+/// exists, each pausing argv[8] s between connections. Each connection:
+/// connect timeout argv[7] s, 1..8 KiB random bytes, half-close, read to
+/// the end, compare. Prints one line per
 /// connection: `<CLOCK_MONOTONIC ns at connect()> <outcome>`.
 const LOAD: &str = r#"
 import os, random, socket, sys, threading, time
-host, port, threads, most, secs, stop, limit = (sys.argv[1], int(sys.argv[2]), int(sys.argv[3]),
-    int(sys.argv[4]), float(sys.argv[5]), sys.argv[6], float(sys.argv[7]))
+host, port, threads, most, secs, stop, limit, pause = (sys.argv[1], int(sys.argv[2]),
+    int(sys.argv[3]), int(sys.argv[4]), float(sys.argv[5]), sys.argv[6], float(sys.argv[7]),
+    float(sys.argv[8]))
 end = time.monotonic() + secs
 lock = threading.Lock()
 started = [0]
@@ -143,6 +145,7 @@ def run():
             started[0] += 1
         r = one()
         with lock: out.append(r)
+        time.sleep(pause)
 ts = [threading.Thread(target=run) for _ in range(threads)]
 for t in ts: t.start()
 for t in ts: t.join()
@@ -214,7 +217,13 @@ fn probe(node: &Node, host: &str, port: u16, size: usize, connect_timeout: &str)
 /// node-b's plaintext counters of "web": (accepted, refused).
 fn plaintext(node: &Node) -> Result<(u64, u64)> {
     let text = node.scrape()?;
-    let of = |verdict| metric(&text, PLAINTEXT, &[("service", "web"), ("verdict", verdict)]);
+    let of = |verdict| {
+        metric(
+            &text,
+            PLAINTEXT,
+            &[("service", "web"), ("verdict", verdict)],
+        )
+    };
     Ok((of("accepted"), of("refused")))
 }
 
@@ -241,7 +250,11 @@ fn strict_refuses_plaintext_from_another_node(family: Family) -> Result<()> {
     // Straight from node-a: the SYN is dropped, the connect never completes
     // (one SYN and its retransmission within the 2 s: one connection).
     assert_eq!(probe(a, &backend, 9000, 1000, "2")?, "timeout");
-    assert_eq!(plaintext(b)?, (0, 1), "node-b counts one refused connection");
+    assert_eq!(
+        plaintext(b)?,
+        (0, 1),
+        "node-b counts one refused connection"
+    );
     // Through the VIP from node-a: the tunnel delivers every byte.
     assert_eq!(probe(a, family.vip(), 80, 256 << 10, "10")?, "ok");
     // Plaintext from node-b itself reaches its own backend.
@@ -265,10 +278,18 @@ fn permissive_accepts_and_counts_plaintext(family: Family) -> Result<()> {
     let (cluster, _server, backend) = cluster_with(family, "permissive")?;
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
     assert_eq!(probe(a, &backend, 9000, 64 << 10, "10")?, "ok");
-    assert_eq!(plaintext(b)?, (1, 0), "node-b counts one accepted connection");
+    assert_eq!(
+        plaintext(b)?,
+        (1, 0),
+        "node-b counts one accepted connection"
+    );
     assert_eq!(probe(a, family.vip(), 80, 64 << 10, "10")?, "ok");
     assert_eq!(probe(b, &backend, 9000, 1000, "10")?, "ok");
-    assert_eq!(plaintext(b)?, (1, 0), "the tunnel and node-b's own are not plaintext from afar");
+    assert_eq!(
+        plaintext(b)?,
+        (1, 0),
+        "the tunnel and node-b's own are not plaintext from afar"
+    );
     Ok(())
 }
 
@@ -282,6 +303,26 @@ fn ipv6_permissive_accepts_plaintext_and_counts_it() -> Result<()> {
     permissive_accepts_and_counts_plaintext(Family::V6)
 }
 
+/// Writes "web" in `mode` to both agents and waits until both applied it.
+fn switch(cluster: &Cluster, family: Family, mode: &str, backend: &str) -> Result<()> {
+    let generation = |n: &Node| -> Result<u64> {
+        n.agent().status()?["config_generation"]
+            .as_u64()
+            .context("config_generation")
+    };
+    let before: Vec<u64> = cluster
+        .nodes
+        .iter()
+        .map(generation)
+        .collect::<Result<_>>()?;
+    cluster.write_config(&service_yaml(family.vip(), mode, backend))?;
+    for (node, g) in cluster.nodes.iter().zip(before) {
+        node.agent()
+            .wait_for_generation(g + 1, Duration::from_secs(10))?;
+    }
+    Ok(())
+}
+
 fn disabled_is_not_counted(family: Family) -> Result<()> {
     let (cluster, _server, backend) = cluster_with(family, "disabled")?;
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
@@ -290,6 +331,15 @@ fn disabled_is_not_counted(family: Family) -> Result<()> {
     assert_eq!(probe(a, family.vip(), 80, 1000, "10")?, "ok");
     assert!(has_family(b)?, "the family lists the service");
     assert_eq!(plaintext(b)?, (0, 0));
+    // The same connection is counted once the service is permissive, and
+    // no more once it is disabled again (its backend left MESH_INBOUND).
+    switch(&cluster, family, "permissive", &backend)?;
+    assert_eq!(probe(a, &backend, 9000, 1000, "10")?, "ok");
+    assert_eq!(plaintext(b)?, (1, 0));
+    switch(&cluster, family, "disabled", &backend)?;
+    assert_eq!(probe(a, &backend, 9000, 1000, "10")?, "ok");
+    assert_eq!(probe(a, family.vip(), 80, 1000, "10")?, "ok");
+    assert_eq!(plaintext(b)?, (1, 0));
     Ok(())
 }
 
@@ -303,6 +353,9 @@ fn ipv6_disabled_plaintext_is_not_counted() -> Result<()> {
     disabled_is_not_counted(Family::V6)
 }
 
+/// Connections of the tunnel load across the switch.
+const TUNNEL_CONNECTIONS: u32 = 3000;
+
 /// CLOCK_MONOTONIC now, in ns (the clock the load clients stamp with).
 fn monotonic_ns() -> u64 {
     let mut ts = libc::timespec {
@@ -315,7 +368,25 @@ fn monotonic_ns() -> u64 {
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
 }
 
-/// A load client on `node` (see `LOAD`); stdout collected when it ends.
+/// A running load client: the process, and its stdout and stderr read
+/// as they come (a full pipe would stop it).
+struct Load {
+    child: Reaped,
+    out: std::thread::JoinHandle<String>,
+    err: std::thread::JoinHandle<String>,
+}
+
+fn read_all(stream: Option<impl Read + Send + 'static>) -> std::thread::JoinHandle<String> {
+    std::thread::spawn(move || {
+        let mut text = String::new();
+        if let Some(mut s) = stream {
+            let _ = s.read_to_string(&mut text);
+        }
+        text
+    })
+}
+
+/// A load client on `node` (see `LOAD`).
 fn load(
     node: &Node,
     target: (&str, u16),
@@ -323,7 +394,8 @@ fn load(
     most: u32,
     stop: &Path,
     connect_timeout: &str,
-) -> Result<Reaped> {
+    pause: &str,
+) -> Result<Load> {
     let (h, p) = host_port(target.0, target.1);
     let child = node
         .command("python3")
@@ -332,18 +404,22 @@ fn load(
         .args([&h, &p, &threads.to_string(), &most.to_string(), "90"])
         .arg(stop)
         .arg(connect_timeout)
+        .arg(pause)
         .stdin(Stdio::null())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()?;
-    Ok(Reaped(child))
+    let mut child = Reaped(child);
+    let out = read_all(child.0.stdout.take());
+    let err = read_all(child.0.stderr.take());
+    Ok(Load { child, out, err })
 }
 
 /// Waits (bounded) for a load client to end; its (start ns, outcome) lines.
-fn finish(mut client: Reaped, what: &str) -> Result<Vec<(u64, String)>> {
+fn finish(mut client: Load, what: &str) -> Result<Vec<(u64, String)>> {
     let deadline = Instant::now() + Duration::from_secs(120);
     let status = loop {
-        if let Some(status) = client.0.try_wait()? {
+        if let Some(status) = client.child.0.try_wait()? {
             break status;
         }
         if Instant::now() >= deadline {
@@ -351,14 +427,8 @@ fn finish(mut client: Reaped, what: &str) -> Result<Vec<(u64, String)>> {
         }
         std::thread::sleep(Duration::from_millis(50));
     };
-    let mut out = String::new();
-    let mut err = String::new();
-    if let Some(mut s) = client.0.stdout.take() {
-        s.read_to_string(&mut out)?;
-    }
-    if let Some(mut s) = client.0.stderr.take() {
-        s.read_to_string(&mut err)?;
-    }
+    let out = client.out.join().unwrap_or_default();
+    let err = client.err.join().unwrap_or_default();
     if !status.success() {
         bail!("{what} failed: {err}");
     }
@@ -386,34 +456,45 @@ fn permissive_to_strict_under_load(family: Family) -> Result<()> {
     let (cluster, _server, backend) = cluster_with(family, "permissive")?;
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
     let stop = cluster.dir().join("stop-load");
-    // Tunnel clients through the VIP, plaintext clients straight to the
-    // backend, both from node-a; bounded by count, time and the stop file.
-    let tunnel = load(a, (family.vip(), 80), 4, 4000, &stop, "10")?;
-    let direct = load(a, (&backend, 9000), 2, 2000, &stop, "0.5")?;
-    wait_until(LIMIT, "plaintext accepted before the switch", || {
-        Ok(plaintext(b)?.0 >= 20)
-    })?;
-    let generations = |n: &Node| -> Result<u64> {
-        n.agent().status()?["config_generation"]
-            .as_u64()
-            .context("config_generation")
+    // Tunnel clients through the VIP (3,000 connections), plaintext clients
+    // straight to the backend, both from node-a; bounded by count, time
+    // and (the plaintext ones) the stop file.
+    let never = Path::new("/nonexistent");
+    let tunnel = load(
+        a,
+        (family.vip(), 80),
+        4,
+        TUNNEL_CONNECTIONS,
+        never,
+        "10",
+        "0",
+    )?;
+    // Paced, so their budget lasts beyond the switch.
+    let direct = load(a, (&backend, 9000), 2, 5000, &stop, "0.5", "0.01")?;
+    let tunnelled = || -> Result<u64> {
+        let s = a.agent().meshctl_json(&["services"])?;
+        s["services"][0]["tunnelled"].as_u64().context("tunnelled")
     };
-    let (gen_a, gen_b) = (generations(a)?, generations(b)?);
-    cluster.write_config(&service_yaml(family.vip(), "strict", &backend))?;
-    b.agent()
-        .wait_for_generation(gen_b + 1, Duration::from_secs(10))?;
-    a.agent()
-        .wait_for_generation(gen_a + 1, Duration::from_secs(10))?;
+    // The switch comes with a third of the tunnel load done.
+    wait_until(LIMIT, "load before the switch", || {
+        Ok(tunnelled()? >= u64::from(TUNNEL_CONNECTIONS / 3) && plaintext(b)?.0 >= 20)
+    })?;
+    switch(&cluster, family, "strict", &backend)?;
     let applied = monotonic_ns();
-    // Some plaintext connections meet the strict backend, then stop.
-    let refused_at_switch = plaintext(b)?.1;
-    wait_until(LIMIT, "plaintext refused after the switch", || {
-        Ok(plaintext(b)?.1 >= refused_at_switch + 5)
+    let tunnel = finish(tunnel, "tunnel load")?;
+    // Plaintext clients go on meeting the strict backend until then.
+    let refused_at_end = plaintext(b)?.1;
+    wait_until(LIMIT, "plaintext refused after the tunnel load", || {
+        Ok(plaintext(b)?.1 >= refused_at_end + 2)
     })?;
     std::fs::write(&stop, b"stop")?;
-    let tunnel = finish(tunnel, "tunnel load")?;
     let direct = finish(direct, "plaintext load")?;
 
+    assert_eq!(
+        tunnel.len(),
+        TUNNEL_CONNECTIONS as usize,
+        "the tunnel load ran to its count"
+    );
     let failed: Vec<_> = tunnel.iter().filter(|(_, w)| w != "ok").collect();
     assert!(
         failed.is_empty(),
@@ -423,14 +504,23 @@ fn permissive_to_strict_under_load(family: Family) -> Result<()> {
         &failed[..failed.len().min(10)]
     );
     let tunnel_after = tunnel.iter().filter(|(t, _)| *t > applied).count();
-    assert!(tunnel_after > 0, "no tunnel connection started after the switch");
+    assert!(
+        tunnel_after > 0,
+        "no tunnel connection started after the switch"
+    );
     let before_ok = direct
         .iter()
         .filter(|(t, w)| *t < applied && w == "ok")
         .count();
-    assert!(before_ok > 0, "no plaintext connection worked before the switch");
+    assert!(
+        before_ok > 0,
+        "no plaintext connection worked before the switch"
+    );
     let after: Vec<_> = direct.iter().filter(|(t, _)| *t > applied).collect();
-    assert!(!after.is_empty(), "no plaintext connection after the switch");
+    assert!(
+        !after.is_empty(),
+        "no plaintext connection after the switch"
+    );
     let through: Vec<_> = after.iter().filter(|(_, w)| w != "timeout").collect();
     assert!(
         through.is_empty(),
@@ -440,8 +530,15 @@ fn permissive_to_strict_under_load(family: Family) -> Result<()> {
         &through[..through.len().min(10)]
     );
     let (accepted, refused) = plaintext(b)?;
-    assert!(refused >= after.len() as u64, "refused {refused} < {}", after.len());
-    assert!(accepted >= before_ok as u64, "accepted {accepted} < {before_ok}");
+    assert!(
+        refused >= after.len() as u64,
+        "refused {refused} < {}",
+        after.len()
+    );
+    assert!(
+        accepted >= before_ok as u64,
+        "accepted {accepted} < {before_ok}"
+    );
     eprintln!(
         "{family:?}: {} tunnel connections ({tunnel_after} after the switch), {} plaintext ({before_ok} ok before, {} refused after); counters accepted {accepted}, refused {refused}",
         tunnel.len(),

@@ -230,7 +230,11 @@ impl Inbound {
         new_service_ids: &[u32],
     ) -> Result<InboundReport, InboundError> {
         let (entries, addrs) = wanted(&self.services, interfaces);
-        let capacity = self.entries.map().info().map_or(u32::MAX, |i| i.max_entries());
+        let capacity = self
+            .entries
+            .map()
+            .info()
+            .map_or(u32::MAX, |i| i.max_entries());
         if entries.len() > capacity as usize {
             return Err(InboundError::Full {
                 map: inbound_map_names::INBOUND,
@@ -259,7 +263,9 @@ impl Inbound {
         let new_addrs: Vec<LocalAddrKey> = addrs.difference(&self.written_addrs).copied().collect();
         let ones = vec![1u32; new_addrs.len()];
         let result = batch::update(fd(self.node_addrs.map()), &new_addrs, &ones);
-        let done = result.as_ref().map_or_else(|e| e.done, |()| new_addrs.len());
+        let done = result
+            .as_ref()
+            .map_or_else(|e| e.done, |()| new_addrs.len());
         self.written_addrs.extend(&new_addrs[..done]);
         result.map_err(write_error(inbound_map_names::NODE_ADDRS, "insert"))?;
         // 2. New and changed backends.
@@ -270,8 +276,12 @@ impl Inbound {
             .unzip();
         let result = batch::update(fd(self.entries.map()), &keys, &values);
         let done = result.as_ref().map_or_else(|e| e.done, |()| keys.len());
-        self.written
-            .extend(keys[..done].iter().copied().zip(values[..done].iter().copied()));
+        self.written.extend(
+            keys[..done]
+                .iter()
+                .copied()
+                .zip(values[..done].iter().copied()),
+        );
         result.map_err(write_error(inbound_map_names::INBOUND, "insert"))?;
         // 3. Backends no longer listed. A failed delete stays in the record
         // and is retried on the next write.
@@ -454,7 +464,8 @@ mod tests {
                 Some(2),
             ),
         );
-        let interfaces: Vec<IpAddr> = vec!["10.77.0.2".parse().unwrap(), "fd77::2".parse().unwrap()];
+        let interfaces: Vec<IpAddr> =
+            vec!["10.77.0.2".parse().unwrap(), "fd77::2".parse().unwrap()];
         let (entries, addrs) = wanted(&services, interfaces);
         assert_eq!(entries.len(), 1);
         let value = entries.values().next().unwrap();

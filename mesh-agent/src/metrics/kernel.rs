@@ -380,12 +380,8 @@ impl Collector for KernelCollector {
             None,
             MetricType::Counter,
             plaintext.iter().flat_map(|(service, s)| {
-                [("accepted", s.accepted), ("refused", s.refused)].map(|(verdict, v)| {
-                    (
-                        [("service", *service), ("verdict", verdict)],
-                        counter(v),
-                    )
-                })
+                [("accepted", s.accepted), ("refused", s.refused)]
+                    .map(|(verdict, v)| ([("service", *service), ("verdict", verdict)], counter(v)))
             }),
         )?;
 
@@ -610,7 +606,10 @@ mod tests {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }
         // Plaintext counts are kept for TCP only.
-        assert!(!text.contains("mesh_service_plaintext_connections_total{"), "{text}");
+        assert!(
+            !text.contains("mesh_service_plaintext_connections_total{"),
+            "{text}"
+        );
     }
 
     #[test]
