@@ -14,7 +14,10 @@ use mesh_common::{
     FAMILY_V4, FAMILY_V6, INBOUND_FLAG_STRICT, InboundKey, InboundValue, LocalAddrKey, SynKey,
 };
 
-use crate::maps::{MESH_IN_STATS, MESH_IN_SYN, MESH_INBOUND, MESH_NODE_ADDRS};
+use crate::{
+    maps::{MESH_IN_STATS, MESH_IN_SYN, MESH_INBOUND, MESH_NODE_ADDRS},
+    redirect_maps::MESH_LOCAL_ADDR,
+};
 
 const PASS: i32 = 1;
 const DROP: i32 = 0;
@@ -120,7 +123,10 @@ fn ipv6(ctx: &SkBuffContext) -> Option<Packet> {
     None
 }
 
-/// Loopback, or an address the agent listed as this node's.
+/// Loopback, an address the agent listed as this node's, or one that
+/// same-node redirect knows as local (the addresses of the network
+/// namespaces the cgroup's processes live in: client pods of this node
+/// that are nobody's backend).
 #[inline(always)]
 fn from_this_node(p: &Packet) -> bool {
     let loopback = if p.family == FAMILY_V4 {
@@ -137,7 +143,7 @@ fn from_this_node(p: &Packet) -> bool {
         family: p.family,
         _pad: [0; 3],
     };
-    unsafe { MESH_NODE_ADDRS.get(&key) }.is_some()
+    unsafe { MESH_NODE_ADDRS.get(&key).is_some() || MESH_LOCAL_ADDR.get(&key).is_some() }
 }
 
 /// Counts a connection attempt once: a SYN with the initial sequence number
