@@ -60,7 +60,7 @@ fn try_ingress(ctx: &SkBuffContext) -> Option<i32> {
         family: p.family,
         _pad: 0,
     };
-    let backend = unsafe { MESH_INBOUND.get(&key) }?;
+    let backend = unsafe { MESH_INBOUND.get(key) }?;
     if from_this_node(&p) {
         return None;
     }
@@ -143,7 +143,7 @@ fn from_this_node(p: &Packet) -> bool {
         family: p.family,
         _pad: [0; 3],
     };
-    unsafe { MESH_NODE_ADDRS.get(&key).is_some() || MESH_LOCAL_ADDR.get(&key).is_some() }
+    unsafe { MESH_NODE_ADDRS.get(key).is_some() || MESH_LOCAL_ADDR.get(key).is_some() }
 }
 
 /// Counts a connection attempt once: a SYN with the initial sequence number
@@ -167,10 +167,10 @@ fn count_syn(
         family: p.family,
         _pad: [0; 3],
     };
-    if unsafe { MESH_IN_SYN.get(&key) } == Some(&seq) {
+    if unsafe { MESH_IN_SYN.get(key) } == Some(&seq) {
         return;
     }
-    let _ = MESH_IN_SYN.insert(&key, &seq, 0);
+    let _ = MESH_IN_SYN.insert(key, seq, 0);
     if let Some(stats) = MESH_IN_STATS.get_ptr_mut(backend.service_id) {
         // SAFETY: a per-CPU slot of this CPU, nothing else writes it now.
         unsafe {
