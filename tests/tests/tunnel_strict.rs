@@ -557,3 +557,31 @@ fn ipv4_permissive_to_strict_under_load_refuses_plaintext_from_the_switch_on() -
 fn ipv6_permissive_to_strict_under_load_refuses_plaintext_from_the_switch_on() -> Result<()> {
     permissive_to_strict_under_load(Family::V6)
 }
+
+/// The program and its maps are pinned: strict holds while node-b's agent
+/// is down (SIGKILL) and after it restarts (which finds the entries and
+/// counters in place), and the restarted agent still follows the config.
+#[test]
+fn strict_holds_while_the_agent_is_down_and_across_its_restart() -> Result<()> {
+    let family = Family::V4;
+    let (mut cluster, _server, backend) = cluster_with(family, "strict")?;
+    assert_eq!(
+        probe(&cluster.nodes[0], &backend, 9000, 1000, "2")?,
+        "timeout"
+    );
+    cluster.nodes[1].agent_mut().kill()?;
+    assert_eq!(
+        probe(&cluster.nodes[0], &backend, 9000, 1000, "2")?,
+        "timeout"
+    );
+    cluster.nodes[1].agent_mut().kill_and_restart(&[])?;
+    let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
+    assert_eq!(probe(a, &backend, 9000, 1000, "2")?, "timeout");
+    assert_eq!(probe(a, family.vip(), 80, 64 << 10, "10")?, "ok");
+    // All three refusals, the one with no agent running included.
+    assert_eq!(plaintext(b)?, (0, 3));
+    switch(&cluster, family, "permissive", &backend)?;
+    assert_eq!(probe(a, &backend, 9000, 1000, "10")?, "ok");
+    assert_eq!(plaintext(b)?, (1, 3));
+    Ok(())
+}
