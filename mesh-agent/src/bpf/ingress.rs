@@ -67,9 +67,6 @@ pub fn attach(
     links_dir: &std::path::Path,
 ) -> Result<&'static str, BpfError> {
     let name = inbound_program_names::INGRESS;
-    if ebpf.program(name).is_none() {
-        return Err(BpfError::MissingProgram { name });
-    }
     super::attach_and_pin(ebpf, name, cgroup, links_dir)?;
     Ok(name)
 }
