@@ -148,6 +148,8 @@ struct Inner {
     panicking: Vec<String>,
     /// Which backends this node reaches through the tunnel.
     placement: Placement,
+    /// Local backends of strict/permissive services (`bpf/ingress.rs`).
+    inbound: bpf::Inbound,
 }
 
 /// Service changes after which freed memory is handed back to the system.
@@ -612,6 +614,14 @@ impl Shared {
                     placed(*old).ne(placed(*new))
                         || old.map(|s| &s.policy) != new.map(|s| &s.policy)
                 });
+            // Whose inbound entries to recompute (all when the mesh's
+            // default mode may have changed).
+            let inbound_names: Option<Vec<String>> = update.mesh.is_none().then(|| {
+                changes
+                    .iter()
+                    .filter_map(|(old, new)| new.or(*old).map(|s| s.name.clone()))
+                    .collect()
+            });
             drop(changes);
             // Accepted: the source, health checks and overrides follow.
             let watched_source = DesiredState {
@@ -656,6 +666,12 @@ impl Shared {
             inner.draining = draining;
             inner.panicking = panicking;
             inner.placement = placement;
+            sync_inbound(
+                &mut inner.inbound,
+                (&inner.desired, &inner.reconciler, &inner.placement),
+                inbound_names.as_deref(),
+                &report.new_service_ids,
+            );
             if let Some(tunnel) = &self.tunnel
                 && placement_changed
             {
@@ -751,6 +767,45 @@ impl Shared {
             inner.changed_since_trim = 0;
             release_free_memory();
         }
+    }
+}
+
+/// Brings `MESH_INBOUND` and `MESH_NODE_ADDRS` in step with the applied
+/// state: the services `names` (None: all) are recomputed, the node's
+/// interface addresses re-read. A failure is logged and retried on the
+/// next apply; the maps keep what they held.
+fn sync_inbound(
+    inbound: &mut bpf::Inbound,
+    (desired, reconciler, placement): (&ServiceSet, &Reconciler, &Placement),
+    names: Option<&[String]>,
+    new_service_ids: &[u32],
+) {
+    let contribution = |svc: &Service| {
+        let id = bpf::tcp_service_id(svc, reconciler);
+        bpf::contribution(svc, &placement.mesh, &placement.node, id)
+    };
+    match names {
+        None => {
+            inbound.clear_services();
+            for svc in desired.iter() {
+                inbound.set_service(&svc.name, Some(contribution(svc)));
+            }
+        }
+        Some(names) => {
+            for name in names {
+                inbound.set_service(name, desired.get(name).map(|svc| contribution(svc)));
+            }
+        }
+    }
+    let interfaces = match crate::redirect::interface_addresses() {
+        Ok(addrs) => addrs,
+        Err(e) => {
+            warn!("strict mTLS: {e}; the inbound maps stay as they are until the next apply");
+            return;
+        }
+    };
+    if let Err(e) = inbound.write(interfaces, new_service_ids) {
+        warn!("strict mTLS: {e}; retrying on the next apply");
     }
 }
 
@@ -875,12 +930,20 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         .kernel
         .attach(KernelMaps::open(&pins.maps_dir())?, capacity);
     let mut reconciler = Reconciler::recover(capacity, &mut maps).on_node(&opts.node_name);
-    redirect.around_service_changes(desired.iter().map(|s| (None, Some(s))), || {
-        metrics
-            .reconcile
-            .time_apply(|| reconciler.apply_set(desired.iter(), &desired.workloads, &mut maps))
-            .map_err(AgentError::from)
-    })?;
+    let mut inbound = bpf::Inbound::take_from(&mut ebpf).map_err(BpfError::from)?;
+    let first_report =
+        redirect.around_service_changes(desired.iter().map(|s| (None, Some(s))), || {
+            metrics
+                .reconcile
+                .time_apply(|| reconciler.apply_set(desired.iter(), &desired.workloads, &mut maps))
+                .map_err(AgentError::from)
+        })?;
+    sync_inbound(
+        &mut inbound,
+        (&desired, &reconciler, &placement),
+        None,
+        &first_report.new_service_ids,
+    );
     let tunnel = match &opts.tunnel {
         Some(settings) => {
             let origins = bpf::TunnelOrigins::take_from(&mut ebpf).map_err(BpfError::from)?;
@@ -932,6 +995,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             health,
             panicking: Vec::new(),
             placement,
+            inbound,
         }),
         meta: Meta {
             host_netns_cookie: agent_config.host_netns_cookie,

@@ -7,6 +7,7 @@
 //! contents, so a restarted agent picks up where the last one stopped.
 
 pub mod batch;
+mod ingress;
 mod maps;
 mod mounts;
 mod redirect;
@@ -22,11 +23,14 @@ use std::{
 use aya::{
     Ebpf, EbpfLoader,
     maps::{MapData, RingBuf},
-    programs::{CgroupAttachMode, Program, ProgramError, links::FdLink},
+    programs::{CgroupAttachMode, CgroupSkbAttachType, Program, ProgramError, links::FdLink},
 };
-use mesh_common::{SCHEMA_VERSION, limits, map_names, program_names};
+use mesh_common::{SCHEMA_VERSION, inbound_map_names, limits, map_names, program_names};
 use tracing::{info, warn};
 
+pub use ingress::{
+    Contribution, Inbound, InboundError, InboundReport, contribution, tcp_service_id, wanted,
+};
 pub use maps::{Maps, MapsError, sum_over_cpus};
 pub use mounts::{MountError, cgroup2_mount, ensure_bpffs};
 pub use redirect::{REDIRECT_PROGRAMS, RedirectMaps};
@@ -213,6 +217,9 @@ impl Datapath {
             .map_max_entries(map_names::ACTIVE, sizes.backends)
             .map_max_entries(map_names::BACKEND_HEALTH, sizes.backends)
             .map_max_entries(map_names::SLOTS, sizes.slots)
+            // Local backends are backends; their counters are by service id.
+            .map_max_entries(inbound_map_names::INBOUND, sizes.backends)
+            .map_max_entries(inbound_map_names::INBOUND_STATS, sizes.services)
             .override_global(
                 LOG_SITES_GLOBAL,
                 &u8::from(log_sites == LogSites::Kept),
@@ -236,6 +243,8 @@ impl Datapath {
             &cgroup_file,
             &pins.links_dir(),
         )?);
+        // Strict mTLS on this node (cgroup_skb/ingress).
+        attached.push(ingress::attach(&mut ebpf, &cgroup_file, &pins.links_dir())?);
         let maps = Maps::take_from(&mut ebpf)?;
         let events = ebpf
             .take_map(map_names::EVENTS)
@@ -281,7 +290,7 @@ fn remove_stale_map_pins(maps_dir: &Path, ebpf: &Ebpf) {
     }
 }
 
-/// Loads cgroup program `name` (sock_ops or sock_addr), attaches it to
+/// Loads cgroup program `name` (sock_ops, sock_addr or skb ingress), attaches it to
 /// `cgroup` through a bpf link and pins the link as `links_dir/name`.
 fn attach_and_pin(
     ebpf: &mut Ebpf,
@@ -300,11 +309,11 @@ fn attach_and_pin(
     // is released. Running both briefly is harmless: the second sees a
     // backend address, not a VIP, and a socket already counted.
     macro_rules! attach {
-        ($program:expr) => {{
+        ($program:expr $(, $attach_type:expr)?) => {{
             let program = $program;
             program.load().map_err(program_error)?;
             let id = program
-                .attach(cgroup, CgroupAttachMode::Single)
+                .attach(cgroup, $($attach_type,)? CgroupAttachMode::Single)
                 .map_err(program_error)?;
             let link = program.take_link(id).map_err(program_error)?;
             link.try_into().map_err(link_error)?
@@ -316,6 +325,7 @@ fn attach_and_pin(
     {
         Program::SockOps(program) => attach!(program),
         Program::CgroupSockAddr(program) => attach!(program),
+        Program::CgroupSkb(program) => attach!(program, CgroupSkbAttachType::Ingress),
         _ => return Err(program_error(ProgramError::UnexpectedProgramType)),
     };
     // Pin under a temporary name, then rename over the old pin: the old link

@@ -207,6 +207,8 @@ pub struct ApplyReport {
     pub removed_backends: Vec<RemovedBackend>,
     /// Stale entries that could not be deleted; harmless, retried next time.
     pub cleanup_failures: usize,
+    /// Service ids given out by this apply (their counters start at zero).
+    pub new_service_ids: Vec<u32>,
 }
 
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -456,7 +458,8 @@ impl Reconciler {
             rollback(undo, maps);
             return Err(e);
         }
-        let report = cleanup(self, &plan, maps);
+        let mut report = cleanup(self, &plan, maps);
+        report.new_service_ids = plan.new_service_ids.clone();
         self.commit(plan);
         Ok(report)
     }

@@ -10,7 +10,9 @@
 /// `<bpffs>/v<SCHEMA_VERSION>/` so a new agent never misreads old maps.
 pub const SCHEMA_VERSION: u32 = 2;
 
+mod inbound;
 mod redirect;
+pub use inbound::*;
 pub use redirect::*;
 
 /// Names of the maps, as the kernel object declares them (at most 15 bytes:

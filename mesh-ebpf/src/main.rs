@@ -16,6 +16,9 @@ mod connect;
 mod debug_log;
 #[cfg(target_arch = "bpf")]
 mod getpeername;
+// Strict mTLS on the destination node (cgroup_skb/ingress).
+#[cfg(target_arch = "bpf")]
+mod ingress;
 #[cfg(target_arch = "bpf")]
 mod lb;
 #[cfg(target_arch = "bpf")]

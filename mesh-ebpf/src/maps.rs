@@ -7,8 +7,9 @@ use aya_ebpf::{
 };
 use mesh_common::{
     AffinityKey, AffinityValue, BackendHealth, BackendId, BackendStats, BackendValue, ConfigValue,
-    ConnValue, PolicyKey, PolicyValue, RevNatKey, RevNatValue, ServiceKey, ServiceStats,
-    ServiceValue, SlotKey, SockLbKey, SockLbValue, TunnelKey, TunnelValue, limits,
+    ConnValue, InboundKey, InboundStats, InboundValue, LocalAddrKey, PolicyKey, PolicyValue,
+    RevNatKey, RevNatValue, ServiceKey, ServiceStats, ServiceValue, SlotKey, SockLbKey,
+    SockLbValue, SynKey, TunnelKey, TunnelValue, inbound_limits, limits,
 };
 
 #[map(name = "MESH_SERVICES")]
@@ -81,3 +82,25 @@ pub static MESH_TUN_PEND: LruHashMap<u64, TunnelValue> =
 #[map(name = "MESH_TUN_ORIG")]
 pub static MESH_TUN_ORIG: LruHashMap<TunnelKey, TunnelValue> =
     LruHashMap::pinned(limits::MAX_TUNNEL_PENDING, 0);
+
+/// Local backends of strict and permissive services (`ingress.rs`), written
+/// by the agent.
+#[map(name = "MESH_INBOUND")]
+pub static MESH_INBOUND: HashMap<InboundKey, InboundValue> =
+    HashMap::pinned(inbound_limits::MAX_INBOUND, 0);
+
+/// This node's interface addresses and the addresses of its backends: a
+/// packet from one of them did not come from another node.
+#[map(name = "MESH_NODE_ADDRS")]
+pub static MESH_NODE_ADDRS: HashMap<LocalAddrKey, u32> =
+    HashMap::pinned(inbound_limits::MAX_NODE_ADDRS, 0);
+
+/// Plaintext connections from other nodes per service id.
+#[map(name = "MESH_IN_STATS")]
+pub static MESH_IN_STATS: PerCpuArray<InboundStats> = PerCpuArray::pinned(limits::MAX_SERVICES, 0);
+
+/// The initial sequence number of recent plaintext SYNs, so a
+/// retransmitted SYN is not counted as a second connection.
+#[map(name = "MESH_IN_SYN")]
+pub static MESH_IN_SYN: LruHashMap<SynKey, u32> =
+    LruHashMap::pinned(inbound_limits::MAX_SYN_SEEN, 0);

@@ -15,8 +15,8 @@ use std::{
 
 use aya::maps::{Array, Map, MapData, PerCpuArray};
 use mesh_common::{
-    BackendId, BackendStats, PROTO_TCP, PROTO_UDP, RedirectStats, ServiceStats, map_names,
-    redirect_map_names,
+    BackendId, BackendStats, InboundStats, PROTO_TCP, PROTO_UDP, RedirectStats, ServiceStats,
+    inbound_map_names, map_names, redirect_map_names,
 };
 use prometheus_client::{
     collector::Collector,
@@ -38,6 +38,7 @@ pub struct KernelMaps {
     backend_stats: PerCpuArray<MapData, BackendStats>,
     active: Array<MapData, u64>,
     redirect: PerCpuArray<MapData, RedirectStats>,
+    inbound: PerCpuArray<MapData, InboundStats>,
 }
 
 impl fmt::Debug for KernelMaps {
@@ -68,6 +69,7 @@ impl KernelMaps {
             backend_stats: open(maps_dir, map_names::BACKEND_STATS)?,
             active: open(maps_dir, map_names::ACTIVE)?,
             redirect: open(maps_dir, redirect_map_names::REDIRECT_STATS)?,
+            inbound: open(maps_dir, inbound_map_names::INBOUND_STATS)?,
         })
     }
 
@@ -82,6 +84,10 @@ impl KernelMaps {
 
     fn redirect(&self) -> RedirectStats {
         sum_over_cpus(&self.redirect, 0)
+    }
+
+    fn inbound(&self, id: u32) -> InboundStats {
+        sum_over_cpus(&self.inbound, id)
     }
 }
 
@@ -356,6 +362,29 @@ impl Collector for KernelCollector {
             |s| s.udp_direct_remote,
         )?;
 
+        // Plaintext connections from other nodes to this node's backends,
+        // by the service's TCP id (the ingress program's counters).
+        let plaintext: Vec<_> = view
+            .services
+            .iter()
+            .filter(|s| s.protocol == "tcp")
+            .map(|s| {
+                let stats = maps.map(|m| m.inbound(s.id)).unwrap_or_default();
+                (s.service.as_str(), stats)
+            })
+            .collect();
+        family(
+            &mut encoder,
+            "mesh_service_plaintext_connections",
+            "Plaintext TCP connections from other nodes straight to this node's backends of the service (not through the tunnel): accepted (permissive) or refused in the kernel (strict); counted on the SYN",
+            None,
+            MetricType::Counter,
+            plaintext.iter().flat_map(|(service, s)| {
+                [("accepted", s.accepted), ("refused", s.refused)]
+                    .map(|(verdict, v)| ([("service", *service), ("verdict", verdict)], counter(v)))
+            }),
+        )?;
+
         // Per backend, summed over the service's protocols.
         let backends: Vec<_> = view
             .backends
@@ -541,6 +570,7 @@ mod tests {
             "mesh_redirect_bytes counter",
             "mesh_redirect_fallback_bytes counter",
             "mesh_map_capacity gauge",
+            "mesh_service_plaintext_connections counter",
         ] {
             assert!(text.contains(&format!("# TYPE {name}\n")), "{name}: {text}");
         }
@@ -575,6 +605,11 @@ mod tests {
         ] {
             assert!(text.contains(line), "missing {line:?} in:\n{text}");
         }
+        // Plaintext counts are kept for TCP only.
+        assert!(
+            !text.contains("mesh_service_plaintext_connections_total{"),
+            "{text}"
+        );
     }
 
     #[test]
