@@ -12,8 +12,8 @@ pub use debug_log::{DebugLogResponse, SetDebugLogRequest};
 pub use redirect::{RedirectCounters, RedirectResponse, SetRedirectRequest};
 pub use server::{AdminServerError, serve};
 pub use views::{
-    BackendView, EventView, EventsResponse, MapFill, ServiceView, ServicesResponse, StatusResponse,
-    TunnelsResponse,
+    BackendView, CertsResponse, EventView, EventsResponse, MapFill, ServiceView, ServicesResponse,
+    StatusResponse, TunnelsResponse,
 };
 
 /// Where the agent listens unless told otherwise.
@@ -34,3 +34,5 @@ pub const PATH_REDIRECT: &str = "/v1/redirect";
 pub const PATH_DEBUG_LOG: &str = "/v1/debug-log";
 /// The cross-node tunnel: this node's identity and its connections per peer.
 pub const PATH_TUNNELS: &str = "/v1/tunnels";
+/// The identities this node holds, their expiry and their reloads.
+pub const PATH_CERTS: &str = "/v1/certs";

@@ -262,6 +262,17 @@ impl Shared {
         }
     }
 
+    pub fn certs(&self) -> admin::CertsResponse {
+        admin::CertsResponse {
+            node: self.lock().placement.node.clone(),
+            identities: self
+                .tunnel
+                .as_ref()
+                .map(|t| t.identities())
+                .unwrap_or_default(),
+        }
+    }
+
     pub fn services(&self) -> ServicesResponse {
         let inner = self.lock();
         let services = inner
@@ -848,6 +859,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                 opts.socket_mark,
                 origins,
                 metrics.tunnel.clone(),
+                metrics.identity.clone(),
             )?;
             tunnel.update(desired.iter(), &placement.mesh);
             Some(tunnel)

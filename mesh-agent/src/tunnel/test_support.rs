@@ -86,7 +86,9 @@ impl TestCa {
 /// peer's certificate must name the node.
 pub(crate) struct TestOutboundTls {
     pub(crate) config: Arc<rustls::ClientConfig>,
-    pub(crate) not_after: Option<std::time::SystemTime>,
+    pub(crate) validity: Option<super::lifetime::Validity>,
+    /// The credentials generation; bump it to simulate a reload.
+    pub(crate) generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl TestOutboundTls {
@@ -94,7 +96,8 @@ impl TestOutboundTls {
         let cert = ca.node(node);
         Arc::new(Self {
             config: ca.client_config(&cert),
-            not_after: tls::cert_not_after(&cert.chain[0]),
+            validity: tls::cert_validity(&cert.chain[0]),
+            generation: tokio::sync::watch::Sender::new(1),
         })
     }
 }
@@ -110,8 +113,14 @@ impl OutboundTls for TestOutboundTls {
         Ok(OutboundTlsConfig {
             config: self.config.clone(),
             server_name,
-            local_cert_not_after: self.not_after,
+            local_cert_not_after: self.validity.map(|v| v.not_after),
+            local_cert_not_before: self.validity.map(|v| v.not_before),
+            generation: *self.generation.borrow(),
         })
+    }
+
+    fn generations(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.generation.subscribe())
     }
 }
 
@@ -134,6 +143,7 @@ impl InboundTls for TestInboundTls {
         Ok(InboundTlsConfig {
             config: self.config.clone(),
             local_cert_not_after: None,
+            local_cert_not_before: None,
         })
     }
 

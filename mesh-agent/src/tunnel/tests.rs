@@ -43,6 +43,7 @@ fn allow_all() -> InboundPolicy {
 
 struct Harness {
     ca: TestCa,
+    out_tls: Arc<TestOutboundTls>,
     src: Tunnel,
     outbound: Outbound,
     dst: Tunnel,
@@ -56,7 +57,8 @@ impl Harness {
         let ca = TestCa::new("mesh test CA");
         let src = Tunnel::new(config.clone(), TunnelMetrics::unregistered()).unwrap();
         let dst = Tunnel::new(config, TunnelMetrics::unregistered()).unwrap();
-        let outbound = src.outbound(TestOutboundTls::new(&ca, "node-a"));
+        let out_tls = TestOutboundTls::new(&ca, "node-a");
+        let outbound = src.outbound(out_tls.clone());
         let inbound = dst.inbound(TestInboundTls::new(&ca, "node-b"), policy);
         let listener = socket::reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
         let inbound_addr = listener.local_addr().unwrap();
@@ -66,6 +68,7 @@ impl Harness {
         });
         Self {
             ca,
+            out_tls,
             src,
             outbound,
             dst,
@@ -837,4 +840,61 @@ fn config_rejects_a_connection_window_equal_to_the_stream_window() {
     assert!(matches!(cfg.validate(), Err(ConfigError::Windows { .. })));
     cfg.connection_window = cfg.stream_window * 3 + 1;
     assert!(matches!(cfg.validate(), Err(ConfigError::Windows { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credentials_change_retires_the_connection_make_before_break() {
+    let h = Harness::new(config(), allow_all()).await;
+    let backend = echo_backend().await;
+    let m = h.src.metrics().clone();
+    // A stream held open across the change, on the first connection.
+    let (mut held, held_handle) = h.client(backend).await;
+    held.write_all(b"before").await.unwrap();
+    let mut back = [0u8; 6];
+    held.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"before");
+    let (c, done) = h.client(backend).await;
+    assert_eq!(round_trip(c, b"same".to_vec()).await.unwrap(), b"same");
+    done.await.unwrap().unwrap();
+    assert_eq!(m.connections_opened(Direction::Outbound), 1);
+    let first = h.src.snapshot()[0].conns[0].clone();
+    assert_eq!(first.generation, 1);
+    assert!(first.retire_at_unix.is_some() && first.close_at_unix.is_some());
+
+    // This node's credentials changed: the connection takes no new stream.
+    h.out_tls.generation.send_replace(2);
+    eventually("the connection retired", || {
+        m.connections_retired(Direction::Outbound, "rotation") == 1
+    })
+    .await;
+    let (c, done) = h.client(backend).await;
+    assert_eq!(round_trip(c, b"new".to_vec()).await.unwrap(), b"new");
+    done.await.unwrap().unwrap();
+    assert_eq!(m.connections_opened(Direction::Outbound), 2);
+    let conns = h.src.snapshot()[0].conns.clone();
+    assert_eq!(conns.len(), 2, "{conns:?}");
+    let old = conns.iter().find(|c| c.id == first.id).unwrap();
+    assert_eq!(old.retired.as_deref(), Some("rotation"));
+    assert!(old.draining);
+    assert_eq!(old.streams, 1);
+    assert_eq!(
+        conns.iter().find(|c| c.id != first.id).unwrap().generation,
+        2
+    );
+
+    // The held stream still works on the old connection, which closes once
+    // it ends; nothing was reset.
+    held.write_all(b"after").await.unwrap();
+    let mut back = [0u8; 5];
+    held.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"after");
+    held.shutdown().await.unwrap();
+    assert!(read_until_end(&mut held).await.unwrap().is_empty());
+    held_handle.await.unwrap().unwrap();
+    eventually("the old connection closed", || {
+        h.src.snapshot()[0].conns.iter().all(|c| c.id != first.id)
+    })
+    .await;
+    assert_eq!(h.outbound.pooled_connections(), 1);
+    assert_eq!(m.connections_dropped(Direction::Outbound, "expiry"), 0);
 }
