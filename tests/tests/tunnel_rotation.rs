@@ -308,7 +308,10 @@ impl Load {
         loop {
             let p = self.progress()?;
             if p["failures"].as_u64().unwrap_or(0) > 0 {
-                bail!("connections failed while waiting for '{what}': {}", p["failed"]);
+                bail!(
+                    "connections failed while waiting for '{what}': {}",
+                    p["failed"]
+                );
             }
             if done(&p) {
                 return Ok(p);
@@ -422,7 +425,9 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 
 /// A cluster of two with the web service from node-a to node-b and the
 /// echo backend running.
-fn cluster_with_backend(before_start: impl FnOnce(&Cluster) -> Result<()>) -> Result<(Cluster, PyChild)> {
+fn cluster_with_backend(
+    before_start: impl FnOnce(&Cluster) -> Result<()>,
+) -> Result<(Cluster, PyChild)> {
     let mut cluster = Cluster::new(2)?;
     before_start(&cluster)?;
     let backend = cluster.nodes[1].ip4.to_string();
@@ -474,8 +479,16 @@ fn leaf_rotation_under_load_drops_nothing_and_retires_the_old_connections_before
         "no tunnel connection before the rotation: {old_conns:?}"
     );
     for c in &old_conns[0] {
-        assert_eq!(c["local_cert_not_after_unix"].as_u64(), Some(not_after), "{c}");
-        assert_eq!(c["peer_cert_not_after_unix"].as_u64(), Some(not_after), "{c}");
+        assert_eq!(
+            c["local_cert_not_after_unix"].as_u64(),
+            Some(not_after),
+            "{c}"
+        );
+        assert_eq!(
+            c["peer_cert_not_after_unix"].as_u64(),
+            Some(not_after),
+            "{c}"
+        );
     }
 
     // Rotate every node's leaf (a fresh 1 h certificate) under the load.
@@ -524,11 +537,16 @@ fn leaf_rotation_under_load_drops_nothing_and_retires_the_old_connections_before
     assert!(!conns.is_empty(), "nothing carries the load");
     for c in &conns {
         assert!(
-            c["opened_unix_ms"].as_f64().is_some_and(|ms| ms / 1000.0 >= rotated),
+            c["opened_unix_ms"]
+                .as_f64()
+                .is_some_and(|ms| ms / 1000.0 >= rotated),
             "a connection from before the rotation: {c}"
         );
         assert_eq!(c["generation"].as_u64(), Some(2), "{c}");
-        assert!(c["local_cert_not_after_unix"].as_u64() > Some(not_after), "{c}");
+        assert!(
+            c["local_cert_not_after_unix"].as_u64() > Some(not_after),
+            "{c}"
+        );
     }
     let text = a.scrape()?;
     let retired = metric(
@@ -536,9 +554,16 @@ fn leaf_rotation_under_load_drops_nothing_and_retires_the_old_connections_before
         "mesh_tunnel_connections_retired_total",
         &[("direction", "outbound"), ("reason", "rotation")],
     );
-    assert!(retired >= 1, "no outbound connection retired for rotation:\n{text}");
+    assert!(
+        retired >= 1,
+        "no outbound connection retired for rotation:\n{text}"
+    );
     assert_eq!(
-        metric(&text, "mesh_tunnel_connections_dropped_total", &[("reason", "expiry")]),
+        metric(
+            &text,
+            "mesh_tunnel_connections_dropped_total",
+            &[("reason", "expiry")]
+        ),
         0,
         "{text}"
     );
@@ -567,7 +592,11 @@ fn trust_bundle_rotation_under_load_drops_nothing() -> Result<()> {
         ]),
         Duration::from_secs(10),
     )?;
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     let old_root = std::fs::read(cluster.ca_dir.join("ca.pem"))?;
     let new_root = std::fs::read(new_ca.join("ca.pem"))?;
     let both = [new_root.clone(), old_root.clone()].concat();
@@ -591,7 +620,9 @@ fn trust_bundle_rotation_under_load_drops_nothing() -> Result<()> {
         })?;
     }
     load.wait("connections with both roots", WAIT, |p| {
-        p["last_ok_end"].as_f64().is_some_and(|t| t > unix_now() - 0.5)
+        p["last_ok_end"]
+            .as_f64()
+            .is_some_and(|t| t > unix_now() - 0.5)
     })?;
     // 2. Leaves of the new CA (handed out with both roots).
     std::fs::write(new_ca.join("bundle.pem"), &both)?;
@@ -610,7 +641,11 @@ fn trust_bundle_rotation_under_load_drops_nothing() -> Result<()> {
             ]),
             Duration::from_secs(10),
         )?;
-        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
     }
     for (node, first) in [a, b].iter().zip(&first_serials) {
         let id = wait_identity(node, "a leaf of the new CA", |id| generation(id) == 3)?;
@@ -618,7 +653,9 @@ fn trust_bundle_rotation_under_load_drops_nothing() -> Result<()> {
         assert_eq!(id["bundle_roots"], 2, "{id}");
     }
     load.wait("connections with the new leaves", WAIT, |p| {
-        p["last_ok_end"].as_f64().is_some_and(|t| t > unix_now() - 0.5)
+        p["last_ok_end"]
+            .as_f64()
+            .is_some_and(|t| t > unix_now() - 0.5)
     })?;
     // 3. The old root goes.
     for node in [a, b] {
@@ -657,7 +694,11 @@ fn trust_bundle_rotation_under_load_drops_nothing() -> Result<()> {
         "{text}"
     );
     assert_eq!(
-        metric(&text, "mesh_identity_reloads_total", &[("result", "failed")]),
+        metric(
+            &text,
+            "mesh_identity_reloads_total",
+            &[("result", "failed")]
+        ),
         0,
         "{text}"
     );
@@ -668,8 +709,14 @@ fn trust_bundle_rotation_under_load_drops_nothing() -> Result<()> {
 /// its outcome record.
 fn one_connection(node: &Node, size: u64) -> Result<Value> {
     let out = run_with_timeout(
-        node.command("python3")
-            .args(["-c", PY, "once", VIP, &VIP_PORT.to_string(), &size.to_string()]),
+        node.command("python3").args([
+            "-c",
+            PY,
+            "once",
+            VIP,
+            &VIP_PORT.to_string(),
+            &size.to_string(),
+        ]),
         Duration::from_secs(30),
     )?;
     if !out.status.success() {
@@ -695,9 +742,9 @@ fn a_broken_renewal_keeps_the_valid_certificate_and_is_shown_until_fixed() -> Re
     assert_eq!(generation(&id), 1, "{id}");
     assert!(id["reload"]["next_retry_unix"].as_i64().is_some(), "{id}");
     assert!(
-        id["reload"]["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("cert.pem") && e.contains("still using the previous certificate")),
+        id["reload"]["last_error"].as_str().is_some_and(
+            |e| e.contains("cert.pem") && e.contains("still using the previous certificate")
+        ),
         "{id}"
     );
     // Tunnels keep working on the valid certificate, old and new ones.
@@ -712,7 +759,11 @@ fn a_broken_renewal_keeps_the_valid_certificate_and_is_shown_until_fixed() -> Re
     // Retried with backoff: the failures are counted, the log has it once.
     let deadline = Instant::now() + WAIT;
     let failed = loop {
-        let failed = metric(&a.scrape()?, "mesh_identity_reloads_total", &[("result", "failed")]);
+        let failed = metric(
+            &a.scrape()?,
+            "mesh_identity_reloads_total",
+            &[("result", "failed")],
+        );
         if failed >= 2 {
             break failed;
         }
@@ -732,7 +783,10 @@ fn a_broken_renewal_keeps_the_valid_certificate_and_is_shown_until_fixed() -> Re
     let other = cluster.dir().join("other-node");
     cluster.issue(&b.name, &other, &[])?;
     for name in ["key.pem", "cert.pem"] {
-        write_atomically(&a.identity_dir.join(name), &std::fs::read(other.join(name))?)?;
+        write_atomically(
+            &a.identity_dir.join(name),
+            &std::fs::read(other.join(name))?,
+        )?;
     }
     let id = wait_identity(a, "the wrong node refused", |id| {
         id["reload"]["last_error_reason"] == "wrong_spiffe_id"
@@ -751,7 +805,11 @@ fn a_broken_renewal_keeps_the_valid_certificate_and_is_shown_until_fixed() -> Re
     let text = a.scrape()?;
     assert!(metric(&text, "mesh_identity_reloads_total", &[("result", "ok")]) >= 1);
     assert!(
-        metric(&text, "mesh_identity_cert_expiry_seconds", &[("spiffe_id", "spiffe://mesh.test/node/node-a")]) > 3000,
+        metric(
+            &text,
+            "mesh_identity_cert_expiry_seconds",
+            &[("spiffe_id", "spiffe://mesh.test/node/node-a")]
+        ) > 3000,
         "{text}"
     );
     Ok(())

@@ -46,9 +46,30 @@ impl TestCa {
     }
 
     pub(crate) fn node(&self, node: &str) -> NodeCert {
+        self.node_with(node, |_| {})
+    }
+
+    /// A node certificate valid from `not_before` to `not_after`.
+    pub(crate) fn node_valid(
+        &self,
+        node: &str,
+        not_before: std::time::SystemTime,
+        not_after: std::time::SystemTime,
+    ) -> NodeCert {
+        let secs =
+            |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let epoch = rcgen::date_time_ymd(1970, 1, 1);
+        self.node_with(node, |params| {
+            params.not_before = epoch + std::time::Duration::from_secs(secs(not_before));
+            params.not_after = epoch + std::time::Duration::from_secs(secs(not_after));
+        })
+    }
+
+    fn node_with(&self, node: &str, edit: impl FnOnce(&mut CertificateParams)) -> NodeCert {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(vec![node.to_string()]).unwrap();
         params.distinguished_name.push(DnType::CommonName, node);
+        edit(&mut params);
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         NodeCert {
             chain: vec![cert.der().clone()],
@@ -93,7 +114,10 @@ pub(crate) struct TestOutboundTls {
 
 impl TestOutboundTls {
     pub(crate) fn new(ca: &TestCa, node: &str) -> Arc<Self> {
-        let cert = ca.node(node);
+        Self::with_cert(ca, ca.node(node))
+    }
+
+    pub(crate) fn with_cert(ca: &TestCa, cert: NodeCert) -> Arc<Self> {
         Arc::new(Self {
             config: ca.client_config(&cert),
             validity: tls::cert_validity(&cert.chain[0]),

@@ -54,10 +54,20 @@ struct Harness {
 
 impl Harness {
     async fn new(config: TunnelConfig, policy: InboundPolicy) -> Self {
+        Self::with_client(config, policy, |ca| TestOutboundTls::new(ca, "node-a")).await
+    }
+
+    /// With the source node's TLS made by `client` (e.g. a short-lived
+    /// certificate).
+    async fn with_client(
+        config: TunnelConfig,
+        policy: InboundPolicy,
+        client: impl FnOnce(&TestCa) -> Arc<TestOutboundTls>,
+    ) -> Self {
         let ca = TestCa::new("mesh test CA");
         let src = Tunnel::new(config.clone(), TunnelMetrics::unregistered()).unwrap();
         let dst = Tunnel::new(config, TunnelMetrics::unregistered()).unwrap();
-        let out_tls = TestOutboundTls::new(&ca, "node-a");
+        let out_tls = client(&ca);
         let outbound = src.outbound(out_tls.clone());
         let inbound = dst.inbound(TestInboundTls::new(&ca, "node-b"), policy);
         let listener = socket::reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
@@ -897,4 +907,52 @@ async fn a_credentials_change_retires_the_connection_make_before_break() {
     .await;
     assert_eq!(h.outbound.pooled_connections(), 1);
     assert_eq!(m.connections_dropped(Direction::Outbound, "expiry"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_nearing_its_certificates_expiry_is_replaced_then_closed_at_expiry() {
+    // The source's certificate lives 8 s: margin 2 s, so its connection is
+    // retired 5 s from now and closed 6 s from now.
+    let now = std::time::SystemTime::now();
+    let h = Harness::with_client(config(), allow_all(), |ca| {
+        let cert = ca.node_valid(
+            "node-a",
+            now - Duration::from_secs(1),
+            now + Duration::from_secs(7),
+        );
+        TestOutboundTls::with_cert(ca, cert)
+    })
+    .await;
+    let backend = echo_backend().await;
+    let (m, dm) = (h.src.metrics().clone(), h.dst.metrics().clone());
+    let (mut held, held_handle) = h.client(backend).await;
+    held.write_all(b"held").await.unwrap();
+    let mut back = [0u8; 4];
+    held.read_exact(&mut back).await.unwrap();
+    let first = h.src.snapshot()[0].conns[0].clone();
+    let not_after = first.local_cert_not_after_unix.unwrap();
+    assert_eq!(first.retire_at_unix, Some(not_after - 2));
+    assert_eq!(first.close_at_unix, Some(not_after - 1));
+
+    // Retired ahead of the expiry on both sides (inbound: GOAWAY, since it
+    // is the peer's certificate there); new streams get a new connection.
+    eventually("the connection retired for expiry", || {
+        m.connections_retired(Direction::Outbound, "expiry") == 1
+            && dm.connections_retired(Direction::Inbound, "expiry") == 1
+    })
+    .await;
+    let (c, done) = h.client(backend).await;
+    assert_eq!(round_trip(c, b"new".to_vec()).await.unwrap(), b"new");
+    done.await.unwrap().unwrap();
+    assert_eq!(m.connections_opened(Direction::Outbound), 2);
+
+    // A stream still open at the expiry is reset with its connection.
+    assert_reset(read_until_end(&mut held).await);
+    assert!(held_handle.await.unwrap().is_err());
+    assert!(m.connections_dropped(Direction::Outbound, "expiry") >= 1);
+    eventually("every connection of the certificate closed", || {
+        h.src.snapshot().iter().all(|p| p.conns.is_empty())
+            && dm.connections_active(Direction::Inbound) == 0
+    })
+    .await;
 }
