@@ -199,7 +199,7 @@ impl NodeCredentials {
         };
         let mut status = self.status_lock();
         match &result {
-            Ok(changed) => status.succeeded(*changed),
+            Ok(_) => status.succeeded(),
             Err(e) => status.failed(e),
         }
         result

@@ -57,7 +57,7 @@ pub struct ReloadStatus {
 }
 
 impl ReloadStatus {
-    pub(crate) fn succeeded(&mut self, _changed: bool) {
+    pub(crate) fn succeeded(&mut self) {
         self.last_reload_unix = Some(unix_now());
         self.reloads_ok += 1;
         self.last_error = None;
@@ -83,19 +83,20 @@ pub(crate) fn unix_now() -> i64 {
 }
 
 /// One file's metadata as far as a change is concerned; `None`: unreadable.
-type Stamp = Option<(u64, u64, i64, i64, i64, i64)>;
+type Stamp = Option<[i64; 7]>;
 
 fn stamp(path: &Path) -> Stamp {
     // metadata() follows symlinks: a swapped `..data` link changes it.
     let m = std::fs::metadata(path).ok()?;
-    Some((
-        m.dev(),
-        m.ino(),
+    Some([
+        m.dev() as i64,
+        m.ino() as i64,
         m.size() as i64,
         m.mtime(),
         m.mtime_nsec(),
+        m.ctime(),
         m.ctime_nsec(),
-    ))
+    ])
 }
 
 fn stamps(dir: &Path) -> [Stamp; 3] {
@@ -128,8 +129,10 @@ async fn watch(
     let mut logged: Option<String> = None;
     let mut tick = tokio::time::interval(settings.poll);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut warned_expiry = 0;
     loop {
         tick.tick().await;
+        warned_expiry = warn_near_expiry(&credentials, warned_expiry);
         let now = stamps(&dir);
         if now != seen {
             // Wait for it to settle: the next poll reloads if nothing moved.
@@ -169,6 +172,32 @@ async fn watch(
             }
         }
     }
+}
+
+/// Warns once per generation when the certificate in use enters its last
+/// quarter (at most 10 minutes: the tunnel's retirement margin, see
+/// `tunnel::lifetime`) unrenewed: tunnel connections opened from then on
+/// are cut at its expiry. Returns the generation warned about.
+fn warn_near_expiry(credentials: &NodeCredentials, warned: u64) -> u64 {
+    let info = credentials.info();
+    if info.generation == warned {
+        return warned;
+    }
+    let lifetime = (info.not_after - info.not_before).max(0);
+    let margin = (lifetime / 4).min(600);
+    let left = info.not_after - unix_now();
+    if left > margin {
+        return warned;
+    }
+    tracing::warn!(
+        spiffe_id = %info.spiffe_id,
+        serial = %info.serial,
+        seconds_left = left,
+        dir = %info.dir.display(),
+        "the node certificate expires soon and has not been renewed; issue a new one \
+         (`meshctl ca issue`): tunnel connections end at its expiry"
+    );
+    info.generation
 }
 
 #[cfg(test)]

@@ -195,11 +195,15 @@ impl Pool {
         let conn = PoolInner::connect(&self.inner, key).await?;
         let mut entries = lock(&self.inner.entries);
         conn.state.streams.fetch_add(1, Ordering::AcqRel);
-        entries
-            .entry(key.clone())
-            .or_default()
-            .conns
-            .push(conn.clone());
+        // Its task may have retired it already (a reload during the
+        // handshake) or seen it end: then this stream is its last.
+        if !conn.state.is_dead() {
+            entries
+                .entry(key.clone())
+                .or_default()
+                .conns
+                .push(conn.clone());
+        }
         Ok(Lease {
             conn,
             pool: self.inner.clone(),
