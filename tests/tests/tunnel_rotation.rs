@@ -626,14 +626,13 @@ fn trust_bundle_rotation_under_load_drops_nothing() -> Result<()> {
     })?;
     // 2. Leaves of the new CA (handed out with both roots).
     std::fs::write(new_ca.join("bundle.pem"), &both)?;
-    let new_ca_dir = cluster.dir().join("ca-new");
     for node in [a, b] {
         let out = run_with_timeout(
             std::process::Command::new(&meshctl).args([
                 "ca",
                 "issue",
                 "--ca-dir",
-                new_ca_dir.to_str().context("UTF-8")?,
+                new_ca.to_str().context("UTF-8")?,
                 "--node",
                 &node.name,
                 "--out",
