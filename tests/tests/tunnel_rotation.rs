@@ -802,6 +802,9 @@ fn a_broken_renewal_keeps_the_valid_certificate_and_is_shown_until_fixed() -> Re
     assert_eq!(id["reload"]["next_retry_unix"], Value::Null, "{id}");
     assert_eq!(one_connection(a, 1 << 20)?["outcome"], "ok");
     let text = a.scrape()?;
+    // As a strict scraper reads it (scrape() prints a trailing newline).
+    openmetrics_parser::openmetrics::parse_openmetrics(text.trim_end_matches('\n'))
+        .map_err(|e| anyhow::anyhow!("not valid OpenMetrics: {e:?}\n{text}"))?;
     assert!(metric(&text, "mesh_identity_reloads_total", &[("result", "ok")]) >= 1);
     assert!(
         metric(
