@@ -12,8 +12,8 @@ pub use debug_log::{DebugLogResponse, SetDebugLogRequest};
 pub use redirect::{RedirectCounters, RedirectResponse, SetRedirectRequest};
 pub use server::{AdminServerError, serve};
 pub use views::{
-    BackendView, EventView, EventsResponse, MapFill, ServiceView, ServicesResponse, StatusResponse,
-    TunnelsResponse,
+    BackendView, CertsResponse, EventView, EventsResponse, MapFill, ServiceView, ServicesResponse,
+    StatusResponse, TunnelsResponse,
 };
 
 /// Where the agent listens unless told otherwise.
@@ -37,3 +37,5 @@ pub const PATH_TUNNELS: &str = "/v1/tunnels";
 /// `?service=NAME&from=ID&node=NODE`: what the service's policy says of an
 /// identity at a destination (`meshctl authz check`).
 pub const PATH_AUTHZ: &str = "/v1/authz";
+/// The identities this node holds, their expiry and their reloads.
+pub const PATH_CERTS: &str = "/v1/certs";

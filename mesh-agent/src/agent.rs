@@ -264,6 +264,17 @@ impl Shared {
         }
     }
 
+    pub fn certs(&self) -> admin::CertsResponse {
+        admin::CertsResponse {
+            node: self.lock().placement.node.clone(),
+            identities: self
+                .tunnel
+                .as_ref()
+                .map(|t| t.identities())
+                .unwrap_or_default(),
+        }
+    }
+
     pub fn services(&self) -> ServicesResponse {
         let inner = self.lock();
         let services = inner
@@ -953,6 +964,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                 opts.socket_mark,
                 origins,
                 metrics.tunnel.clone(),
+                metrics.identity.clone(),
             )?;
             tunnel.update(TunnelView {
                 services: &desired,

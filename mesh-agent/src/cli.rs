@@ -7,6 +7,7 @@
 
 mod authz;
 mod ca;
+mod certs;
 mod debug_log;
 mod offline;
 mod redirect;
@@ -129,6 +130,10 @@ enum Command {
     /// The cross-node mTLS tunnel: this node's certificate, and per peer
     /// node its connections, streams, bytes each way, age and expiry.
     Tunnels,
+    /// The identities this node holds: SPIFFE ID, serial, issuer, validity
+    /// and time left, the trust bundle's roots, and the last reload (its
+    /// time, error and next retry).
+    Certs,
     /// Kernel-side debug logs at the balancing decisions, forwarded into the
     /// agent's log (target `mesh_kernel`); `on`/`off` switches them. Off,
     /// they cost one branch per decision.
@@ -283,6 +288,10 @@ async fn execute(cli: &Cli) -> Result<String, CliError> {
         Command::Tunnels => {
             let view: admin::TunnelsResponse = admin::get(socket, admin::PATH_TUNNELS).await?;
             render(out, &view, tunnels::render)
+        }
+        Command::Certs => {
+            let view: admin::CertsResponse = admin::get(socket, admin::PATH_CERTS).await?;
+            render(out, &view, certs::render)
         }
         Command::DebugLog { switch } => {
             let view = debug_log::execute(socket, *switch).await?;

@@ -1,7 +1,9 @@
 //! Node identity for the cross-node tunnel: the mesh CA (`ca`, run by
 //! `meshctl ca` on the operator's machine), SPIFFE IDs (`spiffe`), a node's
 //! reloadable certificate, key and trust bundle (`store`), peer verification
-//! (`verify`) and the rustls configurations the tunnel uses (`tls`).
+//! (`verify`) and the rustls configurations the tunnel uses (`tls`); the
+//! files are watched and reloaded on change (`watch`), and their expiry and
+//! reloads exported (`metrics`).
 //!
 //! A node agent authenticates tunnels with a certificate whose only URI SAN
 //! is `spiffe://<trust-domain>/node/<node>`. Workload identities
@@ -16,10 +18,12 @@
 pub mod authz;
 pub mod ca;
 mod cert;
+mod metrics;
 mod spiffe;
 mod store;
 mod tls;
 mod verify;
+pub mod watch;
 
 #[cfg(test)]
 mod testutil;
@@ -27,10 +31,12 @@ mod testutil;
 use std::path::PathBuf;
 
 pub use authz::{Admitted, Authorization, AuthzCheck, ClaimCheck, Refusal, ResolvedPolicy, Rule};
+pub use metrics::IdentityMetrics;
 pub use spiffe::SpiffeId;
-pub use store::{CertInfo, NodeCredentials};
+pub use store::{CertInfo, HeldIdentity, NodeCredentials};
 pub use tls::{ALPN_H2, failure_reason, identity_error, io_failure_reason, io_identity_error};
 pub use verify::{peer_identity, peer_not_after};
+pub use watch::{ReloadStatus, WatchSettings, spawn_watcher};
 
 /// Everything that can go wrong with identities. `reason()` gives a short
 /// stable label (for metrics); `Display` says what, where and what to do.

@@ -106,6 +106,7 @@ pub struct Metrics {
     pub health: health::Metrics,
     pub kernel: Arc<KernelCollector>,
     pub tunnel: crate::tunnel::TunnelMetrics,
+    pub identity: crate::identity::IdentityMetrics,
     probes: Probes,
     registry: Registry,
 }
@@ -138,6 +139,7 @@ impl Metrics {
         let reconcile = reconcile::Metrics::new(&mut registry);
         let health = health::Metrics::new(&mut registry);
         let tunnel = crate::tunnel::TunnelMetrics::new(&mut registry);
+        let identity = crate::identity::IdentityMetrics::new(&mut registry);
         let kernel = Arc::new(KernelCollector::default());
         health.list_from(kernel.clone());
         registry.register_collector(Box::new(kernel.clone()));
@@ -146,6 +148,7 @@ impl Metrics {
             health,
             kernel,
             tunnel,
+            identity,
             probes: Probes::new(),
             registry,
         }

@@ -18,6 +18,7 @@
 pub mod copy;
 pub mod hbone;
 pub mod inbound;
+pub mod lifetime;
 pub mod metrics;
 pub mod node;
 pub mod outbound;

@@ -89,6 +89,7 @@ fn route(req: &Request<Incoming>, shared: &Shared) -> Response<Full<Bytes>> {
         PATH_STATUS => json(&shared.status()),
         PATH_SERVICES => json(&shared.services()),
         super::PATH_TUNNELS => json(&shared.tunnels()),
+        super::PATH_CERTS => json(&shared.certs()),
         PATH_EVENTS => {
             let number = |name: &str| param(name).map(|v| v.parse::<u64>());
             let (limit, client, after) = match (number("limit"), number("client"), number("after"))

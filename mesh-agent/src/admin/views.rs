@@ -157,3 +157,12 @@ pub struct MapFill {
     pub entries: u64,
     pub capacity: u64,
 }
+
+/// `GET /v1/certs`: the identities this node holds, one row each (today the
+/// node's own; identities of the workloads it speaks for can join as rows).
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq, Eq)]
+pub struct CertsResponse {
+    pub node: String,
+    /// Empty when the node has no identity (no --identity-dir).
+    pub identities: Vec<crate::identity::HeldIdentity>,
+}

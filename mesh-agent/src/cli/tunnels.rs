@@ -55,7 +55,9 @@ pub fn render(r: &TunnelsResponse) -> String {
             let expires = c
                 .local_cert_not_after_unix
                 .map_or("-".to_owned(), |at| human_secs(at as i64 - now));
-            let direction = if c.draining {
+            let direction = if let Some(why) = &c.retired {
+                format!("{:?} (retired: {why})", c.direction).to_lowercase()
+            } else if c.draining {
                 format!("{:?} (draining)", c.direction).to_lowercase()
             } else {
                 format!("{:?}", c.direction).to_lowercase()

@@ -2,11 +2,18 @@
 //! and bundle.pem (the trusted roots) from one directory, held behind a lock
 //! that every handshake reads, so `reload()` changes what new handshakes
 //! present and trust without rebuilding the rustls configurations.
+//!
+//! Every reload that changes the certificate or the bundle bumps the
+//! credentials' generation and announces it (`subscribe`), so the tunnel
+//! can replace connections opened with the old ones. What the last reload
+//! did is kept for `meshctl certs` (`reload_status`).
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex, RwLock};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use tokio::sync::watch;
 
 use rustls::crypto::CryptoProvider;
 use rustls::pki_types::{TrustAnchor, UnixTime};
@@ -15,6 +22,7 @@ use rustls::{ClientConfig, ServerConfig};
 use webpki::KeyUsage;
 
 use super::ca::{BUNDLE_FILE, CERT_FILE, KEY_FILE};
+use super::watch::{ReloadStatus, unix_now};
 use super::{IdentityError, SpiffeId, cert, tls, verify};
 
 const HINT: &str = "the identity directory holds cert.pem, key.pem and bundle.pem as \
@@ -34,12 +42,35 @@ pub struct CertInfo {
     pub bundle_roots: usize,
     pub bundle_subjects: Vec<String>,
     pub dir: PathBuf,
+    /// 1 at the first load, bumped by every reload that changed the
+    /// certificate or the bundle: tunnel connections opened with an older
+    /// generation are replaced.
+    #[serde(default)]
+    pub generation: u64,
 }
 
 impl CertInfo {
     pub fn not_after_time(&self) -> SystemTime {
         UNIX_EPOCH + Duration::from_secs(u64::try_from(self.not_after).unwrap_or(0))
     }
+
+    pub fn not_before_time(&self) -> SystemTime {
+        UNIX_EPOCH + Duration::from_secs(u64::try_from(self.not_before).unwrap_or(0))
+    }
+}
+
+/// One identity this node holds, as `meshctl certs` shows it: a row per
+/// identity, so identities of workloads the node speaks for can be added
+/// beside the node's own.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct HeldIdentity {
+    /// What it authenticates: `node` (this node's tunnels).
+    pub kind: String,
+    #[serde(flatten)]
+    pub cert: CertInfo,
+    /// Seconds until notAfter when the view was made (negative: expired).
+    pub expires_in_secs: i64,
+    pub reload: ReloadStatus,
 }
 
 /// One consistent set of files, validated.
@@ -88,6 +119,8 @@ struct Inner {
     client_template: ClientConfig,
     clients: Mutex<HashMap<String, Arc<ClientConfig>>>,
     reloading: Mutex<()>,
+    generations: watch::Sender<u64>,
+    status: Mutex<ReloadStatus>,
 }
 
 /// More peers than any cluster has nodes: past it the cache starts over
@@ -115,6 +148,11 @@ impl NodeCredentials {
                 client_template,
                 clients: Mutex::new(HashMap::new()),
                 reloading: Mutex::new(()),
+                generations: watch::Sender::new(1),
+                status: Mutex::new(ReloadStatus {
+                    last_reload_unix: Some(unix_now()),
+                    ..ReloadStatus::default()
+                }),
             }),
         })
     }
@@ -122,24 +160,35 @@ impl NodeCredentials {
     /// Reads the directory again. New handshakes use the new files at once;
     /// on any error the previous credentials stay in use and the error says
     /// which file is wrong. The trust domain and node name may not change.
-    pub fn reload(&self) -> Result<(), IdentityError> {
+    /// Returns whether anything changed (the same files again keep the
+    /// generation, so no tunnel connection is replaced for nothing).
+    pub fn reload(&self) -> Result<bool, IdentityError> {
         let _one_at_a_time = self
             .inner
             .reloading
             .lock()
             .unwrap_or_else(|poisoned| poisoned.into_inner());
         let old = self.inner.shared.current();
-        match load_dir(&self.inner.dir, &self.inner.provider, Some(&old)) {
-            Ok(new) => {
-                tracing::info!(
-                    spiffe_id = %new.id,
-                    serial = %new.info.serial,
-                    not_after = %cert::fmt_unix(new.info.not_after),
-                    bundle_roots = new.info.bundle_roots,
-                    "identity reloaded"
-                );
-                self.inner.shared.replace(new);
-                Ok(())
+        let result = match load_dir(&self.inner.dir, &self.inner.provider, Some(&old)) {
+            Ok(mut new) => {
+                let same = new.key.cert == old.key.cert && new.roots == old.roots;
+                if same {
+                    Ok(false)
+                } else {
+                    new.info.generation = old.info.generation + 1;
+                    let generation = new.info.generation;
+                    tracing::info!(
+                        spiffe_id = %new.id,
+                        serial = %new.info.serial,
+                        not_after = %cert::fmt_unix(new.info.not_after),
+                        bundle_roots = new.info.bundle_roots,
+                        generation,
+                        "identity reloaded"
+                    );
+                    self.inner.shared.replace(new);
+                    self.inner.generations.send_replace(generation);
+                    Ok(true)
+                }
             }
             Err(e) => Err(IdentityError::Reload {
                 dir: self.inner.dir.clone(),
@@ -147,7 +196,47 @@ impl NodeCredentials {
                 not_after: old.info.not_after,
                 source: Box::new(e),
             }),
+        };
+        let mut status = self.status_lock();
+        match &result {
+            Ok(_) => status.succeeded(),
+            Err(e) => status.failed(e),
         }
+        result
+    }
+
+    /// This identity as a row of `meshctl certs`.
+    pub fn held(&self) -> HeldIdentity {
+        let cert = self.info();
+        HeldIdentity {
+            kind: "node".into(),
+            expires_in_secs: cert.not_after - unix_now(),
+            cert,
+            reload: self.reload_status(),
+        }
+    }
+
+    /// What the reloads did: last success, last error, next retry.
+    pub fn reload_status(&self) -> ReloadStatus {
+        self.status_lock().clone()
+    }
+
+    /// When the watcher will try again after a failed reload.
+    pub(crate) fn set_next_retry(&self, at_unix: Option<i64>) {
+        self.status_lock().next_retry_unix = at_unix;
+    }
+
+    fn status_lock(&self) -> std::sync::MutexGuard<'_, ReloadStatus> {
+        self.inner
+            .status
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// The current generation (see [`CertInfo::generation`]), which
+    /// changes whenever a reload changed the certificate or the bundle.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.inner.generations.subscribe()
     }
 
     pub fn spiffe_id(&self) -> SpiffeId {
@@ -303,6 +392,7 @@ pub(crate) fn load_dir(
         bundle_roots: roots.len(),
         bundle_subjects,
         dir: dir.to_owned(),
+        generation: previous.map_or(1, |p| p.info.generation),
     };
     Ok(Loaded {
         id,

@@ -11,7 +11,7 @@ use std::{
         Arc, Mutex, RwLock,
         atomic::{AtomicU64, Ordering},
     },
-    time::Duration,
+    time::{Duration, SystemTime},
 };
 
 use bytes::Bytes;
@@ -27,6 +27,7 @@ use super::{
     Active, Phase, Shared, TunnelMetrics,
     copy::{self, Cancel, Counters},
     hbone::{self, ALPN_H2},
+    lifetime::{self, Lifetime, RetireReason},
     metrics::Direction,
     policy::{InboundPolicy, PeerInfo},
     snapshot::ConnState,
@@ -225,7 +226,7 @@ impl Inbound {
         let shared = &self.inner.shared;
         let metrics = &shared.metrics;
         let _ = tcp.set_nodelay(true);
-        let (connection, peer, not_after) = match self.handshake(tcp).await {
+        let (connection, peer, lifetime) = match self.handshake(tcp).await {
             Ok(ok) => ok,
             Err(e) => {
                 metrics.handshake_failed(Direction::Inbound, e.reason());
@@ -240,7 +241,7 @@ impl Inbound {
         let registration =
             shared
                 .tracker
-                .register(Direction::Inbound, peer.clone(), peer_addr, not_after);
+                .register(Direction::Inbound, peer.clone(), peer_addr, lifetime);
         let state = registration.state.clone();
         let peer = PeerInfo {
             identity: peer,
@@ -260,12 +261,13 @@ impl Inbound {
         (
             h2::server::Connection<tokio_rustls::server::TlsStream<TcpStream>, Bytes>,
             String,
-            Option<std::time::SystemTime>,
+            Lifetime,
         ),
         HandshakeError,
     > {
         let config = &self.inner.shared.config;
         let tls = self.inner.tls.server_config()?;
+        let opened = SystemTime::now();
         let acceptor = TlsAcceptor::from(tls::server_with_alpn(tls.config));
         let handshake = async {
             let stream = acceptor.accept(tcp).await.map_err(HandshakeError::Tls)?;
@@ -281,16 +283,26 @@ impl Inbound {
                 .filter(|c| !c.is_empty())
                 .ok_or(HandshakeError::NoCertificate)?;
             let peer = self.inner.tls.peer_identity(chain)?;
+            let peer_validity = tls::peer_validity(Some(chain));
             let connection = hbone::server_builder(config)
                 .handshake(stream)
                 .await
                 .map_err(HandshakeError::H2)?;
-            Ok((connection, peer))
+            Ok((connection, peer, peer_validity))
         };
-        let (connection, peer) = tokio::time::timeout(config.handshake_timeout, handshake)
-            .await
-            .map_err(|_| HandshakeError::Timeout)??;
-        Ok((connection, peer, tls.local_cert_not_after))
+        let (connection, peer, peer_validity) =
+            tokio::time::timeout(config.handshake_timeout, handshake)
+                .await
+                .map_err(|_| HandshakeError::Timeout)??;
+        // Inbound retires for expiry only (a backstop: the client side
+        // replaces its connections on rotation itself).
+        let lifetime = Lifetime {
+            generation: 0,
+            local: tls::local_validity(tls.local_cert_not_before, tls.local_cert_not_after),
+            peer: peer_validity,
+            opened,
+        };
+        Ok((connection, peer, lifetime))
     }
 
     /// Accepts streams until the connection ends; returns why it was
@@ -310,6 +322,22 @@ impl Inbound {
         tokio::pin!(keepalive);
         let mut phase = self.inner.phase.subscribe();
         let mut draining = false;
+        // GOAWAY ahead of either certificate's expiry, close at it.
+        let retire_at = state.lifetime.retire_at().map(lifetime::deadline);
+        let close_at = state.lifetime.close_at().map(lifetime::deadline);
+        let far = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
+        let retire_timer = tokio::time::sleep_until(retire_at.unwrap_or(far));
+        let close_timer = tokio::time::sleep_until(close_at.unwrap_or(far));
+        tokio::pin!(retire_timer, close_timer);
+        let expired = |state: &ConnState| {
+            tracing::warn!(
+                peer = %peer.addr,
+                node = %peer.identity,
+                streams = state.streams.load(std::sync::atomic::Ordering::Acquire),
+                "inbound tunnel connection closed at its certificate's expiry; its open streams are reset"
+            );
+            Some("expiry")
+        };
         loop {
             tokio::select! {
                 accepted = connection.accept() => match accepted {
@@ -333,6 +361,7 @@ impl Inbound {
                         tokio::select! {
                             _ = std::future::poll_fn(|cx| connection.poll_closed(cx)) => {}
                             _ = phase.wait_for(|p| *p == Phase::Stopped) => return Some("shutdown"),
+                            _ = &mut close_timer, if close_at.is_some() => return expired(state),
                         }
                         return None;
                     }
@@ -342,6 +371,15 @@ impl Inbound {
                     state.mark_dead();
                     return Some(end.reason());
                 }
+                _ = &mut retire_timer, if retire_at.is_some() && !draining => {
+                    draining = true;
+                    if state.retire(RetireReason::Expiry) {
+                        self.inner.shared.metrics.retired(Direction::Inbound, RetireReason::Expiry.as_str());
+                    }
+                    tracing::debug!(peer = %peer.addr, node = %peer.identity, "inbound tunnel connection nears its certificate's expiry: GOAWAY");
+                    connection.graceful_shutdown();
+                }
+                _ = &mut close_timer, if close_at.is_some() => return expired(state),
                 changed = phase.changed() => {
                     let now = if changed.is_err() { Phase::Stopped } else { *phase.borrow_and_update() };
                     match now {

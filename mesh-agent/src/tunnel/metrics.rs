@@ -71,6 +71,7 @@ pub struct TunnelMetrics {
     pub(crate) connections_opened: Family<DirectionLabels, Counter>,
     pub(crate) connections_active: Family<DirectionLabels, Gauge>,
     pub(crate) connections_dropped: Family<FailureLabels, Counter>,
+    pub(crate) connections_retired: Family<FailureLabels, Counter>,
     pub(crate) streams_active: Family<DirectionLabels, Gauge>,
     pub(crate) streams: Family<DirectionLabels, Counter>,
     pub(crate) streams_rejected: Family<RejectLabels, Counter>,
@@ -109,6 +110,11 @@ impl TunnelMetrics {
             "connections_dropped",
             "Tunnel connections that ended other than by a clean close, by reason",
             metrics.connections_dropped.clone(),
+        );
+        r.register(
+            "connections_retired",
+            "Tunnel connections that stopped taking new streams ahead of their certificates, by reason (rotation: this node's credentials changed; expiry: a certificate nears its notAfter)",
+            metrics.connections_retired.clone(),
         );
         r.register(
             "streams_active",
@@ -165,6 +171,7 @@ impl TunnelMetrics {
             connections_opened: Family::default(),
             connections_active: Family::default(),
             connections_dropped: Family::default(),
+            connections_retired: Family::default(),
             streams_active: Family::default(),
             streams: Family::default(),
             streams_rejected: Family::default(),
@@ -209,6 +216,12 @@ impl TunnelMetrics {
 
     pub(crate) fn dropped(&self, direction: Direction, reason: &'static str) {
         self.connections_dropped
+            .get_or_create(&FailureLabels { direction, reason })
+            .inc();
+    }
+
+    pub(crate) fn retired(&self, direction: Direction, reason: &'static str) {
+        self.connections_retired
             .get_or_create(&FailureLabels { direction, reason })
             .inc();
     }
@@ -271,6 +284,12 @@ impl TunnelMetrics {
 
     pub fn connections_dropped(&self, direction: Direction, reason: &'static str) -> u64 {
         self.connections_dropped
+            .get_or_create(&FailureLabels { direction, reason })
+            .get()
+    }
+
+    pub fn connections_retired(&self, direction: Direction, reason: &'static str) -> u64 {
+        self.connections_retired
             .get_or_create(&FailureLabels { direction, reason })
             .get()
     }

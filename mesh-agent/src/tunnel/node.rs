@@ -20,7 +20,10 @@ use super::{
     tls::{PeerRejected, TlsSetupError},
 };
 use crate::bpf::TunnelOrigins;
-use crate::identity::{self, Authorization, CertInfo, IdentityError, NodeCredentials};
+use crate::identity::{
+    self, Authorization, CertInfo, HeldIdentity, IdentityError, IdentityMetrics, NodeCredentials,
+    WatchSettings,
+};
 use crate::state::{Mesh, Node, ServiceSet, Workload, spiffe_id_of};
 
 /// Receive buffer of the client leg's sockets (see `NodeTunnel::start`).
@@ -181,6 +184,7 @@ impl NodeTunnel {
         socket_mark: u32,
         origins: TunnelOrigins,
         metrics: TunnelMetrics,
+        identity_metrics: IdentityMetrics,
     ) -> Result<NodeTunnel, NodeTunnelError> {
         let dir = settings.identity_dir.display().to_string();
         let credentials = NodeCredentials::load(&settings.identity_dir).map_err(|source| {
@@ -215,6 +219,14 @@ impl NodeTunnel {
                 .map_err(|source| NodeTunnelError::Listen { addr, source })
         };
         let mut tasks = Vec::new();
+        // Reload on change; the pool sees each new generation and replaces
+        // its connections (see `tunnel::lifetime`).
+        identity_metrics.hold(&credentials);
+        tasks.push(identity::spawn_watcher(
+            credentials.clone(),
+            identity_metrics,
+            WatchSettings::default(),
+        ));
         let inbound_listener = listen(settings.inbound)?;
         {
             let inbound = inbound.clone();
@@ -308,6 +320,11 @@ impl NodeTunnel {
         self.credentials.trust_domain()
     }
 
+    /// The identities this node holds (today: its own), for `meshctl certs`.
+    pub fn identities(&self) -> Vec<HeldIdentity> {
+        vec![self.credentials.held()]
+    }
+
     /// Stops taking connections, lets open ones finish for the drain
     /// timeout (a successor agent takes the new ones), then resets the rest.
     pub async fn shutdown(&self) {
@@ -363,21 +380,30 @@ impl OutboundTls for IdentityTls {
         _source_identity: &str,
         node_name: &str,
     ) -> Result<OutboundTlsConfig, TlsSetupError> {
+        let info = self.0.info();
         Ok(OutboundTlsConfig {
             config: self.0.client_config(node_name),
             // The peer is checked by its SPIFFE ID, not by name; no SNI
             // goes out for an IP address.
             server_name: ServerName::IpAddress(IpAddr::V4(Ipv4Addr::UNSPECIFIED).into()),
-            local_cert_not_after: Some(self.0.info().not_after_time()),
+            local_cert_not_after: Some(info.not_after_time()),
+            local_cert_not_before: Some(info.not_before_time()),
+            generation: info.generation,
         })
+    }
+
+    fn generations(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.0.subscribe())
     }
 }
 
 impl InboundTls for IdentityTls {
     fn server_config(&self) -> Result<InboundTlsConfig, TlsSetupError> {
+        let info = self.0.info();
         Ok(InboundTlsConfig {
             config: self.0.server_config(),
-            local_cert_not_after: Some(self.0.info().not_after_time()),
+            local_cert_not_after: Some(info.not_after_time()),
+            local_cert_not_before: Some(info.not_before_time()),
         })
     }
 

@@ -9,7 +9,12 @@
 //!   table itself is only locked for lookups, never across an await;
 //! - a connection with no stream for `idle_timeout` is closed (GOAWAY);
 //! - a connection that failed, got GOAWAY, missed PINGs or closed is marked
-//!   dead and dropped from the table at once, so it is never reused.
+//!   dead and dropped from the table at once, so it is never reused;
+//! - a connection is retired (out of the table, so new streams get a new
+//!   connection, make-before-break) when this node's credentials changed
+//!   since its handshake or a certificate of either end nears expiry; it
+//!   closes when its last stream ends, and is closed outright just before
+//!   that expiry (see `lifetime`).
 //!
 //! Each connection is driven by its own task (TLS and framing); its
 //! streams' bytes are copied by their own tasks (see `copy`).
@@ -19,7 +24,7 @@ use std::{
     io,
     net::SocketAddr,
     sync::{Arc, Mutex, Weak, atomic::Ordering},
-    time::{Duration, Instant},
+    time::{Duration, Instant, SystemTime},
 };
 
 use bytes::Bytes;
@@ -30,6 +35,7 @@ use tokio_rustls::{TlsConnector, client::TlsStream};
 use super::{
     Phase, Shared,
     hbone::{self, ALPN_H2},
+    lifetime::{self, Lifetime, RetireReason},
     metrics::{Direction, TunnelMetrics},
     snapshot::{ConnState, Registration},
     socket,
@@ -113,6 +119,8 @@ struct PoolInner {
     shared: Arc<Shared>,
     tls: Arc<dyn OutboundTls>,
     phase: watch::Receiver<Phase>,
+    /// This node's credentials generation, when they can change.
+    generations: Option<watch::Receiver<u64>>,
     entries: Mutex<HashMap<PoolKey, Entry>>,
 }
 
@@ -156,11 +164,13 @@ impl Pool {
         tls: Arc<dyn OutboundTls>,
         phase: watch::Receiver<Phase>,
     ) -> Self {
+        let generations = tls.generations();
         Self {
             inner: Arc::new(PoolInner {
                 shared,
                 tls,
                 phase,
+                generations,
                 entries: Mutex::new(HashMap::new()),
             }),
         }
@@ -185,11 +195,15 @@ impl Pool {
         let conn = PoolInner::connect(&self.inner, key).await?;
         let mut entries = lock(&self.inner.entries);
         conn.state.streams.fetch_add(1, Ordering::AcqRel);
-        entries
-            .entry(key.clone())
-            .or_default()
-            .conns
-            .push(conn.clone());
+        // Its task may have retired it already (a reload during the
+        // handshake) or seen it end: then this stream is its last.
+        if !conn.state.is_dead() {
+            entries
+                .entry(key.clone())
+                .or_default()
+                .conns
+                .push(conn.clone());
+        }
         Ok(Lease {
             conn,
             pool: self.inner.clone(),
@@ -213,10 +227,26 @@ fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
 }
 
 impl PoolInner {
+    fn current_generation(&self) -> Option<u64> {
+        self.generations.as_ref().map(|g| *g.borrow())
+    }
+
     fn try_reserve(self: &Arc<Self>, key: &PoolKey) -> Option<Lease> {
         let max = self.shared.config.max_streams_per_conn;
-        let entries = lock(&self.entries);
-        let entry = entries.get(key)?;
+        let (now, generation) = (SystemTime::now(), self.current_generation());
+        let mut entries = lock(&self.entries);
+        let entry = entries.get_mut(key)?;
+        // Checked here too, not only by the connection's task, so no stream
+        // ever lands on a connection that is due to retire.
+        entry
+            .conns
+            .retain(|c| match c.state.lifetime.retire(now, generation) {
+                Some(reason) => {
+                    self.count_retired(&c.state, reason);
+                    false
+                }
+                None => true,
+            });
         let conn = entry
             .conns
             .iter()
@@ -227,6 +257,28 @@ impl PoolInner {
             conn: conn.clone(),
             pool: self.clone(),
         })
+    }
+
+    /// Takes connection `id` out of the table for `reason`: new streams go
+    /// to a new connection, this one closes once its streams end.
+    fn retire(&self, state: &ConnState, reason: RetireReason) {
+        self.count_retired(state, reason);
+        self.remove(state.id);
+    }
+
+    fn count_retired(&self, state: &ConnState, reason: RetireReason) {
+        if state.retire(reason) {
+            self.shared
+                .metrics
+                .retired(Direction::Outbound, reason.as_str());
+            tracing::debug!(
+                node = %state.peer_node,
+                conn = state.id,
+                reason = reason.as_str(),
+                streams = state.streams.load(Ordering::Acquire),
+                "tunnel connection retired; new streams go to a new connection"
+            );
+        }
     }
 
     fn remove(&self, id: u64) {
@@ -282,6 +334,7 @@ impl PoolInner {
         let tls = self
             .tls
             .client_config(&key.source_identity, &key.node_name)?;
+        let opened = SystemTime::now();
         let tcp = socket::connect(addr, config.socket_mark, config.connect_timeout)
             .await
             .map_err(|source| ConnectError::Tcp { addr, source })?;
@@ -291,26 +344,37 @@ impl PoolInner {
                 .connect(tls.server_name.clone(), tcp)
                 .await
                 .map_err(|source| ConnectError::Tls { addr, source })?;
-            let alpn = stream.get_ref().1.alpn_protocol();
+            let session = stream.get_ref().1;
+            let alpn = session.alpn_protocol();
             if alpn != Some(ALPN_H2) {
                 return Err(ConnectError::Alpn {
                     addr,
                     alpn: alpn.map(|a| String::from_utf8_lossy(a).into_owned()),
                 });
             }
+            let peer = tls::peer_validity(session.peer_certificates());
             hbone::client_builder(config)
                 .handshake::<_, Bytes>(stream)
                 .await
+                .map(|(sender, connection)| (sender, connection, peer))
                 .map_err(|source| ConnectError::H2 { addr, source })
         };
-        let (sender, connection) = tokio::time::timeout(config.handshake_timeout, handshake)
+        let (sender, connection, peer) = tokio::time::timeout(config.handshake_timeout, handshake)
             .await
             .map_err(|_| ConnectError::Timeout(addr))??;
+        // The generation read before the handshake: had a reload come in
+        // between, the connection is retired at once (never the reverse).
+        let lifetime = Lifetime {
+            generation: tls.generation,
+            local: tls::local_validity(tls.local_cert_not_before, tls.local_cert_not_after),
+            peer,
+            opened,
+        };
         let registration = self.shared.tracker.register(
             Direction::Outbound,
             key.node_name.clone(),
             addr,
-            tls.local_cert_not_after,
+            lifetime,
         );
         let conn = Arc::new(PooledConn {
             state: registration.state.clone(),
@@ -323,6 +387,7 @@ impl PoolInner {
             Arc::downgrade(self),
             self.shared.clone(),
             self.phase.clone(),
+            self.generations.clone(),
         ));
         Ok(conn)
     }
@@ -342,6 +407,7 @@ async fn drive(
     pool: Weak<PoolInner>,
     shared: Arc<Shared>,
     mut phase: watch::Receiver<Phase>,
+    mut generations: Option<watch::Receiver<u64>>,
 ) {
     let config = &shared.config;
     let metrics: &TunnelMetrics = &shared.metrics;
@@ -357,6 +423,24 @@ async fn drive(
     let check_every = (config.idle_timeout / 4).max(Duration::from_millis(10));
     let mut idle_check = tokio::time::interval(check_every);
     idle_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let lifetime = state.lifetime;
+    let retire_at = lifetime.retire_at().map(lifetime::deadline);
+    let close_at = lifetime.close_at().map(lifetime::deadline);
+    let far = tokio::time::Instant::now() + Duration::from_secs(365 * 24 * 3600);
+    let retire_timer = tokio::time::sleep_until(retire_at.unwrap_or(far));
+    let close_timer = tokio::time::sleep_until(close_at.unwrap_or(far));
+    tokio::pin!(retire_timer, close_timer);
+    let retire = |reason: RetireReason| {
+        if let Some(pool) = pool.upgrade() {
+            pool.retire(&state, reason);
+        }
+    };
+    // A reload between the config's generation and now: retire at once.
+    if let Some(g) = generations.as_mut()
+        && *g.borrow_and_update() != lifetime.generation
+    {
+        retire(RetireReason::Rotation);
+    }
     let dropped: Option<&'static str> = loop {
         tokio::select! {
             result = &mut connection => match result {
@@ -376,6 +460,35 @@ async fn drive(
                 {
                     tracing::debug!(node = %state.peer_node, "closing idle tunnel connection");
                 }
+            }
+            _ = &mut retire_timer, if retire_at.is_some() && state.retired().is_none() => {
+                retire(RetireReason::Expiry);
+            }
+            changed = async {
+                match generations.as_mut() {
+                    Some(g) => g.changed().await,
+                    None => std::future::pending().await,
+                }
+            }, if state.retired().is_none() => {
+                match changed {
+                    Ok(()) => {
+                        let now = generations.as_mut().map(|g| *g.borrow_and_update());
+                        if now.is_some_and(|g| g != lifetime.generation) {
+                            retire(RetireReason::Rotation);
+                        }
+                    }
+                    // The credentials are gone: nothing will change again.
+                    Err(_) => generations = None,
+                }
+            }
+            _ = &mut close_timer, if close_at.is_some() => {
+                tracing::warn!(
+                    node = %state.peer_node,
+                    conn = state.id,
+                    streams = state.streams.load(Ordering::Acquire),
+                    "tunnel connection closed at its certificate's expiry; its open streams are reset"
+                );
+                break Some("expiry");
             }
             changed = phase.wait_for(|p| *p == Phase::Stopped) => {
                 // Stopped, or the outbound is gone.

@@ -14,6 +14,7 @@ use std::{
 
 use serde::Serialize;
 
+use super::lifetime::{self, Lifetime, RetireReason};
 use super::metrics::Direction;
 
 /// One tunnel connection's live state.
@@ -25,6 +26,10 @@ pub(crate) struct ConnState {
     pub(crate) peer_addr: SocketAddr,
     pub(crate) opened: Instant,
     pub(crate) local_cert_not_after: Option<SystemTime>,
+    /// What it was opened with: generation and both ends' certificates.
+    pub(crate) lifetime: Lifetime,
+    /// Why it takes no new streams, once retired.
+    pub(crate) retired: Mutex<Option<RetireReason>>,
     pub(crate) streams: AtomicUsize,
     /// Payload bytes into / out of the tunnel on this connection.
     pub(crate) bytes_sent: AtomicU64,
@@ -40,6 +45,21 @@ impl ConnState {
 
     pub(crate) fn mark_dead(&self) {
         self.dead.store(true, Ordering::Release);
+    }
+
+    /// Takes no new streams from now on, for `reason`; true the first time.
+    pub(crate) fn retire(&self, reason: RetireReason) -> bool {
+        let mut retired = self.retired.lock().unwrap_or_else(|e| e.into_inner());
+        self.mark_dead();
+        if retired.is_some() {
+            return false;
+        }
+        *retired = Some(reason);
+        true
+    }
+
+    pub(crate) fn retired(&self) -> Option<RetireReason> {
+        *self.retired.lock().unwrap_or_else(|e| e.into_inner())
     }
 }
 
@@ -69,7 +89,7 @@ impl Tracker {
         direction: Direction,
         peer_node: String,
         peer_addr: SocketAddr,
-        local_cert_not_after: Option<SystemTime>,
+        lifetime: Lifetime,
     ) -> Registration {
         let state = Arc::new(ConnState {
             id: self.next_id.fetch_add(1, Ordering::Relaxed) + 1,
@@ -77,7 +97,9 @@ impl Tracker {
             peer_node,
             peer_addr,
             opened: Instant::now(),
-            local_cert_not_after,
+            local_cert_not_after: lifetime.local.map(|v| v.not_after),
+            lifetime,
+            retired: Mutex::new(None),
             streams: AtomicUsize::new(0),
             bytes_sent: AtomicU64::new(0),
             bytes_received: AtomicU64::new(0),
@@ -122,6 +144,19 @@ impl Tracker {
                     .local_cert_not_after
                     .and_then(|t| t.duration_since(UNIX_EPOCH).ok())
                     .map(|d| d.as_secs()),
+                peer_cert_not_after_unix: conn
+                    .lifetime
+                    .peer
+                    .and_then(|v| lifetime::unix_secs(v.not_after)),
+                opened_unix_ms: conn
+                    .lifetime
+                    .opened
+                    .duration_since(UNIX_EPOCH)
+                    .map_or(0, |d| d.as_millis() as u64),
+                generation: conn.lifetime.generation,
+                retire_at_unix: conn.lifetime.retire_at().and_then(lifetime::unix_secs),
+                close_at_unix: conn.lifetime.close_at().and_then(lifetime::unix_secs),
+                retired: conn.retired().map(|r| r.as_str().to_owned()),
             };
             peer.connections += 1;
             peer.streams += c.streams;
@@ -162,4 +197,23 @@ pub struct ConnSnapshot {
     pub draining: bool,
     /// Our certificate's notAfter on this connection, if the TLS layer said.
     pub local_cert_not_after_unix: Option<u64>,
+    /// The peer's certificate's notAfter.
+    #[serde(default)]
+    pub peer_cert_not_after_unix: Option<u64>,
+    /// When it was opened (wall clock, ms).
+    #[serde(default)]
+    pub opened_unix_ms: u64,
+    /// This node's credentials generation it was opened with.
+    #[serde(default)]
+    pub generation: u64,
+    /// From when it takes no new streams for expiry, and when it is closed
+    /// outright (streams still open are reset): see docs/HBONE.md.
+    #[serde(default)]
+    pub retire_at_unix: Option<u64>,
+    #[serde(default)]
+    pub close_at_unix: Option<u64>,
+    /// `rotation` or `expiry` once retired (it then takes no new streams
+    /// and closes when its last stream ends).
+    #[serde(default)]
+    pub retired: Option<String>,
 }

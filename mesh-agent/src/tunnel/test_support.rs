@@ -46,9 +46,30 @@ impl TestCa {
     }
 
     pub(crate) fn node(&self, node: &str) -> NodeCert {
+        self.node_with(node, |_| {})
+    }
+
+    /// A node certificate valid from `not_before` to `not_after`.
+    pub(crate) fn node_valid(
+        &self,
+        node: &str,
+        not_before: std::time::SystemTime,
+        not_after: std::time::SystemTime,
+    ) -> NodeCert {
+        let secs =
+            |t: std::time::SystemTime| t.duration_since(std::time::UNIX_EPOCH).unwrap().as_secs();
+        let epoch = rcgen::date_time_ymd(1970, 1, 1);
+        self.node_with(node, |params| {
+            params.not_before = epoch + std::time::Duration::from_secs(secs(not_before));
+            params.not_after = epoch + std::time::Duration::from_secs(secs(not_after));
+        })
+    }
+
+    fn node_with(&self, node: &str, edit: impl FnOnce(&mut CertificateParams)) -> NodeCert {
         let key = KeyPair::generate().unwrap();
         let mut params = CertificateParams::new(vec![node.to_string()]).unwrap();
         params.distinguished_name.push(DnType::CommonName, node);
+        edit(&mut params);
         let cert = params.signed_by(&key, &self.issuer).unwrap();
         NodeCert {
             chain: vec![cert.der().clone()],
@@ -86,15 +107,21 @@ impl TestCa {
 /// peer's certificate must name the node.
 pub(crate) struct TestOutboundTls {
     pub(crate) config: Arc<rustls::ClientConfig>,
-    pub(crate) not_after: Option<std::time::SystemTime>,
+    pub(crate) validity: Option<super::lifetime::Validity>,
+    /// The credentials generation; bump it to simulate a reload.
+    pub(crate) generation: tokio::sync::watch::Sender<u64>,
 }
 
 impl TestOutboundTls {
     pub(crate) fn new(ca: &TestCa, node: &str) -> Arc<Self> {
-        let cert = ca.node(node);
+        Self::with_cert(ca, ca.node(node))
+    }
+
+    pub(crate) fn with_cert(ca: &TestCa, cert: NodeCert) -> Arc<Self> {
         Arc::new(Self {
             config: ca.client_config(&cert),
-            not_after: tls::cert_not_after(&cert.chain[0]),
+            validity: tls::cert_validity(&cert.chain[0]),
+            generation: tokio::sync::watch::Sender::new(1),
         })
     }
 }
@@ -110,8 +137,14 @@ impl OutboundTls for TestOutboundTls {
         Ok(OutboundTlsConfig {
             config: self.config.clone(),
             server_name,
-            local_cert_not_after: self.not_after,
+            local_cert_not_after: self.validity.map(|v| v.not_after),
+            local_cert_not_before: self.validity.map(|v| v.not_before),
+            generation: *self.generation.borrow(),
         })
+    }
+
+    fn generations(&self) -> Option<tokio::sync::watch::Receiver<u64>> {
+        Some(self.generation.subscribe())
     }
 }
 
@@ -134,6 +167,7 @@ impl InboundTls for TestInboundTls {
         Ok(InboundTlsConfig {
             config: self.config.clone(),
             local_cert_not_after: None,
+            local_cert_not_before: None,
         })
     }
 

@@ -43,6 +43,7 @@ fn allow_all() -> InboundPolicy {
 
 struct Harness {
     ca: TestCa,
+    out_tls: Arc<TestOutboundTls>,
     src: Tunnel,
     outbound: Outbound,
     dst: Tunnel,
@@ -53,10 +54,21 @@ struct Harness {
 
 impl Harness {
     async fn new(config: TunnelConfig, policy: InboundPolicy) -> Self {
+        Self::with_client(config, policy, |ca| TestOutboundTls::new(ca, "node-a")).await
+    }
+
+    /// With the source node's TLS made by `client` (e.g. a short-lived
+    /// certificate).
+    async fn with_client(
+        config: TunnelConfig,
+        policy: InboundPolicy,
+        client: impl FnOnce(&TestCa) -> Arc<TestOutboundTls>,
+    ) -> Self {
         let ca = TestCa::new("mesh test CA");
         let src = Tunnel::new(config.clone(), TunnelMetrics::unregistered()).unwrap();
         let dst = Tunnel::new(config, TunnelMetrics::unregistered()).unwrap();
-        let outbound = src.outbound(TestOutboundTls::new(&ca, "node-a"));
+        let out_tls = client(&ca);
+        let outbound = src.outbound(out_tls.clone());
         let inbound = dst.inbound(TestInboundTls::new(&ca, "node-b"), policy);
         let listener = socket::reuseport_listener("127.0.0.1:0".parse().unwrap()).unwrap();
         let inbound_addr = listener.local_addr().unwrap();
@@ -66,6 +78,7 @@ impl Harness {
         });
         Self {
             ca,
+            out_tls,
             src,
             outbound,
             dst,
@@ -893,4 +906,109 @@ fn config_rejects_a_connection_window_equal_to_the_stream_window() {
     assert!(matches!(cfg.validate(), Err(ConfigError::Windows { .. })));
     cfg.connection_window = cfg.stream_window * 3 + 1;
     assert!(matches!(cfg.validate(), Err(ConfigError::Windows { .. })));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_credentials_change_retires_the_connection_make_before_break() {
+    let h = Harness::new(config(), allow_all()).await;
+    let backend = echo_backend().await;
+    let m = h.src.metrics().clone();
+    // A stream held open across the change, on the first connection.
+    let (mut held, held_handle) = h.client(backend).await;
+    held.write_all(b"before").await.unwrap();
+    let mut back = [0u8; 6];
+    held.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"before");
+    let (c, done) = h.client(backend).await;
+    assert_eq!(round_trip(c, b"same".to_vec()).await.unwrap(), b"same");
+    done.await.unwrap().unwrap();
+    assert_eq!(m.connections_opened(Direction::Outbound), 1);
+    let first = h.src.snapshot()[0].conns[0].clone();
+    assert_eq!(first.generation, 1);
+    assert!(first.retire_at_unix.is_some() && first.close_at_unix.is_some());
+
+    // This node's credentials changed: the connection takes no new stream.
+    h.out_tls.generation.send_replace(2);
+    eventually("the connection retired", || {
+        m.connections_retired(Direction::Outbound, "rotation") == 1
+    })
+    .await;
+    let (c, done) = h.client(backend).await;
+    assert_eq!(round_trip(c, b"new".to_vec()).await.unwrap(), b"new");
+    done.await.unwrap().unwrap();
+    assert_eq!(m.connections_opened(Direction::Outbound), 2);
+    let conns = h.src.snapshot()[0].conns.clone();
+    assert_eq!(conns.len(), 2, "{conns:?}");
+    let old = conns.iter().find(|c| c.id == first.id).unwrap();
+    assert_eq!(old.retired.as_deref(), Some("rotation"));
+    assert!(old.draining);
+    assert_eq!(old.streams, 1);
+    assert_eq!(
+        conns.iter().find(|c| c.id != first.id).unwrap().generation,
+        2
+    );
+
+    // The held stream still works on the old connection, which closes once
+    // it ends; nothing was reset.
+    held.write_all(b"after").await.unwrap();
+    let mut back = [0u8; 5];
+    held.read_exact(&mut back).await.unwrap();
+    assert_eq!(&back, b"after");
+    held.shutdown().await.unwrap();
+    assert!(read_until_end(&mut held).await.unwrap().is_empty());
+    held_handle.await.unwrap().unwrap();
+    eventually("the old connection closed", || {
+        h.src.snapshot()[0].conns.iter().all(|c| c.id != first.id)
+    })
+    .await;
+    assert_eq!(h.outbound.pooled_connections(), 1);
+    assert_eq!(m.connections_dropped(Direction::Outbound, "expiry"), 0);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_nearing_its_certificates_expiry_is_replaced_then_closed_at_expiry() {
+    // The source's certificate lives 8 s: margin 2 s, so its connection is
+    // retired 5 s from now and closed 6 s from now.
+    let now = std::time::SystemTime::now();
+    let h = Harness::with_client(config(), allow_all(), |ca| {
+        let cert = ca.node_valid(
+            "node-a",
+            now - Duration::from_secs(1),
+            now + Duration::from_secs(7),
+        );
+        TestOutboundTls::with_cert(ca, cert)
+    })
+    .await;
+    let backend = echo_backend().await;
+    let (m, dm) = (h.src.metrics().clone(), h.dst.metrics().clone());
+    let (mut held, held_handle) = h.client(backend).await;
+    held.write_all(b"held").await.unwrap();
+    let mut back = [0u8; 4];
+    held.read_exact(&mut back).await.unwrap();
+    let first = h.src.snapshot()[0].conns[0].clone();
+    let not_after = first.local_cert_not_after_unix.unwrap();
+    assert_eq!(first.retire_at_unix, Some(not_after - 2));
+    assert_eq!(first.close_at_unix, Some(not_after - 1));
+
+    // Retired ahead of the expiry on both sides (inbound: GOAWAY, since it
+    // is the peer's certificate there); new streams get a new connection.
+    eventually("the connection retired for expiry", || {
+        m.connections_retired(Direction::Outbound, "expiry") == 1
+            && dm.connections_retired(Direction::Inbound, "expiry") == 1
+    })
+    .await;
+    let (c, done) = h.client(backend).await;
+    assert_eq!(round_trip(c, b"new".to_vec()).await.unwrap(), b"new");
+    done.await.unwrap().unwrap();
+    assert_eq!(m.connections_opened(Direction::Outbound), 2);
+
+    // A stream still open at the expiry is reset with its connection.
+    assert_reset(read_until_end(&mut held).await);
+    assert!(held_handle.await.unwrap().is_err());
+    assert!(m.connections_dropped(Direction::Outbound, "expiry") >= 1);
+    eventually("every connection of the certificate closed", || {
+        h.src.snapshot().iter().all(|p| p.conns.is_empty())
+            && dm.connections_active(Direction::Inbound) == 0
+    })
+    .await;
 }
