@@ -13,7 +13,7 @@ pub use redirect::{RedirectCounters, RedirectResponse, SetRedirectRequest};
 pub use server::{AdminServerError, serve};
 pub use views::{
     BackendView, CertsResponse, EventView, EventsResponse, MapFill, ServiceView, ServicesResponse,
-    StatusResponse, TunnelsResponse,
+    SpokenIdentity, StatusResponse, TunnelsResponse,
 };
 
 /// Where the agent listens unless told otherwise.

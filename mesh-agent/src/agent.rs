@@ -265,13 +265,32 @@ impl Shared {
     }
 
     pub fn certs(&self) -> admin::CertsResponse {
+        let td = self.trust_domain();
+        let inner = self.lock();
+        let node = &inner.placement.node;
+        let workloads = match &self.tunnel {
+            None => Vec::new(),
+            Some(_) => inner
+                .desired
+                .workloads
+                .iter()
+                .filter(|w| w.is_on(node))
+                .map(|w| admin::SpokenIdentity {
+                    workload: w.name.clone(),
+                    spiffe_id: crate::state::spiffe_id_of(&w.identity, &td),
+                    cgroup: w.cgroup.display().to_string(),
+                    claimable: w.is_hosted_by(node),
+                })
+                .collect(),
+        };
         admin::CertsResponse {
-            node: self.lock().placement.node.clone(),
+            node: node.clone(),
             identities: self
                 .tunnel
                 .as_ref()
                 .map(|t| t.identities())
                 .unwrap_or_default(),
+            workloads,
         }
     }
 

@@ -165,4 +165,19 @@ pub struct CertsResponse {
     pub node: String,
     /// Empty when the node has no identity (no --identity-dir).
     pub identities: Vec<crate::identity::HeldIdentity>,
+    /// The workload identities this node's streams claim, each under the
+    /// node certificate above (empty without one).
+    #[serde(default)]
+    pub workloads: Vec<SpokenIdentity>,
+}
+
+/// A workload identity this node speaks for.
+#[derive(Clone, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct SpokenIdentity {
+    pub workload: String,
+    pub spiffe_id: String,
+    pub cgroup: String,
+    /// Whether the configuration names this node as its host: only then do
+    /// peers believe the claim (else they answer 401 not_hosted).
+    pub claimable: bool,
 }

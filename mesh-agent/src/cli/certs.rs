@@ -49,6 +49,28 @@ pub fn render(r: &CertsResponse) -> String {
         ]);
     }
     let mut out = format!("node {}\n\n{}", r.node, t.render());
+    if !r.workloads.is_empty() {
+        let mut w = Table::new([
+            "WORKLOAD",
+            "SPIFFE ID (claimed per stream)",
+            "CGROUP",
+            "PEERS BELIEVE IT",
+        ]);
+        for s in &r.workloads {
+            w.row([
+                s.workload.as_str(),
+                &s.spiffe_id,
+                &s.cgroup,
+                if s.claimable {
+                    "yes"
+                } else {
+                    "no: `workloads:` names no node for it (401 not_hosted)"
+                },
+            ]);
+        }
+        out.push('\n');
+        out.push_str(&w.render());
+    }
     for id in &r.identities {
         out.push_str(&format!("\n{}\n", id.cert.spiffe_id));
         out.push_str(&format!("  subject:     {}\n", id.cert.subject));
@@ -146,8 +168,16 @@ mod tests {
         let text = render(&CertsResponse {
             node: "a".into(),
             identities: vec![id],
+            workloads: vec![crate::admin::SpokenIdentity {
+                workload: "frontend".into(),
+                spiffe_id: "spiffe://mesh.test/ns/default/sa/frontend".into(),
+                cgroup: "/sys/fs/cgroup/f".into(),
+                claimable: false,
+            }],
         });
         for want in [
+            "spiffe://mesh.test/ns/default/sa/frontend",
+            "401 not_hosted",
             "spiffe://mesh.test/node/a",
             "01:02",
             "reload failing",
@@ -162,6 +192,7 @@ mod tests {
         let none = render(&CertsResponse {
             node: "a".into(),
             identities: vec![],
+            workloads: vec![],
         });
         assert!(none.contains("no identity"), "{none}");
     }
