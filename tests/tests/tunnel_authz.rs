@@ -423,7 +423,11 @@ fn an_identity_the_destination_denies_is_answered_401_and_counted() -> Result<()
     assert_eq!(check["claim_from_node"]["believed"], false, "{check}");
     // node-a speaks for frontend (and for nothing of node-c's).
     let certs = s.node(0).agent().meshctl_json(&["certs"])?;
-    let spoken: Vec<&Value> = certs["workloads"].as_array().into_iter().flatten().collect();
+    let spoken: Vec<&Value> = certs["workloads"]
+        .as_array()
+        .into_iter()
+        .flatten()
+        .collect();
     assert_eq!(spoken.len(), 1, "{certs}");
     assert_eq!(spoken[0]["spiffe_id"], FRONTEND, "{certs}");
     assert_eq!(spoken[0]["claimable"], true, "{certs}");

@@ -35,6 +35,9 @@ use super::{
     tls::{self, InboundTls},
 };
 
+/// How long a cleanly finished connection waits for its peer to close.
+const LINGER: Duration = Duration::from_secs(2);
+
 /// The :15008 server; cheap to clone.
 #[derive(Clone)]
 pub struct Inbound {
@@ -226,6 +229,7 @@ impl Inbound {
         let shared = &self.inner.shared;
         let metrics = &shared.metrics;
         let _ = tcp.set_nodelay(true);
+        let lingering = socket::second_handle(&tcp);
         let (connection, peer, lifetime) = match self.handshake(tcp).await {
             Ok(ok) => ok,
             Err(e) => {
@@ -252,6 +256,14 @@ impl Inbound {
             metrics.dropped(Direction::Inbound, reason);
         }
         active.dec();
+        // The h2 connection is closed, but the peer may still be sending
+        // (WINDOW_UPDATEs for our last DATA): close without a RST, which
+        // would destroy that DATA in the peer's receive queue.
+        if dropped.is_none()
+            && let Ok(lingering) = lingering
+        {
+            socket::close_gracefully(lingering, LINGER).await;
+        }
     }
 
     async fn handshake(

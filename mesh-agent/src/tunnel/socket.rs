@@ -59,6 +59,35 @@ pub fn reset(stream: TcpStream) {
     drop(stream);
 }
 
+/// A second handle on `stream`'s socket, kept past the first's close so
+/// that the socket can be closed gracefully (`close_gracefully`).
+pub fn second_handle(stream: &TcpStream) -> io::Result<TcpStream> {
+    let std = SockRef::from(stream).try_clone()?;
+    let std: std::net::TcpStream = std.into();
+    std.set_nonblocking(true)?;
+    TcpStream::from_std(std)
+}
+
+/// Closes a connection whose protocol is done without discarding what the
+/// peer still sends: a socket closed with unread bytes in its receive queue
+/// sends RST, and a RST makes the peer's kernel drop what that peer had
+/// received but not yet read (the last DATA of a stream, say). So: FIN, then
+/// read and discard until the peer closes too, or for `within` at most.
+pub async fn close_gracefully(stream: TcpStream, within: Duration) {
+    use tokio::io::AsyncReadExt as _;
+    let _ = SockRef::from(&stream).shutdown(std::net::Shutdown::Write);
+    let mut stream = stream;
+    let mut sink = [0u8; 4096];
+    let drain = async {
+        while let Ok(n) = stream.read(&mut sink).await {
+            if n == 0 {
+                break;
+            }
+        }
+    };
+    let _ = tokio::time::timeout(within, drain).await;
+}
+
 /// Whether an I/O error means the peer reset the connection.
 pub fn is_reset(err: &io::Error) -> bool {
     matches!(
