@@ -16,6 +16,7 @@ pub mod cgroup;
 pub mod cluster;
 pub mod netns;
 pub mod probe;
+pub mod python;
 pub mod stats;
 
 pub use agent::Agent;
@@ -31,6 +32,7 @@ pub use probe::{
     HeldConnections, ProbeResult, RunningProbe, hold_and_watch, hold_connections, run_probe,
     run_probe_marked, run_probe_with, run_udp_probe, spawn_probe,
 };
+pub use python::PyProcess;
 pub use stats::{chi_square, chi_square_p_value};
 
 use std::io::Read;

@@ -11,16 +11,13 @@
 //! needs claims no agent would send, a hand-made HBONE client holds a
 //! node's certificate.
 
-use std::io::{BufRead, BufReader};
 use std::net::Ipv4Addr;
 use std::path::Path;
-use std::process::{Child, Stdio};
-use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
 use mesh_tests::cluster::{Node, TRUST_DOMAIN, metric};
-use mesh_tests::{Cluster, TestCgroup, require_bin, run_with_timeout};
+use mesh_tests::{Cluster, PyProcess, TestCgroup, require_bin, run_with_timeout};
 use serde_json::Value;
 
 const VIP: &str = "127.77.0.1";
@@ -140,62 +137,6 @@ elif mode == "tls":
         report(handshake="failed", detail=str(e))
 "#;
 
-/// A python3 program of ours inside a node, its output lines as they come;
-/// killed by PID when dropped.
-struct Py {
-    child: Child,
-    lines: mpsc::Receiver<String>,
-}
-
-impl Py {
-    fn spawn(mut cmd: std::process::Command) -> Result<Py> {
-        let mut child = cmd
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("spawning python3")?;
-        let stdout = child.stdout.take().context("piped stdout")?;
-        let (tx, lines) = mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        Ok(Py { child, lines })
-    }
-
-    /// The next line, within `timeout`.
-    fn line(&self, timeout: Duration) -> Result<String> {
-        self.lines
-            .recv_timeout(timeout)
-            .context("no line from the python program in time")
-    }
-
-    /// Lines until one that `pred` accepts (returned), within `timeout`.
-    fn until(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<String> {
-        let deadline = Instant::now() + timeout;
-        loop {
-            let left = deadline.saturating_duration_since(Instant::now());
-            let line = self.line(left)?;
-            if pred(&line) {
-                return Ok(line);
-            }
-        }
-    }
-}
-
-impl Drop for Py {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
-}
-
 fn py(node: &Node, cgroup: Option<&TestCgroup>) -> std::process::Command {
     let mut cmd = match cgroup {
         Some(cgroup) => node.command_in(cgroup, "python3"),
@@ -206,14 +147,10 @@ fn py(node: &Node, cgroup: Option<&TestCgroup>) -> std::process::Command {
 }
 
 /// The echo backend of `web` on node-b.
-fn echo_backend(node: &Node) -> Result<Py> {
+fn echo_backend(node: &Node) -> Result<PyProcess> {
     let mut cmd = py(node, None);
     cmd.args(["echo", &node.ip4.to_string(), &BACKEND_PORT.to_string()]);
-    let server = Py::spawn(cmd)?;
-    match server.line(Duration::from_secs(10))?.as_str() {
-        "listening" => Ok(server),
-        other => bail!("the echo backend did not start: {other}"),
-    }
+    PyProcess::ready(cmd, "the echo backend", "listening")
 }
 
 /// One connection to `web`'s VIP from `cgroup` on `node`, its JSON report.
@@ -275,7 +212,7 @@ fn web_yaml(cluster: &Cluster, policy: &str) -> String {
 struct Setup {
     frontend: TestCgroup,
     batch: TestCgroup,
-    _backend: Option<Py>,
+    _backend: Option<PyProcess>,
     cluster: Cluster,
 }
 
@@ -639,10 +576,10 @@ fn a_policy_change_closes_the_denied_identitys_open_streams_and_no_others() -> R
         )
     };
     s.start(|cluster, _| config(cluster, ""))?;
-    let hold = |node: &Node, cgroup: &TestCgroup| -> Result<Py> {
+    let hold = |node: &Node, cgroup: &TestCgroup| -> Result<PyProcess> {
         let mut cmd = py(node, Some(cgroup));
         cmd.args(["hold", VIP]);
-        let held = Py::spawn(cmd)?;
+        let held = PyProcess::spawn(cmd, "a long-lived client")?;
         held.until(LIMIT, |l| l == "open")?;
         Ok(held)
     };

@@ -9,14 +9,13 @@
 //! exactly what an application there would be: a VIP connect the kernel
 //! hands to the agent, or a raw TLS client on a peer's :15008.
 
-use std::io::{BufRead, BufReader};
 use std::path::Path;
-use std::process::{Child, Command, Stdio};
+use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use mesh_tests::cluster::{Node, TRUST_DOMAIN, metric};
-use mesh_tests::{Agent, Cluster, require_bin, run_with_timeout};
+use mesh_tests::{Agent, Cluster, PyProcess, require_bin, run_with_timeout};
 use serde_json::Value;
 
 const VIP: &str = "127.77.0.1";
@@ -137,53 +136,12 @@ elif mode == "listen":
         c.close()
 "#;
 
-/// A python3 program running inside a node (ours; killed by PID on drop).
-struct PyChild {
-    child: Child,
-    lines: std::sync::mpsc::Receiver<String>,
-}
-
-impl PyChild {
-    /// Starts `PY listen` on `addr` inside `node` and waits (≤ 10 s) until
-    /// it listens.
-    fn listen(node: &Node, host: &str, port: u16) -> Result<PyChild> {
-        let mut child = node
-            .command("python3")
-            .args(["-c", PY, "listen", host, &port.to_string()])
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .context("spawning the python listener")?;
-        let stdout = child.stdout.take().context("piped stdout")?;
-        let (tx, lines) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
-                if tx.send(line).is_err() {
-                    break;
-                }
-            }
-        });
-        let py = PyChild { child, lines };
-        match py.lines.recv_timeout(Duration::from_secs(10)) {
-            Ok(line) if line == "listening" => Ok(py),
-            other => bail!("the python listener on {host}:{port} did not start: {other:?}"),
-        }
-    }
-
-    /// The connections it accepted so far.
-    fn accepted(&self) -> Vec<String> {
-        self.lines.try_iter().collect()
-    }
-}
-
-impl Drop for PyChild {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// `PY listen` on `host:port` inside `node`, once it listens (≤ 10 s);
+/// each connection it accepts is a line (`PyProcess::pending`).
+fn listen(node: &Node, host: &str, port: u16) -> Result<PyProcess> {
+    let mut cmd = node.command("python3");
+    cmd.args(["-c", PY, "listen", host, &port.to_string()]);
+    PyProcess::ready(cmd, "the python listener", "listening")
 }
 
 /// Runs `PY <args>` inside `node` to completion and parses its JSON line.
@@ -445,7 +403,7 @@ fn a_peer_with_the_wrong_spiffe_id_is_refused_and_the_application_is_reset() -> 
     })?;
     let (a, b, c) = (&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]);
     // A backend that would answer, had the stream reached node-b.
-    let backend = PyChild::listen(b, &ip_b.to_string(), BACKEND_PORT)?;
+    let backend = listen(b, &ip_b.to_string(), BACKEND_PORT)?;
 
     let r = app_through_vip(a)?;
     assert_reset("node-a dialled node-c expecting node-b", &r);
@@ -470,10 +428,7 @@ fn a_peer_with_the_wrong_spiffe_id_is_refused_and_the_application_is_reset() -> 
         "node-c must not have completed a tunnel with node-a: {:?}",
         nonzero(&text_c, HANDSHAKES)
     );
-    assert!(
-        backend.accepted().is_empty(),
-        "node-b's backend was reached"
-    );
+    assert!(backend.pending().is_empty(), "node-b's backend was reached");
     Ok(())
 }
 
@@ -543,7 +498,7 @@ fn a_connect_to_an_address_that_is_not_a_local_backend_is_answered_400() -> Resu
     })?;
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
     // Something listens there, so the 400 is the policy's, not the socket's.
-    let backend = PyChild::listen(b, &ip_b, BACKEND_PORT)?;
+    let backend = listen(b, &ip_b, BACKEND_PORT)?;
 
     let r = app_through_vip(a)?;
     assert_reset("a backend node-b does not serve", &r);
@@ -568,7 +523,7 @@ fn a_connect_to_an_address_that_is_not_a_local_backend_is_answered_400() -> Resu
         1,
     )?;
     assert!(
-        backend.accepted().is_empty(),
+        backend.pending().is_empty(),
         "node-b connected to a backend it does not serve"
     );
     Ok(())
@@ -608,7 +563,7 @@ fn a_backend_that_is_down_is_answered_503_and_the_client_is_reset() -> Result<()
         0
     );
     // With the backend up the same client gets through (the control).
-    let _up = PyChild::listen(b, &b.ip4.to_string(), BACKEND_PORT)?;
+    let _up = listen(b, &b.ip4.to_string(), BACKEND_PORT)?;
     let ok = app_through_vip(a)?;
     assert_eq!(ok["connect"], "ok", "{ok}");
     assert_eq!(ok["read"], "data", "control with the backend up: {ok}");

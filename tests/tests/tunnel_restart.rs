@@ -13,14 +13,13 @@
 //! checks that exactly it comes back, and its outcome is recorded; nothing
 //! is judged by time.
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use mesh_tests::cluster::Node;
-use mesh_tests::{Cluster, require_bin, run_with_timeout};
+use mesh_tests::{Cluster, PyProcess, require_bin, run_with_timeout};
 use serde_json::{Value, json};
 
 const VIP: &str = "127.77.0.1";
@@ -187,76 +186,20 @@ elif mode == "load":
     print(json.dumps({"results": results}))
 "#;
 
-/// A python3 program running inside a node (ours; killed by PID on drop).
-struct PyChild {
-    child: Child,
-    what: String,
+/// `PY args...` inside `node`.
+fn py(node: &Node, args: &[&str], what: &str) -> Result<PyProcess> {
+    let mut cmd = node.command("python3");
+    cmd.arg("-c").arg(PY).args(args);
+    PyProcess::spawn(cmd, what)
 }
 
-impl PyChild {
-    fn spawn(node: &Node, args: &[&str], what: &str) -> Result<PyChild> {
-        let child = node
-            .command("python3")
-            .arg("-c")
-            .arg(PY)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("spawning {what}"))?;
-        Ok(PyChild {
-            child,
-            what: what.to_owned(),
-        })
-    }
-
-    /// The echo server on `host:port` inside `node`, once it listens (≤ 10 s).
-    fn echo_server(node: &Node, host: &str, port: u16) -> Result<PyChild> {
-        let mut py = Self::spawn(node, &["serve", host, &port.to_string()], "echo server")?;
-        let stdout = py.child.stdout.take().context("piped stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(line) if line.trim() == "listening" => Ok(py),
-            other => bail!("the echo server on {host}:{port} did not start: {other:?}"),
-        }
-    }
-
-    /// Waits (≤ `limit`) for the program to exit and parses its stdout.
-    fn finish(mut self, limit: Duration) -> Result<Value> {
-        let deadline = Instant::now() + limit;
-        let status = loop {
-            if let Some(status) = self.child.try_wait()? {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                bail!("{} did not finish within {limit:?}", self.what);
-            }
-            std::thread::sleep(POLL);
-        };
-        let mut out = String::new();
-        if let Some(mut stdout) = self.child.stdout.take() {
-            stdout.read_to_string(&mut out)?;
-        }
-        if !status.success() {
-            bail!("{} failed ({status}): {out}", self.what);
-        }
-        serde_json::from_str(out.trim()).with_context(|| format!("{} printed {out:?}", self.what))
-    }
-}
-
-impl Drop for PyChild {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// The echo server on `host:port` inside `node`, once it listens (≤ 10 s).
+fn echo_server(node: &Node, host: &str, port: u16) -> Result<PyProcess> {
+    let mut cmd = node.command("python3");
+    cmd.arg("-c")
+        .arg(PY)
+        .args(["serve", host, &port.to_string()]);
+    PyProcess::ready(cmd, "echo server", "listening")
 }
 
 /// The files the load and the test share.
@@ -317,7 +260,7 @@ fn ok_since(p: &Value, since: f64) -> usize {
         .map_or(0, |a| a.iter().filter(|s| s.as_f64() > Some(since)).count())
 }
 
-fn start_load(node: &Node, files: &LoadFiles, held: u64, workers: u64) -> Result<PyChild> {
+fn start_load(node: &Node, files: &LoadFiles, held: u64, workers: u64) -> Result<PyProcess> {
     let path = |p: &Path| p.to_str().map(str::to_owned).context("path is not UTF-8");
     let cfg = json!({
         "host": VIP,
@@ -336,7 +279,7 @@ fn start_load(node: &Node, files: &LoadFiles, held: u64, workers: u64) -> Result
         "go": path(&files.go)?,
         "stop": path(&files.stop)?,
     });
-    PyChild::spawn(node, &["load", &cfg.to_string()], "the load client")
+    py(node, &["load", &cfg.to_string()], "the load client")
 }
 
 fn service_yaml(backend: &str) -> String {
@@ -541,7 +484,7 @@ fn planned_restart(restart: usize) -> Result<()> {
     let mut cluster = Cluster::new(2)?;
     let backend = cluster.nodes[1].ip4.to_string();
     cluster.start_agents(&service_yaml(&backend), DRAIN)?;
-    let _server = PyChild::echo_server(&cluster.nodes[1], &backend, BACKEND_PORT)?;
+    let _server = echo_server(&cluster.nodes[1], &backend, BACKEND_PORT)?;
     let files = LoadFiles::new(cluster.dir())?;
     let load = start_load(&cluster.nodes[0], &files, HELD, 3)?;
     files.wait("held connections open and some done", |p| {
@@ -653,7 +596,7 @@ fn a_killed_client_side_agent_fails_its_connections_and_a_restarted_one_serves_a
     let mut cluster = Cluster::new(2)?;
     let backend = cluster.nodes[1].ip4.to_string();
     cluster.start_agents(&service_yaml(&backend), DRAIN)?;
-    let _server = PyChild::echo_server(&cluster.nodes[1], &backend, BACKEND_PORT)?;
+    let _server = echo_server(&cluster.nodes[1], &backend, BACKEND_PORT)?;
     let files = LoadFiles::new(cluster.dir())?;
     let load = start_load(&cluster.nodes[0], &files, HELD_KILL, 2)?;
     files.wait("held connections open and some done", |p| {

@@ -19,14 +19,13 @@
 //! by how long anything took, except that the old connections must be gone
 //! before the old certificates expire, which is the property under test.
 
-use std::io::{BufRead, BufReader, Read};
 use std::path::{Path, PathBuf};
-use std::process::{Child, Stdio};
+
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
 use mesh_tests::cluster::{Node, metric};
-use mesh_tests::{Cluster, cluster::TRUST_DOMAIN, require_bin, run_with_timeout};
+use mesh_tests::{Cluster, PyProcess, cluster::TRUST_DOMAIN, require_bin, run_with_timeout};
 use serde_json::{Value, json};
 
 const VIP: &str = "127.77.0.1";
@@ -184,80 +183,25 @@ elif mode == "load":
                       "failed": state["failed"], "limit_hit": time.time() > deadline}))
 "#;
 
-/// A python3 program running inside a node (ours; killed by PID on drop).
-struct PyChild {
-    child: Child,
-    what: String,
+/// `PY args...` inside `node`.
+fn py(node: &Node, args: &[&str], what: &str) -> Result<PyProcess> {
+    let mut cmd = node.command("python3");
+    cmd.arg("-c").arg(PY).args(args);
+    PyProcess::spawn(cmd, what)
 }
 
-impl PyChild {
-    fn spawn(node: &Node, args: &[&str], what: &str) -> Result<PyChild> {
-        let child = node
-            .command("python3")
-            .arg("-c")
-            .arg(PY)
-            .args(args)
-            .stdin(Stdio::null())
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .with_context(|| format!("spawning {what}"))?;
-        Ok(PyChild {
-            child,
-            what: what.to_owned(),
-        })
-    }
-
-    fn echo_server(node: &Node, host: &str, port: u16) -> Result<PyChild> {
-        let mut py = Self::spawn(node, &["serve", host, &port.to_string()], "echo server")?;
-        let stdout = py.child.stdout.take().context("piped stdout")?;
-        let (tx, rx) = std::sync::mpsc::channel();
-        std::thread::spawn(move || {
-            let mut line = String::new();
-            let _ = BufReader::new(stdout).read_line(&mut line);
-            let _ = tx.send(line);
-        });
-        match rx.recv_timeout(Duration::from_secs(10)) {
-            Ok(line) if line.trim() == "listening" => Ok(py),
-            other => bail!("the echo server on {host}:{port} did not start: {other:?}"),
-        }
-    }
-
-    /// Waits (≤ `limit`) for the program to exit and parses its stdout.
-    fn finish(mut self, limit: Duration) -> Result<Value> {
-        let deadline = Instant::now() + limit;
-        let status = loop {
-            if let Some(status) = self.child.try_wait()? {
-                break status;
-            }
-            if Instant::now() >= deadline {
-                bail!("{} did not finish within {limit:?}", self.what);
-            }
-            std::thread::sleep(POLL);
-        };
-        let mut out = String::new();
-        if let Some(mut stdout) = self.child.stdout.take() {
-            stdout.read_to_string(&mut out)?;
-        }
-        if !status.success() {
-            bail!("{} failed ({status}): {out}", self.what);
-        }
-        serde_json::from_str(out.trim()).with_context(|| format!("{} printed {out:?}", self.what))
-    }
-}
-
-impl Drop for PyChild {
-    fn drop(&mut self) {
-        if matches!(self.child.try_wait(), Ok(None)) {
-            let _ = self.child.kill();
-            let _ = self.child.wait();
-        }
-    }
+/// The echo server on `host:port` inside `node`, once it listens (≤ 10 s).
+fn echo_server(node: &Node, host: &str, port: u16) -> Result<PyProcess> {
+    let mut cmd = node.command("python3");
+    cmd.arg("-c")
+        .arg(PY)
+        .args(["serve", host, &port.to_string()]);
+    PyProcess::ready(cmd, "echo server", "listening")
 }
 
 /// The load's progress and stop files.
 struct Load {
-    child: Option<PyChild>,
+    child: Option<PyProcess>,
     progress: PathBuf,
     stop: PathBuf,
 }
@@ -285,7 +229,7 @@ impl Load {
             "progress": path(&progress)?,
             "stop": path(&stop)?,
         });
-        let child = PyChild::spawn(node, &["load", &cfg.to_string()], "the load client")?;
+        let child = py(node, &["load", &cfg.to_string()], "the load client")?;
         Ok(Load {
             child: Some(child),
             progress,
@@ -427,12 +371,12 @@ fn write_atomically(path: &Path, bytes: &[u8]) -> Result<()> {
 /// echo backend running.
 fn cluster_with_backend(
     before_start: impl FnOnce(&Cluster) -> Result<()>,
-) -> Result<(Cluster, PyChild)> {
+) -> Result<(Cluster, PyProcess)> {
     let mut cluster = Cluster::new(2)?;
     before_start(&cluster)?;
     let backend = cluster.nodes[1].ip4.to_string();
     cluster.start_agents(&service_yaml(&backend), &[])?;
-    let server = PyChild::echo_server(&cluster.nodes[1], &backend, BACKEND_PORT)?;
+    let server = echo_server(&cluster.nodes[1], &backend, BACKEND_PORT)?;
     Ok((cluster, server))
 }
 

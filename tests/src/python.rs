@@ -1,0 +1,110 @@
+//! Small python3 programs the tests run inside a node (its network
+//! namespace and cgroup): servers and clients that are exactly what an
+//! application there would be. One process type for all of them: its
+//! stdout lines as they come, its end as JSON, killed by PID when dropped.
+
+use std::io::{BufRead, BufReader};
+use std::process::{Child, Command, Stdio};
+use std::sync::mpsc;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, Result, bail};
+use serde_json::Value;
+
+/// A python3 process of ours (killed by PID on drop, if still running).
+pub struct PyProcess {
+    child: Child,
+    lines: mpsc::Receiver<String>,
+    what: String,
+}
+
+impl PyProcess {
+    /// Starts `cmd` (a `python3 ...` command): stdin closed, stdout read
+    /// line by line, stderr inherited.
+    pub fn spawn(mut cmd: Command, what: &str) -> Result<PyProcess> {
+        let mut child = cmd
+            .stdin(Stdio::null())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .with_context(|| format!("spawning {what}"))?;
+        let stdout = child.stdout.take().context("piped stdout")?;
+        let (tx, lines) = mpsc::channel();
+        std::thread::spawn(move || {
+            for line in BufReader::new(stdout).lines().map_while(Result::ok) {
+                if tx.send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Ok(PyProcess {
+            child,
+            lines,
+            what: what.to_owned(),
+        })
+    }
+
+    /// Starts `cmd` and waits (≤ 10 s) for it to print `ready` on a line
+    /// of its own (a server that listens, say).
+    pub fn ready(cmd: Command, what: &str, ready: &str) -> Result<PyProcess> {
+        let py = Self::spawn(cmd, what)?;
+        match py.line(Duration::from_secs(10)) {
+            Ok(line) if line.trim() == ready => Ok(py),
+            other => bail!("{what} did not print {ready:?}: {other:?}"),
+        }
+    }
+
+    /// The next line, within `timeout`.
+    pub fn line(&self, timeout: Duration) -> Result<String> {
+        self.lines
+            .recv_timeout(timeout)
+            .with_context(|| format!("no line from {} within {timeout:?}", self.what))
+    }
+
+    /// Lines until one that `pred` accepts (returned), within `timeout`.
+    pub fn until(&self, timeout: Duration, pred: impl Fn(&str) -> bool) -> Result<String> {
+        let deadline = Instant::now() + timeout;
+        loop {
+            let line = self.line(deadline.saturating_duration_since(Instant::now()))?;
+            if pred(&line) {
+                return Ok(line);
+            }
+        }
+    }
+
+    /// The lines printed so far and not yet read.
+    pub fn pending(&self) -> Vec<String> {
+        self.lines.try_iter().collect()
+    }
+
+    /// Waits (≤ `limit`) for the program to exit successfully and parses
+    /// what it printed and nobody read as one JSON value.
+    pub fn finish(mut self, limit: Duration) -> Result<Value> {
+        let deadline = Instant::now() + limit;
+        let status = loop {
+            if let Some(status) = self.child.try_wait()? {
+                break status;
+            }
+            if Instant::now() >= deadline {
+                bail!("{} did not finish within {limit:?}", self.what);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        };
+        // The reader thread ends with stdout; collect all it sent.
+        let out: Vec<String> = self.lines.iter().collect();
+        let out = out.join("\n");
+        if !status.success() {
+            bail!("{} failed ({status}): {out}", self.what);
+        }
+        serde_json::from_str(out.trim()).with_context(|| format!("{} printed {out:?}", self.what))
+    }
+}
+
+impl Drop for PyProcess {
+    fn drop(&mut self) {
+        if matches!(self.child.try_wait(), Ok(None)) {
+            let _ = self.child.kill();
+            let _ = self.child.wait();
+        }
+    }
+}
