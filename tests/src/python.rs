@@ -11,6 +11,30 @@ use std::time::{Duration, Instant};
 use anyhow::{Context, Result, bail};
 use serde_json::Value;
 
+use crate::cluster::Node;
+use crate::run_with_timeout;
+
+/// `python3 -c program args...` inside `node` (its namespace and cgroup).
+pub fn command(node: &Node, program: &str, args: &[&str]) -> Command {
+    let mut cmd = node.command("python3");
+    cmd.arg("-c").arg(program).args(args);
+    cmd
+}
+
+/// Runs `program` inside `node` to completion (≤ `limit`); its trimmed
+/// stdout, or its stderr as the error.
+pub fn run(node: &Node, program: &str, args: &[&str], limit: Duration) -> Result<String> {
+    let out = run_with_timeout(&mut command(node, program, args), limit)?;
+    if !out.status.success() {
+        bail!(
+            "python in {} failed: {}",
+            node.name,
+            String::from_utf8_lossy(&out.stderr)
+        );
+    }
+    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+}
+
 /// A python3 process of ours (killed by PID on drop, if still running).
 pub struct PyProcess {
     child: Child,

@@ -9,7 +9,7 @@ use anyhow::{Context, Result, bail};
 use mesh_tests::{
     Agent, BulkReport, BulkServer, Cluster,
     cluster::{Node, metric},
-    run_bulk, run_with_timeout,
+    run_bulk,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -154,20 +154,8 @@ fn ipv6_through_the_tunnel_is_exactly_what_a_direct_connection_is() -> Result<()
 }
 
 /// A small Python program run inside a node (python3 is on every machine
-/// of this kind).
 fn python(node: &Node, program: &str, args: &[&str]) -> Result<String> {
-    let out = run_with_timeout(
-        node.command("python3").arg("-c").arg(program).args(args),
-        LIMIT,
-    )?;
-    if !out.status.success() {
-        bail!(
-            "python in {} failed: {}",
-            node.name,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    mesh_tests::python::run(node, program, args, LIMIT)
 }
 
 /// Echoes one connection at `addr`:9000 (printing `listening` first).

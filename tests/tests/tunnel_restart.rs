@@ -188,9 +188,7 @@ elif mode == "load":
 
 /// `PY args...` inside `node`.
 fn py(node: &Node, args: &[&str], what: &str) -> Result<PyProcess> {
-    let mut cmd = node.command("python3");
-    cmd.arg("-c").arg(PY).args(args);
-    PyProcess::spawn(cmd, what)
+    PyProcess::spawn(mesh_tests::python::command(node, PY, args), what)
 }
 
 /// The echo server on `host:port` inside `node`, once it listens (≤ 10 s).

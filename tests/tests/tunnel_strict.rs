@@ -15,7 +15,6 @@ use anyhow::{Context, Result, bail};
 use mesh_tests::{
     Cluster,
     cluster::{Node, metric},
-    run_with_timeout,
 };
 
 const LIMIT: Duration = Duration::from_secs(60);
@@ -152,20 +151,8 @@ for t in ts: t.join()
 for t0, what in out: print(t0, what)
 "#;
 
-/// A small Python program run inside a node; its trimmed stdout.
 fn python(node: &Node, program: &str, args: &[&str]) -> Result<String> {
-    let out = run_with_timeout(
-        node.command("python3").arg("-c").arg(program).args(args),
-        LIMIT,
-    )?;
-    if !out.status.success() {
-        bail!(
-            "python in {} failed: {}",
-            node.name,
-            String::from_utf8_lossy(&out.stderr)
-        );
-    }
-    Ok(String::from_utf8_lossy(&out.stdout).trim().to_owned())
+    mesh_tests::python::run(node, program, args, LIMIT)
 }
 
 /// A child process killed and reaped when dropped.
