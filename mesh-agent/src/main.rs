@@ -139,6 +139,10 @@ enum Command {
         /// while a new agent takes the new ones.
         #[arg(long, default_value_t = 30)]
         tunnel_drain_seconds: u64,
+        /// Data-plane threads of the tunnel, each with its own listeners
+        /// and connections (default: one per CPU, at most 8).
+        #[arg(long, value_parser = clap::value_parser!(u16).range(1..=256))]
+        tunnel_threads: Option<u16>,
     },
     /// Validate a configuration file and exit.
     Check {
@@ -179,6 +183,11 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+/// One tunnel thread per CPU the agent may use, at most 8.
+fn default_tunnel_threads() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
 }
 
 /// Lifts the soft limit on open files to the hard one, as Go's runtime and
@@ -252,6 +261,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             tunnel_outbound6,
             tunnel_inbound,
             tunnel_drain_seconds,
+            tunnel_threads,
         } => {
             if tunnel_outbound.port() != tunnel_outbound6.port() {
                 anyhow::bail!(
@@ -293,6 +303,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
                     outbound_v6: tunnel_outbound6,
                     inbound: tunnel_inbound,
                     drain_timeout: Duration::from_secs(tunnel_drain_seconds),
+                    threads: tunnel_threads.map_or_else(default_tunnel_threads, usize::from),
                 }),
             };
             raise_open_files_limit();

@@ -419,7 +419,10 @@ print(len(ok))
 fn a_burst_of_200_new_connections_opens_only_what_the_stream_limit_needs() -> Result<()> {
     let mut cluster = Cluster::new(2)?;
     let backend = cluster.nodes[1].ip4.to_string();
-    cluster.start_agents(&service_yaml(VIP4, "strict", &[(&backend, "node-b")]), &[])?;
+    // One data-plane thread: each thread has a pool of its own, and this
+    // is the pool's arithmetic.
+    let yaml = service_yaml(VIP4, "strict", &[(&backend, "node-b")]);
+    cluster.start_agents(&yaml, &["--tunnel-threads", "1"])?;
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
     let _server = python_server(b, MANY_ECHO_SERVER, &backend)?;
     assert_eq!(python(a, BURST_CLIENT, &[VIP4, "200"])?, "200");

@@ -42,6 +42,11 @@ pub struct TunnelSettings {
     pub inbound: SocketAddr,
     /// How long a stopping agent lets its tunnelled connections finish.
     pub drain_timeout: Duration,
+    /// Data-plane threads. Each runs a single-threaded runtime with its own
+    /// listeners (SO_REUSEPORT: the kernel spreads connections over them)
+    /// and its own pool, so a connection's tasks, its h2 connection and its
+    /// sockets stay on one thread: no cross-thread wakeup on any hop.
+    pub threads: usize,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -60,6 +65,8 @@ pub enum NodeTunnelError {
         cert: String,
         flag: String,
     },
+    #[error("cannot start the tunnel's data-plane threads: {0}")]
+    Threads(std::io::Error),
     #[error("cannot listen on {addr} for the tunnel: {source}; is another program using it?")]
     Listen {
         addr: SocketAddr,
@@ -163,8 +170,8 @@ impl Authorizer for PlacementAuthorizer {
 /// inbound HBONE listener, and the pool between them and other nodes.
 pub struct NodeTunnel {
     tunnel: Tunnel,
-    outbound: Outbound,
-    inbound: Inbound,
+    /// One per data-plane thread.
+    shards: Vec<Shard>,
     /// Reads `placement`; given to inbound again after each update so that
     /// it checks its open streams against the new state.
     policy: InboundPolicy,
@@ -206,14 +213,12 @@ impl NodeTunnel {
         };
         let tunnel = Tunnel::new(config, metrics)?;
         let tls = Arc::new(IdentityTls(credentials.clone()));
-        let outbound = tunnel.outbound(tls.clone());
         let placement: Arc<RwLock<Arc<Placement>>> = Arc::default();
         let local = placement.clone();
         let policy = InboundPolicy::new(
             move |addr: SocketAddr| read(&local).authorization.is_local_backend(addr),
             PlacementAuthorizer(placement.clone()),
         );
-        let inbound = tunnel.inbound(tls, policy.clone());
         let listen = |addr: SocketAddr| {
             socket::reuseport_listener(addr)
                 .map_err(|source| NodeTunnelError::Listen { addr, source })
@@ -227,55 +232,77 @@ impl NodeTunnel {
             identity_metrics,
             WatchSettings::default(),
         ));
-        let inbound_listener = listen(settings.inbound)?;
-        {
-            let inbound = inbound.clone();
-            tasks.push(tokio::spawn(async move {
-                inbound.serve(inbound_listener).await
-            }));
-        }
         let origins = Arc::new(origins);
-        let outbound_addrs = [
-            SocketAddr::V4(settings.outbound_v4),
-            SocketAddr::V6(settings.outbound_v6),
-        ];
-        for addr in outbound_addrs {
-            let listener = match listen(addr) {
-                Ok(l) => l,
-                // A node without IPv6 keeps its IPv4 listener.
-                Err(e) if addr.is_ipv6() => {
-                    warn!("{e}; IPv6 clients of tunnelled services will be refused");
-                    continue;
-                }
-                Err(e) => return Err(e),
+        let source_identity = credentials.spiffe_id().to_string();
+        let mut shards = Vec::new();
+        let mut ipv6 = true;
+        for index in 0..settings.threads.max(1) {
+            let runtime = data_plane_runtime(index).map_err(NodeTunnelError::Threads)?;
+            // Listeners register with the reactor of the runtime entered.
+            let entered_runtime = runtime.clone();
+            let _entered = entered_runtime.enter();
+            let shard = Shard {
+                outbound: tunnel.outbound(tls.clone()),
+                inbound: tunnel.inbound(tls.clone(), policy.clone()),
+                runtime,
             };
-            // Accepted sockets inherit it. A client may write and reset at
-            // once (an abortive close discards what it has not sent yet),
-            // while the stream to the peer is still being opened: a direct
-            // connection's peer takes about this much unread, so the tunnel
-            // must too, or those bytes never leave the client.
-            if let Err(e) = socket2::SockRef::from(&listener).set_recv_buffer_size(CLIENT_RCVBUF) {
-                warn!("cannot size the outbound listener's receive buffer: {e}");
+            let inbound_listener = listen(settings.inbound)?;
+            {
+                let inbound = shard.inbound.clone();
+                tasks.push(
+                    shard
+                        .runtime
+                        .spawn(async move { inbound.serve(inbound_listener).await }),
+                );
             }
-            tasks.push(spawn_outbound(
-                outbound.clone(),
-                listener,
-                origins.clone(),
-                placement.clone(),
-                credentials.spiffe_id().to_string(),
-            ));
+            let outbound_addrs = [
+                Some(SocketAddr::V4(settings.outbound_v4)),
+                ipv6.then_some(SocketAddr::V6(settings.outbound_v6)),
+            ];
+            for addr in outbound_addrs.into_iter().flatten() {
+                let listener = match listen(addr) {
+                    Ok(l) => l,
+                    // A node without IPv6 keeps its IPv4 listener.
+                    Err(e) if addr.is_ipv6() => {
+                        warn!("{e}; IPv6 clients of tunnelled services will be refused");
+                        ipv6 = false;
+                        continue;
+                    }
+                    Err(e) => return Err(e),
+                };
+                // Accepted sockets inherit it. A client may write and reset
+                // at once (an abortive close discards what it has not sent
+                // yet), while the stream to the peer is still being opened:
+                // a direct connection's peer takes about this much unread,
+                // so the tunnel must too, or those bytes never leave the
+                // client.
+                if let Err(e) =
+                    socket2::SockRef::from(&listener).set_recv_buffer_size(CLIENT_RCVBUF)
+                {
+                    warn!("cannot size the outbound listener's receive buffer: {e}");
+                }
+                tasks.push(spawn_outbound(
+                    &shard,
+                    listener,
+                    origins.clone(),
+                    placement.clone(),
+                    source_identity.clone(),
+                ));
+            }
+            drop(_entered);
+            shards.push(shard);
         }
         info!(
             node,
             identity = %credentials.spiffe_id(),
             inbound = %settings.inbound,
             outbound = %settings.outbound_v4,
+            threads = shards.len(),
             "tunnel listening"
         );
         Ok(NodeTunnel {
             tunnel,
-            outbound,
-            inbound,
+            shards,
             policy,
             credentials,
             node: node.to_owned(),
@@ -302,7 +329,11 @@ impl NodeTunnel {
         }
         let next = Arc::new(Placement::of(&self.node, &trust_domain, view));
         *self.placement.write().unwrap_or_else(|e| e.into_inner()) = next;
-        let revoked = self.inbound.set_policy(self.policy.clone());
+        let revoked: usize = self
+            .shards
+            .iter()
+            .map(|s| s.inbound.set_policy(self.policy.clone()))
+            .sum();
         if revoked > 0 {
             info!(revoked, "closed open tunnel streams the new policy denies");
         }
@@ -330,7 +361,20 @@ impl NodeTunnel {
     pub async fn shutdown(&self) {
         let drain = self.drain_timeout;
         info!(?drain, "tunnel draining");
-        tokio::join!(self.outbound.shutdown(drain), self.inbound.shutdown(drain));
+        // All shards drain at once, each within the same timeout.
+        let drains: Vec<JoinHandle<()>> = self
+            .shards
+            .iter()
+            .map(|s| {
+                let (outbound, inbound) = (s.outbound.clone(), s.inbound.clone());
+                tokio::spawn(async move {
+                    tokio::join!(outbound.shutdown(drain), inbound.shutdown(drain));
+                })
+            })
+            .collect();
+        for drained in drains {
+            let _ = drained.await;
+        }
         let tasks = std::mem::take(&mut *self.tasks.lock().unwrap_or_else(|e| e.into_inner()));
         for task in tasks {
             task.abort();
@@ -342,13 +386,34 @@ fn read(placement: &RwLock<Arc<Placement>>) -> Arc<Placement> {
     placement.read().unwrap_or_else(|e| e.into_inner()).clone()
 }
 
-fn spawn_outbound(
+/// One data-plane thread's share of the tunnel.
+struct Shard {
     outbound: Outbound,
+    inbound: Inbound,
+    runtime: tokio::runtime::Handle,
+}
+
+/// A single-threaded runtime on a thread of its own, running until the
+/// process ends; its handle.
+fn data_plane_runtime(index: usize) -> std::io::Result<tokio::runtime::Handle> {
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let handle = runtime.handle().clone();
+    std::thread::Builder::new()
+        .name(format!("mesh-tunnel-{index}"))
+        .spawn(move || runtime.block_on(std::future::pending::<()>()))?;
+    Ok(handle)
+}
+
+fn spawn_outbound(
+    shard: &Shard,
     listener: TcpListener,
     origins: Arc<TunnelOrigins>,
     placement: Arc<RwLock<Arc<Placement>>>,
     source_identity: String,
 ) -> JoinHandle<()> {
+    let outbound = shard.outbound.clone();
     let resolve = move |tcp: &TcpStream, client: SocketAddr| -> Result<Destination, ResolveError> {
         let captured = origins
             .claim(client, tcp.local_addr()?)
@@ -368,7 +433,9 @@ fn spawn_outbound(
             workload: placement.claims.get(&captured.identity).cloned(),
         })
     };
-    tokio::spawn(async move { outbound.serve(listener, resolve).await })
+    shard
+        .runtime
+        .spawn(async move { outbound.serve(listener, resolve).await })
 }
 
 /// The tunnel's TLS from this node's credentials.

@@ -183,7 +183,7 @@ impl Scenario for CrossNode {
                  client runs in node A's namespace and in the cgroup agent A watches; the \
                  backend (bench-server) runs on node B at {backend}, in the cgroup agent B \
                  watches. direct: the client connects to {backend} in plaintext. mesh: to the \
-                 VIP {vip} (a service with `mtls: strict`, backend `node: node-b`): agent A's \
+                 VIP {vip} (a service with `mtls: permissive`, backend `node: node-b`; strict would drop direct's plaintext at node B): agent A's \
                  connect4 hands it to its outbound listener and the agent carries it over HBONE \
                  (HTTP/2 CONNECT in mutual TLS 1.3) to agent B on :15008, which connects to the \
                  backend. stunnel: to a stunnel client on A (127.0.0.1), TLS 1.3 to a stunnel \

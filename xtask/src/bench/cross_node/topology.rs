@@ -197,12 +197,15 @@ impl Carrier {
     }
 }
 
-/// The config both agents get: the two nodes, one strict service whose
-/// backend is on node B.
+/// The config both agents get: the two nodes, one service whose backend is
+/// on node B. Permissive, not strict: the tunnel carries the mesh peer's
+/// connections all the same (both nodes run it), and direct's plaintext
+/// connections to that backend from node A must not be dropped by node B's
+/// strict enforcement.
 fn mesh_yaml() -> String {
     format!(
         "nodes:\n  - name: node-a\n    address: {NODE_A}\n  - name: node-b\n    address: {NODE_B}\n\
-         services:\n  - name: cross\n    vip: {}\n    port: {VIP_PORT}\n    mtls: strict\n    \
+         services:\n  - name: cross\n    vip: {}\n    port: {VIP_PORT}\n    mtls: permissive\n    \
          backends:\n      - address: {}\n        port: {}\n        node: node-b\n",
         vip(0),
         BACKEND.ip(),
