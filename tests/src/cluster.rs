@@ -227,20 +227,20 @@ impl Cluster {
     /// Starts every node's agent on `services_yaml` (the `nodes:` section is
     /// added), with the tunnel on and `extra` flags.
     pub fn start_agents(&mut self, services_yaml: &str, extra: &[&str]) -> Result<()> {
-        self.start_agents_each(|_| services_yaml.to_owned(), extra)
+        let yaml = format!("{}{services_yaml}", self.nodes_yaml());
+        self.start_agents_each(|_| yaml.clone(), extra)
     }
 
-    /// Like `start_agents`, each node with a configuration of its own (the
-    /// `nodes:` section is added): what a node whose configuration lags
-    /// behind, or lies, looks like.
+    /// Like `start_agents`, each node with a whole configuration of its own
+    /// (`nodes:` included, see `nodes_yaml`): what a node whose
+    /// configuration lags behind, or lies, looks like.
     pub fn start_agents_each(
         &mut self,
-        services_yaml: impl Fn(&Node) -> String,
+        config: impl Fn(&Node) -> String,
         extra: &[&str],
     ) -> Result<()> {
-        let nodes_yaml = self.nodes_yaml();
         for node in &mut self.nodes {
-            let yaml = format!("{nodes_yaml}{}", services_yaml(node));
+            let yaml = config(node);
             let mut args = vec![
                 "--node-name",
                 &node.name,
@@ -290,7 +290,9 @@ fn ip(args: &[&str]) -> Result<()> {
     run_ok(Command::new("ip").args(args), IP_TIMEOUT).map(|_| ())
 }
 
-fn meshctl(args: &[&str]) -> Result<()> {
+/// `meshctl ARGS` (no agent: the CA commands), bounded; its stderr as the
+/// error when it fails.
+pub fn meshctl(args: &[&str]) -> Result<()> {
     let bin = crate::require_bin("meshctl")?;
     let out = run_with_timeout(Command::new(bin).args(args), IP_TIMEOUT)?;
     if !out.status.success() {
@@ -303,7 +305,8 @@ fn meshctl(args: &[&str]) -> Result<()> {
     Ok(())
 }
 
-fn path(p: &Path) -> Result<&str> {
+/// `p` as the UTF-8 text a command line takes.
+pub fn path(p: &Path) -> Result<&str> {
     p.to_str()
         .with_context(|| format!("{} is not UTF-8", p.display()))
 }

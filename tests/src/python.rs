@@ -14,6 +14,41 @@ use serde_json::Value;
 use crate::cluster::Node;
 use crate::run_with_timeout;
 
+/// An echo server on argv[1]:argv[2]: every connection, in a thread of its
+/// own, gets back what it sends, then a FIN after its own. Prints
+/// `listening` once it listens; bounded by an alarm.
+pub const ECHO_SERVER: &str = r#"
+import signal, socket, sys, threading
+signal.alarm(300)
+l = socket.socket(socket.AF_INET6 if ':' in sys.argv[1] else socket.AF_INET, socket.SOCK_STREAM)
+l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+l.bind((sys.argv[1], int(sys.argv[2])))
+l.listen(512)
+print("listening", flush=True)
+def echo(c):
+    c.settimeout(60)
+    try:
+        while True:
+            b = c.recv(262144)
+            if not b:
+                break
+            c.sendall(b)
+        c.shutdown(socket.SHUT_WR)
+    except OSError:
+        pass
+    finally:
+        c.close()
+while True:
+    c, _ = l.accept()
+    threading.Thread(target=echo, args=(c,), daemon=True).start()
+"#;
+
+/// [`ECHO_SERVER`] on `host:port` inside `node`, once it listens (≤ 10 s).
+pub fn echo_server(node: &Node, host: &str, port: u16) -> Result<PyProcess> {
+    let cmd = command(node, ECHO_SERVER, &[host, &port.to_string()]);
+    PyProcess::ready(cmd, "the echo server", "listening")
+}
+
 /// `python3 -c program args...` inside `node` (its namespace and cgroup).
 pub fn command(node: &Node, program: &str, args: &[&str]) -> Command {
     let mut cmd = node.command("python3");

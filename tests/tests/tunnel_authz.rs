@@ -16,8 +16,8 @@ use std::path::Path;
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, Result, bail};
-use mesh_tests::cluster::{Node, TRUST_DOMAIN, metric};
-use mesh_tests::{Cluster, PyProcess, TestCgroup, require_bin, run_with_timeout};
+use mesh_tests::cluster::{Node, TRUST_DOMAIN, meshctl, metric, path};
+use mesh_tests::{Cluster, PyProcess, TestCgroup, run_with_timeout};
 use serde_json::Value;
 
 const VIP: &str = "127.77.0.1";
@@ -36,31 +36,7 @@ mode = sys.argv[1]
 def report(**kw):
     print(json.dumps(kw), flush=True)
 
-if mode == "echo":
-    l = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    l.bind((sys.argv[2], int(sys.argv[3])))
-    l.listen(128)
-    print("listening", flush=True)
-    def serve(c):
-        c.settimeout(60)
-        try:
-            while True:
-                b = c.recv(65536)
-                if not b:
-                    break
-                c.sendall(b)
-        except OSError:
-            pass
-        c.close()
-    l.settimeout(120)
-    while True:
-        try:
-            c, _ = l.accept()
-        except socket.timeout:
-            break
-        threading.Thread(target=serve, args=(c,), daemon=True).start()
-elif mode == "once":
+if mode == "once":
     try:
         s = socket.create_connection((sys.argv[2], 80), timeout=10)
     except OSError as e:
@@ -148,9 +124,7 @@ fn py(node: &Node, cgroup: Option<&TestCgroup>) -> std::process::Command {
 
 /// The echo backend of `web` on node-b.
 fn echo_backend(node: &Node) -> Result<PyProcess> {
-    let mut cmd = py(node, None);
-    cmd.args(["echo", &node.ip4.to_string(), &BACKEND_PORT.to_string()]);
-    PyProcess::ready(cmd, "the echo backend", "listening")
+    mesh_tests::python::echo_server(node, &node.ip4.to_string(), BACKEND_PORT)
 }
 
 /// One connection to `web`'s VIP from `cgroup` on `node`, its JSON report.
@@ -232,7 +206,7 @@ impl Setup {
             .cluster
             .nodes
             .iter()
-            .map(|n| config(&self.cluster, n))
+            .map(|n| format!("{}{}", self.cluster.nodes_yaml(), config(&self.cluster, n)))
             .collect();
         self.cluster
             .start_agents_each(|n| yaml[index(&n.name)].clone(), &[])?;
@@ -525,24 +499,17 @@ fn a_certificate_of_the_mesh_ca_for_another_trust_domain_is_refused() -> Result<
     let mut s = Setup::new()?;
     s.start(|cluster, _| format!("{}{}", workloads_yaml(cluster, 0), web_yaml(cluster, "")))?;
     let foreign = s.cluster.dir().join("foreign-identity");
-    let meshctl = require_bin("meshctl")?;
-    let mut issue = std::process::Command::new(meshctl);
-    issue
-        .args(["ca", "issue", "--ca-dir"])
-        .arg(&s.cluster.ca_dir)
-        .args([
-            "--spiffe-id",
-            "spiffe://other.test/node/node-c",
-            "--foreign-trust-domain",
-            "--out",
-        ]);
-    issue.arg(&foreign);
-    let out = run_with_timeout(&mut issue, LIMIT)?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    meshctl(&[
+        "ca",
+        "issue",
+        "--ca-dir",
+        path(&s.cluster.ca_dir)?,
+        "--spiffe-id",
+        "spiffe://other.test/node/node-c",
+        "--foreign-trust-domain",
+        "--out",
+        path(&foreign)?,
+    ])?;
     assert_ne!(TRUST_DOMAIN, "other.test");
 
     let (b, c) = (s.node(1), s.node(2));

@@ -10,12 +10,11 @@
 //! hands to the agent, or a raw TLS client on a peer's :15008.
 
 use std::path::Path;
-use std::process::Command;
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use mesh_tests::cluster::{Node, TRUST_DOMAIN, metric};
-use mesh_tests::{Agent, Cluster, PyProcess, require_bin, run_with_timeout};
+use mesh_tests::cluster::{Node, TRUST_DOMAIN, meshctl, metric, path};
+use mesh_tests::{Cluster, PyProcess, run_with_timeout};
 use serde_json::Value;
 
 const VIP: &str = "127.77.0.1";
@@ -201,56 +200,12 @@ fn service_yaml(backend: &str, node: &str) -> String {
     )
 }
 
-/// Starts each node's agent on its own config (`config(node index)`, the
-/// whole YAML, `nodes:` included), as `Cluster::start_agents` does.
-fn start_agents_each(cluster: &mut Cluster, config: impl Fn(usize) -> String) -> Result<()> {
-    for (i, node) in cluster.nodes.iter_mut().enumerate() {
-        let identity = node
-            .identity_dir
-            .to_str()
-            .context("identity dir is not UTF-8")?
-            .to_owned();
-        let args = [
-            "--node-name",
-            &node.name,
-            "--identity-dir",
-            &identity,
-            "--metrics-addr",
-            "127.0.0.1:0",
-        ];
-        let agent = Agent::start_in(&node.netns, &config(i), &node.cgroup, &args)
-            .with_context(|| format!("starting the agent of {}", node.name))?;
-        node.agent = Some(agent);
-    }
-    Ok(())
-}
-
 /// A cluster of three with the standard service: backend on node-b.
 fn standard_cluster() -> Result<Cluster> {
     let mut cluster = Cluster::new(3)?;
     let backend = cluster.nodes[1].ip4.to_string();
     cluster.start_agents(&service_yaml(&backend, "node-b"), &[])?;
     Ok(cluster)
-}
-
-fn meshctl(args: &[&str]) -> Result<()> {
-    let out = run_with_timeout(
-        Command::new(require_bin("meshctl")?).args(args),
-        Duration::from_secs(10),
-    )?;
-    if !out.status.success() {
-        bail!(
-            "meshctl {} failed: {}",
-            args.join(" "),
-            String::from_utf8_lossy(&out.stderr).trim()
-        );
-    }
-    Ok(())
-}
-
-fn path_str(p: &Path) -> Result<&str> {
-    p.to_str()
-        .with_context(|| format!("{} is not UTF-8", p.display()))
 }
 
 /// A TLS 1.3 client with ALPN h2 and the certificate in `identity` (a
@@ -263,8 +218,8 @@ fn tls_client(from: &Node, to: &Node, identity: &Path) -> Result<Value> {
             "tls",
             &ip,
             TUNNEL_PORT,
-            path_str(&identity.join("cert.pem"))?,
-            path_str(&identity.join("key.pem"))?,
+            path(&identity.join("cert.pem"))?,
+            path(&identity.join("key.pem"))?,
         ],
     )
 }
@@ -325,7 +280,7 @@ fn a_client_certificate_of_another_ca_is_refused_and_counted_unknown_ca() -> Res
         "ca",
         "init",
         "--dir",
-        path_str(&other_ca)?,
+        path(&other_ca)?,
         "--trust-domain",
         TRUST_DOMAIN,
     ])?;
@@ -334,11 +289,11 @@ fn a_client_certificate_of_another_ca_is_refused_and_counted_unknown_ca() -> Res
         "ca",
         "issue",
         "--ca-dir",
-        path_str(&other_ca)?,
+        path(&other_ca)?,
         "--node",
         "node-a",
         "--out",
-        path_str(&foreign)?,
+        path(&foreign)?,
     ])?;
     let r = tls_client(a, b, &foreign)?;
     assert_refused("node-a's name, another CA", &r);
@@ -398,9 +353,16 @@ fn a_peer_with_the_wrong_spiffe_id_is_refused_and_the_application_is_reset() -> 
     let wrong = format!(
         "nodes:\n  - name: node-a\n    address: {ip_a}\n  - name: node-b\n    address: {ip_c}\n{services}"
     );
-    start_agents_each(&mut cluster, |i| {
-        if i == 0 { wrong.clone() } else { right.clone() }
-    })?;
+    cluster.start_agents_each(
+        |n| {
+            if n.name == "node-a" {
+                wrong.clone()
+            } else {
+                right.clone()
+            }
+        },
+        &[],
+    )?;
     let (a, b, c) = (&cluster.nodes[0], &cluster.nodes[1], &cluster.nodes[2]);
     // A backend that would answer, had the stream reached node-b.
     let backend = listen(b, &ip_b.to_string(), BACKEND_PORT)?;
@@ -489,13 +451,16 @@ fn a_connect_to_an_address_that_is_not_a_local_backend_is_answered_400() -> Resu
         "{nodes}services:\n  - name: web\n    vip: {VIP}\n    port: {VIP_PORT}\n    mtls: strict\n    backends:\n      - address: {ip_b}\n        port: {}\n        node: node-b\n",
         BACKEND_PORT + 1
     );
-    start_agents_each(&mut cluster, |i| {
-        if i == 0 {
-            on_a.clone()
-        } else {
-            elsewhere.clone()
-        }
-    })?;
+    cluster.start_agents_each(
+        |n| {
+            if n.name == "node-a" {
+                on_a.clone()
+            } else {
+                elsewhere.clone()
+            }
+        },
+        &[],
+    )?;
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
     // Something listens there, so the 400 is the policy's, not the socket's.
     let backend = listen(b, &ip_b, BACKEND_PORT)?;

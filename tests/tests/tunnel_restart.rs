@@ -110,29 +110,6 @@ mode = sys.argv[1]
 if mode == "scrape":
     with urllib.request.urlopen("http://%s/metrics" % sys.argv[2], timeout=10) as r:
         sys.stdout.write(r.read().decode())
-elif mode == "serve":
-    signal.alarm(150)
-    l = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    l.bind((sys.argv[2], int(sys.argv[3])))
-    l.listen(256)
-    print("listening", flush=True)
-    def echo(c):
-        c.settimeout(60)
-        try:
-            while True:
-                b = c.recv(262144)
-                if not b:
-                    break
-                c.sendall(b)
-            c.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        finally:
-            c.close()
-    while True:
-        c, _ = l.accept()
-        threading.Thread(target=echo, args=(c,), daemon=True).start()
 elif mode == "load":
     cfg = json.loads(sys.argv[2])
     signal.alarm(cfg["seconds"] + 60)
@@ -189,15 +166,6 @@ elif mode == "load":
 /// `PY args...` inside `node`.
 fn py(node: &Node, args: &[&str], what: &str) -> Result<PyProcess> {
     PyProcess::spawn(mesh_tests::python::command(node, PY, args), what)
-}
-
-/// The echo server on `host:port` inside `node`, once it listens (≤ 10 s).
-fn echo_server(node: &Node, host: &str, port: u16) -> Result<PyProcess> {
-    let mut cmd = node.command("python3");
-    cmd.arg("-c")
-        .arg(PY)
-        .args(["serve", host, &port.to_string()]);
-    PyProcess::ready(cmd, "echo server", "listening")
 }
 
 /// The files the load and the test share.
@@ -482,7 +450,7 @@ fn planned_restart(restart: usize) -> Result<()> {
     let mut cluster = Cluster::new(2)?;
     let backend = cluster.nodes[1].ip4.to_string();
     cluster.start_agents(&service_yaml(&backend), DRAIN)?;
-    let _server = echo_server(&cluster.nodes[1], &backend, BACKEND_PORT)?;
+    let _server = mesh_tests::python::echo_server(&cluster.nodes[1], &backend, BACKEND_PORT)?;
     let files = LoadFiles::new(cluster.dir())?;
     let load = start_load(&cluster.nodes[0], &files, HELD, 3)?;
     files.wait("held connections open and some done", |p| {
@@ -594,7 +562,7 @@ fn a_killed_client_side_agent_fails_its_connections_and_a_restarted_one_serves_a
     let mut cluster = Cluster::new(2)?;
     let backend = cluster.nodes[1].ip4.to_string();
     cluster.start_agents(&service_yaml(&backend), DRAIN)?;
-    let _server = echo_server(&cluster.nodes[1], &backend, BACKEND_PORT)?;
+    let _server = mesh_tests::python::echo_server(&cluster.nodes[1], &backend, BACKEND_PORT)?;
     let files = LoadFiles::new(cluster.dir())?;
     let load = start_load(&cluster.nodes[0], &files, HELD_KILL, 2)?;
     files.wait("held connections open and some done", |p| {

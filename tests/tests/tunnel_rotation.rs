@@ -24,8 +24,8 @@ use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
 use anyhow::{Context, Result, bail};
-use mesh_tests::cluster::{Node, metric};
-use mesh_tests::{Cluster, PyProcess, cluster::TRUST_DOMAIN, require_bin, run_with_timeout};
+use mesh_tests::cluster::{Node, meshctl, metric, path};
+use mesh_tests::{Cluster, PyProcess, cluster::TRUST_DOMAIN, run_with_timeout};
 use serde_json::{Value, json};
 
 const VIP: &str = "127.77.0.1";
@@ -103,30 +103,7 @@ def conn(target, size, off):
     return rec
 
 mode = sys.argv[1]
-if mode == "serve":
-    signal.alarm(300)
-    l = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-    l.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    l.bind((sys.argv[2], int(sys.argv[3])))
-    l.listen(512)
-    print("listening", flush=True)
-    def echo(c):
-        c.settimeout(60)
-        try:
-            while True:
-                b = c.recv(262144)
-                if not b:
-                    break
-                c.sendall(b)
-            c.shutdown(socket.SHUT_WR)
-        except OSError:
-            pass
-        finally:
-            c.close()
-    while True:
-        c, _ = l.accept()
-        threading.Thread(target=echo, args=(c,), daemon=True).start()
-elif mode == "once":
+if mode == "once":
     rec = conn((sys.argv[2], int(sys.argv[3])), int(sys.argv[4]), 12345)
     print(json.dumps(rec))
 elif mode == "load":
@@ -186,15 +163,6 @@ elif mode == "load":
 /// `PY args...` inside `node`.
 fn py(node: &Node, args: &[&str], what: &str) -> Result<PyProcess> {
     PyProcess::spawn(mesh_tests::python::command(node, PY, args), what)
-}
-
-/// The echo server on `host:port` inside `node`, once it listens (≤ 10 s).
-fn echo_server(node: &Node, host: &str, port: u16) -> Result<PyProcess> {
-    let mut cmd = node.command("python3");
-    cmd.arg("-c")
-        .arg(PY)
-        .args(["serve", host, &port.to_string()]);
-    PyProcess::ready(cmd, "echo server", "listening")
 }
 
 /// The load's progress and stop files.
@@ -374,7 +342,7 @@ fn cluster_with_backend(
     before_start(&cluster)?;
     let backend = cluster.nodes[1].ip4.to_string();
     cluster.start_agents(&service_yaml(&backend), &[])?;
-    let server = echo_server(&cluster.nodes[1], &backend, BACKEND_PORT)?;
+    let server = mesh_tests::python::echo_server(&cluster.nodes[1], &backend, BACKEND_PORT)?;
     Ok((cluster, server))
 }
 
@@ -522,23 +490,14 @@ fn trust_bundle_rotation_under_load_drops_nothing() -> Result<()> {
     let (cluster, _server) = cluster_with_backend(|_| Ok(()))?;
     let (a, b) = (&cluster.nodes[0], &cluster.nodes[1]);
     let new_ca = cluster.dir().join("ca-new");
-    let meshctl = require_bin("meshctl")?;
-    let out = run_with_timeout(
-        std::process::Command::new(&meshctl).args([
-            "ca",
-            "init",
-            "--dir",
-            new_ca.to_str().context("UTF-8")?,
-            "--trust-domain",
-            TRUST_DOMAIN,
-        ]),
-        Duration::from_secs(10),
-    )?;
-    assert!(
-        out.status.success(),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
+    meshctl(&[
+        "ca",
+        "init",
+        "--dir",
+        path(&new_ca)?,
+        "--trust-domain",
+        TRUST_DOMAIN,
+    ])?;
     let old_root = std::fs::read(cluster.ca_dir.join("ca.pem"))?;
     let new_root = std::fs::read(new_ca.join("ca.pem"))?;
     let both = [new_root.clone(), old_root.clone()].concat();
@@ -569,24 +528,16 @@ fn trust_bundle_rotation_under_load_drops_nothing() -> Result<()> {
     // 2. Leaves of the new CA (handed out with both roots).
     std::fs::write(new_ca.join("bundle.pem"), &both)?;
     for node in [a, b] {
-        let out = run_with_timeout(
-            std::process::Command::new(&meshctl).args([
-                "ca",
-                "issue",
-                "--ca-dir",
-                new_ca.to_str().context("UTF-8")?,
-                "--node",
-                &node.name,
-                "--out",
-                node.identity_dir.to_str().context("UTF-8")?,
-            ]),
-            Duration::from_secs(10),
-        )?;
-        assert!(
-            out.status.success(),
-            "{}",
-            String::from_utf8_lossy(&out.stderr)
-        );
+        meshctl(&[
+            "ca",
+            "issue",
+            "--ca-dir",
+            path(&new_ca)?,
+            "--node",
+            &node.name,
+            "--out",
+            path(&node.identity_dir)?,
+        ])?;
     }
     for (node, first) in [a, b].iter().zip(&first_serials) {
         let id = wait_identity(node, "a leaf of the new CA", |id| generation(id) == 3)?;
