@@ -8,6 +8,8 @@
 //! - Its backends are the union of the Service's EndpointSlices of that
 //!   family, matched by port name and protocol (`endpoints`).
 //! - Mesh settings come from `mesh.dev/*` annotations (`annotations`).
+//! - Only ClusterIPs are frontends: NodePorts, externalIPs and load
+//!   balancer addresses of the same Service are not served here.
 
 mod annotations;
 mod endpoints;
@@ -22,7 +24,7 @@ use k8s_openapi::api::discovery::v1::EndpointSlice;
 
 pub use self::annotations::KNOWN_ANNOTATIONS;
 use crate::config::DEFAULT_AFFINITY_TIMEOUT_S;
-use crate::state::{MtlsMode, Origin, OutlierDetection, PanicMode, Policy, Protocol, Service};
+use crate::state::{MtlsMode, Origin, PanicMode, Policy, Protocol, Service};
 
 /// The label that ties an EndpointSlice to its Service.
 pub const SERVICE_NAME_LABEL: &str = "kubernetes.io/service-name";
@@ -290,7 +292,7 @@ pub fn translate<'a>(
                 destroy_on_removal: None,
                 same_node_redirect: settings.same_node_redirect,
                 health_check: settings.health_check.clone(),
-                outlier_detection: None::<OutlierDetection>,
+                outlier_detection: None,
                 panic_mode: PanicMode::default(),
                 mtls: settings.mtls,
                 backends,

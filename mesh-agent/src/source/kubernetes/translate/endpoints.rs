@@ -278,3 +278,333 @@ fn hinted_for_node(endpoint: &Endpoint, node: &str) -> bool {
 fn is_on(endpoint: &Endpoint, node: &ThisNode) -> bool {
     endpoint.node_name.as_deref() == Some(node.name)
 }
+
+#[cfg(test)]
+mod tests {
+    use k8s_openapi::api::discovery::v1::EndpointHints;
+
+    use super::super::fixtures::*;
+    use super::super::{ThisNode, translate};
+    use crate::state::BackendState::{Active, Draining};
+    use crate::state::{BackendState, PRIORITY_FALLBACK, PRIORITY_PREFERRED, PRIORITY_TERMINATING};
+
+    /// What became of one endpoint: its backend's state and priority, or
+    /// `None` when it was left out.
+    type Outcome = Option<(BackendState, u8)>;
+
+    const PREFERRED: Outcome = Some((Active, PRIORITY_PREFERRED));
+    const FALLBACK: Outcome = Some((Active, PRIORITY_FALLBACK));
+    const TERMINATING: Outcome = Some((Active, PRIORITY_TERMINATING));
+    const DRAINING: Outcome = Some((Draining, PRIORITY_PREFERRED));
+    const OUT: Outcome = None;
+
+    /// The outcome of each of `addresses`, after translating one TCP port
+    /// of a Service with `endpoints` in one slice.
+    fn outcomes(
+        svc: &k8s_openapi::api::core::v1::Service,
+        endpoints: Vec<k8s_openapi::api::discovery::v1::Endpoint>,
+        node: &ThisNode,
+        addresses: &[&str],
+    ) -> Vec<Outcome> {
+        let slice = slice(
+            "shop",
+            "web",
+            "web-1",
+            "IPv4",
+            &[slice_port(None, "TCP", 8080)],
+            endpoints,
+        );
+        let services = translate(svc, [&slice], node).expect("a valid Service");
+        let [service] = &services[..] else {
+            panic!("one frontend: {services:?}");
+        };
+        addresses
+            .iter()
+            .map(|address| {
+                service
+                    .backends
+                    .iter()
+                    .find(|b| b.address.to_string() == *address)
+                    .map(|b| (b.state, b.priority))
+            })
+            .collect()
+    }
+
+    fn web() -> k8s_openapi::api::core::v1::Service {
+        service("shop", "web", &["10.96.0.10"], &[port(None, "TCP", 80)])
+    }
+
+    /// Every combination of ready, serving and terminating (each true,
+    /// false or left out), as the API defines the defaults (nil ready and
+    /// nil serving are true, nil terminating is false).
+    #[test]
+    fn endpoint_condition_table() {
+        /// A condition: true, false, or left out.
+        type Flag = Option<bool>;
+        const N: Option<bool> = None;
+        const T: Option<bool> = Some(true);
+        const F: Option<bool> = Some(false);
+        #[rustfmt::skip]
+        let table: [(Flag, Flag, Flag, Outcome); 27] = [
+            // ready (or unknown, which counts as ready): active, whatever else.
+            (N, N, N, PREFERRED),
+            (N, N, T, PREFERRED),
+            (N, N, F, PREFERRED),
+            (N, T, N, PREFERRED),
+            (N, T, T, PREFERRED),
+            (N, T, F, PREFERRED),
+            (N, F, N, PREFERRED),
+            (N, F, T, PREFERRED),
+            (N, F, F, PREFERRED),
+            (T, N, N, PREFERRED),
+            (T, N, T, PREFERRED),
+            (T, N, F, PREFERRED),
+            (T, T, N, PREFERRED),
+            (T, T, T, PREFERRED),
+            (T, T, F, PREFERRED),
+            (T, F, N, PREFERRED),
+            (T, F, T, PREFERRED),
+            (T, F, F, PREFERRED),
+            // Not ready and not terminating: kept, never chosen.
+            (F, N, N, DRAINING),
+            (F, T, N, DRAINING),
+            (F, F, N, DRAINING),
+            (F, N, F, DRAINING),
+            (F, T, F, DRAINING),
+            (F, F, F, DRAINING),
+            // Terminating: serving (unknown counts as serving) is the last
+            // resort; not serving is gone.
+            (F, N, T, TERMINATING),
+            (F, T, T, TERMINATING),
+            (F, F, T, OUT),
+        ];
+        let node = ThisNode {
+            name: "node-a",
+            zone: None,
+        };
+        for (ready, serving, terminating, expected) in table {
+            let endpoint = conditions(endpoint("10.1.0.1"), ready, serving, terminating);
+            let got = outcomes(&web(), vec![endpoint], &node, &["10.1.0.1"]);
+            assert_eq!(
+                got,
+                [expected],
+                "ready {ready:?}, serving {serving:?}, terminating {terminating:?}"
+            );
+        }
+        // No conditions at all: ready.
+        let bare = endpoint("10.1.0.1");
+        assert!(bare.conditions.is_none());
+        assert_eq!(
+            outcomes(&web(), vec![bare], &node, &["10.1.0.1"]),
+            [PREFERRED]
+        );
+    }
+
+    /// The endpoints of the topology table, on this node `node-a` in zone
+    /// `zone-a` unless a row says otherwise:
+    /// .1 on node-a, hinted for zone-a; .2 on node-b, hinted for zone-a;
+    /// .3 on node-c, hinted for zone-b; .4 on node-a, terminating and
+    /// serving, no hints (the controller hints ready endpoints only);
+    /// .5 on node-c, hinted for zone-b and for node node-a.
+    fn topology_endpoints() -> Vec<k8s_openapi::api::discovery::v1::Endpoint> {
+        vec![
+            zone_hints(on_node(endpoint("10.1.0.1"), "node-a"), &["zone-a"]),
+            zone_hints(on_node(endpoint("10.1.0.2"), "node-b"), &["zone-a"]),
+            zone_hints(on_node(endpoint("10.1.0.3"), "node-c"), &["zone-b"]),
+            terminating_serving(on_node(endpoint("10.1.0.4"), "node-a")),
+            node_hints(
+                zone_hints(on_node(endpoint("10.1.0.5"), "node-c"), &["zone-b"]),
+                &["node-a"],
+            ),
+        ]
+    }
+
+    const ADDRESSES: [&str; 5] = ["10.1.0.1", "10.1.0.2", "10.1.0.3", "10.1.0.4", "10.1.0.5"];
+
+    struct Row {
+        case: &'static str,
+        internal_traffic_policy: Option<&'static str>,
+        traffic_distribution: Option<&'static str>,
+        annotation: Option<(&'static str, &'static str)>,
+        node: &'static str,
+        zone: Option<&'static str>,
+        /// Changes to the endpoints of `topology_endpoints`, by index.
+        tweak: fn(&mut [k8s_openapi::api::discovery::v1::Endpoint]),
+        expected: [Outcome; 5],
+    }
+
+    const ROW: Row = Row {
+        case: "",
+        internal_traffic_policy: None,
+        traffic_distribution: None,
+        annotation: None,
+        node: "node-a",
+        zone: Some("zone-a"),
+        tweak: |_| {},
+        expected: [OUT; 5],
+    };
+
+    #[test]
+    fn topology_table() {
+        let table = [
+            Row {
+                case: "no topology: hints are ignored, every endpoint preferred",
+                expected: [PREFERRED, PREFERRED, PREFERRED, TERMINATING, PREFERRED],
+                ..ROW
+            },
+            Row {
+                case: "internalTrafficPolicy Local: this node's endpoints only",
+                internal_traffic_policy: Some("Local"),
+                expected: [PREFERRED, OUT, OUT, TERMINATING, OUT],
+                ..ROW
+            },
+            Row {
+                case: "internalTrafficPolicy Local with no endpoint here: none",
+                internal_traffic_policy: Some("Local"),
+                node: "node-z",
+                expected: [OUT; 5],
+                ..ROW
+            },
+            Row {
+                case: "internalTrafficPolicy Local wins over PreferClose",
+                internal_traffic_policy: Some("Local"),
+                traffic_distribution: Some("PreferClose"),
+                expected: [PREFERRED, OUT, OUT, TERMINATING, OUT],
+                ..ROW
+            },
+            Row {
+                case: "internalTrafficPolicy Cluster: every endpoint",
+                internal_traffic_policy: Some("Cluster"),
+                expected: [PREFERRED, PREFERRED, PREFERRED, TERMINATING, PREFERRED],
+                ..ROW
+            },
+            Row {
+                case: "PreferClose in zone-a (the unhinted terminating endpoint does not count)",
+                traffic_distribution: Some("PreferClose"),
+                expected: [PREFERRED, PREFERRED, FALLBACK, TERMINATING, FALLBACK],
+                ..ROW
+            },
+            Row {
+                case: "PreferSameZone in zone-b",
+                traffic_distribution: Some("PreferSameZone"),
+                zone: Some("zone-b"),
+                expected: [FALLBACK, FALLBACK, PREFERRED, TERMINATING, PREFERRED],
+                ..ROW
+            },
+            Row {
+                case: "topology-mode: Auto",
+                annotation: Some(("service.kubernetes.io/topology-mode", "Auto")),
+                expected: [PREFERRED, PREFERRED, FALLBACK, TERMINATING, FALLBACK],
+                ..ROW
+            },
+            Row {
+                case: "topology-aware-hints: auto (the older annotation)",
+                annotation: Some(("service.kubernetes.io/topology-aware-hints", "auto")),
+                expected: [PREFERRED, PREFERRED, FALLBACK, TERMINATING, FALLBACK],
+                ..ROW
+            },
+            Row {
+                case: "topology-mode: Disabled",
+                annotation: Some(("service.kubernetes.io/topology-mode", "Disabled")),
+                expected: [PREFERRED, PREFERRED, PREFERRED, TERMINATING, PREFERRED],
+                ..ROW
+            },
+            Row {
+                case: "PreferClose, hints missing on one ready endpoint: all preferred",
+                traffic_distribution: Some("PreferClose"),
+                tweak: |endpoints| endpoints[2].hints = None,
+                expected: [PREFERRED, PREFERRED, PREFERRED, TERMINATING, PREFERRED],
+                ..ROW
+            },
+            Row {
+                case: "PreferClose, an empty forZones counts as missing",
+                traffic_distribution: Some("PreferClose"),
+                tweak: |endpoints| {
+                    endpoints[1].hints = Some(EndpointHints {
+                        for_zones: Some(vec![]),
+                        for_nodes: None,
+                    })
+                },
+                expected: [PREFERRED, PREFERRED, PREFERRED, TERMINATING, PREFERRED],
+                ..ROW
+            },
+            Row {
+                case: "PreferClose, no hint names this node's zone: all preferred",
+                traffic_distribution: Some("PreferClose"),
+                zone: Some("zone-c"),
+                expected: [PREFERRED, PREFERRED, PREFERRED, TERMINATING, PREFERRED],
+                ..ROW
+            },
+            Row {
+                case: "PreferClose, this node's zone unknown: all preferred",
+                traffic_distribution: Some("PreferClose"),
+                zone: None,
+                expected: [PREFERRED, PREFERRED, PREFERRED, TERMINATING, PREFERRED],
+                ..ROW
+            },
+            Row {
+                case: "PreferClose, a not-ready endpoint without hints does not count",
+                traffic_distribution: Some("PreferClose"),
+                tweak: |endpoints| {
+                    endpoints[2].hints = None;
+                    endpoints[2].conditions = Some(Default::default());
+                    if let Some(c) = endpoints[2].conditions.as_mut() {
+                        c.ready = Some(false);
+                    }
+                },
+                expected: [
+                    PREFERRED,
+                    PREFERRED,
+                    Some((Draining, PRIORITY_FALLBACK)),
+                    TERMINATING,
+                    FALLBACK,
+                ],
+                ..ROW
+            },
+            Row {
+                case: "PreferSameNode: this node's endpoints, by nodeName or forNodes, first",
+                traffic_distribution: Some("PreferSameNode"),
+                expected: [PREFERRED, FALLBACK, FALLBACK, TERMINATING, PREFERRED],
+                ..ROW
+            },
+            Row {
+                case: "PreferSameNode without hints: by nodeName",
+                traffic_distribution: Some("PreferSameNode"),
+                tweak: |endpoints| endpoints.iter_mut().for_each(|e| e.hints = None),
+                expected: [PREFERRED, FALLBACK, FALLBACK, TERMINATING, FALLBACK],
+                ..ROW
+            },
+            Row {
+                case: "PreferSameNode with nothing on this node: all fallback",
+                traffic_distribution: Some("PreferSameNode"),
+                node: "node-z",
+                expected: [FALLBACK, FALLBACK, FALLBACK, TERMINATING, FALLBACK],
+                ..ROW
+            },
+            Row {
+                case: "a trafficDistribution this version does not know: no preference",
+                traffic_distribution: Some("PreferSomewhereNew"),
+                expected: [PREFERRED, PREFERRED, PREFERRED, TERMINATING, PREFERRED],
+                ..ROW
+            },
+        ];
+        for row in table {
+            let mut svc = web();
+            if let Some(spec) = svc.spec.as_mut() {
+                spec.internal_traffic_policy = row.internal_traffic_policy.map(str::to_owned);
+                spec.traffic_distribution = row.traffic_distribution.map(str::to_owned);
+            }
+            if let Some((key, value)) = row.annotation {
+                svc.metadata.annotations = Some([(key.to_owned(), value.to_owned())].into());
+            }
+            let mut endpoints = topology_endpoints();
+            (row.tweak)(&mut endpoints);
+            let node = ThisNode {
+                name: row.node,
+                zone: row.zone,
+            };
+            let got = outcomes(&svc, endpoints, &node, &ADDRESSES);
+            assert_eq!(got, row.expected, "{}", row.case);
+        }
+    }
+}
