@@ -1,9 +1,16 @@
-//! The agent's main loop: load the data path, apply the configuration, serve
-//! the admin API, and reload on SIGHUP or when the file changes.
+//! The agent's main loop: load the data path, apply what the source says,
+//! serve the admin API, and apply again when the source changes, a drain
+//! ends, or backend health moves. `apply.rs` is one apply (source → model
+//! → overlays → reconcile); `views.rs` is what the admin API reads.
+
+mod apply;
+mod views;
+
+use apply::{release_free_memory, sync_inbound};
 
 use std::{
-    collections::{BTreeMap, BTreeSet, VecDeque},
-    path::{Path, PathBuf},
+    collections::{BTreeSet, VecDeque},
+    path::PathBuf,
     sync::{Arc, Mutex, MutexGuard},
     time::{Duration, Instant, SystemTime, UNIX_EPOCH},
 };
@@ -12,24 +19,22 @@ use mesh_common::{
     CONFIG_EVENTS, CONFIG_FLAG_DEBUG_LOG, CONFIG_FLAG_SAME_NODE_REDIRECT, ConfigValue, Event,
 };
 use tokio::signal::unix::{SignalKind, signal};
-use tracing::{error, info, warn};
+use tracing::{info, warn};
 
 use crate::{
-    admin::{self, BackendView, EventsResponse, ServiceView, ServicesResponse, StatusResponse},
-    bpf::{self, BpfError, Datapath, LogSites, MapSizes, Maps, PinLayout},
-    config::{ConfigError, ConfigSource, Scope, Update},
-    destroy,
-    drain::Draining,
-    events::{self, EventFilter},
-    explain::{self, ExplainError, ExplainResponse},
+    admin,
+    bpf::{self, BpfError, Datapath, MapSizes, Maps, PinLayout},
+    events,
     health::HealthMonitor,
     kernel_log::{DebugLogSwitch, KernelDebugLog, KernelLogError},
     metrics::{KernelMaps, Metrics, MetricsError},
-    overrides::{Action, OverrideError, Overrides},
+    overlay::Overlays,
+    overlay::SourceView,
     placement::Placement,
-    reconcile::{ApplyReport, Capacity, ReconcileError, Reconciler, service_keys},
+    reconcile::{Capacity, ReconcileError, Reconciler},
     redirect::{Redirect, RedirectError, RedirectHandle, RedirectOptions},
-    state::{DesiredState, Service, ServiceSet},
+    source::{Changes, Source, SourceError, SourceOptions, Update},
+    state::ServiceSet,
     tunnel::{NodeTunnel, NodeTunnelError, TunnelSettings, TunnelView},
 };
 
@@ -38,15 +43,13 @@ pub const DEFAULT_SOCKET_MARK: u32 = 0x4d45_5348;
 
 #[derive(Clone, Debug)]
 pub struct AgentOptions {
-    pub config: PathBuf,
+    /// Where the desired state comes from.
+    pub source: SourceOptions,
     /// The cgroup whose sockets are balanced; the whole cgroup v2 tree when unset.
     pub cgroup: Option<PathBuf>,
     pub bpffs: PathBuf,
     pub admin_socket: PathBuf,
     pub watch_interval: Duration,
-    /// Watch the config with inotify (changes apply at once); the poll
-    /// every `watch_interval` is the fallback.
-    pub inotify: bool,
     pub socket_mark: u32,
     pub map_sizes: MapSizes,
     /// Whether the kernel reports every decision on the event ring buffer.
@@ -81,7 +84,7 @@ const LOCAL_ADDR_REFRESH: Duration = Duration::from_secs(5);
 #[derive(Debug, thiserror::Error)]
 pub enum AgentError {
     #[error("{0}")]
-    Config(#[from] ConfigError),
+    Source(#[from] SourceError),
     #[error("{0}")]
     Bpf(#[from] BpfError),
     #[error("{0}")]
@@ -122,32 +125,24 @@ pub struct Shared {
 }
 
 struct Inner {
-    /// What the kernel holds: the source plus backends still draining,
-    /// overrides and health, by service name.
+    /// What the kernel holds: the source with the overlays laid over it,
+    /// by service name.
     desired: ServiceSet,
-    /// Where the configuration comes from; `current()` is the last
-    /// configuration accepted from it.
-    source: ConfigSource,
-    /// Services whose effective state backend health can change (they
-    /// have, or had, health checks or outlier detection).
-    health_watch: BTreeSet<String>,
+    /// Where the desired state comes from; `current()` is the last state
+    /// accepted from it.
+    source: Source,
+    /// Drains, overrides, placement, health and tiers (`overlay.rs`).
+    overlays: Overlays,
     /// How long the last load of the source took (for the log).
     load_time: Duration,
     /// Services changed since memory was last handed back.
     changed_since_trim: usize,
-    draining: Draining,
     reconciler: Reconciler,
     maps: Maps,
     reloads: ReloadStatus,
     /// The newest decision events with their sequence numbers, oldest first.
     events: VecDeque<(u64, Event)>,
     next_event: u64,
-    overrides: Overrides,
-    health: HealthMonitor,
-    /// Services whose backends are all unhealthy, served by panic mode.
-    panicking: Vec<String>,
-    /// Which backends this node reaches through the tunnel.
-    placement: Placement,
     /// Local backends of strict/permissive services (`bpf/ingress.rs`).
     inbound: bpf::Inbound,
 }
@@ -160,7 +155,6 @@ const EVENTS_KEPT: usize = 4096;
 
 struct Meta {
     host_netns_cookie: u64,
-    config_path: String,
     cgroup: String,
     bpffs: String,
     programs: Vec<String>,
@@ -212,658 +206,12 @@ impl Shared {
         // Every write leaves the switch consistent, so a poisoned lock is usable.
         self.debug_log.lock().unwrap_or_else(|p| p.into_inner())
     }
-
-    pub fn status(&self) -> StatusResponse {
-        let (kernel_debug_log, sites) = {
-            let switch = self.debug_log();
-            (switch.enabled(), switch.sites())
-        };
-        let inner = self.lock();
-        StatusResponse {
-            ready: inner.reloads.generation > 0,
-            version: env!("CARGO_PKG_VERSION").to_owned(),
-            config_path: self.meta.config_path.clone(),
-            config_generation: inner.reloads.generation,
-            reloads_ok: inner.reloads.ok,
-            reloads_failed: inner.reloads.failed,
-            last_reload_error: inner.reloads.last_error.clone(),
-            last_reload_unix_ms: inner.reloads.last_unix_ms,
-            sockets_destroyed: inner.reloads.sockets_destroyed,
-            panic_services: inner.panicking.clone(),
-            maps: inner
-                .reconciler
-                .fill()
-                .into_iter()
-                .map(|(name, entries, capacity)| admin::MapFill {
-                    name: name.to_owned(),
-                    entries,
-                    capacity,
-                })
-                .collect(),
-            cgroup: self.meta.cgroup.clone(),
-            bpffs: self.meta.bpffs.clone(),
-            programs: self.meta.programs.clone(),
-            services: inner.desired.services.len(),
-            metrics_addr: self.meta.metrics_addr.map(|a| a.to_string()),
-            kernel_debug_log,
-            kernel_log_sites_removed: sites == LogSites::Removed,
-        }
-    }
-
-    pub fn tunnels(&self) -> admin::TunnelsResponse {
-        let node = self.lock().placement.node.clone();
-        admin::TunnelsResponse {
-            node,
-            enabled: self.tunnel.is_some(),
-            certificate: self.tunnel.as_ref().map(|t| t.certificate()),
-            peers: self
-                .tunnel
-                .as_ref()
-                .map(|t| t.snapshot())
-                .unwrap_or_default(),
-        }
-    }
-
-    pub fn certs(&self) -> admin::CertsResponse {
-        let td = self.trust_domain();
-        let inner = self.lock();
-        let node = &inner.placement.node;
-        let workloads = match &self.tunnel {
-            None => Vec::new(),
-            Some(_) => inner
-                .desired
-                .workloads
-                .iter()
-                .filter(|w| w.is_on(node))
-                .map(|w| admin::SpokenIdentity {
-                    workload: w.name.clone(),
-                    spiffe_id: crate::state::spiffe_id_of(&w.identity, &td),
-                    cgroup: w.cgroup.display().to_string(),
-                    claimable: w.is_hosted_by(node),
-                })
-                .collect(),
-        };
-        admin::CertsResponse {
-            node: node.clone(),
-            identities: self
-                .tunnel
-                .as_ref()
-                .map(|t| t.identities())
-                .unwrap_or_default(),
-            workloads,
-        }
-    }
-
-    pub fn services(&self) -> ServicesResponse {
-        let inner = self.lock();
-        let services = inner
-            .desired
-            .iter()
-            .map(|svc| {
-                // A `both` service has one kernel entry per protocol.
-                let programmed: Vec<_> = service_keys(svc)
-                    .filter_map(|key| inner.reconciler.service(&key))
-                    .collect();
-                let mut view = ServiceView {
-                    name: svc.name.clone(),
-                    vip: svc.vip,
-                    port: svc.port,
-                    protocol: svc.protocol.to_string(),
-                    algorithm: svc.algorithm.to_string(),
-                    affinity_timeout_s: svc.affinity_timeout_s,
-                    same_node_redirect: svc.same_node_redirect,
-                    connections: 0,
-                    udp_flows: 0,
-                    no_backend: 0,
-                    denied: 0,
-                    mtls: svc.mtls_mode(&inner.placement.mesh).to_string(),
-                    tunnelled: 0,
-                    udp_direct_remote: 0,
-                    backends: Vec::new(),
-                };
-                for p in &programmed {
-                    let stats = inner.maps.service_stats(p.id());
-                    view.connections += stats.connections;
-                    view.udp_flows += stats.udp_flows;
-                    view.no_backend += stats.no_backend;
-                    view.denied += stats.denied;
-                    view.tunnelled += stats.tunnelled;
-                    view.udp_direct_remote += stats.udp_direct_remote;
-                }
-                view.backends = svc
-                    .backends
-                    .iter()
-                    .map(|b| {
-                        let mut backend = BackendView {
-                            address: b.address,
-                            port: b.port,
-                            weight: b.weight,
-                            state: b.state.to_string(),
-                            slots: 0,
-                            connections: 0,
-                            udp_flows: 0,
-                            active: 0,
-                            health: inner
-                                .health
-                                .health(&svc.name, b.socket_addr(), Instant::now())
-                                .as_str()
-                                .to_owned(),
-                            health_transitions: inner
-                                .health
-                                .transitions(&svc.name, b.socket_addr()),
-                            overridden: inner
-                                .overrides
-                                .get(&svc.name, b.socket_addr())
-                                .map(|o| o.describe()),
-                            node: b.node.clone(),
-                            tunnel: b.tunnel,
-                        };
-                        for p in &programmed {
-                            let Some(&id) = p.backends.get(&(b.address, b.port)) else {
-                                continue;
-                            };
-                            let stats = inner.maps.backend_stats(id);
-                            backend.slots += p.slots.iter().filter(|&&s| s == id).count() as u32;
-                            backend.connections += stats.connections;
-                            backend.udp_flows += stats.udp_flows;
-                            backend.active += inner.maps.backend_active(id);
-                        }
-                        backend
-                    })
-                    .collect();
-                view
-            })
-            .collect();
-        ServicesResponse { services }
-    }
-
-    /// The newest `limit` decisions after sequence number `after`, of one
-    /// service and one client if named.
-    pub fn events(&self, filter: &EventFilter) -> EventsResponse {
-        // Decisions still waiting in the ring count: a caller that just
-        // made connections sees them.
-        if let Some(ring) = self.event_ring.get() {
-            events::drain_into(ring, |batch| self.record_events(batch));
-        }
-        let inner = self.lock();
-        let names = events::Names::new(&inner.reconciler);
-        let mut views: Vec<_> = inner
-            .events
-            .iter()
-            .rev()
-            .take_while(|(seq, _)| filter.after.is_none_or(|after| *seq > after))
-            .filter(|(_, e)| {
-                filter
-                    .client
-                    .is_none_or(|c| e.client == c || e.cgroup_id == c)
-            })
-            .map(|(seq, e)| names.view(*seq, e))
-            .filter(|v| filter.service.as_ref().is_none_or(|s| &v.service == s))
-            .take(filter.limit)
-            .collect();
-        views.reverse();
-        EventsResponse {
-            events: views,
-            next: inner.next_event,
-        }
-    }
-
-    fn record_events(&self, batch: Vec<Event>) {
-        let mut inner = self.lock();
-        for event in batch {
-            if inner.events.len() == EVENTS_KEPT {
-                inner.events.pop_front();
-            }
-            let seq = inner.next_event;
-            inner.next_event += 1;
-            inner.events.push_back((seq, event));
-        }
-    }
-
-    /// Sets a runtime override and applies it at once.
-    pub fn set_override(
-        &self,
-        backend: std::net::SocketAddr,
-        service: Option<&str>,
-        action: &Action,
-    ) -> Result<Vec<String>, OverrideError> {
-        let touched = {
-            let mut inner = self.lock();
-            let inner = &mut *inner;
-            inner
-                .overrides
-                .set_in(inner.source.current().iter(), backend, service, action)?
-        };
-        info!(%backend, ?action, services = ?touched, "runtime override");
-        self.reapply(touched.iter().cloned().collect());
-        Ok(touched)
-    }
-
-    /// `meshctl authz check`: `service`'s policy for `from`, as a
-    /// destination of this node's trust domain evaluates it.
-    pub fn authz_check(
-        &self,
-        service: &str,
-        from: Option<&str>,
-        node: Option<&str>,
-    ) -> Result<crate::identity::AuthzCheck, ExplainError> {
-        let inner = self.lock();
-        let svc = inner
-            .desired
-            .get(service)
-            .ok_or_else(|| ExplainError::UnknownService(service.to_owned()))?;
-        Ok(crate::identity::authz::check(
-            svc,
-            &inner.desired.workloads,
-            &self.trust_domain(),
-            from,
-            node,
-        ))
-    }
-
-    fn trust_domain(&self) -> String {
-        self.tunnel.as_ref().map_or_else(
-            || crate::state::DEFAULT_TRUST_DOMAIN.to_owned(),
-            NodeTunnel::trust_domain,
-        )
-    }
-
-    pub fn explain(
-        &self,
-        service: &str,
-        cgroup: Option<&Path>,
-    ) -> Result<ExplainResponse, ExplainError> {
-        let trust_domain = self.trust_domain();
-        let inner = self.lock();
-        explain::explain(
-            &inner.desired,
-            &inner.reconciler,
-            &inner.maps,
-            service,
-            cgroup,
-            self.meta.host_netns_cookie,
-            &explain::Vantage {
-                node: &inner.placement.node,
-                trust_domain: &trust_domain,
-            },
-        )
-    }
-
-    /// Reads the kernel's connect failures; true when an ejection started or
-    /// ended, so the state must be applied again.
-    fn observe_outliers(&self) -> bool {
-        let mut inner = self.lock();
-        let inner = &mut *inner;
-        let watched = inner.desired.subset(&inner.health_watch);
-        inner
-            .health
-            .observe_outliers(&watched, &inner.reconciler, &mut inner.maps, Instant::now())
-    }
-
-    /// True when a draining backend is due for removal.
-    fn drain_expired(&self) -> bool {
-        self.lock().draining.has_expired(Instant::now())
-    }
-
-    /// Applies the last accepted configuration again to `services` (after
-    /// an override), and to every service a drain or backend health may
-    /// have changed; the others are not looked at.
-    fn reapply(&self, services: BTreeSet<String>) {
-        let mut inner = self.lock();
-        self.apply(&mut inner, Ok(None), services);
-    }
-
-    /// Reads the configuration again (`scope`: all of it, or the files
-    /// inotify named) and applies what changed.
-    fn reload(&self, scope: &Scope) {
-        let mut inner = self.lock();
-        let started = Instant::now();
-        let update = inner.source.load(scope);
-        inner.load_time = started.elapsed();
-        if matches!(&update, Ok(u) if u.is_empty()) && matches!(scope, Scope::Paths(_)) {
-            // Nothing of ours changed (e.g. an editor's temporary file).
-            return;
-        }
-        self.apply(&mut inner, update.map(Some), BTreeSet::new());
-    }
-
-    /// Applies a change of the source (None: none) plus anything due in
-    /// `services`, or records why it was refused. Only services that
-    /// changed are planned and written: the kernel keeps the others as
-    /// they are, with no new generation.
-    fn apply(
-        &self,
-        inner: &mut MutexGuard<'_, Inner>,
-        update: Result<Option<Update>, ConfigError>,
-        services: BTreeSet<String>,
-    ) {
-        let inner = &mut **inner;
-        let started = Instant::now();
-        let result = update.map_err(AgentError::from).and_then(|update| {
-            let update = update.unwrap_or_default();
-            if update.services.len() >= 256 {
-                // Reading a large change left garbage behind; hand it back
-                // before the plan takes its own memory.
-                release_free_memory();
-            }
-            let now = Instant::now();
-            // What to look at: the source's changes, and whatever else is due.
-            let mut extra: BTreeSet<String> = services;
-            extra.extend(inner.health_watch.iter().cloned());
-            extra.extend(inner.draining.expired_services(now));
-            if update.workloads.is_some() || update.mesh.is_some() {
-                // Identities, and so any policy, may have changed; or where
-                // backends are, and so which are tunnelled.
-                extra.extend(inner.desired.services.keys().cloned());
-                extra.extend(inner.source.current().services.keys().cloned());
-            }
-            let dirty: BTreeSet<&str> = update
-                .services
-                .keys()
-                .chain(extra.iter())
-                .map(String::as_str)
-                .collect();
-            let current = inner.source.current();
-            let source_of = |name: &str| -> Option<&Arc<Service>> {
-                match update.services.get(name) {
-                    Some(new) => new.as_ref(),
-                    None => current.get(name),
-                }
-            };
-            let mut draining = inner.draining.clone();
-            let placement = Placement {
-                mesh: update.mesh.clone().unwrap_or_else(|| current.mesh.clone()),
-                ..inner.placement.clone()
-            };
-            let mut effective: BTreeMap<&str, Option<Arc<Service>>> = BTreeMap::new();
-            for &name in &dirty {
-                let previous = inner.desired.get(name).map(|s| &**s);
-                let merged = draining.merge_service(name, previous, source_of(name), now);
-                let merged = merged
-                    .map(|s| inner.overrides.overlay_service(s))
-                    .map(|s| placement.overlay_service(s));
-                effective.insert(name, merged);
-            }
-            let mut watch = inner.health_watch.clone();
-            for (name, new) in &update.services {
-                match new {
-                    Some(svc) if svc.watches_health() => {
-                        watch.insert(name.clone());
-                    }
-                    Some(_) => {}
-                    None => {
-                        watch.remove(name);
-                    }
-                }
-            }
-            // Health marks backends of the watched services unhealthy.
-            let mut watched = DesiredState {
-                services: watch
-                    .iter()
-                    .filter_map(|n| effective.get(n.as_str()).cloned().flatten())
-                    .map(|s| (*s).clone())
-                    .collect(),
-                ..DesiredState::default()
-            };
-            let panicking = inner.health.overlay(&mut watched, now);
-            for svc in watched.services {
-                if let Some(slot) = effective.get_mut(svc.name.as_str()) {
-                    *slot = Some(Arc::new(svc));
-                }
-            }
-            let changes: Vec<(Option<&Service>, Option<&Service>)> = effective
-                .iter()
-                .map(|(name, new)| (inner.desired.get(name).map(|s| &**s), new.as_deref()))
-                .filter(|(old, new)| old != new)
-                .collect();
-            let workloads = update
-                .workloads
-                .clone()
-                .unwrap_or_else(|| current.workloads.clone());
-            let report = self
-                .redirect
-                .around_service_changes(changes.iter().copied(), || {
-                    if changes.is_empty() && update.workloads.is_none() {
-                        return Ok(ApplyReport::default());
-                    }
-                    self.metrics
-                        .reconcile
-                        .time_apply(|| {
-                            inner
-                                .reconciler
-                                .apply_changes(&changes, &workloads, &mut inner.maps)
-                        })
-                        .map_err(AgentError::from)
-                })?;
-            // The tunnel's view changes only with a backend's address or
-            // node, a policy, the workloads or the mesh (not with health or
-            // weights).
-            let placement_changed = update.mesh.is_some()
-                || update.workloads.is_some()
-                || changes.iter().any(|(old, new)| {
-                    placed(*old).ne(placed(*new))
-                        || old.map(|s| &s.policy) != new.map(|s| &s.policy)
-                });
-            // Whose inbound entries to recompute (all when the mesh's
-            // default mode may have changed).
-            let inbound_names: Option<Vec<String>> = update.mesh.is_none().then(|| {
-                changes
-                    .iter()
-                    .filter_map(|(old, new)| new.or(*old).map(|s| s.name.clone()))
-                    .collect()
-            });
-            drop(changes);
-            // Accepted: the source, health checks and overrides follow.
-            let watched_source = DesiredState {
-                services: watch
-                    .iter()
-                    .filter_map(|n| source_of(n))
-                    .map(|s| (**s).clone())
-                    .collect(),
-                ..DesiredState::default()
-            };
-            inner.health.sync(&watched_source);
-            for &name in &dirty {
-                inner
-                    .overrides
-                    .prune_service(name, source_of(name).map(|s| &**s));
-            }
-            for (name, new) in effective {
-                match (new, inner.desired.services.get_mut(name)) {
-                    (Some(svc), Some(slot)) => *slot = svc,
-                    (Some(svc), None) => {
-                        inner.desired.services.insert(name.to_owned(), svc);
-                    }
-                    (None, _) => {
-                        inner.desired.services.remove(name);
-                    }
-                }
-            }
-            watch.retain(|n| source_of(n).is_some());
-            // Backends whose health metrics may change.
-            let recorded = self.metrics.health.recorded_services();
-            let metric_names: Vec<String> = dirty
-                .iter()
-                .filter(|n| {
-                    watch.contains(**n) || recorded.binary_search_by(|r| r.as_str().cmp(n)).is_ok()
-                })
-                .map(|n| n.to_string())
-                .collect();
-            drop(dirty);
-            inner.desired.workloads = workloads;
-            inner.source.commit(update);
-            inner.health_watch = watch;
-            inner.draining = draining;
-            inner.panicking = panicking;
-            inner.placement = placement;
-            sync_inbound(
-                &mut inner.inbound,
-                (&inner.desired, &inner.reconciler, &inner.placement),
-                inbound_names.as_deref(),
-                &report.new_service_ids,
-            );
-            if let Some(tunnel) = &self.tunnel
-                && placement_changed
-            {
-                tunnel.update(TunnelView {
-                    services: &inner.desired,
-                    mesh: &inner.placement.mesh,
-                    workloads: &inner.desired.workloads,
-                    identities: inner.reconciler.identities(),
-                });
-            }
-            for name in &metric_names {
-                let Some(svc) = inner.desired.get(name) else {
-                    self.metrics.health.forget(name, |_| false);
-                    continue;
-                };
-                let addrs: BTreeSet<String> = svc
-                    .backends
-                    .iter()
-                    .map(|b| b.socket_addr().to_string())
-                    .collect();
-                self.metrics.health.forget(name, |b| addrs.contains(b));
-                for b in &svc.backends {
-                    let health = inner.health.health(&svc.name, b.socket_addr(), now);
-                    self.metrics.health.set_health(
-                        &svc.name,
-                        b.socket_addr(),
-                        health == crate::health::Health::Healthy,
-                    );
-                }
-            }
-            Ok(report)
-        });
-        // After a large change (or many small ones, or a refusal, which may
-        // have parsed a whole file), hand the memory it used back; a small
-        // change reuses what the allocator keeps, which is faster.
-        inner.changed_since_trim += result
-            .as_ref()
-            .map_or(TRIM_AFTER, |r| r.services_changed + r.services_removed);
-        let big = inner.changed_since_trim >= TRIM_AFTER;
-        let status = &mut inner.reloads;
-        status.last_unix_ms = unix_ms();
-        match result {
-            Ok(report) => {
-                self.metrics.applied_lazily();
-                status.generation += 1;
-                status.ok += 1;
-                status.last_error = None;
-                info!(
-                    generation = status.generation,
-                    load_ms = inner.load_time.as_secs_f64() * 1e3,
-                    apply_ms = started.elapsed().as_secs_f64() * 1e3,
-                    changed = report.services_changed,
-                    removed = report.services_removed,
-                    backends_added = report.backends_added,
-                    backends_removed = report.removed_backends.len(),
-                    "configuration applied"
-                );
-                if report.cleanup_failures > 0 {
-                    warn!(
-                        count = report.cleanup_failures,
-                        "some stale map entries could not be deleted; retrying on the next reload"
-                    );
-                }
-                if !report.removed_backends.is_empty() {
-                    let cgroup = Path::new(&self.meta.cgroup);
-                    match destroy::destroy_sockets(
-                        cgroup,
-                        &report.removed_backends,
-                        &inner.maps.rev_nat,
-                    ) {
-                        Ok(0) => {}
-                        Ok(n) => {
-                            status.sockets_destroyed += n as u64;
-                            self.metrics.reconcile.sockets_destroyed(n as u64);
-                            info!(sockets = n, "destroyed sockets of removed backends");
-                        }
-                        Err(e) => warn!("could not destroy sockets of removed backends: {e}"),
-                    }
-                }
-            }
-            Err(e) => {
-                self.metrics.refused();
-                status.failed += 1;
-                status.last_error = Some(e.to_string());
-                error!(
-                    "reload refused, still serving generation {}: {e}",
-                    status.generation
-                );
-            }
-        }
-        inner.load_time = Duration::ZERO;
-        if big {
-            inner.changed_since_trim = 0;
-            release_free_memory();
-        }
-    }
-}
-
-/// Brings `MESH_INBOUND` and `MESH_NODE_ADDRS` in step with the applied
-/// state: the services `names` (None: all) are recomputed, the node's
-/// interface addresses re-read. A failure is logged and retried on the
-/// next apply; the maps keep what they held.
-fn sync_inbound(
-    inbound: &mut bpf::Inbound,
-    (desired, reconciler, placement): (&ServiceSet, &Reconciler, &Placement),
-    names: Option<&[String]>,
-    new_service_ids: &[u32],
-) {
-    let contribution = |svc: &Service| {
-        let id = bpf::tcp_service_id(svc, reconciler);
-        bpf::contribution(svc, &placement.mesh, &placement.node, id)
-    };
-    match names {
-        None => {
-            inbound.clear_services();
-            for svc in desired.iter() {
-                inbound.set_service(&svc.name, Some(contribution(svc)));
-            }
-        }
-        Some(names) => {
-            for name in names {
-                inbound.set_service(name, desired.get(name).map(|svc| contribution(svc)));
-            }
-        }
-    }
-    let interfaces = match crate::redirect::interface_addresses() {
-        Ok(addrs) => addrs,
-        Err(e) => {
-            warn!("strict mTLS: {e}; the inbound maps stay as they are until the next apply");
-            return;
-        }
-    };
-    if let Err(e) = inbound.write(interfaces, new_service_ids) {
-        warn!("strict mTLS: {e}; retrying on the next apply");
-    }
-}
-
-/// Each backend of a service (if any) with its node: what the tunnel's
-/// placement is built from.
-fn placed(svc: Option<&Service>) -> impl Iterator<Item = (std::net::SocketAddr, Option<&str>)> {
-    svc.into_iter()
-        .flat_map(|s| &s.backends)
-        .map(|b| (b.socket_addr(), b.node.as_deref()))
-}
-
-/// Hands memory freed by a large apply (parse trees, plans) back to the
-/// system; glibc keeps it otherwise, and the agent's RSS would stay at its
-/// peak.
-fn release_free_memory() {
-    // SAFETY: malloc_trim only walks glibc's own free lists.
-    unsafe {
-        libc::malloc_trim(0);
-    }
 }
 
 /// Runs the agent until SIGTERM or SIGINT. Programs and maps stay pinned
 /// when it returns, so traffic keeps flowing until the next agent starts;
 /// `mesh-agent cleanup` removes them.
 pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
-    // A bad file at start is fatal: there is no earlier state to keep serving.
-    let mut source = ConfigSource::new(&opts.config);
-    let first = source.load(&Scope::All)?;
     let cgroup = match &opts.cgroup {
         Some(path) => path.clone(),
         None => bpf::cgroup2_mount()?,
@@ -879,6 +227,12 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         }
         None => None,
     };
+    // A bad file at start is fatal: there is no earlier state to keep
+    // serving. The Kubernetes source returns once every kind is listed;
+    // until then the pinned maps of an earlier agent keep serving, and
+    // nothing is attached or changed.
+    let (mut source, first) = Source::open(&opts.source, &metrics).await?;
+    let changes = source.changes().map_err(AgentError::Signal)?;
     let pins = PinLayout::new(&opts.bpffs).with_version(opts.schema_version);
     let log_sites = opts.kernel_debug_log.log_sites();
     let Datapath {
@@ -939,23 +293,14 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             "pinned maps from an earlier agent keep their sizes; new sizes apply after `mesh-agent cleanup`"
         );
     }
-    let (mut health, health_changes) = HealthMonitor::new(opts.socket_mark);
-    source.commit(first);
+    let (health, health_changes) = HealthMonitor::new(opts.socket_mark);
     let placement = Placement {
         node: opts.node_name.clone(),
         tunnel_on: opts.tunnel.is_some(),
-        mesh: source.current().mesh.clone(),
+        mesh: Arc::default(),
     };
-    let mut desired: ServiceSet = source.current().clone();
-    for svc in desired.services.values_mut() {
-        *svc = placement.overlay_service(svc.clone());
-    }
-    let health_watch: BTreeSet<String> = desired
-        .iter()
-        .filter(|s| s.watches_health())
-        .map(|s| s.name.clone())
-        .collect();
-    health.sync(&desired.subset(&health_watch));
+    let mut overlays = Overlays::new(placement, health);
+    let desired = first_desired(&mut overlays, &mut source, first);
     metrics
         .kernel
         .attach(KernelMaps::open(&pins.maps_dir())?, capacity);
@@ -970,7 +315,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
         })?;
     sync_inbound(
         &mut inbound,
-        (&desired, &reconciler, &placement),
+        (&desired, &reconciler, &overlays.placement),
         None,
         &first_report.new_service_ids,
     );
@@ -987,7 +332,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             )?;
             tunnel.update(TunnelView {
                 services: &desired,
-                mesh: &placement.mesh,
+                mesh: &overlays.placement.mesh,
                 workloads: &desired.workloads,
                 identities: reconciler.identities(),
             });
@@ -1007,10 +352,9 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let shared = Arc::new(Shared {
         inner: Mutex::new(Inner {
             source,
-            health_watch,
+            overlays,
             load_time: Duration::ZERO,
             changed_since_trim: 0,
-            draining: Draining::default(),
             desired,
             reconciler,
             maps,
@@ -1022,15 +366,10 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             },
             events: VecDeque::with_capacity(EVENTS_KEPT),
             next_event: 0,
-            overrides: Overrides::default(),
-            health,
-            panicking: Vec::new(),
-            placement,
             inbound,
         }),
         meta: Meta {
             host_netns_cookie: agent_config.host_netns_cookie,
-            config_path: opts.config.display().to_string(),
             cgroup: cgroup.display().to_string(),
             bpffs: opts.bpffs.display().to_string(),
             programs: attached.iter().map(|p| p.to_string()).collect(),
@@ -1078,7 +417,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     let admin_task = admin::serve(&opts.admin_socket, shared.clone()).await?;
     info!(socket = %opts.admin_socket.display(), "ready");
 
-    watch(&opts, &shared, health_changes).await?;
+    watch(&opts, &shared, changes, health_changes).await?;
 
     admin_task.abort();
     if let Some(tunnel) = &shared.tunnel {
@@ -1095,85 +434,46 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
     Ok(())
 }
 
-/// Reloads on SIGHUP, when inotify reports a change of the config (a
-/// directory: of its files), and whenever the poll sees the file's (or a
-/// directory file's) size, times or inode change, which also catches the
-/// symlink swap Kubernetes does for ConfigMaps; returns on SIGTERM or SIGINT.
+/// The first desired state: the source's first load with the overlays laid
+/// over every service, committed to both.
+fn first_desired(overlays: &mut Overlays, source: &mut Source, first: Update) -> ServiceSet {
+    let nothing = ServiceSet::default();
+    let view = SourceView {
+        current: &nothing,
+        update: &first,
+    };
+    let dirty: BTreeSet<&str> = first.services.keys().map(String::as_str).collect();
+    let plan = overlays.plan(&nothing, view, &dirty, Instant::now());
+    let services = overlays
+        .commit(plan, view)
+        .into_iter()
+        .filter_map(|(name, svc)| Some((name.to_owned(), svc?)))
+        .collect();
+    drop(dirty);
+    source.commit(first);
+    ServiceSet {
+        services,
+        workloads: source.current().workloads.clone(),
+        mesh: source.current().mesh.clone(),
+    }
+}
+
+/// Applies what the source says whenever it changes, a drain ends or a
+/// backend's health moves; returns on SIGTERM or SIGINT.
 async fn watch(
     opts: &AgentOptions,
     shared: &Shared,
+    mut changes: Changes,
     mut health_changes: tokio::sync::mpsc::UnboundedReceiver<()>,
 ) -> Result<(), AgentError> {
-    let path = opts.config.as_path();
-    let mut hangup = signal(SignalKind::hangup()).map_err(AgentError::Signal)?;
     let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
     let mut ticker = tokio::time::interval(opts.watch_interval);
-    let is_dir = path.is_dir();
-    let inotify = if opts.inotify {
-        // A file is watched through its directory: editors and Kubernetes
-        // replace files by renaming.
-        let dir = if is_dir {
-            path.to_owned()
-        } else {
-            path.parent()
-                .filter(|p| !p.as_os_str().is_empty())
-                .unwrap_or(Path::new("."))
-                .to_owned()
-        };
-        match crate::inotify::Inotify::watch(&dir) {
-            Ok(w) => Some(w),
-            Err(e) => {
-                warn!(dir = %dir.display(), "inotify unavailable, polling every {:?}: {e}", opts.watch_interval);
-                None
-            }
-        }
-    } else {
-        None
-    };
-    let mut last_stamp = file_stamp(path);
     loop {
         tokio::select! {
-            _ = hangup.recv() => {
-                info!("SIGHUP: reloading {}", path.display());
-                last_stamp = file_stamp(path);
-                shared.reload(&Scope::All);
-            }
-            events = async { inotify.as_ref().expect("guarded").next().await }, if inotify.is_some() => {
-                match events {
-                    Ok(events) if events.overflow => shared.reload(&Scope::All),
-                    Ok(events) if is_dir => {
-                        if events.others {
-                            shared.reload(&Scope::All);
-                        } else if !events.paths.is_empty() {
-                            shared.reload(&Scope::Paths(events.paths));
-                        }
-                    }
-                    Ok(_) => {
-                        let stamp = file_stamp(path);
-                        if stamp != last_stamp {
-                            info!("{} changed: reloading", path.display());
-                            last_stamp = stamp;
-                            shared.reload(&Scope::All);
-                        }
-                    }
-                    Err(e) => warn!("reading inotify events failed: {e}"),
-                }
-            }
+            changed = changes.next() => shared.reload(&changed),
             _ = ticker.tick() => {
-                let changed = if is_dir {
-                    // Without inotify, a directory is scanned each tick
-                    // (one stat per file; only changed files are read).
-                    inotify.is_none()
-                } else {
-                    let stamp = file_stamp(path);
-                    let changed = stamp != last_stamp;
-                    last_stamp = stamp;
-                    changed
-                };
-                if changed {
-                    shared.reload(&Scope::All);
-                } else if shared.drain_expired() || shared.observe_outliers() {
+                if shared.drain_expired() || shared.observe_outliers() {
                     info!("drain timeout over or backend ejected: applying again");
                     shared.reapply(BTreeSet::new());
                 }
@@ -1187,20 +487,6 @@ async fn watch(
             _ = interrupt.recv() => return Ok(()),
         }
     }
-}
-
-/// What tells whether a file changed without reading it (None: missing).
-fn file_stamp(path: &Path) -> Option<(u64, i64, i64, i64, i64, u64)> {
-    use std::os::unix::fs::MetadataExt as _;
-    let m = std::fs::metadata(path).ok()?;
-    Some((
-        m.len(),
-        m.mtime(),
-        m.mtime_nsec(),
-        m.ctime(),
-        m.ctime_nsec(),
-        m.ino(),
-    ))
 }
 
 fn unix_ms() -> u64 {

@@ -640,6 +640,7 @@ fn service(
         panic_mode,
         mtls,
         backends,
+        origin: None,
     };
     Ok((service, name.referenced, vip.referenced))
 }
@@ -896,6 +897,7 @@ fn backend(raw: Spanned<RawBackend>, service: &str, mesh: &Mesh) -> Check<(Backe
         )?,
         node,
         tunnel: false,
+        priority: crate::state::PRIORITY_PREFERRED,
     };
     Ok((backend, address_text.referenced))
 }
@@ -1223,6 +1225,7 @@ services:
             state: BackendState::Active,
             node: None,
             tunnel: false,
+            priority: crate::state::PRIORITY_PREFERRED,
         };
         let web = Service {
             name: "web".into(),
@@ -1240,6 +1243,7 @@ services:
             panic_mode: PanicMode::All,
             mtls: None,
             backends: vec![backend(18081, 1), backend(18082, 2), backend(18083, 7)],
+            origin: None,
         };
         assert_eq!(
             state,
@@ -1993,6 +1997,7 @@ services:
                 state: BackendState::Active,
                 node: Some("node-a".into()),
                 tunnel: false,
+                priority: crate::state::PRIORITY_PREFERRED,
             }]
         );
         assert_eq!(api.mtls, None, "the mesh default, not a copy of it");

@@ -10,6 +10,7 @@ use mesh_agent::{
     config,
     kernel_log::KernelDebugLog,
     metrics,
+    source::{KubeOptions, SourceOptions},
 };
 
 #[derive(Parser, Debug)]
@@ -32,6 +33,13 @@ enum LogFormat {
     Json,
 }
 
+/// `--source`.
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum SourceKind {
+    File,
+    Kubernetes,
+}
+
 /// An on/off flag value.
 #[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
 enum Switch {
@@ -49,7 +57,26 @@ enum Command {
         /// directory whose `*.yaml` files together make the configuration
         /// (service and workload names unique across them).
         #[arg(long, env = "MESH_CONFIG")]
-        config: PathBuf,
+        config: Option<PathBuf>,
+        /// Where services, endpoints and workloads come from: the `--config`
+        /// file, or the Kubernetes API (Services, EndpointSlices, this
+        /// node's Pods and Node).
+        #[arg(long, env = "MESH_SOURCE", value_enum, default_value_t = SourceKind::File)]
+        source: SourceKind,
+        /// Kubernetes: a kubeconfig file [default: the pod's service account].
+        #[arg(long, env = "MESH_KUBECONFIG")]
+        kubeconfig: Option<PathBuf>,
+        /// Kubernetes: the trust domain of workloads' SPIFFE IDs
+        /// (spiffe://<trust-domain>/ns/<namespace>/sa/<service-account>).
+        #[arg(long, env = "MESH_TRUST_DOMAIN", default_value = mesh_agent::state::DEFAULT_TRUST_DOMAIN)]
+        trust_domain: String,
+        /// Kubernetes: /readyz fails while a watch has been failing this long.
+        #[arg(long, default_value_t = 60)]
+        watch_stale_seconds: u64,
+        /// Kubernetes: how often Nodes (this one's zone, the addresses of
+        /// nodes hosting endpoints) are read again.
+        #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
+        node_refresh_seconds: u64,
         /// Cgroup whose sockets are balanced [default: the root of the cgroup v2 tree].
         #[arg(long)]
         cgroup: Option<PathBuf>,
@@ -238,6 +265,11 @@ fn execute(command: Command) -> anyhow::Result<()> {
     match command {
         Command::Run {
             config,
+            source,
+            kubeconfig,
+            trust_domain,
+            watch_stale_seconds,
+            node_refresh_seconds,
             cgroup,
             bpffs,
             admin_socket,
@@ -272,13 +304,30 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 Some(name) => name,
                 None => hostname().context("cannot read the hostname; give --node-name")?,
             };
+            let watch_interval = Duration::from_millis(watch_interval_ms.max(10));
+            let source = match (source, config) {
+                (SourceKind::File, Some(path)) => SourceOptions::File {
+                    path,
+                    inotify: inotify == Switch::On,
+                    interval: watch_interval,
+                },
+                (SourceKind::File, None) => anyhow::bail!("--source=file needs --config"),
+                (SourceKind::Kubernetes, _) => SourceOptions::Kubernetes(KubeOptions {
+                    kubeconfig,
+                    node_name: node_name.clone(),
+                    trust_domain,
+                    cgroup_mount: mesh_agent::bpf::cgroup2_mount()
+                        .context("Kubernetes mode finds pods' cgroups under the cgroup v2 mount")?,
+                    stale_after: Duration::from_secs(watch_stale_seconds),
+                    node_refresh: Duration::from_secs(node_refresh_seconds),
+                }),
+            };
             let opts = agent::AgentOptions {
-                config,
+                source,
                 cgroup,
                 bpffs,
                 admin_socket,
-                watch_interval: Duration::from_millis(watch_interval_ms.max(10)),
-                inotify: inotify == Switch::On,
+                watch_interval,
                 socket_mark,
                 map_sizes: MapSizes {
                     services: max_services,

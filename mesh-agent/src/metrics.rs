@@ -107,6 +107,7 @@ pub struct Metrics {
     pub kernel: Arc<KernelCollector>,
     pub tunnel: crate::tunnel::TunnelMetrics,
     pub identity: crate::identity::IdentityMetrics,
+    pub kubernetes: crate::source::kubernetes::KubeMetrics,
     probes: Probes,
     registry: Registry,
 }
@@ -140,6 +141,7 @@ impl Metrics {
         let health = health::Metrics::new(&mut registry);
         let tunnel = crate::tunnel::TunnelMetrics::new(&mut registry);
         let identity = crate::identity::IdentityMetrics::new(&mut registry);
+        let kubernetes = crate::source::kubernetes::KubeMetrics::new(&mut registry);
         let kernel = Arc::new(KernelCollector::default());
         health.list_from(kernel.clone());
         registry.register_collector(Box::new(kernel.clone()));
@@ -149,6 +151,7 @@ impl Metrics {
             kernel,
             tunnel,
             identity,
+            kubernetes,
             probes: Probes::new(),
             registry,
         }
@@ -196,6 +199,20 @@ impl Metrics {
         self.probes.ready.store(true, Ordering::Release);
     }
 
+    /// A condition that keeps the agent unready while it holds (the
+    /// source's watches failing for too long), besides the first apply.
+    pub fn add_readiness_check(&self, check: ReadinessCheck) {
+        let _ = self.probes.check.set(check);
+    }
+
+    /// Ready, or why not.
+    pub fn readiness(&self) -> Result<(), String> {
+        if !self.is_ready() {
+            return Err("no configuration has reached the kernel yet".to_owned());
+        }
+        self.probes.check.get().map_or(Ok(()), |check| check())
+    }
+
     pub fn is_ready(&self) -> bool {
         self.probes.ready.load(Ordering::Acquire)
     }
@@ -241,9 +258,13 @@ impl Metrics {
     }
 }
 
+/// A readiness condition: Err says why the agent is not ready.
+pub type ReadinessCheck = Box<dyn Fn() -> Result<(), String> + Send + Sync>;
+
 /// Readiness and liveness state, read by the probe endpoints.
 struct Probes {
     ready: AtomicBool,
+    check: std::sync::OnceLock<ReadinessCheck>,
     start: Instant,
     /// Milliseconds after `start` of the last heartbeat.
     last_beat_ms: AtomicU64,
@@ -253,6 +274,7 @@ impl Probes {
     fn new() -> Self {
         Self {
             ready: AtomicBool::new(false),
+            check: std::sync::OnceLock::new(),
             start: Instant::now(),
             last_beat_ms: AtomicU64::new(0),
         }

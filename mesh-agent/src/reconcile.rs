@@ -1187,7 +1187,9 @@ fn backend_value(b: &crate::state::Backend, service_id: u32) -> BackendValue {
         state: match b.state {
             BackendState::Active => BACKEND_ACTIVE,
             // Unhealthy backends, like draining ones, take no new connections.
-            BackendState::Draining | BackendState::Unhealthy => BACKEND_DRAINING,
+            BackendState::Draining | BackendState::Unhealthy | BackendState::Standby => {
+                BACKEND_DRAINING
+            }
         },
         service_id,
         flags: if b.tunnel {

@@ -120,6 +120,16 @@ pub struct Service {
     pub mtls: Option<MtlsMode>,
     /// May be empty only when the source allows it: connects then fail fast.
     pub backends: Vec<Backend>,
+    /// The object this service was made from, when a source other than the
+    /// file made it (a Kubernetes Service's namespace and name).
+    pub origin: Option<Origin>,
+}
+
+/// Where a service came from, for people (`meshctl services`).
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+pub struct Origin {
+    pub namespace: String,
+    pub name: String,
 }
 
 impl Service {
@@ -159,7 +169,19 @@ pub struct Backend {
     /// Connections to it go through the local agent's tunnel to its node
     /// (mTLS). Set by the agent (its placement overlay), never by a source.
     pub tunnel: bool,
+    /// Preference: new connections go to the backends of the lowest
+    /// priority that has a usable (active, healthy) backend; the others
+    /// stand by (`PRIORITY_*`). A file's backends are all preferred.
+    pub priority: u8,
 }
+
+/// A backend chosen first (this node's or zone's, where topology says so).
+pub const PRIORITY_PREFERRED: u8 = 0;
+/// A backend used when no preferred one is usable.
+pub const PRIORITY_FALLBACK: u8 = 1;
+/// A backend that is going away but still serves (a terminating pod): used
+/// only when nothing else is left, as kube-proxy does.
+pub const PRIORITY_TERMINATING: u8 = u8::MAX;
 
 impl Backend {
     pub fn socket_addr(&self) -> SocketAddr {
@@ -171,7 +193,7 @@ impl Backend {
     pub fn effective_weight(&self) -> u32 {
         match self.state {
             BackendState::Active => self.weight,
-            BackendState::Draining | BackendState::Unhealthy => 0,
+            BackendState::Draining | BackendState::Unhealthy | BackendState::Standby => 0,
         }
     }
 }
@@ -185,6 +207,9 @@ pub enum BackendState {
     /// Failed its health checks or was ejected: no new connections until it
     /// recovers. Set by the agent, never by a source.
     Unhealthy,
+    /// A fallback while backends of a lower priority are usable: no new
+    /// connections, established ones continue. Set by the agent.
+    Standby,
 }
 
 impl fmt::Display for BackendState {
@@ -193,6 +218,7 @@ impl fmt::Display for BackendState {
             BackendState::Active => "active",
             BackendState::Draining => "draining",
             BackendState::Unhealthy => "unhealthy",
+            BackendState::Standby => "standby",
         })
     }
 }

@@ -54,8 +54,10 @@ fn desired(vip: SocketAddr, backends: &[(&TestBackend, u32)]) -> DesiredState {
                     state: BackendState::Active,
                     node: None,
                     tunnel: false,
+                    priority: 0,
                 })
                 .collect(),
+            origin: None,
         }],
         ..DesiredState::default()
     }

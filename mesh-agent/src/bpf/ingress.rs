@@ -352,6 +352,7 @@ mod tests {
             state: BackendState::Active,
             node: node.map(str::to_owned),
             tunnel: false,
+            priority: crate::state::PRIORITY_PREFERRED,
         }
     }
 
@@ -372,6 +373,7 @@ mod tests {
             panic_mode: Default::default(),
             mtls,
             backends,
+            origin: None,
         }
     }
 

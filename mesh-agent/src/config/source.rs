@@ -57,6 +57,20 @@ pub struct Update {
 }
 
 impl Update {
+    /// An update of another source (no file bookkeeping).
+    pub fn new(
+        services: BTreeMap<String, Option<Arc<Service>>>,
+        workloads: Option<Arc<Vec<Workload>>>,
+        mesh: Option<Arc<Mesh>>,
+    ) -> Self {
+        Self {
+            services,
+            workloads,
+            mesh,
+            next: Pending::Nothing,
+        }
+    }
+
     pub fn is_empty(&self) -> bool {
         self.services.is_empty() && self.workloads.is_none() && self.mesh.is_none()
     }

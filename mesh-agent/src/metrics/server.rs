@@ -173,11 +173,13 @@ fn route(req: &Request<Incoming>, metrics: &Metrics) -> Response<Full<Bytes>> {
                 metrics.silent_for().as_secs_f64()
             ),
         ),
-        PATH_READYZ if metrics.is_ready() => text(StatusCode::OK, "ready\n"),
-        PATH_READYZ => text(
-            StatusCode::SERVICE_UNAVAILABLE,
-            "not ready: no configuration has reached the kernel yet\n",
-        ),
+        PATH_READYZ => match metrics.readiness() {
+            Ok(()) => text(StatusCode::OK, "ready\n"),
+            Err(why) => text(
+                StatusCode::SERVICE_UNAVAILABLE,
+                &format!("not ready: {why}\n"),
+            ),
+        },
         other => text(
             StatusCode::NOT_FOUND,
             &format!(
