@@ -1,0 +1,871 @@
+//! The Kubernetes source: Services and EndpointSlices of the cluster, the
+//! Pods of this node and this node's Node, watched through the API with
+//! kube-rs watchers (default backoff, bookmarks, 410 → relist), turned
+//! into the desired model (`translate`, `cgroups`).
+//!
+//! Two halves. A task on the agent's runtime owns the watchers and an index
+//! of the objects; it translates only the Services an event touched and
+//! hands the agent the frontends whose translation changed (`Pending`). The
+//! agent's half ([`KubeSource`]) turns those into an [`Update`] and drops
+//! them once committed, so a refused apply is retried with what is pending
+//! then, and an identical resync hands over nothing at all.
+//!
+//! Correctness across restarts and resyncs (Cilium #26912, #48050):
+//! - nothing is handed over until every kind has finished its first list
+//!   (the agent waits, and the pinned maps keep serving meanwhile);
+//! - a relist (a broken watch, 410 Gone) is buffered and diffed against
+//!   the index when it ends: objects missing from it are deleted, changed
+//!   ones replaced, the rest not touched;
+//! - `/readyz` fails until the first lists are done, and again while any
+//!   watch has been failing for longer than `--watch-stale-seconds`.
+
+pub mod cgroups;
+mod metrics;
+pub mod translate;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::net::IpAddr;
+use std::path::PathBuf;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use futures_util::{Stream, StreamExt as _};
+use k8s_openapi::api::core::v1::{Node as KubeNode, Pod, Service as KubeService};
+use k8s_openapi::api::discovery::v1::EndpointSlice;
+use kube::runtime::WatchStreamExt as _;
+use kube::runtime::watcher::{self, Event};
+use kube::{Api, Client, Resource, ResourceExt as _};
+use tokio::sync::Notify;
+use tracing::{info, warn};
+
+pub use self::metrics::KubeMetrics;
+use crate::config::Update;
+use crate::state::{DEFAULT_TUNNEL_PORT, Mesh, Node, Service, ServiceSet, Workload};
+
+/// Label selector of the Services and EndpointSlices served: kube-proxy's
+/// (another proxy's services, and headless services' slices, are skipped
+/// by the API server).
+const PROXIED: &str = "!service.kubernetes.io/service-proxy-name,!service.kubernetes.io/headless";
+
+/// How `--source=kubernetes` reaches the API and finds this node's pods.
+#[derive(Clone, Debug)]
+pub struct KubeOptions {
+    /// A kubeconfig file; None: the in-cluster service account.
+    pub kubeconfig: Option<PathBuf>,
+    pub node_name: String,
+    /// Of the workloads' SPIFFE IDs.
+    pub trust_domain: String,
+    /// The cgroup v2 mount, under which the kubelet makes pod cgroups.
+    pub cgroup_mount: PathBuf,
+    /// `/readyz` fails while a watch has been failing this long.
+    pub stale_after: Duration,
+    /// How often Nodes (this one's zone, peers' addresses) are read again.
+    pub node_refresh: Duration,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum KubeError {
+    #[error(
+        "cannot read the kubeconfig {path}: {source}; pass a valid --kubeconfig, or none inside a pod"
+    )]
+    Kubeconfig {
+        path: String,
+        #[source]
+        source: kube::config::KubeconfigError,
+    },
+    #[error(
+        "no Kubernetes API to talk to: {0}; inside a pod the service account must be mounted, outside one pass --kubeconfig"
+    )]
+    InCluster(#[source] kube::config::InClusterError),
+    #[error("cannot make a Kubernetes client: {0}")]
+    Client(#[source] kube::Error),
+}
+
+/// The kinds watched, as metrics and logs name them.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+enum Kind {
+    Service,
+    EndpointSlice,
+    Pod,
+    Node,
+}
+
+impl Kind {
+    fn name(self) -> &'static str {
+        match self {
+            Kind::Service => "Service",
+            Kind::EndpointSlice => "EndpointSlice",
+            Kind::Pod => "Pod",
+            Kind::Node => "Node",
+        }
+    }
+}
+
+/// What the task has translated and the agent has not committed yet.
+#[derive(Default)]
+struct Pending {
+    services: BTreeMap<String, Option<Arc<Service>>>,
+    workloads: Option<Arc<Vec<Workload>>>,
+    mesh: Option<Arc<Mesh>>,
+    /// The earliest arrival of an event behind what is pending, per kind.
+    arrived: BTreeMap<Kind, Instant>,
+}
+
+/// What the task shares with the agent's half and with `/readyz`.
+struct Shared {
+    pending: Mutex<Pending>,
+    changed: Notify,
+    /// Set once every kind has finished its first list.
+    synced: std::sync::OnceLock<()>,
+    /// Per watched kind, since when its watch has been failing.
+    broken_since: Mutex<BTreeMap<Kind, Instant>>,
+    stale_after: Duration,
+    metrics: KubeMetrics,
+}
+
+impl Shared {
+    fn pending(&self) -> std::sync::MutexGuard<'_, Pending> {
+        self.pending.lock().unwrap_or_else(|p| p.into_inner())
+    }
+}
+
+/// The agent's half: the committed state and the task's pending changes.
+pub struct KubeSource {
+    current: ServiceSet,
+    shared: Arc<Shared>,
+    /// The watchers' task; ended when the source is dropped.
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// How the agent's loop learns of pending changes.
+pub struct KubeChanges {
+    shared: Arc<Shared>,
+}
+
+impl Drop for KubeSource {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+impl KubeSource {
+    /// Connects, starts the watchers and waits until every kind has been
+    /// listed once; returns the whole first state.
+    pub async fn open(
+        opts: &KubeOptions,
+        metrics: KubeMetrics,
+    ) -> Result<(Self, Update), KubeError> {
+        let client = client(opts).await?;
+        let shared = Arc::new(Shared {
+            pending: Mutex::default(),
+            changed: Notify::new(),
+            synced: std::sync::OnceLock::new(),
+            broken_since: Mutex::default(),
+            stale_after: opts.stale_after,
+            metrics,
+        });
+        let task = tokio::spawn(run(client, opts.clone(), shared.clone()));
+        info!(node = %opts.node_name, "kubernetes: listing Services, EndpointSlices, this node's Pods and Node");
+        let started = Instant::now();
+        while shared.synced.get().is_none() {
+            shared.changed.notified().await;
+        }
+        info!(
+            ms = started.elapsed().as_millis() as u64,
+            "kubernetes: first lists done"
+        );
+        let source = Self {
+            current: ServiceSet::default(),
+            shared,
+            task,
+        };
+        let first = source.load();
+        Ok((source, first))
+    }
+
+    pub fn changes(&self) -> KubeChanges {
+        KubeChanges {
+            shared: self.shared.clone(),
+        }
+    }
+
+    pub fn current(&self) -> &ServiceSet {
+        &self.current
+    }
+
+    /// What is pending, as an update of the committed state.
+    pub fn load(&self) -> Update {
+        let pending = self.shared.pending();
+        Update::new(
+            pending.services.clone(),
+            pending.workloads.clone(),
+            pending.mesh.clone(),
+        )
+    }
+
+    /// `update` reached the kernel: it becomes the committed state, and
+    /// what of it is still pending (nothing newer came meanwhile) is done.
+    pub fn commit(&mut self, update: Update) {
+        let mut pending = self.shared.pending();
+        let same = |a: &Option<Arc<Service>>, b: &Option<Arc<Service>>| match (a, b) {
+            (Some(a), Some(b)) => Arc::ptr_eq(a, b),
+            (None, None) => true,
+            _ => false,
+        };
+        for (name, svc) in &update.services {
+            if pending.services.get(name).is_some_and(|p| same(p, svc)) {
+                pending.services.remove(name);
+            }
+        }
+        if let Some(w) = &update.workloads
+            && pending
+                .workloads
+                .as_ref()
+                .is_some_and(|p| Arc::ptr_eq(p, w))
+        {
+            pending.workloads = None;
+        }
+        if let Some(m) = &update.mesh
+            && pending.mesh.as_ref().is_some_and(|p| Arc::ptr_eq(p, m))
+        {
+            pending.mesh = None;
+        }
+        let done =
+            pending.services.is_empty() && pending.workloads.is_none() && pending.mesh.is_none();
+        if done {
+            let now = Instant::now();
+            for (kind, at) in std::mem::take(&mut pending.arrived) {
+                self.shared
+                    .metrics
+                    .to_kernel(kind.name(), now.duration_since(at).as_secs_f64());
+            }
+        }
+        drop(pending);
+        for (name, svc) in update.services {
+            match svc {
+                Some(svc) => {
+                    self.current.services.insert(name, svc);
+                }
+                None => {
+                    self.current.services.remove(&name);
+                }
+            }
+        }
+        if let Some(w) = update.workloads {
+            self.current.workloads = w;
+        }
+        if let Some(m) = update.mesh {
+            self.current.mesh = m;
+        }
+    }
+
+    /// Why the agent is not ready: a watch failing for too long.
+    pub fn readiness(&self) -> impl Fn() -> Result<(), String> + Send + Sync + 'static {
+        let shared = self.shared.clone();
+        move || {
+            let broken = shared
+                .broken_since
+                .lock()
+                .unwrap_or_else(|p| p.into_inner());
+            match broken
+                .iter()
+                .find(|(_, since)| since.elapsed() > shared.stale_after)
+            {
+                Some((kind, since)) => Err(format!(
+                    "the {} watch has been failing for {} s",
+                    kind.name(),
+                    since.elapsed().as_secs()
+                )),
+                None => Ok(()),
+            }
+        }
+    }
+}
+
+impl KubeChanges {
+    /// Waits until changes are pending. Cancel-safe.
+    pub async fn next(&mut self) {
+        loop {
+            let notified = self.shared.changed.notified();
+            {
+                let p = self.shared.pending();
+                if !p.services.is_empty() || p.workloads.is_some() || p.mesh.is_some() {
+                    return;
+                }
+            }
+            notified.await;
+        }
+    }
+}
+
+async fn client(opts: &KubeOptions) -> Result<Client, KubeError> {
+    let config = match &opts.kubeconfig {
+        Some(path) => {
+            let fail = |source| KubeError::Kubeconfig {
+                path: path.display().to_string(),
+                source,
+            };
+            let file = kube::config::Kubeconfig::read_from(path).map_err(fail)?;
+            kube::Config::from_custom_kubeconfig(file, &kube::config::KubeConfigOptions::default())
+                .await
+                .map_err(fail)?
+        }
+        None => kube::Config::incluster().map_err(KubeError::InCluster)?,
+    };
+    Client::try_from(config).map_err(KubeError::Client)
+}
+
+type Key = (String, String);
+
+fn key_of<K: Resource>(obj: &K) -> Key {
+    (obj.namespace().unwrap_or_default(), obj.name_any())
+}
+
+/// One watcher event of any kind.
+enum Watched {
+    Service(Event<KubeService>),
+    Slice(Event<EndpointSlice>),
+    Pod(Event<Pod>),
+    Failed(Kind, watcher::Error),
+    Nodes(BTreeMap<String, NodeFacts>),
+}
+
+/// What the source needs of a Node.
+#[derive(Clone, Debug, PartialEq, Eq)]
+struct NodeFacts {
+    zone: Option<String>,
+    address: Option<IpAddr>,
+}
+
+type Events = Pin<Box<dyn Stream<Item = Watched> + Send>>;
+
+fn watch<K>(
+    api: Api<K>,
+    config: watcher::Config,
+    kind: Kind,
+    wrap: fn(Event<K>) -> Watched,
+) -> Events
+where
+    K: Resource + Clone + std::fmt::Debug + serde::de::DeserializeOwned + Send + 'static,
+{
+    Box::pin(
+        watcher::watcher(api, config)
+            .default_backoff()
+            .map(move |r| match r {
+                Ok(e) => wrap(e),
+                Err(e) => Watched::Failed(kind, e),
+            }),
+    )
+}
+
+/// The watchers' task: runs until the source is dropped.
+async fn run(client: Client, opts: KubeOptions, shared: Arc<Shared>) {
+    let streams = vec![
+        watch(
+            Api::<KubeService>::all(client.clone()),
+            watcher::Config::default().labels(PROXIED),
+            Kind::Service,
+            Watched::Service,
+        ),
+        watch(
+            Api::<EndpointSlice>::all(client.clone()),
+            watcher::Config::default().labels(PROXIED),
+            Kind::EndpointSlice,
+            Watched::Slice,
+        ),
+        watch(
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default().fields(&format!("spec.nodeName={}", opts.node_name)),
+            Kind::Pod,
+            Watched::Pod,
+        ),
+    ];
+    let (nodes_tx, nodes_rx) = tokio::sync::mpsc::unbounded_channel();
+    let (wanted_tx, wanted_rx) =
+        tokio::sync::watch::channel(BTreeSet::from([opts.node_name.clone()]));
+    let poller = tokio::spawn(poll_nodes(
+        Api::<KubeNode>::all(client),
+        wanted_rx,
+        opts.node_refresh,
+        nodes_tx,
+        shared.clone(),
+    ));
+    let nodes = Box::pin(tokio_stream_from(nodes_rx).map(Watched::Nodes)) as Events;
+    let mut events = futures_util::stream::select_all(streams.into_iter().chain([nodes]));
+    let mut index = Index::new(&opts);
+    while let Some(first) = events.next().await {
+        let arrived = Instant::now();
+        let mut kinds = BTreeSet::new();
+        // Take every event already waiting: one translation for a burst.
+        let mut batch = vec![first];
+        while batch.len() < 4096 {
+            match futures_util::FutureExt::now_or_never(events.next()) {
+                Some(Some(e)) => batch.push(e),
+                _ => break,
+            }
+        }
+        for event in batch {
+            if let Some(kind) = index.take(event, &shared) {
+                kinds.insert(kind);
+            }
+        }
+        let _ = wanted_tx.send_if_modified(|wanted| {
+            let now = index.wanted_nodes();
+            let changed = *wanted != now;
+            *wanted = now;
+            changed
+        });
+        index.publish(&shared, &kinds, arrived);
+    }
+    poller.abort();
+}
+
+/// An unbounded receiver as a stream (without pulling in tokio-stream).
+fn tokio_stream_from<T: Send + 'static>(
+    mut rx: tokio::sync::mpsc::UnboundedReceiver<T>,
+) -> impl Stream<Item = T> + Send {
+    futures_util::stream::poll_fn(move |cx| rx.poll_recv(cx))
+}
+
+/// Reads this node and the peers that host endpoints with `get` (the
+/// only verb the agent has on Nodes), when the set changes and every
+/// `refresh`.
+async fn poll_nodes(
+    api: Api<KubeNode>,
+    mut wanted: tokio::sync::watch::Receiver<BTreeSet<String>>,
+    refresh: Duration,
+    tx: tokio::sync::mpsc::UnboundedSender<BTreeMap<String, NodeFacts>>,
+    shared: Arc<Shared>,
+) {
+    let mut tick = tokio::time::interval(refresh);
+    let mut known: BTreeMap<String, NodeFacts> = BTreeMap::new();
+    loop {
+        tokio::select! {
+            _ = tick.tick() => {}
+            r = wanted.changed() => if r.is_err() { return },
+        }
+        let names = wanted.borrow_and_update().clone();
+        let mut read = BTreeMap::new();
+        let mut failed = false;
+        for name in &names {
+            match api.get(name).await {
+                Ok(node) => {
+                    read.insert(name.clone(), node_facts(&node));
+                }
+                Err(e) => {
+                    failed = true;
+                    warn!(node = %name, "kubernetes: cannot read the Node: {e}");
+                    if let Some(old) = known.get(name) {
+                        read.insert(name.clone(), old.clone());
+                    }
+                }
+            }
+        }
+        mark(&shared, Kind::Node, failed);
+        if read != known || !failed && shared.synced.get().is_none() {
+            known = read.clone();
+            if tx.send(read).is_err() {
+                return;
+            }
+        }
+    }
+}
+
+fn node_facts(node: &KubeNode) -> NodeFacts {
+    let zone = node
+        .labels()
+        .get("topology.kubernetes.io/zone")
+        .filter(|z| !z.is_empty() && !z.chars().any(char::is_control))
+        .cloned();
+    let addresses = node
+        .status
+        .as_ref()
+        .and_then(|s| s.addresses.as_ref())
+        .map(|a| a.as_slice())
+        .unwrap_or_default();
+    let address = ["InternalIP", "ExternalIP"].iter().find_map(|kind| {
+        addresses
+            .iter()
+            .filter(|a| a.type_ == *kind)
+            .find_map(|a| a.address.parse::<IpAddr>().ok())
+    });
+    NodeFacts { zone, address }
+}
+
+/// Records whether `kind`'s watch is failing now.
+fn mark(shared: &Shared, kind: Kind, failing: bool) {
+    let mut broken = shared
+        .broken_since
+        .lock()
+        .unwrap_or_else(|p| p.into_inner());
+    if failing {
+        broken.entry(kind).or_insert_with(Instant::now);
+    } else {
+        broken.remove(&kind);
+    }
+}
+
+/// One kind's objects, and the relist in progress if any.
+struct Objects<K> {
+    by_key: BTreeMap<Key, Arc<K>>,
+    relist: Option<BTreeMap<Key, Arc<K>>>,
+    synced: bool,
+}
+
+impl<K: Resource> Objects<K> {
+    fn new() -> Self {
+        Self {
+            by_key: BTreeMap::new(),
+            relist: None,
+            synced: false,
+        }
+    }
+
+    /// Takes one event; returns the objects it changed (old and new
+    /// versions), so their dependents can be recomputed.
+    fn take(&mut self, event: Event<K>) -> Vec<Arc<K>> {
+        match event {
+            Event::Init => {
+                self.relist = Some(BTreeMap::new());
+                Vec::new()
+            }
+            Event::InitApply(obj) => {
+                let obj = Arc::new(obj);
+                self.relist
+                    .get_or_insert_with(BTreeMap::new)
+                    .insert(key_of(&*obj), obj);
+                Vec::new()
+            }
+            Event::InitDone => {
+                self.synced = true;
+                let listed = self.relist.take().unwrap_or_default();
+                let mut touched = Vec::new();
+                // Deleted during the gap.
+                self.by_key.retain(|k, old| {
+                    let keep = listed.contains_key(k);
+                    if !keep {
+                        touched.push(old.clone());
+                    }
+                    keep
+                });
+                for (k, obj) in listed {
+                    let same = self
+                        .by_key
+                        .get(&k)
+                        .is_some_and(|old| old.resource_version() == obj.resource_version());
+                    if !same {
+                        if let Some(old) = self.by_key.insert(k, obj.clone()) {
+                            touched.push(old);
+                        }
+                        touched.push(obj);
+                    }
+                }
+                touched
+            }
+            Event::Apply(obj) => {
+                let obj = Arc::new(obj);
+                let old = self.by_key.insert(key_of(&*obj), obj.clone());
+                if old
+                    .as_ref()
+                    .is_some_and(|o| o.resource_version() == obj.resource_version())
+                {
+                    return Vec::new();
+                }
+                old.into_iter().chain([obj]).collect()
+            }
+            Event::Delete(obj) => self.by_key.remove(&key_of(&obj)).into_iter().collect(),
+        }
+    }
+}
+
+/// Everything watched, and what was last handed to the agent.
+struct Index {
+    node: String,
+    trust_domain: String,
+    layout: cgroups::Layout,
+    services: Objects<KubeService>,
+    slices: Objects<EndpointSlice>,
+    pods: Objects<Pod>,
+    /// Slices by their Service (namespace, service-name label).
+    slices_of: BTreeMap<Key, BTreeSet<Key>>,
+    nodes: BTreeMap<String, NodeFacts>,
+    nodes_read: bool,
+    /// Frontends last handed over, per Service.
+    frontends: BTreeMap<Key, Vec<Arc<Service>>>,
+    /// Services to translate again on the next publish.
+    dirty: BTreeSet<Key>,
+    workloads_dirty: bool,
+    mesh_dirty: bool,
+    /// The last error of each Service refused, so it is logged once.
+    refused: BTreeMap<Key, String>,
+    /// The workloads and mesh last handed over.
+    published: Option<(Arc<Vec<Workload>>, Arc<Mesh>)>,
+}
+
+impl Index {
+    fn new(opts: &KubeOptions) -> Self {
+        Self {
+            node: opts.node_name.clone(),
+            trust_domain: opts.trust_domain.clone(),
+            layout: cgroups::Layout::new(opts.cgroup_mount.clone()),
+            services: Objects::new(),
+            slices: Objects::new(),
+            pods: Objects::new(),
+            slices_of: BTreeMap::new(),
+            nodes: BTreeMap::new(),
+            nodes_read: false,
+            frontends: BTreeMap::new(),
+            dirty: BTreeSet::new(),
+            workloads_dirty: true,
+            mesh_dirty: true,
+            refused: BTreeMap::new(),
+            published: None,
+        }
+    }
+
+    /// Takes one event; returns its kind unless it changed nothing.
+    fn take(&mut self, event: Watched, shared: &Shared) -> Option<Kind> {
+        let metrics = &shared.metrics;
+        let (kind, relisted) = match event {
+            Watched::Service(e) => {
+                let done = matches!(e, Event::InitDone);
+                if !matches!(e, Event::Init | Event::InitDone) {
+                    metrics.event(Kind::Service.name());
+                }
+                for svc in self.services.take(e) {
+                    self.dirty.insert(key_of(&*svc));
+                }
+                (Kind::Service, done)
+            }
+            Watched::Slice(e) => {
+                let done = matches!(e, Event::InitDone);
+                if !matches!(e, Event::Init | Event::InitDone) {
+                    metrics.event(Kind::EndpointSlice.name());
+                }
+                for slice in self.slices.take(e) {
+                    self.reindex_slice(&slice);
+                }
+                (Kind::EndpointSlice, done)
+            }
+            Watched::Pod(e) => {
+                let done = matches!(e, Event::InitDone);
+                if !matches!(e, Event::Init | Event::InitDone) {
+                    metrics.event(Kind::Pod.name());
+                }
+                if !self.pods.take(e).is_empty() {
+                    self.workloads_dirty = true;
+                }
+                (Kind::Pod, done)
+            }
+            Watched::Nodes(nodes) => {
+                metrics.event(Kind::Node.name());
+                self.nodes_read = true;
+                let zone = |n: &BTreeMap<String, NodeFacts>| {
+                    n.get(&self.node).and_then(|f| f.zone.clone())
+                };
+                if zone(&nodes) != zone(&self.nodes) {
+                    // Topology of every Service may change.
+                    self.dirty.extend(self.services.by_key.keys().cloned());
+                }
+                self.nodes = nodes;
+                self.mesh_dirty = true;
+                return Some(Kind::Node);
+            }
+            Watched::Failed(kind, e) => {
+                metrics.watch_error(kind.name());
+                mark(shared, kind, true);
+                warn!(
+                    kind = kind.name(),
+                    "kubernetes: watch failed, retrying with backoff: {e}"
+                );
+                return None;
+            }
+        };
+        mark(shared, kind, false);
+        if relisted {
+            metrics.relist(kind.name());
+            info!(kind = kind.name(), "kubernetes: list done");
+        }
+        Some(kind)
+    }
+
+    /// Files `slice` under its Service (a changed label moves it) and marks
+    /// that Service for translation.
+    fn reindex_slice(&mut self, slice: &EndpointSlice) {
+        let key = key_of(slice);
+        for keys in self.slices_of.values_mut() {
+            keys.remove(&key);
+        }
+        let owner = |s: &EndpointSlice| {
+            s.labels()
+                .get(translate::SERVICE_NAME_LABEL)
+                .map(|name| (key.0.clone(), name.clone()))
+        };
+        if let Some(current) = self.slices.by_key.get(&key)
+            && let Some(service) = owner(current)
+        {
+            self.slices_of
+                .entry(service)
+                .or_default()
+                .insert(key.clone());
+        }
+        if let Some(service) = owner(slice) {
+            self.dirty.insert(service);
+        }
+        self.slices_of.retain(|_, keys| !keys.is_empty());
+    }
+
+    /// Nodes whose facts the source needs: this one, and those hosting
+    /// endpoints.
+    fn wanted_nodes(&self) -> BTreeSet<String> {
+        let mut names = BTreeSet::from([self.node.clone()]);
+        for slice in self.slices.by_key.values() {
+            for ep in &slice.endpoints {
+                if let Some(n) = &ep.node_name {
+                    names.insert(n.clone());
+                }
+            }
+        }
+        names
+    }
+
+    fn synced(&self) -> bool {
+        self.services.synced && self.slices.synced && self.pods.synced && self.nodes_read
+    }
+
+    /// Translates what changed and hands the agent whatever differs from
+    /// what it was handed before. Nothing before every kind's first list.
+    fn publish(&mut self, shared: &Shared, kinds: &BTreeSet<Kind>, arrived: Instant) {
+        if !self.synced() {
+            return;
+        }
+        let mut services: BTreeMap<String, Option<Arc<Service>>> = BTreeMap::new();
+        let dirty = std::mem::take(&mut self.dirty);
+        let zone = self.nodes.get(&self.node).and_then(|f| f.zone.clone());
+        let this = translate::ThisNode {
+            name: &self.node,
+            zone: zone.as_deref(),
+        };
+        for key in dirty {
+            let new = match self.services.by_key.get(&key) {
+                None => Vec::new(),
+                Some(svc) => {
+                    let slices = self
+                        .slices_of
+                        .get(&key)
+                        .into_iter()
+                        .flatten()
+                        .filter_map(|k| self.slices.by_key.get(k))
+                        .map(|s| &**s);
+                    match translate::translate(svc, slices, &this) {
+                        Ok(frontends) => {
+                            self.refused.remove(&key);
+                            frontends
+                        }
+                        Err(e) => {
+                            let text = e.to_string();
+                            if self.refused.get(&key) != Some(&text) {
+                                shared.metrics.refused();
+                                warn!("kubernetes: {text}; its last good state keeps serving");
+                                self.refused.insert(key.clone(), text);
+                            }
+                            continue;
+                        }
+                    }
+                }
+            };
+            let old = self.frontends.remove(&key).unwrap_or_default();
+            let mut kept = Vec::with_capacity(new.len());
+            for svc in new {
+                match old.iter().find(|o| o.name == svc.name) {
+                    Some(o) if **o == svc => kept.push(o.clone()),
+                    _ => {
+                        let svc = Arc::new(svc);
+                        services.insert(svc.name.clone(), Some(svc.clone()));
+                        kept.push(svc);
+                    }
+                }
+            }
+            for o in &old {
+                if !kept.iter().any(|k| k.name == o.name) {
+                    services.insert(o.name.clone(), None);
+                }
+            }
+            if !kept.is_empty() {
+                self.frontends.insert(key, kept);
+            }
+        }
+        // Workloads and the mesh go over whole, and only when they differ
+        // from what went before (a pod's status change usually changes
+        // neither).
+        let (mut workloads, mut mesh) = (None, None);
+        if std::mem::take(&mut self.workloads_dirty) {
+            let new = self.workloads();
+            if self.published.as_ref().is_none_or(|(w, _)| *w != new) {
+                workloads = Some(new);
+            }
+        }
+        if std::mem::take(&mut self.mesh_dirty) {
+            let new = Arc::new(self.mesh());
+            if self.published.as_ref().is_none_or(|(_, m)| *m != new) {
+                mesh = Some(new);
+            }
+        }
+        let (last_w, last_m) = self.published.clone().unwrap_or_default();
+        self.published = Some((
+            workloads.clone().unwrap_or(last_w),
+            mesh.clone().unwrap_or(last_m),
+        ));
+        {
+            let mut pending = shared.pending();
+            if workloads.is_some() {
+                pending.workloads = workloads;
+            }
+            if mesh.is_some() {
+                pending.mesh = mesh;
+            }
+            pending.services.extend(services);
+            if !pending.services.is_empty() || pending.workloads.is_some() || pending.mesh.is_some()
+            {
+                for &kind in kinds {
+                    pending.arrived.entry(kind).or_insert(arrived);
+                }
+            }
+        }
+        let _ = shared.synced.set(());
+        shared.changed.notify_one();
+    }
+
+    /// This node's pods that are running here, as workloads.
+    fn workloads(&self) -> Arc<Vec<Workload>> {
+        let mut out = Vec::new();
+        for pod in self.pods.by_key.values() {
+            match cgroups::workload_of(pod, &self.layout, &self.trust_domain, &self.node) {
+                Ok(Some(w)) => out.push(w),
+                Ok(None) => {}
+                Err(e) => warn!("kubernetes: pod skipped: {e}"),
+            }
+        }
+        out.sort_by(|a, b| a.name.cmp(&b.name));
+        Arc::new(out)
+    }
+
+    /// The nodes known with an address, for the tunnel.
+    fn mesh(&self) -> Mesh {
+        Mesh {
+            default_mtls: Default::default(),
+            nodes: self
+                .nodes
+                .iter()
+                .filter_map(|(name, facts)| {
+                    Some(Node {
+                        name: name.clone(),
+                        address: facts.address?,
+                        tunnel_port: DEFAULT_TUNNEL_PORT,
+                    })
+                })
+                .collect(),
+        }
+    }
+}
