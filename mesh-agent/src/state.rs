@@ -126,7 +126,7 @@ pub struct Service {
 }
 
 /// Where a service came from, for people (`meshctl services`).
-#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize, serde::Deserialize)]
 pub struct Origin {
     pub namespace: String,
     pub name: String,

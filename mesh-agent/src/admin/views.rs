@@ -80,6 +80,9 @@ pub struct ServiceView {
     /// mTLS mode for backends on other nodes (strict, permissive, disabled).
     #[serde(default)]
     pub mtls: String,
+    /// The Kubernetes Service it was made from (Kubernetes source).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub origin: Option<crate::state::Origin>,
     /// TCP connections sent through the tunnel to another node.
     #[serde(default)]
     pub tunnelled: u64,

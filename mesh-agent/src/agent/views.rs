@@ -123,6 +123,7 @@ impl Shared {
                     no_backend: 0,
                     denied: 0,
                     mtls: svc.mtls_mode(&inner.overlays.placement.mesh).to_string(),
+                    origin: svc.origin.clone(),
                     tunnelled: 0,
                     udp_direct_remote: 0,
                     backends: Vec::new(),

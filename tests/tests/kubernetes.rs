@@ -1,0 +1,494 @@
+//! The Kubernetes source end to end: the agent (`--source=kubernetes`)
+//! watches the test API server (`mesh_tests::kube_api`, proven against
+//! kubectl in kube_api.rs), and what the API says reaches the kernel's maps,
+//! read here straight from the pins.
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read as _, Write as _};
+use std::net::{IpAddr, SocketAddr};
+use std::path::Path;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context as _, Result, bail};
+use k8s_openapi::api::core::v1::{
+    Node, NodeAddress, NodeStatus, Service, ServicePort, ServiceSpec,
+};
+use k8s_openapi::api::discovery::v1::{Endpoint, EndpointConditions, EndpointPort, EndpointSlice};
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+use k8s_openapi::apimachinery::pkg::util::intstr::IntOrString;
+use mesh_agent::bpf::Maps;
+use mesh_agent::reconcile::{ip_from_words, ip_to_words};
+use mesh_common::{PROTO_TCP, SCHEMA_VERSION, ServiceKey};
+use mesh_tests::kube_api::KubeApi;
+use mesh_tests::{Agent, TestBackend, TestCgroup, cluster::metric, run_probe};
+
+const NODE: &str = "node-a";
+const WAIT: Duration = Duration::from_secs(20);
+
+fn meta(namespace: Option<&str>, name: &str, labels: &[(&str, &str)]) -> ObjectMeta {
+    ObjectMeta {
+        name: Some(name.to_owned()),
+        namespace: namespace.map(str::to_owned),
+        labels: (!labels.is_empty()).then(|| {
+            labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect()
+        }),
+        ..Default::default()
+    }
+}
+
+fn node(name: &str, zone: &str, address: &str) -> Node {
+    Node {
+        metadata: meta(None, name, &[("topology.kubernetes.io/zone", zone)]),
+        status: Some(NodeStatus {
+            addresses: Some(vec![NodeAddress {
+                type_: "InternalIP".into(),
+                address: address.into(),
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// A ClusterIP Service named `name` in `default`, port 80 → "http".
+fn service(name: &str, cluster_ips: &[IpAddr]) -> Service {
+    let families = cluster_ips
+        .iter()
+        .map(|ip| if ip.is_ipv4() { "IPv4" } else { "IPv6" }.to_owned())
+        .collect();
+    Service {
+        metadata: meta(Some("default"), name, &[]),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            cluster_ip: Some(cluster_ips[0].to_string()),
+            cluster_ips: Some(cluster_ips.iter().map(ToString::to_string).collect()),
+            ip_families: Some(families),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: 80,
+                protocol: Some("TCP".into()),
+                target_port: Some(IntOrString::String("http".into())),
+                ..Default::default()
+            }]),
+            ..Default::default()
+        }),
+        ..Default::default()
+    }
+}
+
+/// An endpoint's conditions: (ready, serving, terminating).
+type Conditions = (bool, bool, bool);
+const READY: Conditions = (true, true, false);
+const TERMINATING_SERVING: Conditions = (false, true, true);
+
+/// One slice of `service` (named port "http" at `port`), endpoints on `NODE`.
+fn slice(
+    service: &str,
+    name: &str,
+    port: u16,
+    endpoints: &[(IpAddr, Conditions)],
+) -> EndpointSlice {
+    let family = match endpoints.first().map(|(ip, _)| ip.is_ipv4()) {
+        Some(false) => "IPv6",
+        _ => "IPv4",
+    };
+    EndpointSlice {
+        metadata: meta(
+            Some("default"),
+            name,
+            &[("kubernetes.io/service-name", service)],
+        ),
+        address_type: family.into(),
+        endpoints: endpoints
+            .iter()
+            .map(|(ip, (ready, serving, terminating))| Endpoint {
+                addresses: vec![ip.to_string()],
+                conditions: Some(EndpointConditions {
+                    ready: Some(*ready),
+                    serving: Some(*serving),
+                    terminating: Some(*terminating),
+                }),
+                node_name: Some(NODE.into()),
+                ..Default::default()
+            })
+            .collect(),
+        ports: Some(vec![EndpointPort {
+            name: Some("http".into()),
+            port: Some(port.into()),
+            protocol: Some("TCP".into()),
+            ..Default::default()
+        }]),
+    }
+}
+
+fn start_agent(api: &KubeApi, cgroup: &TestCgroup, dir: &Path) -> Result<Agent> {
+    let kubeconfig = dir.join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    Agent::start_with(
+        "services: []\n",
+        cgroup,
+        &[
+            "--source=kubernetes",
+            &format!("--kubeconfig={}", kubeconfig.display()),
+            &format!("--node-name={NODE}"),
+            "--node-refresh-seconds=1",
+        ],
+    )
+}
+
+/// The backends a connect to `vip:port` can be given now, read from the
+/// pinned maps: the slots of the service's live generation.
+fn kernel_backends(bpffs: &Path, vip: IpAddr, port: u16) -> Result<BTreeSet<SocketAddr>> {
+    let maps = Maps::from_pins(&bpffs.join(format!("v{SCHEMA_VERSION}/maps")))?;
+    let (addr, family) = ip_to_words(vip);
+    let key = ServiceKey {
+        addr,
+        port: port.to_be(),
+        proto: PROTO_TCP,
+        family,
+    };
+    // The agent may flip generations while this reads: read again until
+    // the generation held still.
+    for _ in 0..100 {
+        let Ok(before) = maps.services.get(&key, 0) else {
+            return Ok(BTreeSet::new());
+        };
+        let mut out = BTreeSet::new();
+        let mut torn = false;
+        for slot in 0..before.slot_count {
+            let slot_key = mesh_common::SlotKey {
+                service_id: before.service_id,
+                generation: before.generation,
+                slot,
+            };
+            match maps.slots.get(&slot_key, 0) {
+                Ok(id) => {
+                    let b = maps.backends.get(&id, 0)?;
+                    out.insert(SocketAddr::new(
+                        ip_from_words(b.family, b.addr),
+                        u16::from_be(b.port),
+                    ));
+                }
+                Err(_) => torn = true,
+            }
+        }
+        if !torn && maps.services.get(&key, 0).ok() == Some(before) {
+            return Ok(out);
+        }
+    }
+    bail!("the service entry of {vip}:{port} kept changing while read")
+}
+
+fn wait_for<T>(what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T> {
+    let deadline = Instant::now() + WAIT;
+    let mut last = None;
+    loop {
+        match f() {
+            Ok(Some(v)) => return Ok(v),
+            Ok(None) => {}
+            Err(e) => last = Some(format!("{e:#}")),
+        }
+        if Instant::now() > deadline {
+            bail!("timed out waiting for {what} (last error: {last:?})");
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+fn scrape(agent: &Agent) -> Result<String> {
+    let status = agent.status()?;
+    let addr = status["metrics_addr"]
+        .as_str()
+        .context("no metrics_addr in status")?;
+    let mut conn = std::net::TcpStream::connect(addr)?;
+    conn.set_read_timeout(Some(Duration::from_secs(5)))?;
+    write!(
+        conn,
+        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+    )?;
+    let mut text = String::new();
+    conn.read_to_string(&mut text)?;
+    Ok(text)
+}
+
+/// Kernel writes so far (applies that reached the maps).
+fn kernel_writes(agent: &Agent) -> Result<u64> {
+    Ok(metric(
+        &scrape(agent)?,
+        "mesh_reconcile_duration_seconds_count",
+        &[],
+    ))
+}
+
+fn loopback(last: u8) -> IpAddr {
+    IpAddr::from([127, 0, 0, last])
+}
+
+#[test]
+fn services_and_endpoints_reach_the_kernel_terminating_ones_drain_and_a_resync_writes_nothing()
+-> Result<()> {
+    let api = KubeApi::start()?;
+    let dir = tempdir("k8s-e2e")?;
+    let one = TestBackend::new(1)?;
+    let two = TestBackend::new(2)?;
+    // Both backends listen on 127.0.0.1: give them distinct addresses by
+    // port only, as the API allows one port per slice per name: two slices.
+    let vip = IpAddr::from([127, 0, 18, 1]);
+    api.apply(&node(NODE, "zone-a", "127.0.0.1"));
+    api.apply(&service("web", &[vip]));
+    api.apply(&slice("web", "web-1", one.port(), &[(loopback(1), READY)]));
+    api.apply(&slice("web", "web-2", two.port(), &[(loopback(1), READY)]));
+    let cgroup = TestCgroup::new("k8s-e2e")?;
+    let mut agent = start_agent(&api, &cgroup, &dir)?;
+
+    let both: BTreeSet<SocketAddr> = [one.addr(), two.addr()].into();
+    wait_for("both endpoints in the kernel", || {
+        Ok((kernel_backends(agent.bpffs(), vip, 80)? == both).then_some(()))
+    })?;
+    let seen = run_probe(&cgroup, SocketAddr::new(vip, 80), 40)?;
+    assert!(
+        seen.id_count(1) > 0 && seen.id_count(2) > 0,
+        "connections reach both endpoints: {seen:?}"
+    );
+    let services = agent.meshctl_json(&["services"])?;
+    let web = services["services"]
+        .as_array()
+        .and_then(|s| s.iter().find(|s| s["name"] == "default/web:80/tcp/ipv4"))
+        .with_context(|| format!("no default/web:80/tcp/ipv4 in {services}"))?;
+    assert_eq!(web["origin"]["namespace"], "default", "{web}");
+    assert_eq!(web["origin"]["name"], "web", "{web}");
+
+    // One endpoint terminates but still serves: it drains (no new
+    // connections while the other is usable).
+    api.apply(&slice(
+        "web",
+        "web-2",
+        two.port(),
+        &[(loopback(1), TERMINATING_SERVING)],
+    ));
+    wait_for("the terminating endpoint out of the slot table", || {
+        Ok((kernel_backends(agent.bpffs(), vip, 80)? == [one.addr()].into()).then_some(()))
+    })?;
+    let seen = run_probe(&cgroup, SocketAddr::new(vip, 80), 20)?;
+    assert_eq!(seen.id_count(1), 20, "only the ready endpoint: {seen:?}");
+    // …and serves again once nothing else is left.
+    api.delete::<EndpointSlice>(Some("default"), "web-1");
+    wait_for("the terminating endpoint serving alone", || {
+        Ok((kernel_backends(agent.bpffs(), vip, 80)? == [two.addr()].into()).then_some(()))
+    })?;
+
+    // A relist of identical objects (410 Gone after a broken watch)
+    // writes nothing to the kernel.
+    let writes = kernel_writes(&agent)?;
+    let relists = metric(&scrape(&agent)?, "mesh_kubernetes_relists_total", &[]);
+    // An object no watch sees moves the resourceVersion on, so the
+    // watches' own versions fall behind the compaction and resuming them
+    // gets 410 Gone.
+    api.apply(&node("node-z", "zone-z", "127.0.0.1"));
+    api.compact();
+    api.break_watches();
+    wait_for("a relist of every kind", || {
+        let now = metric(&scrape(&agent)?, "mesh_kubernetes_relists_total", &[]);
+        Ok((now >= relists + 3).then_some(()))
+    })?;
+    assert_eq!(
+        kernel_writes(&agent)?,
+        writes,
+        "an identical resync writes nothing"
+    );
+    assert_eq!(
+        kernel_backends(agent.bpffs(), vip, 80)?,
+        [two.addr()].into()
+    );
+
+    // A Service deleted while no agent watches is removed by the next
+    // agent's first apply (the pins held it), and nothing else is touched.
+    api.apply(&service("other", &[IpAddr::from([127, 0, 18, 2])]));
+    api.apply(&slice(
+        "other",
+        "other-1",
+        one.port(),
+        &[(loopback(1), READY)],
+    ));
+    let other = IpAddr::from([127, 0, 18, 2]);
+    wait_for("the second service", || {
+        Ok((kernel_backends(agent.bpffs(), other, 80)? == [one.addr()].into()).then_some(()))
+    })?;
+    agent.kill()?;
+    api.delete::<Service>(Some("default"), "other");
+    assert_eq!(
+        kernel_backends(agent.bpffs(), other, 80)?,
+        [one.addr()].into(),
+        "the pinned maps keep serving while no agent runs"
+    );
+    agent.kill_and_restart(&[])?;
+    wait_for("the deleted service gone from the kernel", || {
+        Ok(kernel_backends(agent.bpffs(), other, 80)?
+            .is_empty()
+            .then_some(()))
+    })?;
+    assert_eq!(
+        kernel_backends(agent.bpffs(), vip, 80)?,
+        [two.addr()].into()
+    );
+    Ok(())
+}
+
+/// Endpoints 10.x (never connected to: the check reads the maps only).
+fn endpoints(first: u32, count: u32, v6: bool) -> Vec<(IpAddr, Conditions)> {
+    (first..first + count)
+        .map(|i| {
+            let ip = if v6 {
+                IpAddr::from([0xfd00, 0, 0, 0, 0, 0, (i >> 16) as u16, i as u16])
+            } else {
+                IpAddr::from([10, 77, (i >> 8) as u8, i as u8])
+            };
+            (ip, READY)
+        })
+        .collect()
+}
+
+/// Cilium #26912: a restart once replaced a multi-slice service with a
+/// partial set. Here a dual-stack service spread over three slices per
+/// family (120 endpoints each) churns (endpoints move between slices, new
+/// ones come, old ones go) while the agent is killed and restarted; at
+/// every step the kernel holds at least every endpoint that was in the
+/// API both before and after the step.
+#[test]
+fn a_restart_during_churn_never_leaves_the_kernel_with_fewer_backends_than_the_slices() -> Result<()>
+{
+    let api = KubeApi::start()?;
+    let dir = tempdir("k8s-churn")?;
+    let v4 = IpAddr::from([127, 0, 18, 10]);
+    // No connection is made in this test; the IPv6 VIP is still loopback.
+    let v6: IpAddr = "::1".parse()?;
+    api.apply(&node(NODE, "zone-a", "127.0.0.1"));
+    api.apply(&service("big", &[v4, v6]));
+    // Three slices per family; `state` is what the API holds.
+    let mut state: BTreeMap<String, Vec<(IpAddr, Conditions)>> = BTreeMap::new();
+    for (family, v6) in [("v4", false), ("v6", true)] {
+        for s in 0..3u32 {
+            state.insert(format!("big-{family}-{s}"), endpoints(s * 40, 40, v6));
+        }
+    }
+    let union = |state: &BTreeMap<String, Vec<(IpAddr, Conditions)>>, v6: bool| {
+        state
+            .values()
+            .flatten()
+            .filter(|(ip, _)| ip.is_ipv6() == v6)
+            .map(|(ip, _)| SocketAddr::new(*ip, 8080))
+            .collect::<BTreeSet<_>>()
+    };
+    for (name, eps) in &state {
+        api.apply(&slice("big", name, 8080, eps));
+    }
+    let cgroup = TestCgroup::new("k8s-churn")?;
+    let mut agent = start_agent(&api, &cgroup, &dir)?;
+    for (vip, v6) in [(v4, false), (v6, true)] {
+        let want = union(&state, v6);
+        wait_for("the union of the slices", || {
+            Ok((kernel_backends(agent.bpffs(), vip, 80)? == want).then_some(()))
+        })?;
+    }
+    // What the kernel must hold at any moment, per family; a thread
+    // checks it without pause while the main thread churns and restarts.
+    let required = std::sync::Arc::new(std::sync::Mutex::new([
+        union(&state, false),
+        union(&state, true),
+    ]));
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let checker = {
+        let (required, stop) = (required.clone(), stop.clone());
+        let bpffs = agent.bpffs().to_owned();
+        std::thread::spawn(move || -> Result<u64> {
+            let mut checks = 0u64;
+            let deadline = Instant::now() + Duration::from_secs(300);
+            while !stop.load(std::sync::atomic::Ordering::Acquire) && Instant::now() < deadline {
+                let want = required.lock().unwrap().clone();
+                for (i, vip) in [v4, v6].into_iter().enumerate() {
+                    let kernel = kernel_backends(&bpffs, vip, 80)?;
+                    let missing: Vec<_> = want[i].difference(&kernel).collect();
+                    if !missing.is_empty() {
+                        bail!(
+                            "after {checks} checks: the kernel lacks {} endpoints that never left the API, e.g. {:?}",
+                            missing.len(),
+                            &missing[..missing.len().min(3)]
+                        );
+                    }
+                    checks += 1;
+                }
+            }
+            Ok(checks)
+        })
+    };
+    let mut next = 1000u32;
+    for step in 0..12u32 {
+        let before = [union(&state, false), union(&state, true)];
+        // Churn: move 10 endpoints from one slice to the next, retire 5,
+        // add 5 new ones.
+        let mut planned = state.clone();
+        for (family, v6) in [("v4", false), ("v6", true)] {
+            let from = format!("big-{family}-{}", step % 3);
+            let to = format!("big-{family}-{}", (step + 1) % 3);
+            let moved: Vec<_> = planned.get_mut(&from).unwrap().drain(..10).collect();
+            let retired = 5.min(planned[&to].len());
+            planned.get_mut(&to).unwrap().drain(..retired);
+            planned.get_mut(&to).unwrap().extend(moved);
+            planned.get_mut(&to).unwrap().extend(endpoints(next, 5, v6));
+            next += 5;
+        }
+        let after = [union(&planned, false), union(&planned, true)];
+        *required.lock().unwrap() = [
+            before[0].intersection(&after[0]).copied().collect(),
+            before[1].intersection(&after[1]).copied().collect(),
+        ];
+        for family in ["v4", "v6"] {
+            let from = format!("big-{family}-{}", step % 3);
+            let to = format!("big-{family}-{}", (step + 1) % 3);
+            // The destination first, then the source: for a moment the
+            // moved endpoints are in both, as a real controller does it.
+            api.apply(&slice("big", &to, 8080, &planned[&to]));
+            api.apply(&slice("big", &from, 8080, &planned[&from]));
+        }
+        state = planned;
+        if step % 3 == 1 {
+            agent.kill_and_restart(&[])?;
+        }
+        for (i, vip) in [v4, v6].into_iter().enumerate() {
+            wait_for("the kernel to catch up with the step", || {
+                Ok((kernel_backends(agent.bpffs(), vip, 80)? == after[i]).then_some(()))
+            })
+            .with_context(|| format!("step {step}"))?;
+        }
+        *required.lock().unwrap() = after;
+    }
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let checks = checker.join().expect("checker thread")?;
+    eprintln!("{checks} checks of the kernel against the slices");
+    Ok(())
+}
+
+/// A directory removed on drop.
+struct TempDir(std::path::PathBuf);
+
+impl std::ops::Deref for TempDir {
+    type Target = Path;
+    fn deref(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+fn tempdir(name: &str) -> Result<TempDir> {
+    let dir = std::env::temp_dir().join(format!("mesh-{name}-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    Ok(TempDir(dir))
+}
