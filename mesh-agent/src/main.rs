@@ -73,6 +73,10 @@ enum Command {
         /// Kubernetes: /readyz fails while a watch has been failing this long.
         #[arg(long, default_value_t = 60)]
         watch_stale_seconds: u64,
+        /// Kubernetes: the kubelet's --cgroup-root, under which it makes pod
+        /// cgroups (`/kubelet` on kind), for either cgroup driver.
+        #[arg(long, default_value = "/")]
+        kubelet_cgroup_root: String,
         /// Kubernetes: how often Nodes (this one's zone, the addresses of
         /// nodes hosting endpoints) are read again.
         #[arg(long, default_value_t = 30, value_parser = clap::value_parser!(u64).range(1..))]
@@ -270,6 +274,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
             trust_domain,
             watch_stale_seconds,
             node_refresh_seconds,
+            kubelet_cgroup_root,
             cgroup,
             bpffs,
             admin_socket,
@@ -316,8 +321,13 @@ fn execute(command: Command) -> anyhow::Result<()> {
                     kubeconfig,
                     node_name: node_name.clone(),
                     trust_domain,
-                    cgroup_mount: mesh_agent::bpf::cgroup2_mount()
-                        .context("Kubernetes mode finds pods' cgroups under the cgroup v2 mount")?,
+                    cgroups: mesh_agent::source::kubernetes::cgroups::Layout::with_kubelet_root(
+                        mesh_agent::bpf::cgroup2_mount().context(
+                            "Kubernetes mode finds pods' cgroups under the cgroup v2 mount",
+                        )?,
+                        &kubelet_cgroup_root,
+                    )
+                    .context("--kubelet-cgroup-root")?,
                     stale_after: Duration::from_secs(watch_stale_seconds),
                     node_refresh: Duration::from_secs(node_refresh_seconds),
                 }),

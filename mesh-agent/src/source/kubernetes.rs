@@ -56,8 +56,9 @@ pub struct KubeOptions {
     pub node_name: String,
     /// Of the workloads' SPIFFE IDs.
     pub trust_domain: String,
-    /// The cgroup v2 mount, under which the kubelet makes pod cgroups.
-    pub cgroup_mount: PathBuf,
+    /// Where the kubelet makes pod cgroups: the cgroup v2 mount and the
+    /// kubelet's `--cgroup-root`.
+    pub cgroups: cgroups::Layout,
     /// `/readyz` fails while a watch has been failing this long.
     pub stale_after: Duration,
     /// How often Nodes (this one's zone, peers' addresses) are read again.
@@ -608,7 +609,7 @@ impl Index {
         Self {
             node: opts.node_name.clone(),
             trust_domain: opts.trust_domain.clone(),
-            layout: cgroups::Layout::new(opts.cgroup_mount.clone()),
+            layout: opts.cgroups.clone(),
             services: Objects::new(),
             slices: Objects::new(),
             pods: Objects::new(),
