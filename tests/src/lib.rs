@@ -14,6 +14,7 @@ pub mod bulk;
 pub mod bulk_harness;
 pub mod cgroup;
 pub mod cluster;
+pub mod kube_api;
 pub mod netns;
 pub mod probe;
 pub mod python;
