@@ -17,6 +17,11 @@ const APT_PACKAGES: &[&str] = &[
     // The tunnel tests capture the wire between namespace nodes.
     "tcpdump",
 ];
+/// kubectl 1.20, the client nobody here wrote that proves the test API
+/// server faithful (tests/tests/kube_api.rs). Installed only when no
+/// kubectl is on PATH: another package's (Google Cloud SDK's `kubectl`)
+/// owns /usr/bin/kubectl, and Debian's would conflict with it.
+const KUBECTL_PACKAGE: &str = "kubernetes-client";
 const BPF_LINKER_VERSION: &str = "0.13.0";
 
 pub fn run() -> Result<()> {
@@ -25,7 +30,13 @@ pub fn run() -> Result<()> {
     let mut present = Vec::new();
     nightly(&mut present)?;
     // LLVM first: bpf-linker links against it.
-    apt_packages(&mut present)?;
+    let mut packages = APT_PACKAGES.to_vec();
+    if util::on_path("kubectl").is_some() {
+        present.push("kubectl".into());
+    } else {
+        packages.push(KUBECTL_PACKAGE);
+    }
+    apt_packages(&packages, &mut present)?;
     bpf_linker(&mut present)?;
     nextest(&mut present)?;
     if !present.is_empty() {
@@ -79,19 +90,19 @@ fn nightly(present: &mut Vec<String>) -> Result<()> {
     Ok(())
 }
 
-fn apt_packages(present: &mut Vec<String>) -> Result<()> {
+fn apt_packages(packages: &[&'static str], present: &mut Vec<String>) -> Result<()> {
     // One dpkg-query for all packages; it prints the known ones and exits
     // non-zero if any is unknown, so read stdout regardless of the status.
     let out = Command::new("dpkg-query")
         .args(["-W", "-f=${Package} ${Status}\n"])
-        .args(APT_PACKAGES)
+        .args(packages)
         .output();
     let out = match out {
         Ok(out) => String::from_utf8_lossy(&out.stdout).into_owned(),
         Err(e) => bail!("could not run dpkg-query ({e}); setup expects Debian/Ubuntu"),
     };
-    let missing = missing_packages(&out);
-    for pkg in APT_PACKAGES.iter().filter(|p| !missing.contains(p)) {
+    let missing = missing_packages(packages, &out);
+    for pkg in packages.iter().filter(|p| !missing.contains(p)) {
         present.push((*pkg).into());
     }
     if missing.is_empty() {
@@ -117,8 +128,8 @@ fn apt_packages(present: &mut Vec<String>) -> Result<()> {
 
 /// The packages dpkg does not list as "install ok installed" (a removed
 /// package can linger as "deinstall ok config-files").
-fn missing_packages(dpkg_output: &str) -> Vec<&'static str> {
-    APT_PACKAGES
+fn missing_packages(packages: &[&'static str], dpkg_output: &str) -> Vec<&'static str> {
+    packages
         .iter()
         .copied()
         .filter(|pkg| {
@@ -171,8 +182,11 @@ mod tests {
         let out = "llvm-22-dev install ok installed\n\
                    libpolly-22-dev deinstall ok config-files\n";
         assert_eq!(
-            missing_packages(out),
+            missing_packages(APT_PACKAGES, out),
             ["libpolly-22-dev", "iproute2", "tcpdump"]
         );
+        let out = "kubernetes-client install ok installed\n";
+        assert!(missing_packages(&[KUBECTL_PACKAGE], out).is_empty());
+        assert_eq!(missing_packages(&[KUBECTL_PACKAGE], ""), [KUBECTL_PACKAGE]);
     }
 }
