@@ -920,55 +920,83 @@ struct ContainedAgent {
     owns_pins: bool,
 }
 
+/// How to start a [`ContainedAgent`].
+struct Launch<'a> {
+    capabilities: &'a [&'a str],
+    cgroup: &'a TestCgroup,
+    /// The file source's configuration; None: `flags` name the source.
+    config: Option<&'a str>,
+    /// Another agent's pins to share (a surge pod on the same node); None:
+    /// pins of its own.
+    pins: Option<&'a Path>,
+    /// More `mesh-agent run` flags.
+    flags: Vec<String>,
+    /// The container's environment (the downward API's variables).
+    env: Vec<(&'a str, String)>,
+}
+
+impl<'a> Launch<'a> {
+    fn new(capabilities: &'a [&'a str], cgroup: &'a TestCgroup) -> Self {
+        Self {
+            capabilities,
+            cgroup,
+            config: None,
+            pins: None,
+            flags: Vec::new(),
+            env: Vec::new(),
+        }
+    }
+}
+
 impl ContainedAgent {
-    /// Starts it and waits until its admin socket answers. `pins`: share
-    /// another agent's (a surge pod on the same node), or None for new ones.
-    fn start(
-        capabilities: &[&str],
-        config_yaml: &str,
-        cgroup: &TestCgroup,
-        pins: Option<&Path>,
-        extra: &[String],
-    ) -> Result<Self> {
+    /// Starts it and waits until its admin socket answers.
+    fn start(launch: Launch<'_>) -> Result<Self> {
         let (pid, n) = (std::process::id(), mesh_tests::next_id());
         let dir = std::env::temp_dir().join(format!("mesh-test-deploy-{pid}-{n}"));
         let _ = std::fs::remove_dir_all(&dir);
-        let bpffs = match pins {
+        let bpffs = match launch.pins {
             Some(shared) => shared.to_owned(),
             None => mesh_tests::bpffs_dir(&format!("mesh-test-{pid}-{n}"))?,
         };
         let (config, admin_socket) = (dir.join("mesh.yaml"), dir.join("admin.sock"));
-        let bounding: String = capabilities
+        let bounding: String = launch
+            .capabilities
             .iter()
             .map(|c| format!(",+{}", c.to_lowercase()))
             .collect();
         let spawn = || -> Result<Child> {
             std::fs::create_dir_all(dir.join("cgroup"))?;
-            std::fs::write(&config, config_yaml)?;
             let log = std::fs::File::create(dir.join("agent.log"))?;
+            let mut command = Command::new("unshare");
             // unshare and sh exec in place: the child's PID is the agent's.
-            Command::new("unshare")
+            command
                 .args(["--mount", "--propagation", "private", "--", "/bin/sh", "-c"])
                 .arg(r#"mount --bind -o ro "$1" "$2" && shift 2 && exec "$@""#)
                 .arg("sh")
-                .arg(cgroup.path())
+                .arg(launch.cgroup.path())
                 .arg(dir.join("cgroup"))
                 .arg("setpriv")
                 .arg(format!("--bounding-set=-all{bounding}"))
                 .args(["--inh-caps=-all", "--"])
                 .arg(require_bin("mesh-agent")?)
                 .arg("run")
-                .arg("--config")
-                .arg(&config)
                 .arg("--cgroup")
                 .arg(dir.join("cgroup"))
                 .arg("--bpffs")
                 .arg(&bpffs)
                 .arg("--admin-socket")
-                .arg(&admin_socket)
-                .args(["--watch-interval-ms", "100"])
-                .args(extra)
+                .arg(&admin_socket);
+            if let Some(yaml) = launch.config {
+                std::fs::write(&config, yaml)?;
+                command
+                    .arg("--config")
+                    .arg(&config)
+                    .args(["--watch-interval-ms", "100"]);
+            }
+            command
+                .args(&launch.flags)
                 .env("MESH_METRICS_ADDR", "127.0.0.1:0")
+                .envs(launch.env.iter().map(|(k, v)| (k, v)))
                 .stdin(Stdio::null())
                 .stdout(log.try_clone()?)
                 .stderr(log)
@@ -989,7 +1017,7 @@ impl ContainedAgent {
             config,
             admin_socket,
             bpffs,
-            owns_pins: pins.is_none(),
+            owns_pins: launch.pins.is_none(),
         };
         agent.wait_ready()?;
         Ok(agent)
@@ -1159,13 +1187,11 @@ fn remove_a_backend_with(capabilities: &[&str], vip_last: u8) -> Result<Removal>
     let cgroup = TestCgroup::new("deploy-caps")?;
     let vip = mesh_tests::loopback_vip(VIP_BLOCK, vip_last, 80);
     let destroy = "    destroy_on_removal: true\n";
-    let agent = ContainedAgent::start(
-        capabilities,
-        &one_service_yaml(vip, destroy, &[old.addr()]),
-        &cgroup,
-        None,
-        &[],
-    )?;
+    let config = one_service_yaml(vip, destroy, &[old.addr()]);
+    let agent = ContainedAgent::start(Launch {
+        config: Some(&config),
+        ..Launch::new(capabilities, &cgroup)
+    })?;
     let mut held = hold_and_watch(&cgroup, vip, HELD, false, WATCH_MS)?;
     ensure!(
         held.result.id_count(1) == u64::from(HELD),
@@ -1251,13 +1277,18 @@ fn a_surge_agent_with_the_manifests_flags_starts_beside_the_running_one() -> Res
     let vip = mesh_tests::loopback_vip(VIP_BLOCK, 10, 80);
     let backend = TestBackend::new(1)?;
     let config = one_service_yaml(vip, "", &[backend.addr()]);
-    // The node's address is loopback here; the port is the manifest's
-    // unless something on this machine holds it.
-    let metrics = free_loopback_addr(m.metrics_port()?)?;
-    let flags = [format!("--metrics-addr={metrics}")];
-    let mut old = ContainedAgent::start(&capabilities, &config, &cgroup, None, &flags)?;
+    // The node's address is loopback here, the port any free one: what
+    // matters is that both agents are given the same.
+    let metrics = free_loopback_addr()?;
+    let launch = |pins| Launch {
+        config: Some(&config),
+        pins,
+        flags: vec![format!("--metrics-addr={metrics}")],
+        ..Launch::new(&capabilities, &cgroup)
+    };
+    let mut old = ContainedAgent::start(launch(None))?;
     assert_eq!(http_status(metrics, "/readyz")?, 200);
-    let new = ContainedAgent::start(&capabilities, &config, &cgroup, Some(&old.bpffs), &flags)
+    let new = ContainedAgent::start(launch(Some(&old.bpffs)))
         .context("the surge agent did not start beside the running one")?;
     old.stop()?;
     assert_eq!(http_status(metrics, "/readyz")?, 200, "log:\n{}", new.log());
@@ -1266,12 +1297,10 @@ fn a_surge_agent_with_the_manifests_flags_starts_beside_the_running_one() -> Res
     Ok(())
 }
 
-/// 127.0.0.1 with `port`, or a free port if `port` is taken.
-fn free_loopback_addr(port: i32) -> Result<SocketAddr> {
-    let port = u16::try_from(port)?;
-    let listener =
-        TcpListener::bind(("127.0.0.1", port)).or_else(|_| TcpListener::bind(("127.0.0.1", 0)))?;
-    Ok(listener.local_addr()?)
+/// 127.0.0.1 with a port free now (the manifest's fixed port would clash
+/// between tests running side by side).
+fn free_loopback_addr() -> Result<SocketAddr> {
+    Ok(TcpListener::bind(("127.0.0.1", 0))?.local_addr()?)
 }
 
 /// The status code of `GET path` (HTTP/1.1, one request, bounded).
@@ -1466,4 +1495,154 @@ fn the_image_builds_with_the_toolchain_xtask_installs() -> Result<()> {
         );
     }
     Ok(())
+}
+
+// ---------------------------------------------------------------------------
+// The manifest's flags, run against an API server
+// ---------------------------------------------------------------------------
+
+/// The flags the launcher sets itself (test paths for the container's).
+const LAUNCHER_FLAGS: [&str; 3] = ["--cgroup", "--bpffs", "--admin-socket"];
+
+/// The agent as the DaemonSet starts it: every flag of the manifest (the
+/// container's paths replaced by the test's, the node's address by
+/// loopback), its capabilities, the node name from the environment, an
+/// identity directory with nothing in it (no identity issued yet), and the
+/// API server of the test (`--kubeconfig`, where a pod uses its
+/// ServiceAccount). It becomes ready, its probes answer on the metrics
+/// port, and a Service of the API reaches the kernel.
+#[test]
+fn the_agent_runs_with_the_manifests_flags_against_an_api_server() -> Result<()> {
+    use k8s_openapi::api::core::v1::{Node, Service, ServicePort, ServiceSpec};
+    use k8s_openapi::api::discovery::v1::{
+        Endpoint, EndpointConditions, EndpointPort, EndpointSlice,
+    };
+    use k8s_openapi::apimachinery::pkg::apis::meta::v1::ObjectMeta;
+    use mesh_tests::kube_api::KubeApi;
+
+    let m = manifest()?;
+    let added = m.capabilities()?;
+    let capabilities: Vec<&str> = added.iter().map(String::as_str).collect();
+    let node = format!("deploy-node-{}", std::process::id());
+    let backend = TestBackend::new(7)?;
+    let vip = mesh_tests::loopback_vip(VIP_BLOCK, 20, 80);
+    let meta = |namespace: Option<&str>, name: &str, labels: &[(&str, &str)]| ObjectMeta {
+        name: Some(name.into()),
+        namespace: namespace.map(Into::into),
+        labels: Some(
+            labels
+                .iter()
+                .map(|(k, v)| ((*k).to_owned(), (*v).to_owned()))
+                .collect(),
+        ),
+        ..ObjectMeta::default()
+    };
+    let api = KubeApi::start()?;
+    api.apply(&Node {
+        metadata: meta(None, &node, &[]),
+        ..Node::default()
+    });
+    api.apply(&Service {
+        metadata: meta(Some("shop"), "web", &[]),
+        spec: Some(ServiceSpec {
+            type_: Some("ClusterIP".into()),
+            cluster_ip: Some(vip.ip().to_string()),
+            cluster_ips: Some(vec![vip.ip().to_string()]),
+            ports: Some(vec![ServicePort {
+                name: Some("http".into()),
+                port: i32::from(vip.port()),
+                protocol: Some("TCP".into()),
+                ..ServicePort::default()
+            }]),
+            ..ServiceSpec::default()
+        }),
+        status: None,
+    });
+    api.apply(&EndpointSlice {
+        metadata: meta(
+            Some("shop"),
+            "web-1",
+            &[("kubernetes.io/service-name", "web")],
+        ),
+        address_type: "IPv4".into(),
+        endpoints: vec![Endpoint {
+            addresses: vec![backend.addr().ip().to_string()],
+            conditions: Some(EndpointConditions {
+                ready: Some(true),
+                ..EndpointConditions::default()
+            }),
+            node_name: Some(node.clone()),
+            ..Endpoint::default()
+        }],
+        ports: Some(vec![EndpointPort {
+            name: Some("http".into()),
+            port: Some(i32::from(backend.port())),
+            protocol: Some("TCP".into()),
+            ..EndpointPort::default()
+        }]),
+    });
+
+    let dir = TempDir::new("deploy-flags")?;
+    let kubeconfig = dir.path().join("kubeconfig");
+    api.write_kubeconfig(&kubeconfig)?;
+    let identity = dir.path().join("identity");
+    std::fs::create_dir(&identity)?;
+    let metrics = free_loopback_addr()?;
+    let mut flags: Vec<String> = m
+        .flags()?
+        .into_iter()
+        .filter(|(k, _)| !LAUNCHER_FLAGS.contains(&k.as_str()))
+        .map(|(k, v)| match k.as_str() {
+            "--metrics-addr" => format!("{k}={metrics}"),
+            "--identity-dir" => format!("{k}={}", identity.display()),
+            _ => format!("{k}={v}"),
+        })
+        .collect();
+    flags.push(format!("--kubeconfig={}", kubeconfig.display()));
+    let cgroup = TestCgroup::new("deploy-flags")?;
+    let agent = ContainedAgent::start(Launch {
+        flags,
+        env: vec![("MESH_NODE_NAME", node.clone())],
+        ..Launch::new(&capabilities, &cgroup)
+    })?;
+
+    let deadline = Instant::now() + WAIT;
+    while http_status(metrics, "/readyz")? != 200 {
+        ensure!(
+            Instant::now() < deadline,
+            "/readyz did not turn 200 in {WAIT:?}; log:\n{}",
+            agent.log()
+        );
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    assert_eq!(http_status(metrics, "/healthz")?, 200);
+    let probe = mesh_tests::run_probe(&cgroup, vip, 5)?;
+    assert_eq!(probe.id_count(7), 5, "{probe:?}; log:\n{}", agent.log());
+    Ok(())
+}
+
+/// A directory of the test's own, removed on drop.
+struct TempDir(PathBuf);
+
+impl TempDir {
+    fn new(hint: &str) -> Result<Self> {
+        let path = std::env::temp_dir().join(format!(
+            "mesh-test-{hint}-{}-{}",
+            std::process::id(),
+            mesh_tests::next_id()
+        ));
+        let _ = std::fs::remove_dir_all(&path);
+        std::fs::create_dir_all(&path)?;
+        Ok(Self(path))
+    }
+
+    fn path(&self) -> &Path {
+        &self.0
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
 }
