@@ -216,6 +216,21 @@ fn main() -> ExitCode {
     }
 }
 
+/// Whether `dir` holds a node identity. A DaemonSet mounts each node's
+/// identity directory whether or not it was issued yet: a node without one
+/// runs without the tunnel (and says so) instead of failing to start.
+fn has_identity(dir: &std::path::Path) -> bool {
+    let cert = dir.join("cert.pem");
+    let present = cert.exists();
+    if !present {
+        tracing::warn!(
+            "no node identity at {} yet: the cross-node tunnel stays off until one is issued there (`meshctl ca issue`) and the agent restarts",
+            cert.display()
+        );
+    }
+    present
+}
+
 /// One tunnel thread per CPU the agent may use, at most 8.
 fn default_tunnel_threads() -> usize {
     std::thread::available_parallelism().map_or(1, |n| n.get().min(8))
@@ -356,14 +371,16 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 metrics_addr: metrics_addr.0,
                 kernel_debug_log,
                 node_name,
-                tunnel: identity_dir.map(|identity_dir| mesh_agent::tunnel::TunnelSettings {
-                    identity_dir,
-                    outbound_v4: tunnel_outbound,
-                    outbound_v6: tunnel_outbound6,
-                    inbound: tunnel_inbound,
-                    drain_timeout: Duration::from_secs(tunnel_drain_seconds),
-                    threads: tunnel_threads.map_or_else(default_tunnel_threads, usize::from),
-                }),
+                tunnel: identity_dir
+                    .filter(|dir| has_identity(dir))
+                    .map(|identity_dir| mesh_agent::tunnel::TunnelSettings {
+                        identity_dir,
+                        outbound_v4: tunnel_outbound,
+                        outbound_v6: tunnel_outbound6,
+                        inbound: tunnel_inbound,
+                        drain_timeout: Duration::from_secs(tunnel_drain_seconds),
+                        threads: tunnel_threads.map_or_else(default_tunnel_threads, usize::from),
+                    }),
             };
             raise_open_files_limit();
             let runtime = tokio::runtime::Builder::new_multi_thread()

@@ -58,7 +58,7 @@ pub(super) fn start(
     socket_mark: u32,
 ) -> Result<MetricsServer, MetricsError> {
     let bind_error = |source| MetricsError::Bind { addr, source };
-    let listener = StdListener::bind(addr).map_err(bind_error)?;
+    let listener = bind(addr).map_err(bind_error)?;
     listener.set_nonblocking(true).map_err(bind_error)?;
     let bound = listener.local_addr().map_err(bind_error)?;
     if let Err(e) = set_mark(&listener, socket_mark) {
@@ -80,6 +80,23 @@ pub(super) fn start(
         shutdown: Some(tx),
         thread: Some(thread),
     })
+}
+
+/// A listener with SO_REUSEPORT, so that a new agent started beside a
+/// running one (a DaemonSet rolling update with maxSurge, both on the host
+/// network) can serve its probes on the same port; a port held by anything
+/// else is still refused.
+fn bind(addr: SocketAddr) -> std::io::Result<StdListener> {
+    let socket = socket2::Socket::new(
+        socket2::Domain::for_address(addr),
+        socket2::Type::STREAM,
+        Some(socket2::Protocol::TCP),
+    )?;
+    socket.set_reuse_address(true)?;
+    socket.set_reuse_port(true)?;
+    socket.bind(&addr.into())?;
+    socket.listen(1024)?;
+    Ok(socket.into())
 }
 
 /// Accepted sockets inherit the listener's mark, which the programs skip.
