@@ -245,7 +245,10 @@ mod tests {
     use super::*;
     use crate::state::{PRIORITY_FALLBACK, PRIORITY_PREFERRED};
 
-    fn service(backends: &[(u8, BackendState, u32)]) -> Arc<Service> {
+    /// A backend's priority, state and weight.
+    type Spec = (u8, BackendState, u32);
+
+    fn service(backends: &[Spec]) -> Arc<Service> {
         let mut svc = crate::config::parse_str(
             "services:\n  - name: web\n    vip: 127.0.0.5\n    port: 80\n    allow_empty: true\n    backends: []\n",
             "test",
@@ -280,7 +283,7 @@ mod tests {
         const F: u8 = PRIORITY_FALLBACK;
         const T: u8 = PRIORITY_TERMINATING;
         // (priority, state in, weight) per backend → states out.
-        let table: &[(&[(u8, BackendState, u32)], &[BackendState])] = &[
+        let table: &[(&[Spec], &[BackendState])] = &[
             // One tier: nothing to do.
             (&[(P, Active, 1), (P, Active, 1)], &[Active, Active]),
             // Preferred usable: the fallback and terminating stand by.

@@ -34,6 +34,8 @@ pub enum SourceOptions {
 }
 
 /// The source the agent runs: what it said last, and what was committed.
+// One per agent: boxing the larger variant would only add noise.
+#[allow(clippy::large_enum_variant)]
 pub enum Source {
     File(FileSource),
     Kubernetes(KubeSource),

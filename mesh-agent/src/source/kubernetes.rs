@@ -323,7 +323,9 @@ fn key_of<K: Resource>(obj: &K) -> Key {
     (obj.namespace().unwrap_or_default(), obj.name_any())
 }
 
-/// One watcher event of any kind.
+/// One watcher event of any kind. Each is moved once, from the stream to
+/// the index, so the size of the largest does not matter.
+#[allow(clippy::large_enum_variant)]
 enum Watched {
     Service(Event<KubeService>),
     Slice(Event<EndpointSlice>),
