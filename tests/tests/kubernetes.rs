@@ -91,6 +91,17 @@ fn slice(
     port: u16,
     endpoints: &[(IpAddr, Conditions)],
 ) -> EndpointSlice {
+    slice_on(NODE, service, name, port, endpoints)
+}
+
+/// One slice of `service`, endpoints on `node`.
+fn slice_on(
+    node: &str,
+    service: &str,
+    name: &str,
+    port: u16,
+    endpoints: &[(IpAddr, Conditions)],
+) -> EndpointSlice {
     let family = match endpoints.first().map(|(ip, _)| ip.is_ipv4()) {
         Some(false) => "IPv6",
         _ => "IPv4",
@@ -111,7 +122,7 @@ fn slice(
                     serving: Some(*serving),
                     terminating: Some(*terminating),
                 }),
-                node_name: Some(NODE.into()),
+                node_name: Some(node.into()),
                 ..Default::default()
             })
             .collect(),
@@ -125,18 +136,27 @@ fn slice(
 }
 
 fn start_agent(api: &KubeApi, cgroup: &TestCgroup, dir: &Path) -> Result<Agent> {
+    start_agent_with(api, cgroup, dir, &[])
+}
+
+fn start_agent_with(
+    api: &KubeApi,
+    cgroup: &TestCgroup,
+    dir: &Path,
+    extra: &[&str],
+) -> Result<Agent> {
     let kubeconfig = dir.join("kubeconfig");
     api.write_kubeconfig(&kubeconfig)?;
-    Agent::start_with(
-        "services: []\n",
-        cgroup,
-        &[
-            "--source=kubernetes",
-            &format!("--kubeconfig={}", kubeconfig.display()),
-            &format!("--node-name={NODE}"),
-            "--node-refresh-seconds=1",
-        ],
-    )
+    let kubeconfig = format!("--kubeconfig={}", kubeconfig.display());
+    let node = format!("--node-name={NODE}");
+    let mut args = vec![
+        "--source=kubernetes",
+        &kubeconfig,
+        &node,
+        "--node-refresh-seconds=1",
+    ];
+    args.extend(extra);
+    Agent::start_with("services: []\n", cgroup, &args)
 }
 
 /// The backends a connect to `vip:port` can be given now, read from the
@@ -198,7 +218,8 @@ fn wait_for<T>(what: &str, mut f: impl FnMut() -> Result<Option<T>>) -> Result<T
     }
 }
 
-fn scrape(agent: &Agent) -> Result<String> {
+/// GET `path` of the agent's metrics server: the whole response.
+fn http_get(agent: &Agent, path: &str) -> Result<String> {
     let status = agent.status()?;
     let addr = status["metrics_addr"]
         .as_str()
@@ -207,11 +228,15 @@ fn scrape(agent: &Agent) -> Result<String> {
     conn.set_read_timeout(Some(Duration::from_secs(5)))?;
     write!(
         conn,
-        "GET /metrics HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
+        "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n"
     )?;
     let mut text = String::new();
     conn.read_to_string(&mut text)?;
     Ok(text)
+}
+
+fn scrape(agent: &Agent) -> Result<String> {
+    http_get(agent, "/metrics")
 }
 
 /// Kernel writes so far (applies that reached the maps).
@@ -337,6 +362,95 @@ fn services_and_endpoints_reach_the_kernel_terminating_ones_drain_and_a_resync_w
     Ok(())
 }
 
+#[test]
+fn prefer_same_node_fails_over_to_other_nodes_while_the_local_backend_is_unhealthy() -> Result<()> {
+    let api = KubeApi::start()?;
+    let dir = tempdir("k8s-topology")?;
+    let local = TestBackend::new(1)?;
+    let remote = TestBackend::new(2)?;
+    let vip = IpAddr::from([127, 0, 18, 20]);
+    api.apply(&node(NODE, "zone-a", "127.0.0.1"));
+    api.apply(&node("node-b", "zone-b", "127.0.0.2"));
+    let mut near = service("near", &[vip]);
+    near.metadata.annotations = Some(
+        [
+            ("mesh.dev/health-check", "tcp"),
+            ("mesh.dev/health-check-interval-ms", "100"),
+        ]
+        .into_iter()
+        .map(|(k, v)| (k.to_owned(), v.to_owned()))
+        .collect(),
+    );
+    near.spec.as_mut().unwrap().traffic_distribution = Some("PreferSameNode".into());
+    api.apply(&near);
+    api.apply(&slice(
+        "near",
+        "near-a",
+        local.port(),
+        &[(loopback(1), READY)],
+    ));
+    api.apply(&slice_on(
+        "node-b",
+        "near",
+        "near-b",
+        remote.port(),
+        &[(loopback(1), READY)],
+    ));
+    let cgroup = TestCgroup::new("k8s-topology")?;
+    let agent = start_agent(&api, &cgroup, &dir)?;
+    let target = SocketAddr::new(vip, 80);
+
+    wait_for("only this node's backend in the slot table", || {
+        Ok((kernel_backends(agent.bpffs(), vip, 80)? == [local.addr()].into()).then_some(()))
+    })?;
+    let seen = run_probe(&cgroup, target, 20)?;
+    assert_eq!(seen.id_count(1), 20, "this node's backend first: {seen:?}");
+
+    // This node's backend goes down: its health checks fail and the other
+    // node's backend takes the connections.
+    let local_addr = local.addr();
+    drop(local);
+    wait_for("the other node's backend in the slot table", || {
+        Ok((kernel_backends(agent.bpffs(), vip, 80)? == [remote.addr()].into()).then_some(()))
+    })?;
+    let seen = run_probe(&cgroup, target, 20)?;
+    assert_eq!(seen.id_count(2), 20, "failed over: {seen:?}");
+
+    // It comes back: connections return to it.
+    let _back = mesh_tests::backends::listener_on(local_addr, 1)?;
+    wait_for("this node's backend back in front", || {
+        Ok((kernel_backends(agent.bpffs(), vip, 80)? == [local_addr].into()).then_some(()))
+    })?;
+    Ok(())
+}
+
+#[test]
+fn readyz_fails_while_a_watch_is_broken_longer_than_the_limit() -> Result<()> {
+    let api = KubeApi::start()?;
+    let dir = tempdir("k8s-readyz")?;
+    api.apply(&node(NODE, "zone-a", "127.0.0.1"));
+    let cgroup = TestCgroup::new("k8s-readyz")?;
+    let agent = start_agent_with(&api, &cgroup, &dir, &["--watch-stale-seconds=1"])?;
+    wait_for("/readyz 200", || {
+        Ok(http_get(&agent, "/readyz")?
+            .starts_with("HTTP/1.1 200")
+            .then_some(()))
+    })?;
+    // The API server goes away: every watch breaks and cannot come back.
+    drop(api);
+    let answer = wait_for("/readyz 503", || {
+        let answer = http_get(&agent, "/readyz")?;
+        Ok(answer.starts_with("HTTP/1.1 503").then_some(answer))
+    })?;
+    assert!(answer.contains("watch has been failing"), "{answer}");
+    let metrics = scrape(&agent)?;
+    assert!(
+        metric(&metrics, "mesh_kubernetes_watch_errors_total", &[]) > 0,
+        "broken watches are counted"
+    );
+    Ok(())
+}
+
 /// Endpoints 10.x (never connected to: the check reads the maps only).
 fn endpoints(first: u32, count: u32, v6: bool) -> Vec<(IpAddr, Conditions)> {
     (first..first + count)
@@ -407,7 +521,10 @@ fn a_restart_during_churn_never_leaves_the_kernel_with_fewer_backends_than_the_s
             let mut checks = 0u64;
             let deadline = Instant::now() + Duration::from_secs(300);
             while !stop.load(std::sync::atomic::Ordering::Acquire) && Instant::now() < deadline {
-                let want = required.lock().unwrap().clone();
+                // Held through the read: the main thread changes what is
+                // required before it changes the API, so a read never
+                // pairs an old requirement with a newer kernel.
+                let want = required.lock().unwrap();
                 for (i, vip) in [v4, v6].into_iter().enumerate() {
                     let kernel = kernel_backends(&bpffs, vip, 80)?;
                     let missing: Vec<_> = want[i].difference(&kernel).collect();

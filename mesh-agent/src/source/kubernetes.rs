@@ -389,6 +389,7 @@ async fn run(client: Client, opts: KubeOptions, shared: Arc<Shared>) {
         tokio::sync::watch::channel(BTreeSet::from([opts.node_name.clone()]));
     let poller = tokio::spawn(poll_nodes(
         Api::<KubeNode>::all(client),
+        opts.node_name.clone(),
         wanted_rx,
         opts.node_refresh,
         nodes_tx,
@@ -436,6 +437,7 @@ fn tokio_stream_from<T: Send + 'static>(
 /// `refresh`.
 async fn poll_nodes(
     api: Api<KubeNode>,
+    this_node: String,
     mut wanted: tokio::sync::watch::Receiver<BTreeSet<String>>,
     refresh: Duration,
     tx: tokio::sync::mpsc::UnboundedSender<BTreeMap<String, NodeFacts>>,
@@ -457,7 +459,9 @@ async fn poll_nodes(
                     read.insert(name.clone(), node_facts(&node));
                 }
                 Err(e) => {
-                    failed = true;
+                    // Only this node's own Node counts for readiness: a
+                    // peer's missing Node costs only its tunnel address.
+                    failed |= *name == this_node;
                     warn!(node = %name, "kubernetes: cannot read the Node: {e}");
                     if let Some(old) = known.get(name) {
                         read.insert(name.clone(), old.clone());
