@@ -39,3 +39,6 @@ pub const PATH_TUNNELS: &str = "/v1/tunnels";
 pub const PATH_AUTHZ: &str = "/v1/authz";
 /// The identities this node holds, their expiry and their reloads.
 pub const PATH_CERTS: &str = "/v1/certs";
+/// Whether the source, the agent's state and the kernel agree
+/// (`meshctl diff`).
+pub const PATH_DIFF: &str = "/v1/diff";

@@ -4,6 +4,7 @@
 //! → overlays → reconcile); `views.rs` is what the admin API reads.
 
 mod apply;
+mod diff;
 mod views;
 
 use apply::{release_free_memory, sync_inbound};
@@ -143,12 +144,18 @@ struct Inner {
     /// The newest decision events with their sequence numbers, oldest first.
     events: VecDeque<(u64, Event)>,
     next_event: u64,
+    /// Where the next slice of the kernel check starts (after this name).
+    diff_cursor: Option<String>,
     /// Local backends of strict/permissive services (`bpf/ingress.rs`).
     inbound: bpf::Inbound,
 }
 
 /// Service changes after which freed memory is handed back to the system.
 const TRIM_AFTER: usize = 256;
+
+/// Every how many ticks the source's own view is compared with the
+/// agent's state (`diff.rs`).
+const SOURCE_CHECK_TICKS: u64 = 10;
 
 /// How many decision events the agent keeps for `meshctl events`.
 const EVENTS_KEPT: usize = 4096;
@@ -364,6 +371,7 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
                 last_unix_ms: unix_ms(),
                 ..Default::default()
             },
+            diff_cursor: None,
             events: VecDeque::with_capacity(EVENTS_KEPT),
             next_event: 0,
             inbound,
@@ -469,6 +477,7 @@ async fn watch(
     let mut terminate = signal(SignalKind::terminate()).map_err(AgentError::Signal)?;
     let mut interrupt = signal(SignalKind::interrupt()).map_err(AgentError::Signal)?;
     let mut ticker = tokio::time::interval(opts.watch_interval);
+    let mut ticks: u64 = 0;
     loop {
         tokio::select! {
             changed = changes.next() => shared.reload(&changed),
@@ -476,6 +485,11 @@ async fn watch(
                 if shared.drain_expired() || shared.observe_outliers() {
                     info!("drain timeout over or backend ejected: applying again");
                     shared.reapply(BTreeSet::new());
+                }
+                shared.check_kernel_slice();
+                ticks += 1;
+                if ticks % SOURCE_CHECK_TICKS == 0 {
+                    shared.check_source().await;
                 }
             }
             Some(()) = health_changes.recv() => {

@@ -134,6 +134,10 @@ enum Command {
     /// and time left, the trust bundle's roots, and the last reload (its
     /// time, error and next retry).
     Certs,
+    /// Whether the source's own view (Kubernetes: the API's objects), the
+    /// agent's state and the kernel's maps agree, service by service; each
+    /// disagreement with how long it has stood.
+    Diff,
     /// Kernel-side debug logs at the balancing decisions, forwarded into the
     /// agent's log (target `mesh_kernel`); `on`/`off` switches them. Off,
     /// they cost one branch per decision.
@@ -288,6 +292,10 @@ async fn execute(cli: &Cli) -> Result<String, CliError> {
         Command::Tunnels => {
             let view: admin::TunnelsResponse = admin::get(socket, admin::PATH_TUNNELS).await?;
             render(out, &view, tunnels::render)
+        }
+        Command::Diff => {
+            let view: crate::diff::DiffResponse = admin::get(socket, admin::PATH_DIFF).await?;
+            render(out, &view, render_diff)
         }
         Command::Certs => {
             let view: admin::CertsResponse = admin::get(socket, admin::PATH_CERTS).await?;
@@ -737,4 +745,29 @@ fn render_events(r: &EventsResponse) -> String {
         ]);
     }
     t.render()
+}
+
+fn render_diff(r: &crate::diff::DiffResponse) -> String {
+    let mut out = format!(
+        "{} services checked against the kernel{}\n",
+        r.services_checked,
+        if r.source_compared {
+            ", and against the source's own view"
+        } else {
+            " (the file source has no view of its own to compare)"
+        }
+    );
+    if r.disagreements.is_empty() {
+        out.push_str("no disagreements\n");
+        return out;
+    }
+    let mut t = Table::new(["LAYER", "SERVICE", "STANDING", "DETAIL"]);
+    for d in &r.disagreements {
+        let layer = format!("{:?}", d.layer).to_lowercase();
+        let age = format!("{:.1}s", d.age_ms as f64 / 1e3);
+        t.row([layer.as_str(), &d.service, &age, &d.detail]);
+    }
+    out.push('\n');
+    out.push_str(&t.render());
+    out
 }

@@ -12,6 +12,7 @@ pub mod bpf;
 pub mod cli;
 pub mod config;
 pub mod destroy;
+pub mod diff;
 pub mod drain;
 pub mod events;
 pub mod explain;

@@ -108,6 +108,8 @@ pub struct Metrics {
     pub tunnel: crate::tunnel::TunnelMetrics,
     pub identity: crate::identity::IdentityMetrics,
     pub kubernetes: crate::source::kubernetes::KubeMetrics,
+    /// Standing disagreements between source, agent and kernel (`diff.rs`).
+    pub diff: std::sync::Mutex<crate::diff::Tracker>,
     probes: Probes,
     registry: Registry,
 }
@@ -142,6 +144,7 @@ impl Metrics {
         let tunnel = crate::tunnel::TunnelMetrics::new(&mut registry);
         let identity = crate::identity::IdentityMetrics::new(&mut registry);
         let kubernetes = crate::source::kubernetes::KubeMetrics::new(&mut registry);
+        let diff = std::sync::Mutex::new(crate::diff::Tracker::new(&mut registry));
         let kernel = Arc::new(KernelCollector::default());
         health.list_from(kernel.clone());
         registry.register_collector(Box::new(kernel.clone()));
@@ -152,6 +155,7 @@ impl Metrics {
             tunnel,
             identity,
             kubernetes,
+            diff,
             probes: Probes::new(),
             registry,
         }

@@ -9,6 +9,7 @@
 pub mod file;
 pub mod kubernetes;
 
+use std::collections::BTreeSet;
 use std::path::PathBuf;
 use std::time::Duration;
 
@@ -17,7 +18,7 @@ use crate::state::ServiceSet;
 
 pub use crate::config::Update;
 pub use file::{FileChanges, FileSource};
-pub use kubernetes::{KubeChanges, KubeError, KubeOptions, KubeSource};
+pub use kubernetes::{KubeChanges, KubeError, KubeOptions, KubeSource, ViewHandle};
 
 /// Which source to run, and how (`--source`).
 #[derive(Clone, Debug)]
@@ -105,6 +106,16 @@ impl Source {
         match self {
             Self::File(s) => s.commit(update),
             Self::Kubernetes(s) => s.commit(update),
+        }
+    }
+
+    /// How to ask for the source's own view of every service, where it has
+    /// one apart from what the agent accepted (Kubernetes), and the
+    /// services whose change is on its way.
+    pub fn view(&self) -> Option<(ViewHandle, BTreeSet<String>)> {
+        match self {
+            Self::File(_) => None,
+            Self::Kubernetes(s) => Some((s.views(), s.in_flight())),
         }
     }
 

@@ -425,6 +425,71 @@ fn prefer_same_node_fails_over_to_other_nodes_while_the_local_backend_is_unhealt
 }
 
 #[test]
+fn meshctl_diff_and_the_metric_find_a_frontend_the_kernel_lost() -> Result<()> {
+    let api = KubeApi::start()?;
+    let dir = tempdir("k8s-diff")?;
+    let backend = TestBackend::new(1)?;
+    let vip = IpAddr::from([127, 0, 18, 30]);
+    api.apply(&node(NODE, "zone-a", "127.0.0.1"));
+    api.apply(&service("lost", &[vip]));
+    api.apply(&slice(
+        "lost",
+        "lost-1",
+        backend.port(),
+        &[(loopback(1), READY)],
+    ));
+    let cgroup = TestCgroup::new("k8s-diff")?;
+    let agent = start_agent(&api, &cgroup, &dir)?;
+    wait_for("the service in the kernel", || {
+        Ok((kernel_backends(agent.bpffs(), vip, 80)? == [backend.addr()].into()).then_some(()))
+    })?;
+    let diff = agent.meshctl_json(&["diff"])?;
+    assert_eq!(diff["source_compared"], true, "{diff}");
+    assert_eq!(diff["disagreements"], serde_json::json!([]), "{diff}");
+
+    // Something outside the agent removes the frontend from the kernel.
+    let mut maps = Maps::from_pins(&agent.bpffs().join(format!("v{SCHEMA_VERSION}/maps")))?;
+    let (addr, family) = ip_to_words(vip);
+    maps.services.remove(&ServiceKey {
+        addr,
+        port: 80u16.to_be(),
+        proto: PROTO_TCP,
+        family,
+    })?;
+    let diff = agent.meshctl_json(&["diff"])?;
+    let found = diff["disagreements"]
+        .as_array()
+        .context("disagreements")?
+        .iter()
+        .find(|d| d["service"] == "default/lost:80/tcp/ipv4")
+        .with_context(|| format!("no disagreement for the lost frontend in {diff}"))?;
+    assert_eq!(found["layer"], "kernel", "{found}");
+    assert!(
+        found["detail"]
+            .as_str()
+            .is_some_and(|d| d.contains("no entry in MESH_SERVICES")),
+        "{found}"
+    );
+    let text = agent.meshctl(&["diff"])?;
+    let text = String::from_utf8_lossy(&text.stdout);
+    assert!(text.contains("default/lost:80/tcp/ipv4"), "{text}");
+    let metrics = scrape(&agent)?;
+    assert_eq!(
+        metric(&metrics, "mesh_state_disagreements", &[("layer", "kernel")]),
+        1,
+        "{metrics}"
+    );
+    // It keeps standing, and its age grows.
+    std::thread::sleep(Duration::from_millis(1100));
+    let diff = agent.meshctl_json(&["diff"])?;
+    assert!(
+        diff["disagreements"][0]["age_ms"].as_u64() >= Some(1000),
+        "{diff}"
+    );
+    Ok(())
+}
+
+#[test]
 fn readyz_fails_while_a_watch_is_broken_longer_than_the_limit() -> Result<()> {
     let api = KubeApi::start()?;
     let dir = tempdir("k8s-readyz")?;

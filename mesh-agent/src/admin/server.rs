@@ -59,6 +59,9 @@ pub async fn serve(
                                 super::debug_log::handle(req, &shared).await,
                             );
                         }
+                        if req.uri().path() == super::PATH_DIFF {
+                            return Ok::<_, Infallible>(json(&shared.diff().await));
+                        }
                         if req.uri().path() == PATH_OVERRIDES {
                             return Ok::<_, Infallible>(set_override(req, &shared).await);
                         }

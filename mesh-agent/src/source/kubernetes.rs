@@ -131,10 +131,27 @@ impl Shared {
     }
 }
 
+/// Asks the task for every Service translated afresh from its objects.
+type ViewRequest = tokio::sync::oneshot::Sender<BTreeMap<String, Arc<Service>>>;
+
+/// A way to ask for the source's view without holding the agent's lock.
+#[derive(Clone)]
+pub struct ViewHandle(tokio::sync::mpsc::UnboundedSender<ViewRequest>);
+
+impl ViewHandle {
+    /// Every service as the API's objects say now (None: the task ended).
+    pub async fn get(&self) -> Option<BTreeMap<String, Arc<Service>>> {
+        let (tx, rx) = tokio::sync::oneshot::channel();
+        self.0.send(tx).ok()?;
+        rx.await.ok()
+    }
+}
+
 /// The agent's half: the committed state and the task's pending changes.
 pub struct KubeSource {
     current: ServiceSet,
     shared: Arc<Shared>,
+    views: ViewHandle,
     /// The watchers' task; ended when the source is dropped.
     task: tokio::task::JoinHandle<()>,
 }
@@ -166,7 +183,8 @@ impl KubeSource {
             stale_after: opts.stale_after,
             metrics,
         });
-        let task = tokio::spawn(run(client, opts.clone(), shared.clone()));
+        let (views, view_requests) = tokio::sync::mpsc::unbounded_channel();
+        let task = tokio::spawn(run(client, opts.clone(), shared.clone(), view_requests));
         info!(node = %opts.node_name, "kubernetes: listing Services, EndpointSlices, this node's Pods and Node");
         let started = Instant::now();
         while shared.synced.get().is_none() {
@@ -179,6 +197,7 @@ impl KubeSource {
         let source = Self {
             current: ServiceSet::default(),
             shared,
+            views: ViewHandle(views),
             task,
         };
         let first = source.load();
@@ -193,6 +212,15 @@ impl KubeSource {
 
     pub fn current(&self) -> &ServiceSet {
         &self.current
+    }
+
+    pub fn views(&self) -> ViewHandle {
+        self.views.clone()
+    }
+
+    /// Services with a change on its way to the agent.
+    pub fn in_flight(&self) -> BTreeSet<String> {
+        self.shared.pending().services.keys().cloned().collect()
     }
 
     /// What is pending, as an update of the committed state.
@@ -363,7 +391,12 @@ where
 }
 
 /// The watchers' task: runs until the source is dropped.
-async fn run(client: Client, opts: KubeOptions, shared: Arc<Shared>) {
+async fn run(
+    client: Client,
+    opts: KubeOptions,
+    shared: Arc<Shared>,
+    mut views: tokio::sync::mpsc::UnboundedReceiver<ViewRequest>,
+) {
     let streams = vec![
         watch(
             Api::<KubeService>::all(client.clone()),
@@ -398,7 +431,17 @@ async fn run(client: Client, opts: KubeOptions, shared: Arc<Shared>) {
     let nodes = Box::pin(tokio_stream_from(nodes_rx).map(Watched::Nodes)) as Events;
     let mut events = futures_util::stream::select_all(streams.into_iter().chain([nodes]));
     let mut index = Index::new(&opts);
-    while let Some(first) = events.next().await {
+    loop {
+        let first = tokio::select! {
+            first = events.next() => match first {
+                Some(first) => first,
+                None => break,
+            },
+            Some(reply) = views.recv() => {
+                let _ = reply.send(index.view());
+                continue;
+            }
+        };
         let arrived = Instant::now();
         let mut kinds = BTreeSet::new();
         // Take every event already waiting: one translation for a burst.
@@ -842,6 +885,37 @@ impl Index {
         }
         let _ = shared.synced.set(());
         shared.changed.notify_one();
+    }
+
+    /// Every Service translated afresh from the objects (a Service that
+    /// fails: its last good frontends), for the disagreement check.
+    fn view(&self) -> BTreeMap<String, Arc<Service>> {
+        let zone = self.nodes.get(&self.node).and_then(|f| f.zone.clone());
+        let this = translate::ThisNode {
+            name: &self.node,
+            zone: zone.as_deref(),
+        };
+        let mut out = BTreeMap::new();
+        for (key, svc) in &self.services.by_key {
+            let slices = self
+                .slices_of
+                .get(key)
+                .into_iter()
+                .flatten()
+                .filter_map(|k| self.slices.by_key.get(k))
+                .map(|s| &**s);
+            match translate::translate(svc, slices, &this) {
+                Ok(frontends) => {
+                    out.extend(frontends.into_iter().map(|f| (f.name.clone(), Arc::new(f))));
+                }
+                Err(_) => {
+                    for f in self.frontends.get(key).into_iter().flatten() {
+                        out.insert(f.name.clone(), f.clone());
+                    }
+                }
+            }
+        }
+        out
     }
 
     /// This node's pods that are running here, as workloads.
