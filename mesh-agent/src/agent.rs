@@ -414,6 +414,10 @@ pub async fn run(opts: AgentOptions) -> Result<(), AgentError> {
             }
         })
     };
+    {
+        let inner = shared.lock();
+        shared.redirect_workload_addresses(&inner.desired.workloads, &opts.node_name);
+    }
     let refresher = redirect.spawn_refresher(LOCAL_ADDR_REFRESH);
     // An agent of another map layout left its programs attached; ours now
     // serve the full state beside them, so its socket state is carried over

@@ -443,6 +443,7 @@ fn workloads(raw: Vec<Spanned<RawWorkload>>, mesh: Option<&Mesh>) -> Check<Vec<W
             cgroup: path,
             identity,
             node,
+            addresses: Vec::new(),
         });
     }
     workloads.sort_by(|a, b| a.name.cmp(&b.name));

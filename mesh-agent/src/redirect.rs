@@ -111,6 +111,8 @@ pub struct Redirect {
     workload_namespaces: usize,
     /// Addresses left out by the last sync because two namespaces have them.
     ambiguous: BTreeSet<IpAddr>,
+    /// This node's workloads' addresses as the source gives them.
+    source_addresses: BTreeSet<IpAddr>,
     /// Backends of services that opted out, as MESH_EXCL_EP holds them.
     exclusions: Exclusions,
 }
@@ -193,6 +195,7 @@ impl Redirect {
             programmed: BTreeSet::new(),
             workload_namespaces: 0,
             ambiguous: BTreeSet::new(),
+            source_addresses: BTreeSet::new(),
             exclusions: Exclusions::default(),
         };
         redirect.recover_from_maps();
@@ -326,6 +329,19 @@ impl Redirect {
         Ok(())
     }
 
+    /// The addresses the source says this node's workloads have (a
+    /// Kubernetes source: the IPs of this node's pods); written at once.
+    pub fn set_workload_addresses(
+        &mut self,
+        addresses: BTreeSet<IpAddr>,
+    ) -> Result<(), RedirectError> {
+        if addresses == self.source_addresses {
+            return Ok(());
+        }
+        self.source_addresses = addresses;
+        self.sync_local_addrs()
+    }
+
     /// Makes `MESH_LOCAL_ADDR` hold exactly the wanted set: adds first, then
     /// removes, so an address that stays is never briefly missing.
     pub fn sync_local_addrs(&mut self) -> Result<(), RedirectError> {
@@ -333,6 +349,7 @@ impl Redirect {
             .options
             .local_addresses
             .iter()
+            .chain(&self.source_addresses)
             .copied()
             .filter(|a| !a.is_loopback())
             .collect();

@@ -304,6 +304,10 @@ pub struct Workload {
     /// The node that hosts it. `None`: the node of whichever agent reads
     /// the configuration; such a workload is never accepted from a peer.
     pub node: Option<String>,
+    /// Its own addresses (a pod's IPs), which same-node redirect treats as
+    /// this node's when the workload is on it. Empty for a file's
+    /// workloads: the redirect finds their network namespaces itself.
+    pub addresses: Vec<std::net::IpAddr>,
 }
 
 impl Workload {

@@ -490,6 +490,71 @@ fn meshctl_diff_and_the_metric_find_a_frontend_the_kernel_lost() -> Result<()> {
 }
 
 #[test]
+fn this_nodes_pods_become_workloads_and_their_ips_node_local() -> Result<()> {
+    use k8s_openapi::api::core::v1::{Pod, PodIP, PodSpec, PodStatus};
+    let api = KubeApi::start()?;
+    let dir = tempdir("k8s-pods")?;
+    api.apply(&node(NODE, "zone-a", "127.0.0.1"));
+    // The kubelet's cgroups of one BestEffort pod (cgroupfs driver), under
+    // a --cgroup-root of the test's own.
+    let mount = mesh_tests::cgroup::cgroup2_mount()?;
+    let root = TestCgroup::new("k8s-pods")?;
+    let kubepods = root.child("kubepods")?;
+    let besteffort = kubepods.child("besteffort")?;
+    let uid = "4f6c1a2e-0b7d-4c3e-9a51-2d8e6f7a9b10";
+    let pod_cgroup = besteffort.child(&format!("pod{uid}"))?;
+    let kubelet_root = format!("/{}", root.path().strip_prefix(&mount)?.display());
+    let pod_ip: IpAddr = "10.99.0.7".parse()?;
+    let mut pod = Pod {
+        metadata: meta(Some("shop"), "cart-1", &[]),
+        spec: Some(PodSpec {
+            node_name: Some(NODE.into()),
+            service_account_name: Some("cart".into()),
+            ..Default::default()
+        }),
+        status: Some(PodStatus {
+            phase: Some("Running".into()),
+            qos_class: Some("BestEffort".into()),
+            pod_ip: Some(pod_ip.to_string()),
+            pod_ips: Some(vec![PodIP {
+                ip: pod_ip.to_string(),
+            }]),
+            ..Default::default()
+        }),
+    };
+    pod.metadata.uid = Some(uid.into());
+    api.apply(&pod);
+    let cgroup = TestCgroup::new("k8s-pods-agent")?;
+    let agent = start_agent_with(
+        &api,
+        &cgroup,
+        &dir,
+        &[&format!("--kubelet-cgroup-root={kubelet_root}")],
+    )?;
+    // Which cgroups the kernel knows an identity of.
+    let workloads = |agent: &Agent| -> Result<Vec<u64>> {
+        let maps = Maps::from_pins(&agent.bpffs().join(format!("v{SCHEMA_VERSION}/maps")))?;
+        Ok(maps.workloads.keys().filter_map(Result::ok).collect())
+    };
+    let local = |agent: &Agent| -> Result<bool> {
+        let view = agent.meshctl_json(&["redirect"])?;
+        Ok(view["local_addresses"]
+            .as_array()
+            .is_some_and(|a| a.iter().any(|a| a == &serde_json::json!(pod_ip))))
+    };
+    wait_for("the pod's cgroup registered and its IP node-local", || {
+        Ok((workloads(&agent)? == [pod_cgroup.id()] && local(&agent)?).then_some(()))
+    })?;
+
+    // The pod goes: its identity and address go with it.
+    api.delete::<Pod>(Some("shop"), "cart-1");
+    wait_for("the pod's cgroup and IP gone", || {
+        Ok((workloads(&agent)?.is_empty() && !local(&agent)?).then_some(()))
+    })?;
+    Ok(())
+}
+
+#[test]
 fn readyz_fails_while_a_watch_is_broken_longer_than_the_limit() -> Result<()> {
     let api = KubeApi::start()?;
     let dir = tempdir("k8s-readyz")?;

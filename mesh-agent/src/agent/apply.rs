@@ -19,7 +19,7 @@ use crate::overlay::{Plan, SourceView};
 use crate::placement::Placement;
 use crate::reconcile::{ApplyReport, Reconciler};
 use crate::source::{Changed, SourceError, Update};
-use crate::state::{Service, ServiceSet};
+use crate::state::{Service, ServiceSet, Workload};
 use crate::tunnel::TunnelView;
 
 impl Shared {
@@ -150,6 +150,9 @@ impl Shared {
                 }
             }
         }
+        if update.workloads.is_some() {
+            self.redirect_workload_addresses(&workloads, &overlays.placement.node);
+        }
         desired.workloads = workloads;
         drop(dirty);
         source.commit(update);
@@ -190,6 +193,18 @@ impl Shared {
             }
         }
         Ok(report)
+    }
+
+    /// Hands same-node redirect the addresses of this node's workloads.
+    pub(super) fn redirect_workload_addresses(&self, workloads: &[Workload], node: &str) {
+        let addresses = workloads
+            .iter()
+            .filter(|w| w.is_on(node))
+            .flat_map(|w| w.addresses.iter().copied())
+            .collect();
+        if let Err(e) = self.redirect.lock().set_workload_addresses(addresses) {
+            warn!("same-node redirect: {e}; the pods' addresses are retried on the next change");
+        }
     }
 
     /// Records an apply's outcome for `meshctl status` and the log, and

@@ -211,6 +211,7 @@ pub fn pod_workload(
         cgroup: cgroup.path,
         identity: identity.to_string(),
         node: Some(node.to_owned()),
+        addresses: pod_addresses(pod),
     }))
 }
 
@@ -398,6 +399,7 @@ mod tests {
                 cgroup: dir.clone(),
                 identity: "spiffe://cluster.local/ns/shop/sa/cart".into(),
                 node: Some(NODE.into()),
+                addresses: pod_addresses(&pod),
             };
             assert_eq!(
                 workload(&pod, &tree).unwrap(),
