@@ -272,8 +272,15 @@ mod tests {
 
         assert_eq!(get(addr, "/nope").0, 404);
 
-        // A second agent on the same address is refused with what to do.
-        let err = metrics.serve(addr, 0).unwrap_err().to_string();
+        // A second agent (a rolling update's surge) shares the port...
+        let surge = metrics.serve(addr, 0).expect("a second agent shares the port");
+        drop(surge);
+        // ...but a port something else holds is refused with what to do.
+        let other = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+        let err = metrics
+            .serve(other.local_addr().unwrap(), 0)
+            .unwrap_err()
+            .to_string();
         assert!(err.contains("--metrics-addr"), "{err}");
 
         drop(server);
