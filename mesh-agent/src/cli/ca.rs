@@ -1,6 +1,6 @@
 //! `meshctl ca`: the mesh CA on the operator's machine. `init` makes the
 //! root, `issue` signs a node certificate into a directory the agent loads
-//! (`--identity-dir`; in Kubernetes a Secret), `show` describes either kind
+//! (`--identity-dir`; in Kubernetes the node's `/etc/mesh/identity`), `show` describes either kind
 //! of directory. Private keys are written 0600 and never printed.
 
 use std::path::{Path, PathBuf};
