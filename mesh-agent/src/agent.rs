@@ -492,7 +492,7 @@ async fn watch(
                 }
                 shared.check_kernel_slice();
                 ticks += 1;
-                if ticks % SOURCE_CHECK_TICKS == 0 {
+                if ticks.is_multiple_of(SOURCE_CHECK_TICKS) {
                     shared.check_source().await;
                 }
             }

@@ -110,15 +110,13 @@ pub fn kernel<'a>(
                     .slots
                     .get(&key, 0)
                     .and_then(|id| maps.backends.get(&id, 0));
-                match backend {
-                    Ok(b) => {
-                        have.insert(SocketAddr::new(
-                            ip_from_words(b.family, b.addr),
-                            u16::from_be(b.port),
-                        ));
-                    }
-                    // A flip between the two reads: the next check sees it.
-                    Err(_) => {}
+                // An error is a flip between the two reads: the next
+                // check sees the new generation.
+                if let Ok(b) = backend {
+                    have.insert(SocketAddr::new(
+                        ip_from_words(b.family, b.addr),
+                        u16::from_be(b.port),
+                    ));
                 }
             }
             let extra: Vec<_> = have.difference(&want).map(|a| a.to_string()).collect();
@@ -342,7 +340,7 @@ impl Tracker {
                 age_ms: now.duration_since(*since).as_millis() as u64,
             })
             .collect();
-        out.sort_by(|a, b| b.age_ms.cmp(&a.age_ms));
+        out.sort_by_key(|d| std::cmp::Reverse(d.age_ms));
         out
     }
 }

@@ -325,6 +325,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 None => hostname().context("cannot read the hostname; give --node-name")?,
             };
             let watch_interval = Duration::from_millis(watch_interval_ms.max(10));
+            let identity_dir = identity_dir.filter(|dir| has_identity(dir));
             let source = match (source, config) {
                 (SourceKind::File, Some(path)) => SourceOptions::File {
                     path,
@@ -345,6 +346,7 @@ fn execute(command: Command) -> anyhow::Result<()> {
                     .context("--kubelet-cgroup-root")?,
                     stale_after: Duration::from_secs(watch_stale_seconds),
                     node_refresh: Duration::from_secs(node_refresh_seconds),
+                    peer_identities: identity_dir.is_some(),
                 }),
             };
             let opts = agent::AgentOptions {
@@ -371,16 +373,14 @@ fn execute(command: Command) -> anyhow::Result<()> {
                 metrics_addr: metrics_addr.0,
                 kernel_debug_log,
                 node_name,
-                tunnel: identity_dir
-                    .filter(|dir| has_identity(dir))
-                    .map(|identity_dir| mesh_agent::tunnel::TunnelSettings {
-                        identity_dir,
-                        outbound_v4: tunnel_outbound,
-                        outbound_v6: tunnel_outbound6,
-                        inbound: tunnel_inbound,
-                        drain_timeout: Duration::from_secs(tunnel_drain_seconds),
-                        threads: tunnel_threads.map_or_else(default_tunnel_threads, usize::from),
-                    }),
+                tunnel: identity_dir.map(|identity_dir| mesh_agent::tunnel::TunnelSettings {
+                    identity_dir,
+                    outbound_v4: tunnel_outbound,
+                    outbound_v6: tunnel_outbound6,
+                    inbound: tunnel_inbound,
+                    drain_timeout: Duration::from_secs(tunnel_drain_seconds),
+                    threads: tunnel_threads.map_or_else(default_tunnel_threads, usize::from),
+                }),
             };
             raise_open_files_limit();
             let runtime = tokio::runtime::Builder::new_multi_thread()

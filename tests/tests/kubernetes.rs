@@ -554,6 +554,99 @@ fn this_nodes_pods_become_workloads_and_their_ips_node_local() -> Result<()> {
     Ok(())
 }
 
+/// With the tunnel on, the agent also learns which node hosts which
+/// service account, so a peer node's stream may claim exactly the
+/// identities of its own pods (the destination's check, docs/SECURITY.md).
+#[test]
+fn with_the_tunnel_on_a_peer_node_may_claim_only_its_own_pods_identities() -> Result<()> {
+    use k8s_openapi::api::core::v1::{Pod, PodSpec, PodStatus};
+    let api = KubeApi::start()?;
+    let dir = tempdir("k8s-claims")?;
+    let meshctl = |args: &[&str]| mesh_tests::cluster::meshctl(args);
+    let ca = dir.join("ca");
+    let identity = dir.join("identity");
+    let path = |p: &Path| p.display().to_string();
+    meshctl(&[
+        "ca",
+        "init",
+        "--dir",
+        &path(&ca),
+        "--trust-domain",
+        "cluster.local",
+    ])?;
+    meshctl(&[
+        "ca",
+        "issue",
+        "--ca-dir",
+        &path(&ca),
+        "--node",
+        NODE,
+        "--out",
+        &path(&identity),
+    ])?;
+    api.apply(&node(NODE, "zone-a", "127.0.0.1"));
+    api.apply(&node("node-b", "zone-b", "127.0.0.2"));
+    api.apply(&service("web", &[IpAddr::from([127, 0, 18, 40])]));
+    let pod = |name: &str, on: &str, sa: &str| Pod {
+        metadata: meta(Some("shop"), name, &[]),
+        spec: Some(PodSpec {
+            node_name: Some(on.into()),
+            service_account_name: Some(sa.into()),
+            ..Default::default()
+        }),
+        status: Some(PodStatus {
+            phase: Some("Running".into()),
+            ..Default::default()
+        }),
+    };
+    api.apply(&pod("cart-1", "node-b", "cart"));
+    let cgroup = TestCgroup::new("k8s-claims")?;
+    // Tunnel ports of this test's own (it runs in the host's namespace).
+    let port = 20_000 + (std::process::id() % 20_000) as u16;
+    let agent = start_agent_with(
+        &api,
+        &cgroup,
+        &dir,
+        &[
+            &format!("--identity-dir={}", identity.display()),
+            &format!("--tunnel-outbound=127.0.0.1:{port}"),
+            &format!("--tunnel-outbound6=[::1]:{port}"),
+            &format!("--tunnel-inbound=127.0.0.1:{}", port + 1),
+        ],
+    )?;
+    let claim = |node: &str| -> Result<serde_json::Value> {
+        agent.meshctl_json(&[
+            "authz",
+            "check",
+            "--from",
+            "spiffe://cluster.local/ns/shop/sa/cart",
+            "--to",
+            "default/web:80/tcp/ipv4",
+            "--node",
+            node,
+        ])
+    };
+    let believed =
+        |node: &str| -> Result<bool> { Ok(claim(node)?["claim_from_node"]["believed"] == true) };
+    wait_for("node-b's claim believed", || {
+        Ok(believed("node-b")?.then_some(()))
+    })?;
+    assert!(
+        !believed("node-c")?,
+        "a node hosting no such pod: {}",
+        claim("node-c")?
+    );
+
+    // The pod moves to node-c: node-b may no longer claim it.
+    api.delete::<Pod>(Some("shop"), "cart-1");
+    api.apply(&pod("cart-2", "node-c", "cart"));
+    wait_for("node-c's claim believed", || {
+        Ok(believed("node-c")?.then_some(()))
+    })?;
+    assert!(!believed("node-b")?, "{}", claim("node-b")?);
+    Ok(())
+}
+
 #[test]
 fn readyz_fails_while_a_watch_is_broken_longer_than_the_limit() -> Result<()> {
     let api = KubeApi::start()?;

@@ -63,6 +63,10 @@ pub struct KubeOptions {
     pub stale_after: Duration,
     /// How often Nodes (this one's zone, peers' addresses) are read again.
     pub node_refresh: Duration,
+    /// Also watch every node's Pods, keeping only which node hosts which
+    /// service account: with the tunnel on, a stream from a peer node may
+    /// claim only identities that node hosts (docs/SECURITY.md).
+    pub peer_identities: bool,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -89,6 +93,8 @@ enum Kind {
     Service,
     EndpointSlice,
     Pod,
+    /// Pods of every node, for which node hosts which identity.
+    PeerPod,
     Node,
 }
 
@@ -98,6 +104,7 @@ impl Kind {
             Kind::Service => "Service",
             Kind::EndpointSlice => "EndpointSlice",
             Kind::Pod => "Pod",
+            Kind::PeerPod => "PeerPod",
             Kind::Node => "Node",
         }
     }
@@ -358,6 +365,7 @@ enum Watched {
     Service(Event<KubeService>),
     Slice(Event<EndpointSlice>),
     Pod(Event<Pod>),
+    PeerPod(Event<Pod>),
     Failed(Kind, watcher::Error),
     Nodes(BTreeMap<String, NodeFacts>),
 }
@@ -417,6 +425,15 @@ async fn run(
             Watched::Pod,
         ),
     ];
+    let mut streams = streams;
+    if opts.peer_identities {
+        streams.push(watch(
+            Api::<Pod>::all(client.clone()),
+            watcher::Config::default(),
+            Kind::PeerPod,
+            Watched::PeerPod,
+        ));
+    }
     let (nodes_tx, nodes_rx) = tokio::sync::mpsc::unbounded_channel();
     let (wanted_tx, wanted_rx) =
         tokio::sync::watch::channel(BTreeSet::from([opts.node_name.clone()]));
@@ -629,6 +646,83 @@ impl<K: Resource> Objects<K> {
     }
 }
 
+/// Of every node's pods, only which node hosts which identity (a whole
+/// Pod of every node would cost far more memory than this needs).
+struct PeerPods {
+    by_key: BTreeMap<Key, (String, String)>,
+    relist: Option<BTreeMap<Key, (String, String)>>,
+    synced: bool,
+}
+
+impl PeerPods {
+    /// Synced from the start when not watched.
+    fn new(watched: bool) -> Self {
+        Self {
+            by_key: BTreeMap::new(),
+            relist: None,
+            synced: !watched,
+        }
+    }
+
+    /// The (node, identity) a running pod of another node than `this`
+    /// gives.
+    fn facts(pod: &Pod, this: &str, trust_domain: &str) -> Option<(String, String)> {
+        let spec = pod.spec.as_ref()?;
+        let node = spec
+            .node_name
+            .as_deref()
+            .filter(|n| !n.is_empty() && *n != this)?;
+        if node.chars().any(|c| c.is_control() || c.is_whitespace()) {
+            return None;
+        }
+        let phase = pod.status.as_ref().and_then(|s| s.phase.as_deref());
+        if matches!(phase, Some("Succeeded" | "Failed")) {
+            return None;
+        }
+        let sa = spec
+            .service_account_name
+            .as_deref()
+            .filter(|s| !s.is_empty())
+            .unwrap_or("default");
+        let namespace = pod.metadata.namespace.as_deref()?;
+        let id = crate::identity::SpiffeId::workload(trust_domain, namespace, sa).ok()?;
+        Some((node.to_owned(), id.to_string()))
+    }
+
+    /// Takes one event; true when which node hosts what may have changed.
+    fn take(&mut self, event: Event<Pod>, this: &str, trust_domain: &str) -> bool {
+        match event {
+            Event::Init => {
+                self.relist = Some(BTreeMap::new());
+                false
+            }
+            Event::InitApply(pod) => {
+                if let Some(facts) = Self::facts(&pod, this, trust_domain) {
+                    self.relist
+                        .get_or_insert_with(BTreeMap::new)
+                        .insert(key_of(&pod), facts);
+                }
+                false
+            }
+            Event::InitDone => {
+                self.synced = true;
+                let listed = self.relist.take().unwrap_or_default();
+                let changed = listed != self.by_key;
+                self.by_key = listed;
+                changed
+            }
+            Event::Apply(pod) => {
+                let key = key_of(&pod);
+                match Self::facts(&pod, this, trust_domain) {
+                    Some(facts) => self.by_key.insert(key, facts.clone()) != Some(facts),
+                    None => self.by_key.remove(&key).is_some(),
+                }
+            }
+            Event::Delete(pod) => self.by_key.remove(&key_of(&pod)).is_some(),
+        }
+    }
+}
+
 /// Everything watched, and what was last handed to the agent.
 struct Index {
     node: String,
@@ -637,6 +731,8 @@ struct Index {
     services: Objects<KubeService>,
     slices: Objects<EndpointSlice>,
     pods: Objects<Pod>,
+    /// Which node hosts which identity, of every node's pods.
+    peers: PeerPods,
     /// Slices by their Service (namespace, service-name label).
     slices_of: BTreeMap<Key, BTreeSet<Key>>,
     nodes: BTreeMap<String, NodeFacts>,
@@ -662,6 +758,7 @@ impl Index {
             services: Objects::new(),
             slices: Objects::new(),
             pods: Objects::new(),
+            peers: PeerPods::new(opts.peer_identities),
             slices_of: BTreeMap::new(),
             nodes: BTreeMap::new(),
             nodes_read: false,
@@ -707,6 +804,16 @@ impl Index {
                     self.workloads_dirty = true;
                 }
                 (Kind::Pod, done)
+            }
+            Watched::PeerPod(e) => {
+                let done = matches!(e, Event::InitDone);
+                if !matches!(e, Event::Init | Event::InitDone) {
+                    metrics.event(Kind::PeerPod.name());
+                }
+                if self.peers.take(e, &self.node, &self.trust_domain) {
+                    self.workloads_dirty = true;
+                }
+                (Kind::PeerPod, done)
             }
             Watched::Nodes(nodes) => {
                 metrics.event(Kind::Node.name());
@@ -781,7 +888,11 @@ impl Index {
     }
 
     fn synced(&self) -> bool {
-        self.services.synced && self.slices.synced && self.pods.synced && self.nodes_read
+        self.services.synced
+            && self.slices.synced
+            && self.pods.synced
+            && self.peers.synced
+            && self.nodes_read
     }
 
     /// Translates what changed and hands the agent whatever differs from
@@ -928,6 +1039,16 @@ impl Index {
                 Err(e) => warn!("kubernetes: pod skipped: {e}"),
             }
         }
+        // Other nodes' identities: one entry per (node, identity), with no
+        // cgroup (only the hosting node registers cgroups).
+        let hosted: BTreeSet<&(String, String)> = self.peers.by_key.values().collect();
+        out.extend(hosted.into_iter().map(|(node, identity)| Workload {
+            name: format!("{node}:{identity}"),
+            cgroup: PathBuf::new(),
+            identity: identity.clone(),
+            node: Some(node.clone()),
+            addresses: Vec::new(),
+        }));
         out.sort_by(|a, b| a.name.cmp(&b.name));
         Arc::new(out)
     }
