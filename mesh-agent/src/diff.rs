@@ -92,33 +92,13 @@ pub fn kernel<'a>(
             } else {
                 "tcp"
             };
-            let Ok(entry) = maps.services.get(&key, 0) else {
+            let Some(have) = live_backends(maps, &key) else {
                 found.push((
                     svc.name.clone(),
                     format!("{}/{proto} has no entry in MESH_SERVICES", svc.frontend()),
                 ));
                 continue;
             };
-            let mut have = BTreeSet::new();
-            for slot in 0..entry.slot_count {
-                let key = SlotKey {
-                    service_id: entry.service_id,
-                    generation: entry.generation,
-                    slot,
-                };
-                let backend = maps
-                    .slots
-                    .get(&key, 0)
-                    .and_then(|id| maps.backends.get(&id, 0));
-                // An error is a flip between the two reads: the next
-                // check sees the new generation.
-                if let Ok(b) = backend {
-                    have.insert(SocketAddr::new(
-                        ip_from_words(b.family, b.addr),
-                        u16::from_be(b.port),
-                    ));
-                }
-            }
             let extra: Vec<_> = have.difference(&want).map(|a| a.to_string()).collect();
             let missing: Vec<_> = want.difference(&have).map(|a| a.to_string()).collect();
             if !extra.is_empty() {
@@ -144,6 +124,40 @@ pub fn kernel<'a>(
         }
     }
     found
+}
+
+/// The backends of `key`'s live slot table (None: no such frontend). A
+/// generation flip while reading is read again (a few times: a frontend
+/// flipping without pause shows its last read).
+fn live_backends(maps: &Maps, key: &mesh_common::ServiceKey) -> Option<BTreeSet<SocketAddr>> {
+    let mut entry = maps.services.get(key, 0).ok()?;
+    let mut have = BTreeSet::new();
+    for _ in 0..3 {
+        have.clear();
+        for slot in 0..entry.slot_count {
+            let slot = SlotKey {
+                service_id: entry.service_id,
+                generation: entry.generation,
+                slot,
+            };
+            if let Ok(b) = maps
+                .slots
+                .get(&slot, 0)
+                .and_then(|id| maps.backends.get(&id, 0))
+            {
+                have.insert(SocketAddr::new(
+                    ip_from_words(b.family, b.addr),
+                    u16::from_be(b.port),
+                ));
+            }
+        }
+        let now = maps.services.get(key, 0).ok()?;
+        if now == entry {
+            break;
+        }
+        entry = now;
+    }
+    Some(have)
 }
 
 /// The service name under which frontends no service has are filed.
