@@ -647,6 +647,71 @@ fn with_the_tunnel_on_a_peer_node_may_claim_only_its_own_pods_identities() -> Re
     Ok(())
 }
 
+/// A change the kernel cannot take (its maps are full) is refused with
+/// what to do, the last good state keeps serving, and it is retried: once
+/// it fits, it applies without anything else changing in the API.
+#[test]
+fn a_change_that_does_not_fit_is_refused_and_applies_once_it_fits() -> Result<()> {
+    let api = KubeApi::start()?;
+    let dir = tempdir("k8s-full")?;
+    let backend = TestBackend::new(1)?;
+    api.apply(&node(NODE, "zone-a", "127.0.0.1"));
+    let vips: Vec<IpAddr> = (50..53).map(|i| IpAddr::from([127, 0, 18, i])).collect();
+    for (i, vip) in vips.iter().enumerate().take(2) {
+        api.apply(&service(&format!("s{i}"), &[*vip]));
+        api.apply(&slice(
+            &format!("s{i}"),
+            &format!("s{i}-1"),
+            backend.port(),
+            &[(loopback(1), READY)],
+        ));
+    }
+    let cgroup = TestCgroup::new("k8s-full")?;
+    // Ids start at 1 and index arrays of the map's size: room for two.
+    let agent = start_agent_with(&api, &cgroup, &dir, &["--max-services=3"])?;
+    for vip in &vips[..2] {
+        wait_for("the first two services", || {
+            Ok(
+                (kernel_backends(agent.bpffs(), *vip, 80)? == [backend.addr()].into())
+                    .then_some(()),
+            )
+        })?;
+    }
+    // A third does not fit.
+    api.apply(&service("s2", &[vips[2]]));
+    let status = wait_for("the refusal", || {
+        let status = agent.status()?;
+        Ok(status["last_reload_error"].is_string().then_some(status))
+    })?;
+    let error = status["last_reload_error"].as_str().unwrap_or_default();
+    assert!(error.contains("--max-services"), "says what to do: {error}");
+    for vip in &vips[..2] {
+        assert_eq!(
+            kernel_backends(agent.bpffs(), *vip, 80)?,
+            [backend.addr()].into()
+        );
+    }
+    assert!(
+        kernel_backends(agent.bpffs(), vips[2], 80)?.is_empty(),
+        "nothing half-written"
+    );
+    // Room is made: the waiting change applies by itself.
+    api.delete::<Service>(Some("default"), "s0");
+    wait_for("the third service in, the first out", || {
+        Ok((kernel_backends(agent.bpffs(), vips[0], 80)?.is_empty()
+            && agent
+                .meshctl_json(&["services"])?
+                .to_string()
+                .contains("default/s2:80/tcp/ipv4"))
+        .then_some(()))
+    })?;
+    assert_eq!(
+        kernel_backends(agent.bpffs(), vips[1], 80)?,
+        [backend.addr()].into()
+    );
+    Ok(())
+}
+
 #[test]
 fn readyz_fails_while_a_watch_is_broken_longer_than_the_limit() -> Result<()> {
     let api = KubeApi::start()?;

@@ -118,7 +118,19 @@ struct Pending {
     mesh: Option<Arc<Mesh>>,
     /// The earliest arrival of an event behind what is pending, per kind.
     arrived: BTreeMap<Kind, Instant>,
+    /// Bumped whenever the task adds to what is pending.
+    version: u64,
 }
+
+impl Pending {
+    fn is_empty(&self) -> bool {
+        self.services.is_empty() && self.workloads.is_none() && self.mesh.is_none()
+    }
+}
+
+/// How long a change the agent refused (a full map, say) waits before it
+/// is tried again, unless a new one comes first.
+const RETRY_REFUSED: Duration = Duration::from_secs(1);
 
 /// What the task shares with the agent's half and with `/readyz`.
 struct Shared {
@@ -157,6 +169,8 @@ impl ViewHandle {
 /// The agent's half: the committed state and the task's pending changes.
 pub struct KubeSource {
     current: ServiceSet,
+    /// An update was handed out and not committed yet.
+    loaded: bool,
     shared: Arc<Shared>,
     views: ViewHandle,
     /// The watchers' task; ended when the source is dropped.
@@ -166,6 +180,11 @@ pub struct KubeSource {
 /// How the agent's loop learns of pending changes.
 pub struct KubeChanges {
     shared: Arc<Shared>,
+    /// `Pending::version` when this last reported a change.
+    seen: u64,
+    /// When a change still pending then is tried again (kept across
+    /// calls: the loop drops this future whenever another event wins).
+    retry_at: tokio::time::Instant,
 }
 
 impl Drop for KubeSource {
@@ -201,8 +220,9 @@ impl KubeSource {
             ms = started.elapsed().as_millis() as u64,
             "kubernetes: first lists done"
         );
-        let source = Self {
+        let mut source = Self {
             current: ServiceSet::default(),
+            loaded: false,
             shared,
             views: ViewHandle(views),
             task,
@@ -214,6 +234,8 @@ impl KubeSource {
     pub fn changes(&self) -> KubeChanges {
         KubeChanges {
             shared: self.shared.clone(),
+            seen: 0,
+            retry_at: tokio::time::Instant::now(),
         }
     }
 
@@ -231,8 +253,24 @@ impl KubeSource {
     }
 
     /// What is pending, as an update of the committed state.
-    pub fn load(&self) -> Update {
+    ///
+    /// When the last update handed out was refused (loaded again before
+    /// any commit) and removals are pending, only those go this time: a
+    /// removal never needs room in the maps, and the rest may fit once
+    /// it is done (an apply writes new services before it deletes old
+    /// ones, so a remove and an add at a full map need room for both).
+    pub fn load(&mut self) -> Update {
+        let refused = std::mem::replace(&mut self.loaded, true);
         let pending = self.shared.pending();
+        let removals: BTreeMap<String, Option<Arc<Service>>> = pending
+            .services
+            .iter()
+            .filter(|(_, svc)| svc.is_none())
+            .map(|(name, _)| (name.clone(), None))
+            .collect();
+        if refused && !removals.is_empty() && removals.len() < pending.services.len() {
+            return Update::new(removals, None, None);
+        }
         Update::new(
             pending.services.clone(),
             pending.workloads.clone(),
@@ -243,6 +281,7 @@ impl KubeSource {
     /// `update` reached the kernel: it becomes the committed state, and
     /// what of it is still pending (nothing newer came meanwhile) is done.
     pub fn commit(&mut self, update: Update) {
+        self.loaded = false;
         let mut pending = self.shared.pending();
         let same = |a: &Option<Arc<Service>>, b: &Option<Arc<Service>>| match (a, b) {
             (Some(a), Some(b)) => Arc::ptr_eq(a, b),
@@ -320,17 +359,32 @@ impl KubeSource {
 }
 
 impl KubeChanges {
-    /// Waits until changes are pending. Cancel-safe.
+    /// Waits until something new is pending, or until a change still
+    /// pending (the agent refused it) is due to be tried again.
+    /// Cancel-safe.
     pub async fn next(&mut self) {
         loop {
             let notified = self.shared.changed.notified();
-            {
+            let (empty, version) = {
                 let p = self.shared.pending();
-                if !p.services.is_empty() || p.workloads.is_some() || p.mesh.is_some() {
+                (p.is_empty(), p.version)
+            };
+            if !empty && version != self.seen {
+                self.seen = version;
+                self.retry_at = tokio::time::Instant::now() + RETRY_REFUSED;
+                return;
+            }
+            if empty {
+                notified.await;
+                continue;
+            }
+            tokio::select! {
+                _ = notified => {}
+                _ = tokio::time::sleep_until(self.retry_at) => {
+                    self.retry_at = tokio::time::Instant::now() + RETRY_REFUSED;
                     return;
                 }
             }
-            notified.await;
         }
     }
 }
@@ -980,6 +1034,7 @@ impl Index {
         ));
         {
             let mut pending = shared.pending();
+            let added = !services.is_empty() || workloads.is_some() || mesh.is_some();
             if workloads.is_some() {
                 pending.workloads = workloads;
             }
@@ -987,8 +1042,8 @@ impl Index {
                 pending.mesh = mesh;
             }
             pending.services.extend(services);
-            if !pending.services.is_empty() || pending.workloads.is_some() || pending.mesh.is_some()
-            {
+            if added {
+                pending.version += 1;
                 for &kind in kinds {
                     pending.arrived.entry(kind).or_insert(arrived);
                 }
