@@ -299,6 +299,16 @@ fn services_and_endpoints_reach_the_kernel_terminating_ones_drain_and_a_resync_w
     })?;
     let seen = run_probe(&cgroup, SocketAddr::new(vip, 80), 20)?;
     assert_eq!(seen.id_count(1), 20, "only the ready endpoint: {seen:?}");
+    // Each kind's events are timed to the kernel write they caused.
+    let metrics = scrape(&agent)?;
+    assert!(
+        metric(
+            &metrics,
+            "mesh_kubernetes_event_to_kernel_seconds_count",
+            &[("kind", "EndpointSlice")]
+        ) > 0,
+        "{metrics}"
+    );
     // …and serves again once nothing else is left.
     api.delete::<EndpointSlice>(Some("default"), "web-1");
     wait_for("the terminating endpoint serving alone", || {
