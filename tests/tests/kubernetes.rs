@@ -184,9 +184,14 @@ fn kernel_backends(bpffs: &Path, vip: IpAddr, port: u16) -> Result<BTreeSet<Sock
                 generation: before.generation,
                 slot,
             };
-            match maps.slots.get(&slot_key, 0) {
-                Ok(id) => {
-                    let b = maps.backends.get(&id, 0)?;
+            // A miss means the generation moved on (its slots, or backends
+            // removed with it, are being deleted): read again.
+            match maps
+                .slots
+                .get(&slot_key, 0)
+                .and_then(|id| maps.backends.get(&id, 0))
+            {
+                Ok(b) => {
                     out.insert(SocketAddr::new(
                         ip_from_words(b.family, b.addr),
                         u16::from_be(b.port),
