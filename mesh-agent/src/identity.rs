@@ -33,6 +33,7 @@ use std::path::PathBuf;
 pub use authz::{Admitted, Authorization, AuthzCheck, ClaimCheck, Refusal, ResolvedPolicy, Rule};
 pub use metrics::IdentityMetrics;
 pub use spiffe::SpiffeId;
+pub(crate) use spiffe::sanitize;
 pub use store::{CertInfo, HeldIdentity, NodeCredentials};
 pub use tls::{ALPN_H2, failure_reason, identity_error, io_failure_reason, io_identity_error};
 pub use verify::{peer_identity, peer_not_after};

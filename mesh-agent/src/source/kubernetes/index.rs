@@ -361,30 +361,21 @@ impl Index {
         for key in dirty {
             let new = match self.services.by_key.get(&key) {
                 None => Vec::new(),
-                Some(svc) => {
-                    let slices = self
-                        .slices_of
-                        .get(&key)
-                        .into_iter()
-                        .flatten()
-                        .filter_map(|k| self.slices.by_key.get(k))
-                        .map(|s| &**s);
-                    match translate::translate(svc, slices, &this) {
-                        Ok(frontends) => {
-                            self.refused.remove(&key);
-                            frontends
-                        }
-                        Err(e) => {
-                            let text = e.to_string();
-                            if self.refused.get(&key) != Some(&text) {
-                                shared.metrics.refused();
-                                warn!("kubernetes: {text}; its last good state keeps serving");
-                                self.refused.insert(key.clone(), text);
-                            }
-                            continue;
-                        }
+                Some(svc) => match self.translate(&key, svc, &this) {
+                    Ok(frontends) => {
+                        self.refused.remove(&key);
+                        frontends
                     }
-                }
+                    Err(e) => {
+                        let text = e.to_string();
+                        if self.refused.get(&key) != Some(&text) {
+                            shared.metrics.refused();
+                            warn!("kubernetes: {text}; its last good state keeps serving");
+                            self.refused.insert(key.clone(), text);
+                        }
+                        continue;
+                    }
+                },
             };
             let old = self.frontends.remove(&key).unwrap_or_default();
             let mut kept = Vec::with_capacity(new.len());
@@ -459,14 +450,7 @@ impl Index {
         };
         let mut out = BTreeMap::new();
         for (key, svc) in &self.services.by_key {
-            let slices = self
-                .slices_of
-                .get(key)
-                .into_iter()
-                .flatten()
-                .filter_map(|k| self.slices.by_key.get(k))
-                .map(|s| &**s);
-            match translate::translate(svc, slices, &this) {
+            match self.translate(key, svc, &this) {
                 Ok(frontends) => {
                     out.extend(frontends.into_iter().map(|f| (f.name.clone(), Arc::new(f))));
                 }
@@ -478,6 +462,23 @@ impl Index {
             }
         }
         out
+    }
+
+    /// `svc` (filed under `key`) with the union of its slices.
+    fn translate(
+        &self,
+        key: &Key,
+        svc: &KubeService,
+        this: &translate::ThisNode,
+    ) -> Result<Vec<Service>, translate::TranslateError> {
+        let slices = self
+            .slices_of
+            .get(key)
+            .into_iter()
+            .flatten()
+            .filter_map(|k| self.slices.by_key.get(k))
+            .map(|s| &**s);
+        translate::translate(svc, slices, this)
     }
 
     /// This node's pods that are running here, as workloads.

@@ -158,20 +158,9 @@ pub fn dns_subdomain(name: &str) -> Result<(), Rejected> {
     Ok(())
 }
 
-/// A bounded, escaped copy of untrusted text for messages: no control
-/// character or unbounded length reaches a log line.
-pub fn escaped(input: &str) -> String {
-    const MAX: usize = 80;
-    let mut out: String = input
-        .chars()
-        .take(MAX)
-        .flat_map(char::escape_debug)
-        .collect();
-    if input.chars().count() > MAX {
-        out.push_str("...");
-    }
-    out
-}
+/// A bounded, escaped copy of untrusted text for messages (the identity
+/// module's: no control character or unbounded length reaches a log line).
+pub(crate) use crate::identity::sanitize as escaped;
 
 /// [`escaped`], in double quotes.
 pub fn quoted(input: &str) -> String {
