@@ -36,7 +36,6 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use k8s_openapi::jiff::Timestamp;
-use serde_json::Value;
 use thiserror::Error;
 use tokio::sync::{Semaphore, watch as signal};
 
@@ -203,25 +202,16 @@ impl KubeApi {
         let existing = store.get(kind, &key).cloned();
         let meta = object.metadata_mut();
         if let Some(existing) = &existing {
-            let old: Option<Value> = serde_json::from_str(&existing.json).ok();
-            let old_meta = |field: &str| {
-                old.as_ref()
-                    .and_then(|v| v.pointer(&format!("/metadata/{field}")))
-                    .cloned()
-            };
             if meta.uid.is_none() {
-                meta.uid = old_meta("uid").and_then(|v| v.as_str().map(str::to_owned));
+                meta.uid.clone_from(&existing.uid);
             }
             if meta.creation_timestamp.is_none() {
-                meta.creation_timestamp =
-                    old_meta("creationTimestamp").and_then(|v| serde_json::from_value(v).ok());
+                meta.creation_timestamp.clone_from(&existing.created);
             }
             // Unchanged but for the version: no write, as the API server.
-            meta.resource_version = existing.resource_version().map(|rv| rv.to_string());
-            if serialize(&object).1 == existing.json {
-                return existing
-                    .resource_version()
-                    .unwrap_or_else(|| store.resource_version());
+            meta.resource_version = Some(existing.resource_version.to_string());
+            if serde_json::to_string(&object).is_ok_and(|json| json == existing.json) {
+                return existing.resource_version;
             }
         } else {
             meta.uid.get_or_insert_with(new_uid);
@@ -229,8 +219,8 @@ impl KubeApi {
         }
         let rv = store.next_version();
         object.metadata_mut().resource_version = Some(rv.to_string());
-        let (value, json) = serialize(&object);
-        let rv = store.put(kind, Object::new(kind, &value, json));
+        let json = serde_json::to_string(&object).unwrap_or_default();
+        let rv = store.put(kind, Object::new(kind, object.metadata(), json));
         drop(store);
         self.shared.changes.send_replace(rv);
         rv
@@ -252,9 +242,7 @@ impl KubeApi {
         };
         let key = (namespace.to_owned(), name.to_owned());
         let rv = self.shared.store().remove(kind, &key, |last, rv| {
-            let json = last.json_at(rv);
-            let value = serde_json::from_str(&json).unwrap_or(Value::Null);
-            Object::new(kind, &value, json)
+            Object::from_json(kind, last.json_at(rv))
         })?;
         self.shared.changes.send_replace(rv);
         Some(rv)
@@ -362,13 +350,6 @@ fn served_kind<K: k8s_openapi::Resource>() -> usize {
             K::KIND
         )
     })
-}
-
-/// The object's JSON value and text, both as k8s-openapi serializes it.
-fn serialize<K: serde::Serialize>(object: &K) -> (Value, String) {
-    let value = serde_json::to_value(object).unwrap_or(Value::Null);
-    let json = serde_json::to_string(object).unwrap_or_default();
-    (value, json)
 }
 
 fn now() -> Time {

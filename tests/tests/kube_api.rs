@@ -7,7 +7,7 @@
 //! connections, continue tokens).
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader, ErrorKind, Read, Write};
 use std::net::{SocketAddr, TcpStream};
 use std::path::PathBuf;
 use std::process::{Child, Command, Stdio};
@@ -704,6 +704,9 @@ impl Watch {
             }
             let mut size = String::new();
             match self.reader.read_line(&mut size) {
+                Err(e) if matches!(e.kind(), ErrorKind::WouldBlock | ErrorKind::TimedOut) => {
+                    panic!("the watch sent nothing for {STEP:?}")
+                }
                 Ok(0) | Err(_) => return Next::Dropped,
                 Ok(_) => {}
             }
@@ -1114,4 +1117,98 @@ async fn kube_rs_watcher_lists_watches_and_relists_after_410() {
     }
     assert!(expired, "the watcher never saw 410: {:?}", api.requests());
     assert_eq!(relisted, ["svc-0", "svc-1", "svc-2", "svc-3", "svc-4"]);
+}
+
+#[tokio::test(flavor = "current_thread")]
+async fn kube_rs_streaming_list_ends_at_the_initial_events_bookmark() {
+    use futures_util::StreamExt;
+    use kube::runtime::watcher::{self, Event};
+
+    let api = KubeApi::start().unwrap();
+    let scratch = Scratch::new("kube-rs-stream");
+    let path = scratch.0.join("kubeconfig");
+    api.write_kubeconfig(&path).unwrap();
+    api.apply(&pod("shop", "a-1", "node-a", "10.244.1.1"));
+    api.apply(&pod("shop", "b-1", "node-b", "10.244.2.1"));
+    api.apply(&pod("tools", "a-2", "node-a", "10.244.1.2"));
+    let config = kube::Config::from_custom_kubeconfig(
+        kube::config::Kubeconfig::read_from(&path).unwrap(),
+        &kube::config::KubeConfigOptions::default(),
+    )
+    .await
+    .unwrap();
+    let pods: kube::Api<Pod> = kube::Api::all(kube::Client::try_from(config).unwrap());
+    let config = watcher::Config::default()
+        .fields("spec.nodeName=node-a")
+        .streaming_lists();
+    let mut events = watcher::watcher(pods, config).boxed();
+    let mut next = async || {
+        tokio::time::timeout(STEP, events.next())
+            .await
+            .expect("the watcher stalled")
+            .expect("the watcher ended")
+            .expect("no watcher error")
+    };
+
+    let mut initial = Vec::new();
+    loop {
+        match next().await {
+            Event::Init => {}
+            Event::InitApply(p) => initial.push(p.metadata.name.unwrap()),
+            Event::InitDone => break,
+            other => panic!("during the initial events: {other:?}"),
+        }
+    }
+    assert_eq!(initial, ["a-1", "a-2"]);
+    let requests = api.requests();
+    assert!(
+        requests.iter().all(|r| r.contains("watch=true")),
+        "a streaming list makes no list request: {requests:?}"
+    );
+    assert!(
+        requests[0].contains("sendInitialEvents=true"),
+        "{requests:?}"
+    );
+
+    // The same stream goes on with changes.
+    let rv = api.apply(&pod("shop", "a-3", "node-a", "10.244.1.3"));
+    match next().await {
+        Event::Apply(p) => assert_eq!(p.metadata.resource_version, Some(rv.to_string())),
+        other => panic!("expected the new pod: {other:?}"),
+    }
+    assert_eq!(api.watchers(), 1);
+}
+
+#[test]
+fn an_identical_apply_is_no_write() {
+    let api = KubeApi::start().unwrap();
+    let web = service("shop", "web", "10.96.0.10", &[]);
+    let rv = api.apply(&web);
+    let mut watch = Watch::open(
+        api.addr(),
+        &format!("/api/v1/services?watch=true&resourceVersion={rv}"),
+    );
+    // The same object again, as a resync would write it: nothing happens.
+    assert_eq!(api.apply(&web), rv);
+    assert_eq!(api.resource_version(), rv);
+    let served: Service = api.get(Some("shop"), "web").unwrap();
+    assert_eq!(served.metadata.resource_version, Some(rv.to_string()));
+    // The uid and creationTimestamp it was given are kept on a replace.
+    let mut changed = web.clone();
+    changed.spec.as_mut().unwrap().session_affinity = Some("ClientIP".into());
+    let next = api.apply(&changed);
+    assert_eq!(next, rv + 1);
+    let replaced: Service = api.get(Some("shop"), "web").unwrap();
+    assert_eq!(replaced.metadata.uid, served.metadata.uid);
+    assert_eq!(
+        replaced.metadata.creation_timestamp,
+        served.metadata.creation_timestamp
+    );
+    // The watch's first event is the real change.
+    let first = watch.event();
+    assert_eq!(first["type"], "MODIFIED", "{first}");
+    assert_eq!(
+        first["object"]["metadata"]["resourceVersion"],
+        next.to_string()
+    );
 }

@@ -141,21 +141,20 @@ impl Kind {
     }
 
     /// The field labels this kind can be selected by, each with its value
-    /// in `object` (absent text fields select as "").
-    pub fn field_values(&self, object: &Value) -> Vec<(&'static str, String)> {
-        let meta = |key: &str| {
-            object
-                .pointer(&format!("/metadata/{key}"))
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned()
-        };
-        let mut values = vec![("metadata.name", meta("name"))];
+    /// (`object`, the JSON form, is read for those beyond metadata; absent
+    /// text fields select as "").
+    pub fn field_values(
+        &self,
+        namespace: &str,
+        name: &str,
+        object: Option<&Value>,
+    ) -> Vec<(&'static str, String)> {
+        let mut values = vec![("metadata.name", name.to_owned())];
         if self.namespaced {
-            values.push(("metadata.namespace", meta("namespace")));
+            values.push(("metadata.namespace", namespace.to_owned()));
         }
         for field in self.fields {
-            let value = object.pointer(field.pointer);
+            let value = object.and_then(|o| o.pointer(field.pointer));
             let value = if field.boolean {
                 value.and_then(Value::as_bool).unwrap_or(false).to_string()
             } else {

@@ -7,6 +7,7 @@ use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, VecDeque};
 use std::sync::Arc;
 
+use k8s_openapi::apimachinery::pkg::apis::meta::v1::{ObjectMeta, Time};
 use serde_json::Value;
 
 use super::kinds::KINDS;
@@ -23,6 +24,9 @@ pub(crate) struct Object {
     pub labels: BTreeMap<String, String>,
     /// Field-selector labels and their values.
     pub fields: Vec<(&'static str, String)>,
+    pub resource_version: u64,
+    pub uid: Option<String>,
+    pub created: Option<Time>,
     /// As a watch event or a GET sends it: with `apiVersion` and `kind`.
     pub json: String,
     /// As a list item: the real server leaves `apiVersion` and `kind` out
@@ -38,33 +42,44 @@ enum Item {
 }
 
 impl Object {
-    /// `value` is the object's JSON form with apiVersion and kind, `json`
-    /// the same serialized.
-    pub fn new(kind: usize, value: &Value, json: String) -> Object {
-        let meta = |key: &str| {
-            value
-                .pointer(&format!("/metadata/{key}"))
-                .and_then(Value::as_str)
-                .unwrap_or_default()
-                .to_owned()
+    /// An object of `kind` with metadata `meta`, serialized as `json`.
+    /// Only kinds selectable by more than metadata read `json` again.
+    pub fn new(kind: usize, meta: &ObjectMeta, json: String) -> Object {
+        let spec = &KINDS[kind];
+        let key = (
+            meta.namespace.clone().unwrap_or_default(),
+            meta.name.clone().unwrap_or_default(),
+        );
+        let value = if spec.fields.is_empty() {
+            None
+        } else {
+            serde_json::from_str::<Value>(&json).ok()
         };
-        let labels = value
-            .pointer("/metadata/labels")
-            .and_then(Value::as_object)
-            .map(|m| {
-                m.iter()
-                    .map(|(k, v)| (k.clone(), v.as_str().unwrap_or_default().to_owned()))
-                    .collect()
-            })
-            .unwrap_or_default();
-        let item = item_form(value, &json);
+        let item = item_form(kind, &json);
         Object {
-            key: (meta("namespace"), meta("name")),
-            labels,
-            fields: KINDS[kind].field_values(value),
+            fields: spec.field_values(&key.0, &key.1, value.as_ref()),
+            key,
+            labels: meta.labels.clone().unwrap_or_default(),
+            resource_version: meta
+                .resource_version
+                .as_deref()
+                .and_then(|rv| rv.parse().ok())
+                .unwrap_or(0),
+            uid: meta.uid.clone(),
+            created: meta.creation_timestamp.clone(),
             json,
             item,
         }
+    }
+
+    /// An object of `kind` from its JSON (apiVersion and kind included).
+    pub fn from_json(kind: usize, json: String) -> Object {
+        let meta = serde_json::from_str::<Value>(&json)
+            .ok()
+            .and_then(|mut v| v.get_mut("metadata").map(Value::take))
+            .and_then(|m| serde_json::from_value::<ObjectMeta>(m).ok())
+            .unwrap_or_default();
+        Object::new(kind, &meta, json)
     }
 
     /// Appends the list-item form to `out`.
@@ -76,15 +91,6 @@ impl Object {
             }
             Item::Own(s) => out.push_str(s),
         }
-    }
-
-    pub fn resource_version(&self) -> Option<u64> {
-        let value: Value = serde_json::from_str(&self.json).ok()?;
-        value
-            .pointer("/metadata/resourceVersion")?
-            .as_str()?
-            .parse()
-            .ok()
     }
 
     /// This object's JSON with `metadata.resourceVersion` set to `rv`, as
@@ -103,15 +109,17 @@ impl Object {
     }
 }
 
-fn item_form(value: &Value, json: &str) -> Item {
-    let (Some(api_version), Some(kind)) = (value.get("apiVersion"), value.get("kind")) else {
-        return Item::Own(json.to_owned());
-    };
-    let prefix = format!("{{\"apiVersion\":{api_version},\"kind\":{kind},");
+fn item_form(kind: usize, json: &str) -> Item {
+    let spec = &KINDS[kind];
+    let prefix = format!(
+        "{{\"apiVersion\":\"{}\",\"kind\":\"{}\",",
+        spec.api_version(),
+        spec.kind
+    );
     if json.starts_with(&prefix) {
         return Item::Tail(prefix.len());
     }
-    let mut value = value.clone();
+    let mut value: Value = serde_json::from_str(json).unwrap_or(Value::Null);
     if let Some(map) = value.as_object_mut() {
         map.remove("apiVersion");
         map.remove("kind");
@@ -322,7 +330,7 @@ mod tests {
             "metadata": {"name": name, "namespace": "ns", "resourceVersion": rv.to_string(),
                          "labels": {"app": app}},
         });
-        Object::new(0, &value, value.to_string())
+        Object::from_json(0, value.to_string())
     }
 
     fn names(map: &BTreeMap<Key, Arc<Object>>) -> Vec<(String, String)> {
@@ -388,6 +396,7 @@ mod tests {
         let item: Value = serde_json::from_str(&out).unwrap();
         assert_eq!(item.get("kind"), None);
         assert_eq!(item["metadata"]["name"], "a");
-        assert_eq!(object.resource_version(), Some(1));
+        assert_eq!(object.resource_version, 1);
+        assert_eq!(object.key, ("ns".to_owned(), "a".to_owned()));
     }
 }
